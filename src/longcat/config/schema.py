@@ -1,0 +1,296 @@
+"""Typed configuration: the schema every recipe is composed against.
+
+The dataclasses here are registered in Hydra's ConfigStore by ``longcat.train`` (Hydra stops at the
+entry point); library code receives these plain objects, never a DictConfig. Each ``validate``
+raises ``ValueError`` naming the offending values and the fix.
+
+Model field names follow Hugging Face ``LongcatFlashConfig`` so that a ``ModelConfig`` maps 1:1 onto
+a ``config.json`` of the released LongCat-Flash layout.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class LRSchedule(str, enum.Enum):
+    # Member names equal their values: OmegaConf matches a YAML string against enum *names*.
+    warmup_cosine = "warmup_cosine"
+    wsd = "wsd"  # warmup-stable-decay
+    constant = "constant"
+
+
+class BiasRateSchedule(str, enum.Enum):
+    constant = "constant"
+    cosine = "cosine"  # mu decays to mu * bias_update_rate_min_ratio over train.steps
+    linear = "linear"
+
+
+class ResumeMode(str, enum.Enum):
+    auto = "auto"  # latest complete checkpoint under train.out_dir, else fresh
+    none = "none"  # always start fresh (refuses to overwrite existing checkpoints)
+
+
+@dataclass
+class ModelConfig:
+    """LongCat-Flash dimensions (PAPER.md §2; names as in HF ``LongcatFlashConfig``)."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 256
+    q_lora_rank: int = 64
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    n_routed_experts: int = 8
+    zero_expert_num: int = 4
+    moe_topk: int = 4
+    expert_ffn_hidden_size: int = 64
+    routed_scaling_factor: float = 2.0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    mtp_num_layers: int = 0  # 0 or 1: the MTP head of §2.4
+    tie_word_embeddings: bool = False
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_experts_total(self) -> int:
+        """FFN experts plus zero-computation experts: the router's output width."""
+        return self.n_routed_experts + self.zero_expert_num
+
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+            "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "n_routed_experts", "moe_topk", "expert_ffn_hidden_size",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.zero_expert_num < 0:
+            raise ValueError(f"model.zero_expert_num={self.zero_expert_num} must be >= 0")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")
+        if self.moe_topk > self.num_experts_total:
+            raise ValueError(
+                f"model.moe_topk={self.moe_topk} exceeds the {self.num_experts_total} experts "
+                f"(n_routed_experts={self.n_routed_experts} + zero_expert_num={self.zero_expert_num}); "
+                "lower moe_topk or add experts"
+            )
+        if self.mtp_num_layers not in (0, 1):
+            raise ValueError(f"model.mtp_num_layers={self.mtp_num_layers}: only 0 or 1 MTP layer is supported")
+
+
+@dataclass
+class MoEConfig:
+    """Router training controls: bias controller (Eq. 2), load balance (Eq. 3-5)."""
+
+    expected_ffn_experts: float = 3.0  # K_e: target average FFN experts per token per layer
+    bias_update_rate: float = 1e-3  # mu of Eq. 2
+    bias_update_schedule: BiasRateSchedule = BiasRateSchedule.constant
+    bias_update_rate_min_ratio: float = 0.1
+    lb_loss_coef: float = 1e-2  # alpha of Eq. 3
+    lb_num_groups: int = 0  # D of Eq. 4: FFN-expert groups (0 = the EP degree, the paper's devices)
+    capture_router_stats: bool = True
+
+    def validate(self, model: ModelConfig) -> None:
+        if not 0 < self.expected_ffn_experts <= model.moe_topk:
+            raise ValueError(
+                f"moe.expected_ffn_experts={self.expected_ffn_experts} must lie in (0, moe_topk={model.moe_topk}]"
+            )
+        if model.zero_expert_num == 0 and self.expected_ffn_experts != model.moe_topk:
+            raise ValueError(
+                f"moe.expected_ffn_experts={self.expected_ffn_experts} but model.zero_expert_num=0: every token "
+                f"then uses exactly moe_topk={model.moe_topk} FFN experts; set moe.expected_ffn_experts="
+                f"{model.moe_topk} or add zero experts"
+            )
+        if self.bias_update_rate < 0 or self.lb_loss_coef < 0:
+            raise ValueError("moe.bias_update_rate and moe.lb_loss_coef must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    mtp_weight: float = 0.3  # not given by the paper
+    z_loss_coef: float = 1e-6  # lambda of Eq. 10 ("very small"; not given)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-16  # §3.1.3: far below the gradient RMS
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0  # 0 disables clipping
+    schedule: LRSchedule = LRSchedule.warmup_cosine
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # WSD: fraction of steps spent decaying
+    # Hyperparameter transfer (§3.1.1): width factor s = hidden_size / proxy_hidden_size. 0 = off.
+    proxy_hidden_size: int = 0
+
+    def validate(self, steps: int) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps} must be positive")
+        if self.warmup_steps < 0 or self.warmup_steps > steps:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must lie in [0, train.steps={steps}]")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must lie in [0, 1]")
+
+
+@dataclass
+class DataSource:
+    """One weighted component of a blended dataset: a Megatron ``.bin/.idx`` prefix."""
+
+    path: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # "stdlib": the embedded default corpus (the interpreter's standard-library sources), prepared and
+    # cached by tools/prepare_corpus.py. Otherwise ``sources`` names .bin/.idx prefixes.
+    corpus: str = "stdlib"
+    sources: list = field(default_factory=list)
+    tokenizer: str = ""  # tokenizer.json; defaults to the corpus's own
+    cache_dir: str = ".cache/longcat"
+    seq_length: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    valid_fraction: float = 0.02
+    seed: int = 1234
+    corpus_max_bytes: int = 0  # 0 = all of it; a cap for quick runs and tests
+
+    def validate(self, dp: int) -> None:
+        if self.seq_length < 2:
+            raise ValueError(f"data.seq_length={self.seq_length} must be >= 2")
+        per_step = self.micro_batch_size * dp
+        if self.micro_batch_size <= 0 or self.global_batch_size % per_step:
+            raise ValueError(
+                f"data.global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"data.micro_batch_size={self.micro_batch_size} x dp={dp} = {per_step}"
+            )
+        if not 0 < self.valid_fraction < 1:
+            raise ValueError(f"data.valid_fraction={self.valid_fraction} must lie in (0, 1)")
+        if self.corpus not in ("stdlib", "files"):
+            raise ValueError(f"data.corpus={self.corpus!r}: use 'stdlib' (embedded) or 'files' (data.sources)")
+        if self.corpus == "files" and not self.sources:
+            raise ValueError("data.corpus=files needs data.sources=[{path: PREFIX, weight: W}, ...]")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees; the world size must equal pp x dp x tp (see ParallelDims)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = -1  # -1: inferred from the world size
+    sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zbv
+    pp_microbatches: int = 0  # 0: global batch / (micro-batch x dp)
+    dp_mode: str = "replicate"  # replicate | fsdp | deepspeed
+    overlap_moe_comm: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "longcat"
+    name: str = ""
+    dir: str = ""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        if self.wandb.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logging.wandb.mode={self.wandb.mode!r}: use online, offline or disabled")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    grad_accum: int = 0  # derived: global_batch / (micro_batch x dp); a non-zero value is checked
+    seed: int = 42
+    out_dir: str = "runs/default"
+    checkpoint_interval: int = 100
+    keep_last: int = 2
+    resume: ResumeMode = ResumeMode.auto
+    init_from: str = ""  # a checkpoint to load weights from (a new stage)
+    eval_interval: int = 50
+    eval_batches: int = 4
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    device: str = "cpu"  # cpu | cuda
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"train.steps={self.steps} must be positive")
+        if self.checkpoint_interval < 0 or self.eval_interval < 0:
+            raise ValueError("train.checkpoint_interval and train.eval_interval must be >= 0 (0 disables)")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"train.device={self.device!r}: use cpu or cuda")
+
+
+@dataclass
+class RunConfig:
+    """A complete run: what one recipe composes to."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, *, dp: int = 1) -> None:
+        self.model.validate()
+        self.moe.validate(self.model)
+        self.optim.validate(self.train.steps)
+        self.data.validate(dp)
+        self.logging.validate()
+        self.train.validate()
+        if self.data.seq_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}; raise the latter"
+            )
+        accum = self.data.global_batch_size // (self.data.micro_batch_size * dp)
+        if self.train.grad_accum not in (0, accum):
+            raise ValueError(
+                f"train.grad_accum={self.train.grad_accum} disagrees with global_batch_size / "
+                f"(micro_batch_size x dp) = {accum}; leave it 0 to derive it"
+            )
+
+
+def num_grad_accum_steps(cfg: RunConfig, *, dp: int) -> int:
+    return cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
+
+
+def mla_scales(cfg: ModelConfig) -> tuple[float, float]:
+    """sqrt(hidden/q_lora_rank), sqrt(hidden/kv_lora_rank): the MLA variance alignment of §2.3.1."""
+    return math.sqrt(cfg.hidden_size / cfg.q_lora_rank), math.sqrt(cfg.hidden_size / cfg.kv_lora_rank)

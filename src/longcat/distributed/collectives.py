@@ -1,0 +1,372 @@
+"""Autograd-aware collectives over an explicit process group (functions, no globals).
+
+Shape legend:
+    G   size of the group the collective runs over
+    T   local tokens (rows) on this rank; R rows received by this rank
+    D   hidden size (any trailing dims are carried along)
+    E   routed experts in total; E_local = E // G experts owned by each rank of an ep group
+
+Tensor-parallel ops follow Megatron-LM (Shoeybi et al. 2019, §3): ``copy_to_group`` is "f"
+(identity forward, all-reduce backward) before a column-parallel layer, ``all_reduce_sum`` is "g"
+(all-reduce forward, identity backward) after a row-parallel layer. With sequence parallelism
+(Korthikanti et al. 2022) they become ``all_gather_along`` / ``reduce_scatter_along``.
+
+Every function returns its input unchanged (the same tensor object) on a size-1 group, so
+single-device math is exact, and never touches ``torch.distributed`` in that case.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "AllToAllHandle",
+    "ExchangedCounts",
+    "all_gather_along",
+    "all_reduce_sum",
+    "all_to_all_uneven",
+    "copy_to_group",
+    "exchange_counts",
+    "reduce_scatter_along",
+]
+
+# torch >= 2.10 names; older releases only have the *_tensor spellings.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# --------------------------------------------------------------------------------- TP: f and g
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        # [*] partial sums -> all_reduce(group) -> [*] full sums
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad = grad_out.clone(memory_format=torch.contiguous_format)
+        # [*] partial grads -> all_reduce(group) -> [*] full grads
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
+    """Megatron "g": forward sums ``x`` over ``group``; backward passes the gradient through.
+
+    Use after a row-parallel matmul whose per-rank outputs are partial sums.
+
+    Args:
+        x: any shape, the same on every rank of ``group``; a partial sum.
+        group: usually ``tp_group``.
+
+    Returns:
+        Tensor shaped like ``x``, the sum over the group (a new tensor; ``x`` is not modified).
+    """
+    if group.size() == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+def copy_to_group(x: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
+    """Megatron "f": forward is the identity; backward sums the gradient over ``group``.
+
+    Use on a replicated activation before a column-parallel matmul, so that its gradient collects
+    the contributions of every rank's shard.
+
+    Args:
+        x: any shape, replicated over ``group``.
+        group: usually ``tp_group``.
+    """
+    if group.size() == 1:
+        return x
+    return _CopyToGroup.apply(x, group)
+
+
+# --------------------------------------------------------------------------------- SP: gather / scatter
+
+
+def _gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    size = group.size()
+    x_first = x.movedim(dim, 0).contiguous()
+    out = x_first.new_empty((size * x_first.shape[0],) + tuple(x_first.shape[1:]))
+    # [n, *] on each rank (dim moved first) -> all_gather(group) -> [G*n, *], rank order
+    _all_gather_single(out, x_first, group=group)
+    return out.movedim(0, dim)
+
+
+def _scatter_sum(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    size = group.size()
+    x_first = x.movedim(dim, 0).contiguous()
+    out = x_first.new_empty((x_first.shape[0] // size,) + tuple(x_first.shape[1:]))
+    # [G*n, *] partial sums (dim moved first) -> reduce_scatter(group) -> [n, *], chunk group_rank
+    _reduce_scatter_single(out, x_first, group=group)
+    return out.movedim(0, dim)
+
+
+class _AllGatherAlong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        # Every rank consumed the whole gathered tensor, so the local shard's gradient is the sum
+        # of all ranks' gradients for that chunk.
+        return _scatter_sum(grad_out, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterAlong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _scatter_sum(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return _gather(grad_out, ctx.dim, ctx.group), None, None
+
+
+def all_gather_along(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate the ranks' shards along ``dim`` (rank order); backward reduce-scatters.
+
+    Args:
+        x: local shard, e.g. ``[S/G, B, D]`` with ``dim=0`` for sequence parallelism; every rank
+            must pass the same shape.
+        dim: the dimension to concatenate along (negative allowed).
+        group: usually ``tp_group``.
+
+    Returns:
+        ``x`` with ``shape[dim]`` multiplied by G, identical on every rank.
+    """
+    if group.size() == 1:
+        return x
+    return _AllGatherAlong.apply(x, dim, group)
+
+
+def reduce_scatter_along(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's chunk along ``dim``; backward all-gathers.
+
+    Args:
+        x: partial sums, e.g. ``[S, B, D]`` with ``dim=0``; the same shape on every rank.
+        dim: the dimension to split (negative allowed); ``x.shape[dim]`` must divide by G.
+        group: usually ``tp_group``.
+
+    Returns:
+        ``[S/G, B, D]``: chunk ``group_rank`` of the sum.
+
+    Raises:
+        ValueError: ``x.shape[dim]`` not divisible by the group size.
+    """
+    size = group.size()
+    if size == 1:
+        return x
+    if x.shape[dim] % size != 0:
+        raise ValueError(
+            f"reduce_scatter_along: x.shape[{dim}]={x.shape[dim]} is not divisible by the group size {size}: "
+            f"pad that dimension to a multiple of {size}"
+        )
+    return _ReduceScatterAlong.apply(x, dim, group)
+
+
+# --------------------------------------------------------------------------------- EP: all-to-all
+
+
+class ExchangedCounts(NamedTuple):
+    """Result of ``exchange_counts``.
+
+    Attributes:
+        received_GE: ``[G, E_local]`` int64, row g = tokens that rank g sends to each of this
+            rank's experts (same device as the input).
+        input_splits: length G, rows this rank sends to each peer (row counts for all_to_all).
+        output_splits: length G, rows this rank receives from each peer.
+    """
+
+    received_GE: torch.Tensor
+    input_splits: list[int]
+    output_splits: list[int]
+
+
+def exchange_counts(counts_E: torch.Tensor, *, group: dist.ProcessGroup) -> ExchangedCounts:
+    """Tell every rank how many tokens it will receive, per peer and per local expert.
+
+    Experts are sharded contiguously by global id: rank g of ``group`` owns experts
+    ``[g * E_local, (g + 1) * E_local)``. One host sync (``tolist``) produces the splits.
+
+    Args:
+        counts_E: ``[E]`` integer, tokens on this rank routed to each global FFN expert
+            (zero-computation experts excluded: they never travel).
+        group: the ep group.
+
+    Returns:
+        ExchangedCounts (see there).
+
+    Raises:
+        ValueError: ``counts_E`` not 1-D, or E not divisible by the group size.
+    """
+    size = group.size()
+    if counts_E.dim() != 1 or counts_E.shape[0] % size != 0:
+        raise ValueError(
+            f"exchange_counts: counts_E has shape {tuple(counts_E.shape)}, expected [E] with E divisible by the "
+            f"ep group size {size}: pass one count per routed expert and an ep that divides n_routed_experts"
+        )
+    counts_E = counts_E.to(torch.int64)
+    sent_GE = counts_E.view(size, -1)
+    if size == 1:
+        received_GE = sent_GE
+    else:
+        received = torch.empty_like(counts_E)
+        # [G*E_local] counts per destination's experts -> all_to_all(ep) -> [G*E_local] per source
+        dist.all_to_all_single(received, counts_E.contiguous(), group=group)
+        received_GE = received.view(size, -1)
+    return ExchangedCounts(
+        received_GE=received_GE,
+        input_splits=sent_GE.sum(dim=1).tolist(),
+        output_splits=received_GE.sum(dim=1).tolist(),
+    )
+
+
+class AllToAllHandle:
+    """An all-to-all in flight: ``wait()`` blocks until it is done and returns its output.
+
+    The output tensor must not be read before ``wait()``, nor the input modified in place; the
+    output already carries the autograd graph.
+    """
+
+    def __init__(self, output: torch.Tensor, work: Optional[dist.Work], keepalive: tuple[torch.Tensor, ...] = ()):
+        self._output = output
+        self._work = work
+        self._keepalive = keepalive  # the send buffer must outlive the collective
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            self._keepalive = ()
+        return self._output
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+
+def _all_to_all(
+    x: torch.Tensor, input_splits: list[int], output_splits: list[int], group: dist.ProcessGroup, async_op: bool
+) -> tuple[torch.Tensor, Optional[dist.Work], torch.Tensor]:
+    send = x.contiguous()
+    out = send.new_empty((sum(output_splits),) + tuple(send.shape[1:]))
+    # [T, D] rows grouped by destination -> all_to_all(group) -> [R, D] rows grouped by source
+    work = dist.all_to_all_single(out, send, output_splits, input_splits, group=group, async_op=async_op)
+    return out, work, send
+
+
+class _AllToAllUneven(torch.autograd.Function):
+    """Forward: uneven all-to-all; backward: the reverse all-to-all with the splits swapped.
+
+    Overlapping the backward (not implemented yet): split this node in two, mirroring the
+    forward's issue/``wait()`` pair. A node recorded at ``wait()`` time launches the reverse
+    all-to-all with ``async_op=True`` in its backward; the node recorded at issue time waits on
+    that Work and returns the input gradient. The autograd engine runs ready nodes in decreasing
+    creation order, so the backward of the dense work recorded between issue and wait (the ScMoE
+    dense branch) runs while the gradient exchange is in flight (gloo's thread on CPU, NCCL's
+    stream on GPU), and nothing reads the gradient before the wait.
+    """
+
+    @staticmethod
+    def forward(ctx, x, input_splits, output_splits, group, async_op, work_box):
+        ctx.input_splits, ctx.output_splits, ctx.group = input_splits, output_splits, group
+        out, work, send = _all_to_all(x, input_splits, output_splits, group, async_op)
+        work_box.append((work, send))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # [R, D] grads by source -> all_to_all(group, splits swapped) -> [T, D] grads by destination
+        grad_in, _, _ = _all_to_all(grad_out, ctx.output_splits, ctx.input_splits, ctx.group, async_op=False)
+        return grad_in, None, None, None, None, None
+
+
+def _check_splits(x: torch.Tensor, input_splits: Sequence[int], output_splits: Sequence[int], size: int) -> None:
+    if len(input_splits) != size or len(output_splits) != size:
+        raise ValueError(
+            f"all_to_all_uneven: len(input_splits)={len(input_splits)} and len(output_splits)={len(output_splits)} "
+            f"must both equal the group size {size}: pass one split per rank of the group"
+        )
+    if any(s < 0 for s in input_splits) or any(s < 0 for s in output_splits):
+        raise ValueError(
+            f"all_to_all_uneven: negative split in input_splits={list(input_splits)} or "
+            f"output_splits={list(output_splits)}: splits are row counts >= 0"
+        )
+    if sum(input_splits) != x.shape[0]:
+        raise ValueError(
+            f"all_to_all_uneven: sum(input_splits)={sum(input_splits)} != x.shape[0]={x.shape[0]}: "
+            "the splits must partition the rows of x (sorted by destination rank)"
+        )
+
+
+def all_to_all_uneven(
+    x_TD: torch.Tensor,
+    *,
+    input_splits: Sequence[int],
+    output_splits: Sequence[int],
+    group: dist.ProcessGroup,
+    async_op: bool = False,
+):
+    """Send ``input_splits[g]`` consecutive rows of ``x_TD`` to rank g; receive ``output_splits[g]`` from g.
+
+    Differentiable: the backward is the reverse all-to-all (splits swapped), so every rank of the
+    group must backpropagate through the output, even an empty one (keep it in the loss), or the
+    peers' backward waits forever. Zero-row sends and receives, and an empty ``x_TD``, are fine.
+    Take the splits from ``exchange_counts``.
+
+    Args:
+        x_TD: ``[T, D...]`` rows sorted by destination rank; ``T = sum(input_splits)``.
+        input_splits: length G, rows to each rank of ``group``.
+        output_splits: length G, rows from each rank; must match the peers' input_splits.
+        group: the ep group.
+        async_op: if True, return an ``AllToAllHandle`` at once; ``handle.wait()`` gives the
+            output, so compute can run while the exchange is in flight. The forward result is
+            bit-identical to the synchronous one. The backward is synchronous (see
+            ``_AllToAllUneven`` for how it could overlap).
+
+    Returns:
+        ``[R, D...]`` with ``R = sum(output_splits)``, rows grouped by source rank in rank order;
+        or an ``AllToAllHandle`` for it when ``async_op``.
+
+    Raises:
+        ValueError: split lengths differ from the group size, a split is negative, or
+            ``sum(input_splits) != T``.
+    """
+    size = group.size()
+    input_splits, output_splits = [int(s) for s in input_splits], [int(s) for s in output_splits]
+    _check_splits(x_TD, input_splits, output_splits, size)
+    if size == 1:
+        if input_splits != output_splits:
+            raise ValueError(
+                f"all_to_all_uneven on a size-1 group: input_splits={input_splits} must equal "
+                f"output_splits={output_splits} (a rank can only receive what it sends to itself)"
+            )
+        return AllToAllHandle(x_TD, None) if async_op else x_TD
+    work_box: list = []
+    out_RD = _AllToAllUneven.apply(x_TD, input_splits, output_splits, group, async_op, work_box)
+    if not async_op:
+        return out_RD
+    work, send = work_box[0]
+    return AllToAllHandle(out_RD, work, keepalive=(send,))

@@ -1,0 +1,177 @@
+"""LongCat-Flash causal LM (PAPER.md §2); numerically equal to HF ``LongcatFlashForCausalLM``.
+
+    h    = embed_tokens(input_ids)
+    h, stats_l = DecoderLayer_l(h)           l = 0..num_layers-1 (ScMoE layers, see layer.py)
+    logits = lm_head(norm(h));  mtp_logits = lm_head(MTP(h, embed(tok_{t+1})))   (if mtp_num_layers)
+
+State-dict keys follow the checkpoint: ``model.embed_tokens``, ``model.layers.{L}.*``, ``model.norm``,
+``model.mtp.*``, ``lm_head`` (the experts are stacked; see ``hf_mapping``).
+
+Shape legend:
+    B  batch
+    S  sequence
+    D  hidden_size
+    V  vocab_size
+    P  qk_rope_head_dim / 2 rotary pairs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longcat.config.schema import ModelConfig
+from longcat.model.init import init_weights
+from longcat.model.layer import DecoderLayer
+from longcat.model.moe import MoEStats
+from longcat.model.mtp import MTPHead
+from longcat.model.norm import RMSNorm
+from longcat.model.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    """logits_BSV: [B, S, V], position t predicts token t+1.
+    mtp_logits_BSV: [B, S, V], position t predicts token t+2 (None without an MTP head); the last
+        position's input token is wrapped around (see ``LongcatFlashModel.forward``), mask its loss.
+    last_hidden_BSD: [B, S, D] last decoder layer output *before* the final norm (hidden z-loss, Eq. 10).
+    moe_stats: one MoEStats per decoder layer, in layer order."""
+
+    logits_BSV: torch.Tensor
+    mtp_logits_BSV: torch.Tensor | None
+    last_hidden_BSD: torch.Tensor
+    moe_stats: list[MoEStats]
+
+
+@dataclass
+class BackboneOutput:
+    """last_hidden_BSD: pre-final-norm; normed_BSD: after ``norm``; mtp_hidden_BSD: normed MTP output."""
+
+    last_hidden_BSD: torch.Tensor
+    normed_BSD: torch.Tensor
+    mtp_hidden_BSD: torch.Tensor | None
+    moe_stats: list[MoEStats]
+
+
+class LongcatFlashModel(nn.Module):
+    """``model``: embeddings, decoder layers, final norm and the optional MTP head."""
+
+    def __init__(self, cfg: ModelConfig, *, activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.activation_checkpointing = activation_checkpointing
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.qk_rope_head_dim, theta=cfg.rope_theta)
+        self.mtp = MTPHead(cfg) if cfg.mtp_num_layers == 1 else None
+
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        *,
+        token_mask_BS: torch.Tensor | None = None,
+        position_ids_BS: torch.Tensor | None = None,
+    ) -> BackboneOutput:
+        """See ``LongcatFlashForCausalLM.forward``. The MTP input token at position t is
+        ``roll(input_ids, -1)[t]`` = tok_{t+1}; at the last position it wraps to tok_0 (its loss is
+        masked by the trainer, which has no tok_{S+1} either)."""
+        B, S = input_ids_BS.shape
+        h_BSD = self.embed_tokens(input_ids_BS)
+        cos_BSP, sin_BSP = self.rotary_emb(position_ids_BS, seq_len=S, device=h_BSD.device, dtype=h_BSD.dtype)
+        use_checkpoint = self.activation_checkpointing and torch.is_grad_enabled()
+
+        moe_stats = []
+        for layer in self.layers:
+            kwargs = dict(cos_BSP=cos_BSP, sin_BSP=sin_BSP, token_mask_BS=token_mask_BS)
+            if use_checkpoint:
+                h_BSD, stats = checkpoint(layer, h_BSD, use_reentrant=False, **kwargs)
+            else:
+                h_BSD, stats = layer(h_BSD, **kwargs)
+            moe_stats.append(stats)
+
+        mtp_hidden_BSD = None
+        if self.mtp is not None:
+            next_embeds_BSD = self.embed_tokens(torch.roll(input_ids_BS, shifts=-1, dims=1))
+            kwargs = dict(next_embeds_BSD=next_embeds_BSD, cos_BSP=cos_BSP, sin_BSP=sin_BSP)
+            if use_checkpoint:
+                mtp_hidden_BSD = checkpoint(self.mtp, h_BSD, use_reentrant=False, **kwargs)
+            else:
+                mtp_hidden_BSD = self.mtp(h_BSD, **kwargs)
+        return BackboneOutput(
+            last_hidden_BSD=h_BSD, normed_BSD=self.norm(h_BSD), mtp_hidden_BSD=mtp_hidden_BSD, moe_stats=moe_stats
+        )
+
+
+class LongcatFlashForCausalLM(nn.Module):
+    """The LongCat-Flash language model: ``model`` (LongcatFlashModel) and ``lm_head``.
+
+    Weights are initialised by ``init_weights(self, cfg)`` at construction (a no-op on the meta
+    device; call ``init_weights`` again after ``to_empty``, or with a width_scale).
+
+    Args:
+        cfg: model dims (validated here).
+        activation_checkpointing: recompute each decoder layer (and the MTP block) in backward
+            (``torch.utils.checkpoint``, non-reentrant).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.model = LongcatFlashModel(cfg, activation_checkpointing=activation_checkpointing)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        init_weights(self, cfg)
+
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        *,
+        token_mask_BS: torch.Tensor | None = None,
+        position_ids_BS: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Causal LM forward.
+
+        Args:
+            input_ids_BS: int64 [B, S] token ids.
+            token_mask_BS: bool [B, S], True = real token; None = all real. Padding tokens still flow
+                through the model (attention is causal and unmasked: pad on the right) but are left
+                out of the router statistics.
+            position_ids_BS: int [B, S] RoPE positions; None = 0..S-1.
+
+        Raises:
+            ValueError: on a malformed input shape or dtype.
+        """
+        _check_inputs(input_ids_BS, token_mask_BS, position_ids_BS)
+        out = self.model(input_ids_BS, token_mask_BS=token_mask_BS, position_ids_BS=position_ids_BS)
+        mtp_logits_BSV = None if out.mtp_hidden_BSD is None else self.lm_head(out.mtp_hidden_BSD)
+        return ModelOutput(
+            logits_BSV=self.lm_head(out.normed_BSD),
+            mtp_logits_BSV=mtp_logits_BSV,
+            last_hidden_BSD=out.last_hidden_BSD,
+            moe_stats=out.moe_stats,
+        )
+
+
+def _check_inputs(
+    input_ids_BS: torch.Tensor, token_mask_BS: torch.Tensor | None, position_ids_BS: torch.Tensor | None
+) -> None:
+    if input_ids_BS.ndim != 2 or input_ids_BS.dtype.is_floating_point:
+        raise ValueError(
+            f"input_ids_BS must be an integer [B, S] tensor, got {input_ids_BS.dtype} {tuple(input_ids_BS.shape)}"
+        )
+    if token_mask_BS is not None and (token_mask_BS.shape != input_ids_BS.shape or token_mask_BS.dtype != torch.bool):
+        raise ValueError(
+            f"token_mask_BS must be bool {tuple(input_ids_BS.shape)}, got {token_mask_BS.dtype} "
+            f"{tuple(token_mask_BS.shape)}"
+        )
+    B, S = input_ids_BS.shape
+    if position_ids_BS is not None and (position_ids_BS.ndim != 2 or position_ids_BS.shape[1] != S
+                                        or position_ids_BS.shape[0] not in (1, B)):
+        raise ValueError(
+            f"position_ids_BS has shape {tuple(position_ids_BS.shape)}; expected ({B}, {S}) or (1, {S})"
+        )

@@ -1,0 +1,20 @@
+"""Mixture of experts: router -> token dispatcher -> grouped-GEMM experts -> combine."""
+
+from longcat.model.moe.dispatcher import DispatchedTokens, DispatchHandle, LocalTokenDispatcher, TokenDispatcher
+from longcat.model.moe.experts import GroupedExperts, grouped_linear
+from longcat.model.moe.layer import MoE, MoEStats, router_stats
+from longcat.model.moe.router import RouterOutput, TopKRouter
+
+__all__ = [
+    "DispatchHandle",
+    "DispatchedTokens",
+    "GroupedExperts",
+    "LocalTokenDispatcher",
+    "MoE",
+    "MoEStats",
+    "RouterOutput",
+    "TokenDispatcher",
+    "TopKRouter",
+    "grouped_linear",
+    "router_stats",
+]

@@ -1,0 +1,98 @@
+"""FFN experts as stacked weights run with one grouped GEMM per projection (PAPER.md §2.1).
+
+Weights are stacked per local expert; row l is global expert ``expert_offset + l`` and equals the
+released ``mlp.experts.{i}.{gate,up,down}_proj.weight``.
+
+Shape legend:
+    R  routed rows (token copies), grouped by local expert
+    L  num_local_experts
+    D  hidden_size
+    I  expert_ffn_hidden_size
+    K, N  in / out features of one ``grouped_linear`` (D, I or I, D)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's CPU backward
+    rejects expanded/strided gradients ("Invalid strides/sizes")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_linear(x_RK: torch.Tensor, weight_LNK: torch.Tensor, *, offs_L: torch.Tensor) -> torch.Tensor:
+    """Per-group ``x @ weight[l]^T``: rows ``offs[l-1]:offs[l]`` of x use weight l. Returns [R, N].
+
+    One ``torch.nn.functional.grouped_mm`` call (an empty group yields no rows and zero weight grads).
+    grouped_mm needs 16-byte aligned base pointers and row strides in forward and backward (K and N
+    multiples of 8 in bf16, of 4 in fp32); other sizes are zero-padded to multiples of 8 for the call
+    (enough for either dtype, also if autocast casts fp32 operands to bf16), which leaves the result
+    and the gradients unchanged. A weight in another dtype is cast to x's (as autocast
+    does for ``F.linear``).
+    """
+    N, K = weight_LNK.shape[-2:]
+    if weight_LNK.dtype != x_RK.dtype:
+        weight_LNK = weight_LNK.to(x_RK.dtype)
+    if not x_RK.is_contiguous():
+        x_RK = x_RK.contiguous()
+    align = 8
+    pad_k, pad_n = (-K) % align, (-N) % align
+    if pad_k or pad_n:
+        x_RK = F.pad(x_RK, (0, pad_k))
+        weight_LNK = F.pad(weight_LNK, (0, pad_k, 0, pad_n))
+    if x_RK.data_ptr() % 16:
+        x_RK = x_RK.clone()
+    if weight_LNK.data_ptr() % 16:
+        weight_LNK = weight_LNK.clone()
+    out_RN = _ContiguousGrad.apply(F.grouped_mm(x_RK, weight_LNK.transpose(-2, -1), offs=offs_L))
+    return out_RN[:, :N] if pad_n else out_RN
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts ``down(silu(gate(x)) * up(x))`` for ``num_local_experts`` consecutive global ids.
+
+    Parameters (names map onto the checkpoint's per-expert weights by row):
+        gate_proj [L, I, D], up_proj [L, I, D], down_proj [L, D, I].
+
+    Args:
+        hidden_size: D.
+        intermediate_size: I.
+        num_local_experts: L.
+        expert_offset: global id of local expert 0 (0 without expert parallelism).
+    """
+
+    def __init__(self, hidden_size: int, *, intermediate_size: int, num_local_experts: int, expert_offset: int = 0):
+        super().__init__()
+        if num_local_experts <= 0 or expert_offset < 0:
+            raise ValueError(
+                f"num_local_experts={num_local_experts} must be > 0 and expert_offset={expert_offset} >= 0"
+            )
+        self.num_local_experts = num_local_experts
+        self.expert_offset = expert_offset
+        self.gate_proj = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden_size, intermediate_size))
+
+    def forward(self, tokens_RD: torch.Tensor, *, counts_L: torch.Tensor) -> torch.Tensor:
+        """tokens_RD [R, D] sorted by local expert; counts_L [L] rows per expert -> [R, D]."""
+        if counts_L.shape != (self.num_local_experts,):
+            raise ValueError(f"counts_L has shape {tuple(counts_L.shape)}, expected ({self.num_local_experts},)")
+        offs_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
+        gate_RI = grouped_linear(tokens_RD, self.gate_proj, offs_L=offs_L)
+        up_RI = grouped_linear(tokens_RD, self.up_proj, offs_L=offs_L)
+        return grouped_linear(F.silu(gate_RI) * up_RI, self.down_proj, offs_L=offs_L)
+
+    def extra_repr(self) -> str:
+        L, I, D = self.gate_proj.shape
+        return f"num_local_experts={L}, expert_offset={self.expert_offset}, hidden={D}, intermediate={I}"

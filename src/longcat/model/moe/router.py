@@ -1,0 +1,79 @@
+"""Top-K router with zero-computation experts and an expert bias (PAPER.md §2.1, Eq. 1-2).
+
+    logits = u W^T (fp32)          probs = softmax(logits) over all N + Z experts
+    ids    = top-K(probs + b)      (b: e_score_correction_bias, used for selection only)
+    gates  = probs[ids] * routed_scaling_factor   (unbiased, no renormalisation)
+
+Shape legend:
+    T  tokens (batch x sequence, flattened)
+    D  hidden_size
+    E  N + Z router width (FFN experts, then zero experts: ids >= N are zero experts)
+    K  moe_topk
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    """probs_TE: fp32 softmax over all E experts, with grad (load-balance loss, Eq. 3-5).
+    expert_ids_TK: int64 global expert ids, ordered by biased score (ties: lower id first).
+    gates_TK: fp32 ``probs[ids] * routed_scaling_factor``, with grad."""
+
+    probs_TE: torch.Tensor
+    expert_ids_TK: torch.Tensor
+    gates_TK: torch.Tensor
+
+
+class TopKRouter(nn.Module):
+    """The ``mlp.router`` of a layer: ``classifier`` (Linear D -> E, no bias) and the persistent fp32
+    buffer ``e_score_correction_bias`` [E] (updated by the budget controller, Eq. 2, never by grads).
+
+    Args:
+        hidden_size: D.
+        num_experts: E = N + Z.
+        top_k: K.
+        routed_scaling_factor: gate multiplier (released: 6.0).
+    """
+
+    def __init__(self, hidden_size: int, *, num_experts: int, top_k: int, routed_scaling_factor: float) -> None:
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must lie in [1, num_experts={num_experts}]")
+        self.top_k = top_k
+        self.routed_scaling_factor = routed_scaling_factor
+        self.classifier = nn.Linear(hidden_size, num_experts, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.bfloat16)`` would round the expert bias; keep it fp32 on the new device.
+        bias_E = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved_E = self.e_score_correction_bias
+        if moved_E.dtype != torch.float32:
+            self.e_score_correction_bias = bias_E.to(device=moved_E.device, dtype=torch.float32)
+        return self
+
+    def forward(self, u_TD: torch.Tensor) -> RouterOutput:
+        """u_TD [T, D] (any float dtype) -> RouterOutput; all routing math in fp32."""
+        logits_TE = F.linear(u_TD.float(), self.classifier.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        expert_ids_TK = self.select(probs_TE.detach())
+        gates_TK = probs_TE.gather(1, expert_ids_TK) * self.routed_scaling_factor
+        return RouterOutput(probs_TE=probs_TE, expert_ids_TK=expert_ids_TK, gates_TK=gates_TK)
+
+    @torch.no_grad()
+    def select(self, probs_TE: torch.Tensor) -> torch.Tensor:
+        """Deterministic top-K of ``probs + bias``: a stable descending sort, so equal scores pick the
+        lower expert id (torch.topk leaves tie order unspecified). Returns int64 [T, K]."""
+        scores_TE = probs_TE + self.e_score_correction_bias
+        return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, : self.top_k]
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, routed_scaling_factor={self.routed_scaling_factor}"

@@ -1,0 +1,121 @@
+"""Figures drawn from a run's ``metrics.jsonl`` alone (no wandb needed).
+
+- ``loss.png``: training loss (and its parts) and validation loss over steps;
+- ``ffn_experts_per_token.png``: per MoE layer, the average FFN experts per token over steps, with the
+  target K_e when the run's config is known;
+- ``expert_load.png``: a layer x expert heatmap of the expert load (assignments per token) averaged
+  over the last 20% of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+_LAYER_KEY = re.compile(r"^moe/layer(\d+)/(.+)$")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a metrics JSONL file; raises ValueError naming the file and line of a bad record."""
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
+    if not records:
+        raise ValueError(f"{path} holds no metrics records; run training first")
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for r in records:
+        if isinstance(r.get(key), (int, float)):
+            steps.append(r["step"])
+            values.append(r[key])
+    return steps, values
+
+
+def _layers(records: list[dict], suffix: str) -> list[int]:
+    found = set()
+    for r in records:
+        for key in r:
+            m = _LAYER_KEY.match(key)
+            if m and m.group(2) == suffix:
+                found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[float] = None) -> list[Path]:
+    """Write the three PNGs into ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = read_metrics(Path(metrics_path))
+    config_path = Path(metrics_path).parent / "config.json"
+    if target_ffn_experts is None and config_path.is_file():
+        target_ffn_experts = json.loads(config_path.read_text()).get("moe", {}).get("expected_ffn_experts")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, style in (("loss", "-"), ("loss/ce", "--"), ("val/loss", "o-")):
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, style, label=key, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("LongCat-Flash training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out_dir / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for layer in _layers(records, "ffn_experts_per_token"):
+        steps, values = _series(records, f"moe/layer{layer}/ffn_experts_per_token")
+        ax.plot(steps, values, label=f"layer {layer}")
+    if target_ffn_experts is not None:
+        ax.axhline(target_ffn_experts, color="k", ls=":", label=f"target K_e={target_ffn_experts:g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("FFN experts per token")
+    ax.set_title("Dynamic computation: average FFN experts per token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out_dir / "ffn_experts_per_token.png"))
+
+    layers = _layers(records, "expert_load")
+    if layers:
+        tail = records[int(len(records) * 0.8):] or records
+        rows = []
+        for layer in layers:
+            loads = [r[f"moe/layer{layer}/expert_load"] for r in tail if f"moe/layer{layer}/expert_load" in r]
+            rows.append(np.mean(np.asarray(loads, dtype=float), axis=0))
+        heat = np.stack(rows)
+        fig, ax = plt.subplots(figsize=(max(6, heat.shape[1] * 0.4), 1.5 + 0.5 * len(layers)))
+        image = ax.imshow(heat, aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=ax, label="assignments per token")
+        ax.set_xlabel("FFN expert")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_title("Expert load (last 20% of steps)")
+        written.append(_save(fig, out_dir / "expert_load.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,42 @@
+"""Learning-rate schedules as multipliers of each parameter group's base LR.
+
+Warmup is linear from 0 (step 0 trains at lr / warmup_steps). ``warmup_cosine`` decays by a half cosine
+to ``min_lr_ratio``; ``wsd`` (warmup-stable-decay) holds the peak and decays linearly over the last
+``decay_fraction`` of the steps. PAPER.md gives no schedule (§3.1.3 "not given"): these are the common
+choices, configurable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longcat.config.schema import LRSchedule, OptimConfig
+
+
+def lr_multiplier(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
+    """The LR multiplier in [min_lr_ratio, 1] for optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    schedule = LRSchedule(cfg.schedule)
+    if schedule is LRSchedule.constant:
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if schedule is LRSchedule.warmup_cosine:
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    return floor + (1 - floor) * max(0.0, 1 - (step - decay_start) / decay_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, cfg: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR whose state (last_epoch) is checkpointed with the run."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg=cfg, total_steps=total_steps)
+    )

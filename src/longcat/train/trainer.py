@@ -1,0 +1,320 @@
+"""The training loop, split into named steps.
+
+One optimizer step (DESIGN.md "One training step"):
+fetch the global batch's micro-batches -> count its labelled / real tokens over DP -> per micro-batch
+forward, losses, backward -> grad sync over DP -> global grad norm and clip -> optimizer -> expert-bias
+controller (once, global counts) -> LR schedule -> metrics -> checkpoint.
+
+Shapes: B micro-batch size, S sequence length, V vocabulary, L MoE layers (local to this rank),
+E = N + Z experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from longcat.config.schema import ModelConfig, ResumeMode, RunConfig, num_grad_accum_steps
+from longcat.data import build_pretrain_data
+from longcat.model import LongcatFlashForCausalLM, init_weights
+from longcat.train import losses
+from longcat.train.bias_controller import ExpertBiasController
+from longcat.train.checkpoint import CheckpointManager, latest_checkpoint
+from longcat.train.metrics import MetricsSink
+from longcat.train.optim import build_optimizer, width_scale
+from longcat.train.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LossParts:
+    """Detached loss components of one optimizer step, already normalised (summed over micro-batches)."""
+
+    ce: float = 0.0
+    mtp: float = 0.0
+    z: float = 0.0
+    lb: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.ce + self.mtp + self.z + self.lb
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: LossParts
+    grad_norm: float
+    lr: float
+    num_tokens: float
+    router_counts_LE: torch.Tensor  # [L, E + 1] global counts; last column = real tokens
+    ffn_per_token_stats: list = field(default_factory=list)  # per layer (min, max, std) over local tokens
+
+
+def _dp_group_and_size(groups) -> tuple[Optional[dist.ProcessGroup], int]:
+    if groups is None or getattr(groups, "dp_size", 1) == 1:
+        return None, 1
+    return groups.dp_group, groups.dp_size
+
+
+class Trainer:
+    """Builds everything a run needs from a validated ``RunConfig`` and trains it.
+
+    Args:
+        cfg: the resolved run config (validated with this run's DP degree).
+        groups: the run's ``ProcessGroups`` (``None`` = single process).
+        config_dict: the plain-dict config stored in checkpoints and wandb.
+    """
+
+    def __init__(self, cfg: RunConfig, *, groups=None, config_dict: Optional[dict] = None):
+        self.cfg = cfg
+        self.groups = groups
+        self.dp_group, self.dp_size = _dp_group_and_size(groups)
+        self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self.is_rank0 = (not dist.is_initialized()) or dist.get_rank() == 0
+        self.config_dict = config_dict or {}
+        self.device = torch.device(cfg.train.device)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.accum = num_grad_accum_steps(cfg, dp=self.dp_size)
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = LongcatFlashForCausalLM(
+            cfg.model, activation_checkpointing=cfg.train.activation_checkpointing
+        ).to(self.device)
+        init_weights(self.model, cfg.model, width_scale=width_scale(cfg.model, cfg.optim))
+        self.optimizer = build_optimizer(self.model, optim_cfg=cfg.optim, model_cfg=cfg.model)
+        self.scheduler = build_scheduler(self.optimizer, cfg=cfg.optim, total_steps=cfg.train.steps)
+        self.biases_L = [layer.mlp.router.e_score_correction_bias for layer in self.model.model.layers]
+        self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
+                                               total_steps=cfg.train.steps)
+        self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
+                                        dp_rank=self.dp_rank, dp_size=self.dp_size)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last)
+        self.step = 0
+        self.tokens_seen = 0.0
+        self.lb_num_groups = cfg.moe.lb_num_groups or (getattr(groups, "ep_size", 1) if groups else 1)
+        self._restore()
+        self.train_iter = iter(self.data.train)
+
+    # ----------------------------------------------------------------------------- state
+    def _check_model_config(self, saved: dict) -> None:
+        saved_model = saved.get("model") if isinstance(saved, dict) else None
+        if not saved_model:
+            return
+        current = asdict(self.cfg.model)
+        diffs = [f"{k}: checkpoint {saved_model.get(k)!r} != run {v!r}"
+                 for k, v in current.items() if k in saved_model and saved_model[k] != v]
+        if diffs:
+            raise ValueError("the checkpoint was trained with a different model config (" + "; ".join(diffs)
+                             + "); load it with the same model.* settings or start a new out_dir")
+
+    def _restore(self) -> None:
+        cfg = self.cfg.train
+        latest = latest_checkpoint(self.checkpoints.root)
+        if ResumeMode(cfg.resume) is ResumeMode.none and latest is not None:
+            raise ValueError(f"train.resume=none but {latest} exists; use train.resume=auto to continue "
+                             "or choose a fresh train.out_dir")
+        if latest is not None:
+            state = self.checkpoints.load(latest, model=self.model, optimizer=self.optimizer,
+                                          check_config=self._check_model_config)
+            self.step = state["step"]
+            self.tokens_seen = state["tokens_seen"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.controller.load_state_dict(state["controller"])
+            self.data.train.load_state_dict(state["data"])
+            logger.info("resumed from %s at step %d", latest, self.step)
+        elif cfg.init_from:
+            self.checkpoints.load(Path(cfg.init_from), model=self.model, optimizer=None,
+                                  check_config=self._check_model_config)
+            logger.info("initialised weights from %s", cfg.init_from)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "scheduler": self.scheduler.state_dict(),
+            "controller": self.controller.state_dict(),
+            "data": self.data.train.state_dict(),
+            "config": self.config_dict,
+        }
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step, model=self.model, optimizer=self.optimizer,
+                                     trainer_state=self.trainer_state())
+
+    # ----------------------------------------------------------------------------- step
+    def _autocast(self):
+        if not self.cfg.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _global_counts(self, micro_batches: list[dict]) -> losses.GlobalTokenCounts:
+        counts = torch.zeros(3, dtype=torch.float64)
+        for mb in micro_batches:
+            labels_BS = mb["labels"]
+            counts[0] += (labels_BS != losses.IGNORE_INDEX).sum()
+            counts[1] += (losses.mtp_labels(labels_BS) != losses.IGNORE_INDEX).sum()
+            counts[2] += mb["token_mask"].sum()
+        if self.dp_group is not None:
+            # [3] float64 -> all_reduce(sum, dp) -> [3]
+            dist.all_reduce(counts, group=self.dp_group)
+        return losses.GlobalTokenCounts(*(max(float(c), 1.0) for c in counts))
+
+    def forward_backward(self, mb: dict, counts: losses.GlobalTokenCounts, parts: LossParts) -> list:
+        """Forward one micro-batch, backward its share of the global objective; returns its MoE stats."""
+        cfg = self.cfg
+        input_ids_BS = mb["input_ids"].to(self.device)
+        labels_BS = mb["labels"].to(self.device)
+        token_mask_BS = mb["token_mask"].to(self.device)
+        with self._autocast():
+            out = self.model(input_ids_BS, token_mask_BS=token_mask_BS)
+        ce = losses.cross_entropy_sum(out.logits_BSV, labels_BS) / counts.num_labels
+        objective = ce
+        parts.ce += ce.item()
+        if out.mtp_logits_BSV is not None and cfg.loss.mtp_weight > 0:
+            mtp = cfg.loss.mtp_weight * losses.cross_entropy_sum(
+                out.mtp_logits_BSV, losses.mtp_labels(labels_BS)) / counts.num_mtp_labels
+            objective = objective + mtp
+            parts.mtp += mtp.item()
+        if cfg.loss.z_loss_coef > 0:
+            z = cfg.loss.z_loss_coef * losses.hidden_z_loss_sum(out.last_hidden_BSD, token_mask_BS) / counts.num_real
+            objective = objective + z
+            parts.z += z.item()
+        if cfg.moe.lb_loss_coef > 0:
+            lb = sum(
+                losses.load_balance_loss(
+                    s.expert_counts_E, s.prob_sum_E, s.num_tokens, n_routed_experts=cfg.model.n_routed_experts,
+                    moe_topk=cfg.model.moe_topk, expected_ffn_experts=cfg.moe.expected_ffn_experts,
+                    num_groups=self.lb_num_groups)
+                for s in out.moe_stats
+            ) * (cfg.moe.lb_loss_coef / (self.accum * self.dp_size))
+            objective = objective + lb
+            parts.lb += lb.item()
+        objective.backward()
+        return out.moe_stats
+
+    def _sync_grads(self) -> None:
+        if self.dp_group is None:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        # [P] -> all_reduce(sum, dp) -> [P]: the objective is already normalised by global counts
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def train_step(self) -> StepResult:
+        micro_batches = [next(self.train_iter) for _ in range(self.accum)]
+        counts = self._global_counts(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = LossParts()
+        ffn_per_token: list[list[torch.Tensor]] = []
+        for mb in micro_batches:
+            stats = self.forward_backward(mb, counts, parts)
+            self.controller.accumulate([s.expert_counts_E for s in stats], [s.num_tokens for s in stats])
+            ffn_per_token.append([s.ffn_per_token_T for s in stats])
+        self._sync_grads()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        router_counts_LE = self.controller.step(self.biases_L, dp_group=self.dp_group)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += counts.num_real
+        if self.dp_group is not None:
+            totals = torch.tensor([parts.ce, parts.mtp, parts.z, parts.lb], dtype=torch.float64)
+            dist.all_reduce(totals, group=self.dp_group)  # [4] -> all_reduce(sum, dp) -> [4]
+            parts = LossParts(*totals.tolist())
+        per_layer = []
+        for layer in range(len(self.biases_L)):
+            values = torch.cat([mb_stats[layer] for mb_stats in ffn_per_token])
+            per_layer.append((values.min().item(), values.max().item(), values.std(unbiased=False).item())
+                             if values.numel() else (0.0, 0.0, 0.0))
+        return StepResult(step=self.step, loss=parts, grad_norm=float(grad_norm), lr=lr,
+                          num_tokens=counts.num_real, router_counts_LE=router_counts_LE,
+                          ffn_per_token_stats=per_layer)
+
+    # ----------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted validation cross-entropy over ``train.eval_batches`` fixed micro-batches."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for mb in self.data.valid_batches(self.cfg.train.eval_batches, self.cfg.data.micro_batch_size):
+            with self._autocast():
+                out = self.model(mb["input_ids"].to(self.device), token_mask_BS=mb["token_mask"].to(self.device))
+            labels_BS = mb["labels"].to(self.device)
+            total[0] += losses.cross_entropy_sum(out.logits_BSV, labels_BS).item()
+            total[1] += (labels_BS != losses.IGNORE_INDEX).sum().item()
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)  # [2] -> all_reduce(sum, dp) -> [2]
+        self.model.train()
+        return float(total[0] / total[1].clamp(min=1))
+
+    # ----------------------------------------------------------------------------- loop
+    def step_metrics(self, result: StepResult, elapsed_s: float) -> dict[str, Any]:
+        n = self.cfg.model.n_routed_experts
+        metrics: dict[str, Any] = {
+            "loss": result.loss.total, "loss/ce": result.loss.ce, "loss/mtp": result.loss.mtp,
+            "loss/z": result.loss.z, "loss/lb": result.loss.lb, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens_per_s": result.num_tokens / max(elapsed_s, 1e-9), "tokens_seen": self.tokens_seen,
+            "step_time_s": elapsed_s,
+        }
+        counts_LE = result.router_counts_LE
+        for layer in range(counts_LE.shape[0]):
+            tokens = counts_LE[layer, -1].clamp(min=1)
+            load_N = counts_LE[layer, :n]
+            lo, hi, std = result.ffn_per_token_stats[layer]
+            metrics[f"moe/layer{layer}/ffn_experts_per_token"] = float(load_N.sum() / tokens)
+            metrics[f"moe/layer{layer}/ffn_experts_per_token_min"] = lo
+            metrics[f"moe/layer{layer}/ffn_experts_per_token_max"] = hi
+            metrics[f"moe/layer{layer}/ffn_experts_per_token_std"] = std
+            metrics[f"moe/layer{layer}/zero_expert_share"] = float(
+                counts_LE[layer, n:-1].sum() / counts_LE[layer, :-1].sum().clamp(min=1))
+            metrics[f"moe/layer{layer}/load_max_over_mean"] = float(load_N.max() / load_N.mean().clamp(min=1e-9))
+            metrics[f"moe/layer{layer}/expert_load"] = (load_N / tokens).tolist()
+        return metrics
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``; returns a summary (initial / final validation loss, paths)."""
+        cfg = self.cfg.train
+        sink = MetricsSink(self.cfg.logging, out_dir=self.out_dir, total_steps=cfg.steps,
+                           start_step=self.step, enabled=self.is_rank0, run_config=self.config_dict)
+        summary: dict[str, Any] = {"start_step": self.step}
+        if self.is_rank0:
+            (self.out_dir / "config.json").write_text(json.dumps(self.config_dict, indent=1, default=str))
+        try:
+            if cfg.eval_interval and self.step == 0:
+                summary["initial_val_loss"] = self.evaluate()
+                sink.log(0, {"val/loss": summary["initial_val_loss"]})
+            self.model.train()
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                result = self.train_step()
+                metrics = self.step_metrics(result, time.perf_counter() - start)
+                if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
+                    metrics["val/loss"] = summary["final_val_loss"] = self.evaluate()
+                if self.step % self.cfg.logging.log_interval == 0 or "val/loss" in metrics:
+                    sink.log(self.step, metrics)
+                if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0 or self.step == cfg.steps):
+                    path = self.save_checkpoint()
+                    summary["checkpoint"] = str(path)
+            summary["final_step"] = self.step
+            summary["metrics_file"] = str(sink.jsonl_path)
+            summary["wandb_dir"] = str(sink.wandb_dir) if sink.wandb_dir else None
+        finally:
+            sink.close()
+        return summary

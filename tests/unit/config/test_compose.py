@@ -1,0 +1,49 @@
+import pytest
+
+from longcat.cli import available_recipes, compose_run_config, main
+from longcat.config.schema import RunConfig
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_recipe_composes_and_validates(recipe):
+    cfg, as_dict = compose_run_config(recipe)
+    assert isinstance(cfg, RunConfig)
+    cfg.validate(dp=1 if cfg.parallel.dp in (-1, 1) else cfg.parallel.dp)
+    assert as_dict["model"]["hidden_size"] == cfg.model.hidden_size
+
+
+def test_overrides_apply():
+    cfg, _ = compose_run_config("pretrain", ["train.steps=7", "optim.lr=0.5"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 0.5
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["train.stepz=3"], "stepz"),
+    (["train.steps=abc"], "steps"),
+    (["optim.schedule=linear_wobble"], "schedule"),
+])
+def test_bad_key_or_value_fails_with_its_name(override, needle):
+    with pytest.raises(ValueError, match=needle):
+        compose_run_config("pretrain", override)
+
+
+def test_unknown_recipe_lists_the_choices():
+    with pytest.raises(ValueError, match="pretrain"):
+        compose_run_config("no_such_recipe")
+
+
+def test_cli_rejects_bad_key_before_work(capsys):
+    assert main(["train.stepz=3"]) == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_cli_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "recipes" in out and "pretrain" in out
+
+
+def test_validation_errors_name_the_fix():
+    cfg, _ = compose_run_config("pretrain", ["data.global_batch_size=12", "data.micro_batch_size=8"])
+    with pytest.raises(ValueError, match="global_batch_size=12"):
+        cfg.validate(dp=1)

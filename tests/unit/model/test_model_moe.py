@@ -1,0 +1,205 @@
+"""MoE pieces: grouped-GEMM experts vs a loop, dispatcher, router tie-breaking, MoEStats."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcat.config.schema import ModelConfig
+from longcat.model import GroupedExperts, LongcatFlashForCausalLM, MoE, TopKRouter
+from longcat.model.moe.dispatcher import DispatchHandle, permute_tokens, unpermute_tokens
+
+CFG = ModelConfig(
+    vocab_size=256, hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64, q_lora_rank=16,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=6,
+    zero_expert_num=3, moe_topk=3, expert_ffn_hidden_size=16, initializer_range=0.1,
+)
+
+
+def _experts(num_local_experts=4, hidden=16, inter=8, dtype=torch.float32):
+    torch.manual_seed(0)
+    experts = GroupedExperts(hidden, intermediate_size=inter, num_local_experts=num_local_experts).to(dtype)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    return experts
+
+
+def _loop_reference(experts, x_RD, counts):
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        x = x_RD[start : start + n]
+        h = F.silu(F.linear(x, experts.gate_proj[e])) * F.linear(x, experts.up_proj[e])
+        outs.append(F.linear(h, experts.down_proj[e]))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 7], [0, 0, 0, 0]])
+def test_grouped_experts_match_loop_and_unused_expert_grads_are_zero(counts):
+    experts = _experts()
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    out = experts(x, counts_L=torch.tensor(counts))
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+
+    ref_experts = _experts()
+    x_ref = x.detach().clone().requires_grad_(True)
+    if sum(counts):
+        ref = _loop_reference(ref_experts, x_ref, counts)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        (ref * grad_out).sum().backward()
+        want = [x_ref.grad] + [
+            p.grad if p.grad is not None else torch.zeros_like(p) for p in ref_experts.parameters()
+        ]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    for e, n in enumerate(counts):
+        if n == 0:
+            for p in experts.parameters():
+                assert torch.equal(p.grad[e], torch.zeros_like(p.grad[e]))
+
+
+def test_grouped_experts_expanded_grad_and_unaligned_sizes():
+    experts = _experts()
+    x = torch.randn(6, 16, requires_grad=True)
+    experts(x, counts_L=torch.tensor([2, 2, 1, 1])).sum().backward()  # sum() hands back an expanded grad
+    assert x.grad is not None
+    for hidden, inter in [(16, 8), (12, 6)]:  # 12 or 6 elements: rows not 16-byte aligned, padded
+        fp32 = _experts(hidden=hidden, inter=inter)
+        x = torch.randn(5, hidden, requires_grad=True)
+        out = fp32(x, counts_L=torch.tensor([1, 0, 3, 1]))
+        out.square().sum().backward()
+        ref_experts = copy.deepcopy(fp32)
+        ref_experts.zero_grad()
+        x_ref = x.detach().clone().requires_grad_(True)
+        ref = _loop_reference(ref_experts, x_ref, [1, 0, 3, 1])
+        ref.square().sum().backward()
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
+        for p, p_ref in zip(fp32.parameters(), ref_experts.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-6, rtol=1e-5)
+
+        bf16 = _experts(hidden=hidden, inter=inter, dtype=torch.bfloat16)
+        xb = torch.randn(5, hidden, dtype=torch.bfloat16, requires_grad=True)
+        out = bf16(xb, counts_L=torch.tensor([1, 0, 3, 1]))
+        out.float().sum().backward()
+        assert out.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+        ref = _loop_reference(copy.deepcopy(bf16).float(), xb.detach().float(), [1, 0, 3, 1])
+        torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
+
+
+def test_permute_and_unpermute_are_adjoint_and_gradcheck():
+    T, K, D = 5, 3, 4
+    slot_R = torch.tensor([14, 0, 7, 2, 9, 10, 3])
+    handle = DispatchHandle(slot_R=slot_R, token_R=slot_R // K, num_tokens=T, top_k=K)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(len(slot_R), D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: permute_tokens(t, handle=handle), (x,))
+    assert torch.autograd.gradcheck(lambda r: unpermute_tokens(r, handle=handle), (y,))
+    lhs = (permute_tokens(x, handle=handle) * y).sum()
+    rhs = (x * unpermute_tokens(y, handle=handle)).sum()
+    torch.testing.assert_close(lhs, rhs)
+
+
+def _dense_moe_reference(moe: MoE, u_TD):
+    """sum_k gate_k * E_k(u) with a Python loop over tokens and slots."""
+    route = moe.router(u_TD)
+    out = torch.zeros_like(u_TD)
+    ex = moe.experts
+    for t in range(u_TD.shape[0]):
+        for k in range(route.expert_ids_TK.shape[1]):
+            e = int(route.expert_ids_TK[t, k])
+            x = u_TD[t]
+            if e < moe.num_ffn_experts:
+                x = F.linear(F.silu(F.linear(x, ex.gate_proj[e])) * F.linear(x, ex.up_proj[e]), ex.down_proj[e])
+            out[t] = out[t] + route.gates_TK[t, k] * x
+    return out
+
+
+def test_moe_layer_matches_dense_reference_forward_and_backward():
+    torch.manual_seed(0)
+    model = LongcatFlashForCausalLM(CFG)
+    moe = model.model.layers[0].mlp
+    with torch.no_grad():
+        moe.router.e_score_correction_bias.normal_(0, 0.05)
+    u = torch.randn(2, 7, CFG.hidden_size, requires_grad=True)
+    out, _ = moe(u)
+    out.square().sum().backward()
+    got = [u.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
+    u.grad = None
+    moe.zero_grad()
+    ref = _dense_moe_reference(moe, u.view(14, -1)).view(2, 7, -1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    ref.square().sum().backward()
+    want = [u.grad] + [p.grad for p in moe.parameters()]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_router_ties_pick_lower_expert_id():
+    router = TopKRouter(8, num_experts=10, top_k=4, routed_scaling_factor=1.0)
+    with torch.no_grad():
+        router.classifier.weight.zero_()  # uniform probabilities: every score ties
+    route = router(torch.randn(5, 8))
+    assert route.expert_ids_TK.tolist() == [[0, 1, 2, 3]] * 5
+    with torch.no_grad():
+        router.e_score_correction_bias[[2, 5, 7, 9]] = 1.0
+    assert router(torch.randn(3, 8)).expert_ids_TK.tolist() == [[2, 5, 7, 9]] * 3
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+        router.e_score_correction_bias[[6, 8]] = 0.5
+    assert router(torch.randn(2, 8)).expert_ids_TK.tolist() == [[6, 8, 0, 1]] * 2
+
+
+def test_expert_bias_stays_fp32_on_dtype_cast():
+    model = LongcatFlashForCausalLM(CFG)
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.e_score_correction_bias.fill_(1e-4 + 1.0)
+    model.to(torch.bfloat16)
+    bias = model.model.layers[0].mlp.router.e_score_correction_bias
+    assert bias.dtype == torch.float32 and bias[0].item() == pytest.approx(1.0001, abs=1e-7)
+    assert "model.layers.0.mlp.router.e_score_correction_bias" in model.state_dict()
+    out = model(torch.randint(0, CFG.vocab_size, (2, 8)))
+    assert out.logits_BSV.dtype == torch.bfloat16
+
+
+def test_moe_stats_are_correct_and_exclude_padding():
+    torch.manual_seed(0)
+    model = LongcatFlashForCausalLM(dataclasses.replace(CFG, num_layers=1))
+    N, E, K = CFG.n_routed_experts, CFG.num_experts_total, CFG.moe_topk
+    real = torch.randint(0, CFG.vocab_size, (2, 6))
+    padded = torch.cat([real, torch.randint(0, CFG.vocab_size, (2, 3))], dim=1)  # right padding
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, :6] = True
+
+    stats_real = model(real).moe_stats[0]
+    stats_pad = model(padded, token_mask_BS=mask).moe_stats[0]
+    # Causal attention: right padding changes nothing for the real tokens, so neither do the stats.
+    assert torch.equal(stats_pad.expert_counts_E, stats_real.expert_counts_E)
+    assert torch.equal(stats_pad.ffn_per_token_T, stats_real.ffn_per_token_T)
+    torch.testing.assert_close(stats_pad.prob_sum_E, stats_real.prob_sum_E, atol=1e-5, rtol=1e-5)
+    assert stats_pad.num_tokens.item() == 12 and stats_real.num_tokens.item() == 12
+
+    # Recompute by hand from the router.
+    moe = model.model.layers[0].mlp
+    captured = {}
+    hook = moe.register_forward_pre_hook(lambda mod, args: captured.setdefault("u", args[0]))
+    out = model(padded, token_mask_BS=mask)
+    hook.remove()
+    route = moe.router(captured["u"].reshape(-1, CFG.hidden_size))
+    ids_real = route.expert_ids_TK[mask.reshape(-1)]
+    stats = out.moe_stats[0]
+    assert stats.expert_counts_E.dtype == torch.float32 and stats.expert_counts_E.shape == (E,)
+    assert torch.equal(stats.expert_counts_E, torch.bincount(ids_real.reshape(-1), minlength=E).float())
+    assert stats.expert_counts_E.sum() == K * 12
+    assert torch.equal(stats.ffn_per_token_T, (ids_real < N).sum(-1).float())
+    torch.testing.assert_close(stats.prob_sum_E, route.probs_TE[mask.reshape(-1)].sum(0))
+    assert stats.prob_sum_E.requires_grad and not stats.expert_counts_E.requires_grad
+    stats.prob_sum_E[0].backward()
+    assert moe.router.classifier.weight.grad.abs().sum() > 0

@@ -1,0 +1,19 @@
+import pytest
+
+from longcat.config.schema import OptimConfig
+from longcat.train.schedule import lr_multiplier
+
+
+def test_warmup_cosine_shape():
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1, schedule="warmup_cosine")
+    m = [lr_multiplier(s, cfg=cfg, total_steps=110) for s in range(110)]
+    assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
+    assert m[10] == pytest.approx(1.0) and m[-1] > 0.1 and m[-1] < 0.11
+    assert all(a >= b for a, b in zip(m[10:], m[11:]))
+
+
+def test_wsd_holds_then_decays():
+    cfg = OptimConfig(warmup_steps=0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    m = [lr_multiplier(s, cfg=cfg, total_steps=100) for s in range(101)]
+    assert all(x == 1.0 for x in m[:80])
+    assert m[90] == pytest.approx(0.5) and m[100] == pytest.approx(0.0)
