@@ -24,6 +24,14 @@ from longcat.config.schema import RunConfig
 logger = logging.getLogger("longcat")
 
 DEFAULT_RECIPE = "pretrain"
+SCHEMA_NAME = "longcat_run_schema"  # recipes list it first in their defaults: every key is typed
+
+
+def register_schema() -> None:
+    """Register ``RunConfig`` in Hydra's ConfigStore so a recipe's typos fail at compose time."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
 
 
 def project_root() -> Path:
@@ -70,6 +78,7 @@ def compose_run_config(recipe: str, overrides: Sequence[str] = ()) -> tuple[RunC
             raise ValueError(f"unknown recipe {recipe!r}; choose one of {available_recipes()} "
                              f"or pass a path to a .yaml file")
     GlobalHydra.instance().clear()
+    register_schema()
     try:
         with initialize_config_dir(config_dir=str(recipe_dir), version_base=None):
             composed = compose(config_name=recipe_name,

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -35,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 logger = logging.getLogger(__name__)
+# A single-process run saves without a process group; DCP warns about that on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
