@@ -29,6 +29,11 @@ class BiasRateSchedule(str, enum.Enum):
     linear = "linear"
 
 
+class NonFinitePolicy(str, enum.Enum):
+    skip = "skip"  # leave parameters, optimizer state, LR schedule and expert bias untouched
+    abort = "abort"
+
+
 class ResumeMode(str, enum.Enum):
     auto = "auto"  # latest complete checkpoint under train.out_dir, else fresh
     none = "none"  # always start fresh (refuses to overwrite existing checkpoints)
@@ -161,6 +166,10 @@ class DataSource:
     weight: float = 1.0
 
 
+def _source_path(source) -> str:
+    return source["path"] if isinstance(source, dict) else getattr(source, "path", "")
+
+
 @dataclass
 class DataConfig:
     # "stdlib": the embedded default corpus (the interpreter's standard-library sources), prepared and
@@ -189,6 +198,8 @@ class DataConfig:
             raise ValueError(f"data.valid_fraction={self.valid_fraction} must lie in (0, 1)")
         if self.corpus not in ("stdlib", "files"):
             raise ValueError(f"data.corpus={self.corpus!r}: use 'stdlib' (embedded) or 'files' (data.sources)")
+        if self.corpus == "files" and any(str(_source_path(s)).startswith("stdlib:") for s in self.sources):
+            raise ValueError("data.sources names a stdlib:<part> source; those need data.corpus=stdlib")
         if self.corpus == "files" and not self.sources:
             raise ValueError("data.corpus=files needs data.sources=[{path: PREFIX, weight: W}, ...]")
 
@@ -242,6 +253,7 @@ class TrainConfig:
     bf16: bool = False
     activation_checkpointing: bool = False
     device: str = "cpu"  # cpu | cuda
+    nonfinite_policy: NonFinitePolicy = NonFinitePolicy.skip
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -252,6 +264,46 @@ class TrainConfig:
             raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"train.device={self.device!r}: use cpu or cuda")
+
+
+class SDCPolicy(str, enum.Enum):
+    warn = "warn"  # report, count, continue
+    halt = "halt"  # every rank stops cleanly; no checkpoint is written from the suspect state
+    rollback = "rollback"  # reload the last good checkpoint and continue
+
+
+class FaultTarget(str, enum.Enum):
+    activation = "activation"  # output of a module (``tensor``: a module name) in the first forward
+    gradient = "gradient"  # a parameter's gradient after the first backward (``tensor``: parameter name)
+    parameter = "parameter"  # a parameter after the optimizer step (``tensor``: parameter name)
+
+
+@dataclass
+class FaultInjection:
+    """Flip one bit of one element of one tensor on one rank at one step (testing SDC detection)."""
+
+    step: int = -1  # -1: off
+    rank: int = 0
+    target: FaultTarget = FaultTarget.gradient
+    tensor: str = ""
+    index: int = 0  # flat element index (modulo numel)
+    bit: int = 20  # 0..31 for fp32 (bits 23..30 are the exponent)
+
+
+@dataclass
+class SDCConfig:
+    """Silent-data-corruption detection by deterministic replay (PAPER.md §5.1)."""
+
+    replay_interval: int = 0  # every N steps re-run a micro-batch's forward+backward and compare bits; 0 = off
+    replay_microbatch: int = 0  # which micro-batch of the global batch to replay
+    replica_interval: int = 0  # every N steps hash parameters that dp/edp replicas share; 0 = off
+    policy: SDCPolicy = SDCPolicy.warn
+    inject: FaultInjection = field(default_factory=FaultInjection)
+
+
+@dataclass
+class DeterminismConfig:
+    enabled: bool = False  # torch.use_deterministic_algorithms + fixed orders + per-(rank, purpose) seeds
 
 
 @dataclass
@@ -266,6 +318,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
+    sdc: SDCConfig = field(default_factory=SDCConfig)
 
     def validate(self, *, dp: int = 1) -> None:
         self.model.validate()
@@ -294,3 +348,18 @@ def num_grad_accum_steps(cfg: RunConfig, *, dp: int) -> int:
 def mla_scales(cfg: ModelConfig) -> tuple[float, float]:
     """sqrt(hidden/q_lora_rank), sqrt(hidden/kv_lora_rank): the MLA variance alignment of §2.3.1."""
     return math.sqrt(cfg.hidden_size / cfg.q_lora_rank), math.sqrt(cfg.hidden_size / cfg.kv_lora_rank)
+
+
+def run_config_from_dict(values: dict) -> RunConfig:
+    """A typed ``RunConfig`` from a plain dict (e.g. the config stored in a checkpoint).
+
+    Raises:
+        ValueError: an unknown key or a value of the wrong type, naming it.
+    """
+    from omegaconf import OmegaConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), values)
+        return OmegaConf.to_object(merged)
+    except Exception as exc:
+        raise ValueError(f"not a valid longcat run config: {exc}") from None

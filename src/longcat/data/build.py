@@ -12,10 +12,11 @@ import torch
 
 from longcat.config.schema import DataConfig
 from longcat.data.blend import BlendedDataset
-from longcat.data.corpus import prepare_stdlib_corpus, stdlib_cache_dir
+from longcat.data.corpus import CorpusPaths, prepare_stdlib_corpus, stdlib_cache_dir
 from longcat.data.indexed import IndexedDataset
 from longcat.data.samples import GPTDataset, Split, check_vocab
 from longcat.data.sampler import MicroBatchLoader, collate
+from longcat.data.stdlib_parts import is_stdlib_part, resolve_stdlib_part
 from longcat.data.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,15 @@ def build_pretrain_data(
             dataset, or token ids >= vocab_size (each naming the file and the fix).
     """
     cfg.validate(dp_size)
-    if cfg.corpus == "stdlib":
+    if cfg.corpus == "stdlib" and cfg.sources:
+        # A stage mixture of stdlib parts (and/or other prefixes tokenized with the stdlib tokenizer).
+        corpus_prefixes, _, tokenizer_path = _stdlib_sources(cfg, vocab_size=vocab_size, progress=progress)
+        corpus = CorpusPaths(corpus_prefixes[0], tokenizer_path)
+        fields = [_source_fields(s) for s in cfg.sources]
+        prefixes = [resolve_stdlib_part(p, corpus=corpus, max_bytes=cfg.corpus_max_bytes, progress=progress)
+                    if is_stdlib_part(p) else p for p, _ in fields]
+        weights = [w for _, w in fields]
+    elif cfg.corpus == "stdlib":
         prefixes, weights, tokenizer_path = _stdlib_sources(cfg, vocab_size=vocab_size, progress=progress)
     else:
         if not cfg.tokenizer:
