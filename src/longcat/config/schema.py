@@ -184,6 +184,12 @@ class DataConfig:
     valid_fraction: float = 0.02
     seed: int = 1234
     corpus_max_bytes: int = 0  # 0 = all of it; a cap for quick runs and tests
+    # corpus="sft": agentic SFT conversations (JSONL, `messages` or ShareGPT `conversations`), or
+    # "builtin" for the embedded synthetic tool-use set; loss on assistant tokens only.
+    sft_path: str = "builtin"
+    sft_packing: str = "pad"  # pad | greedy
+    sft_overflow: str = "drop"  # drop | truncate
+    sft_skip_bad_lines: bool = False
 
     def validate(self, dp: int) -> None:
         if self.seq_length < 2:
@@ -196,8 +202,9 @@ class DataConfig:
             )
         if not 0 < self.valid_fraction < 1:
             raise ValueError(f"data.valid_fraction={self.valid_fraction} must lie in (0, 1)")
-        if self.corpus not in ("stdlib", "files"):
-            raise ValueError(f"data.corpus={self.corpus!r}: use 'stdlib' (embedded) or 'files' (data.sources)")
+        if self.corpus not in ("stdlib", "files", "sft"):
+            raise ValueError(f"data.corpus={self.corpus!r}: use 'stdlib' (embedded), 'files' (data.sources) "
+                             "or 'sft' (data.sft_path)")
         if self.corpus == "files" and any(str(_source_path(s)).startswith("stdlib:") for s in self.sources):
             raise ValueError("data.sources names a stdlib:<part> source; those need data.corpus=stdlib")
         if self.corpus == "files" and not self.sources:

@@ -80,6 +80,8 @@ def build_pretrain_data(
             dataset, or token ids >= vocab_size (each naming the file and the fix).
     """
     cfg.validate(dp_size)
+    if cfg.corpus == "sft":
+        return _build_sft_data(cfg, vocab_size=vocab_size, dp_rank=dp_rank, dp_size=dp_size, progress=progress)
     if cfg.corpus == "stdlib" and cfg.sources:
         # A stage mixture of stdlib parts (and/or other prefixes tokenized with the stdlib tokenizer).
         corpus_prefixes, _, tokenizer_path = _stdlib_sources(cfg, vocab_size=vocab_size, progress=progress)
@@ -131,10 +133,10 @@ def _stdlib_sources(cfg: DataConfig, *, vocab_size: int, progress: bool) -> tupl
         suffix = f"-max{cfg.corpus_max_bytes}" if cfg.corpus_max_bytes else ""
         cache_dir = os.path.join(cfg.cache_dir, f"stdlib-tok{tag}{suffix}")
     else:
-        if vocab_size < 258:
+        if vocab_size < 263:
             raise ValueError(
                 f"model.vocab_size={vocab_size} is too small for the stdlib corpus's byte-level BPE "
-                "(>= 258: 256 bytes + 2 special tokens); raise model.vocab_size"
+                "(>= 263: 256 bytes + 7 special tokens); raise model.vocab_size"
             )
         cache_dir = stdlib_cache_dir(cfg.cache_dir, vocab_size=vocab_size, max_bytes=cfg.corpus_max_bytes)
     paths = prepare_stdlib_corpus(
@@ -151,3 +153,30 @@ def _source_fields(source: Any) -> tuple[str, float]:
     if not path or path == "???":
         raise ValueError(f"data.sources entry {source!r} has no path; give {{path: PREFIX, weight: W}}")
     return str(path), float(weight)
+
+
+def _build_sft_data(cfg: DataConfig, *, vocab_size: int, dp_rank: int, dp_size: int, progress: bool) -> PretrainData:
+    """Agentic SFT conversations rendered with the LongCat-Flash chat format (loss on assistant tokens)."""
+    from longcat.data.agentic_samples import default_sft_records
+    from longcat.data.sft import Overflow, Packing, SFTDataset
+
+    if cfg.tokenizer:
+        tokenizer_path = cfg.tokenizer
+    else:
+        _, _, tokenizer_path = _stdlib_sources(cfg, vocab_size=vocab_size, progress=progress)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but model.vocab_size="
+                         f"{vocab_size}; raise model.vocab_size or use the model's own tokenizer")
+    source = default_sft_records() if cfg.sft_path == "builtin" else cfg.sft_path
+    common = dict(tokenizer=tokenizer, seq_length=cfg.seq_length, seed=cfg.seed, valid_fraction=cfg.valid_fraction,
+                  packing=Packing(cfg.sft_packing), overflow=Overflow(cfg.sft_overflow),
+                  skip_bad_lines=cfg.sft_skip_bad_lines)
+    train_ds = SFTDataset(source, split=Split.TRAIN, **common)
+    valid_ds = SFTDataset(source, split=Split.VALID, **common)
+    logger.info("sft data %s: %d train / %d valid samples of %d tokens", cfg.sft_path, len(train_ds),
+                len(valid_ds), cfg.seq_length)
+    loader = MicroBatchLoader(train_ds, micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                              seed=cfg.seed)
+    return PretrainData(train=loader, valid=valid_ds, tokenizer_path=tokenizer_path, eod_id=tokenizer.eod_id,
+                        pad_id=tokenizer.pad_id, dp_rank=dp_rank, dp_size=dp_size)

@@ -24,9 +24,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from longcat.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
+from longcat.data.chat import CHAT_SPECIAL_TOKENS
 from longcat.data.tokenizer import EOD_TOKEN, PAD_TOKEN, TextTokenizer, load_tokenizer
 
-CORPUS_FORMAT_VERSION = 1  # bump when the preparation changes, to invalidate old caches
+CORPUS_FORMAT_VERSION = 2  # bump when the preparation changes, to invalidate old caches
 DEFAULT_STDLIB_CACHE_DIR = os.path.join(".cache", "longcat", "stdlib")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 _ENCODE_BATCH_DOCUMENTS = 256
@@ -103,7 +104,7 @@ def prepare_stdlib_corpus(
     Args:
         cache_dir: output directory; created. Concurrent callers (e.g. every rank) serialize on a
             file lock in it, so only the first builds.
-        vocab_size: size of the BPE tokenizer trained on the corpus (>= 258: 256 bytes + 2 specials).
+        vocab_size: size of the BPE tokenizer trained on the corpus (>= 263: 256 bytes + 7 specials).
         max_bytes: 0 for the whole stdlib, else a cap on the source bytes (quick tests).
         tokenizer_path: an existing tokenizer.json to use instead of training one (vocab_size is then
             ignored); it is copied into the cache.
@@ -113,10 +114,10 @@ def prepare_stdlib_corpus(
         CorpusPaths(prefix, tokenizer_path).
 
     Raises:
-        ValueError: for vocab_size < 258, or when max_bytes admits no file.
+        ValueError: for vocab_size < 263, or when max_bytes admits no file.
     """
-    if not tokenizer_path and vocab_size < 258:
-        raise ValueError(f"vocab_size={vocab_size} must be >= 258 (256 byte tokens + {EOD_TOKEN}, {PAD_TOKEN})")
+    if not tokenizer_path and vocab_size < 263:
+        raise ValueError(f"vocab_size={vocab_size} must be >= 263 (256 byte tokens + 7 special tokens)")
     files = stdlib_source_files(max_bytes=max_bytes)
     if not files:
         raise ValueError(
@@ -181,20 +182,25 @@ def _read_source(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def train_bpe_tokenizer(texts: Sequence[str], *, vocab_size: int, progress: bool = True) -> TextTokenizer:
-    """Train a GPT-2-style byte-level BPE on ``texts`` (ids 0, 1 = ``<|endoftext|>``, ``<|pad|>``).
+def train_bpe_tokenizer(texts: Sequence[str], *, vocab_size: int, progress: bool = True,
+                        chat_tokens: bool = True) -> TextTokenizer:
+    """Train a GPT-2-style byte-level BPE on ``texts`` (ids 0, 1 = ``<|endoftext|>``, ``<|pad|>``;
+    with ``chat_tokens`` ids 2..6 are the LongCat-Flash chat markers of ``longcat.data.chat``).
 
     Raises:
-        ValueError: for vocab_size < 258.
+        ValueError: for vocab_size < 263.
     """
-    if vocab_size < 258:
-        raise ValueError(f"vocab_size={vocab_size} must be >= 258 (256 byte tokens + 2 special tokens)")
+    specials = [EOD_TOKEN, PAD_TOKEN, *(CHAT_SPECIAL_TOKENS if chat_tokens else ())]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size={vocab_size} must be >= {256 + len(specials)} "
+                         f"(256 byte tokens + {len(specials)} special tokens)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOD_TOKEN, PAD_TOKEN],
+        # ids 0, 1: document end and padding; 2..6: the LongCat-Flash chat markers (single tokens for SFT)
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )

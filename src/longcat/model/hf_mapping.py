@@ -6,7 +6,10 @@ Every non-expert key is shared verbatim (``model.embed_tokens``, ``model.layers.
     ours                         [N, I, D] gate_proj, [N, I, D] up_proj, [N, D, I] down_proj
     HFLayout.PACKED              transformers in-memory: gate_up_proj [N+Z, 2I, D] (gate rows, then up
                                  rows; rows >= N are zero and unused), down_proj [N, D, I]
-    HFLayout.PER_EXPERT          released checkpoint: mlp.experts.{i}.{gate,up,down}_proj.weight
+    HFLayout.PER_EXPERT          released checkpoint: mlp.experts.{i}.{gate,up,down}_proj.weight, i < N
+    HFLayout.PER_EXPERT_PADDED   what transformers 5.x ``save_pretrained`` writes and its loader needs:
+                                 PER_EXPERT plus all-zero gate_proj/up_proj [I, D] for i = N..N+Z-1 (its
+                                 per-expert -> packed merge must yield the [N+Z, 2I, D] gate_up_proj)
 
 The MTP head (``model.mtp.*``) maps onto the released names (``model.mtp.layers.0.*``; the release
 also stores a copy of the embedding as ``model.mtp.embed_tokens.weight``). transformers ignores
@@ -18,6 +21,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 
@@ -29,6 +33,7 @@ from longcat.config.schema import ModelConfig
 class HFLayout(str, enum.Enum):
     PACKED = "packed"  # transformers' LongcatFlashExperts parameters
     PER_EXPERT = "per_expert"  # the released safetensors
+    PER_EXPERT_PADDED = "per_expert_padded"  # transformers 5.x save_pretrained / from_pretrained
 
 
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
@@ -77,6 +82,82 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     )
 
 
+# config.json fields transformers fills in when absent (LongcatFlashConfig defaults, v5).
+_HF_DEFAULTS = dict(
+    zero_expert_num=256, routed_scaling_factor=6.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+    initializer_range=0.02, attention_bias=False, tie_word_embeddings=False, rope_theta=10000000.0,
+)
+_HF_ALIASES = {  # ours -> other spellings (LongcatFlashConfig.attribute_map)
+    "n_routed_experts": ("num_local_experts",),
+    "moe_topk": ("num_experts_per_tok",),
+    "ffn_hidden_size": ("intermediate_size",),
+    "expert_ffn_hidden_size": ("moe_intermediate_size",),
+}
+
+
+def model_config_from_hf(hf_config: dict, *, has_mtp_weights: bool = False) -> ModelConfig:
+    """A ``config.json`` dict -> ``ModelConfig``: the inverse of ``hf_config_dict``.
+
+    Fields absent from the file take transformers' ``LongcatFlashConfig`` defaults, as
+    ``from_pretrained`` would (``rope_theta`` 1e7, ``zero_expert_num`` 256, ...), except the dimensions,
+    which are required. ``mtp_num_layers`` absent: 1 when ``has_mtp_weights`` (``model.mtp.*`` tensors
+    present), else 0.
+
+    Raises:
+        ValueError: ``model_type`` is not ``longcat_flash``; a dimension is missing; or the file asks
+            for something this model does not implement (grouped KV heads, RoPE scaling, a router bias,
+            an activation other than silu, non-identity zero experts, MLA scaling off, head_dim !=
+            qk_rope_head_dim). The message names the field.
+    """
+    if hf_config.get("model_type") != "longcat_flash":
+        raise ValueError(
+            f"config.json has model_type={hf_config.get('model_type')!r}; only 'longcat_flash' "
+            "(LongCat-Flash) checkpoints can be imported"
+        )
+
+    def get(name: str):
+        for key in (name, *_HF_ALIASES.get(name, ())):
+            if hf_config.get(key) is not None:
+                return hf_config[key]
+        if name == "num_layers" and hf_config.get("num_hidden_layers") is not None:
+            return hf_config["num_hidden_layers"] // 2  # transformers counts each ScMoE layer twice
+        if name in _HF_DEFAULTS:
+            return _HF_DEFAULTS[name]
+        raise ValueError(f"config.json lacks {name!r}; add it (see hf_config_dict for every field)")
+
+    rope = hf_config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf_config.get("rope_scaling"):
+        raise ValueError(
+            f"config.json asks for RoPE scaling (rope_parameters={rope}, rope_scaling="
+            f"{hf_config.get('rope_scaling')}); only rope_type 'default' is implemented"
+        )
+    # Fields with a config.json counterpart; any other ModelConfig field keeps its default.
+    mapped = hf_config_dict(ModelConfig()).keys() - {"mtp_num_layers"}
+    dims = {f.name: get(f.name) for f in dataclasses.fields(ModelConfig) if f.name in mapped}
+    cfg = ModelConfig(
+        **dims,
+        rope_theta=float(rope.get("rope_theta") or get("rope_theta")),
+        mtp_num_layers=int(hf_config.get("mtp_num_layers", 1 if has_mtp_weights else 0)),
+    )
+    unsupported = {
+        "num_key_value_heads": (hf_config.get("num_key_value_heads"), (None, cfg.num_attention_heads)),
+        "hidden_act": (hf_config.get("hidden_act"), (None, "silu")),
+        "router_bias": (hf_config.get("router_bias"), (None, False)),
+        "zero_expert_type": (hf_config.get("zero_expert_type"), (None, "identity")),
+        "mla_scale_q_lora": (hf_config.get("mla_scale_q_lora"), (None, True)),
+        "mla_scale_kv_lora": (hf_config.get("mla_scale_kv_lora"), (None, True)),
+        "head_dim": (hf_config.get("head_dim"), (None, cfg.qk_rope_head_dim)),
+        "qk_head_dim": (hf_config.get("qk_head_dim"), (None, cfg.qk_head_dim)),
+    }
+    for name, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise ValueError(
+                f"config.json has {name}={value!r}; this model implements only {allowed[1]!r} (or the field absent)"
+            )
+    cfg.validate()
+    return cfg
+
+
 def to_hf_state_dict(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -84,7 +165,14 @@ def to_hf_state_dict(
     layout: HFLayout = HFLayout.PACKED,
     include_mtp: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Our ``state_dict()`` -> an HF state dict in ``layout`` (new tensors for experts, others shared)."""
+    """Our ``state_dict()`` -> an HF state dict in ``layout`` (new tensors for experts, others shared).
+
+    Works on meta tensors too (the expected names and shapes of a layout). A tied ``lm_head.weight``
+    is kept (transformers accepts it; file writers may drop it).
+
+    Raises:
+        ValueError: a stacked expert projection is missing, or an MTP parameter is unknown.
+    """
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
@@ -105,7 +193,14 @@ def to_hf_state_dict(
 
 
 def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], *, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """An HF state dict (either layout) -> our key names and stacked experts."""
+    """An HF state dict (any ``HFLayout``) -> our key names and stacked experts.
+
+    Only experts 0..N-1 are kept: the zero-expert rows of PACKED and PER_EXPERT_PADDED are unused.
+    Names are not validated here (see ``longcat.interop.check_hf_tensors``).
+
+    Raises:
+        ValueError: a per-expert projection is missing for some expert i < N.
+    """
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     per_expert_re = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -137,12 +232,16 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], *, cfg: ModelConf
 def _experts_to_hf(prefix: str, mats: dict[str, torch.Tensor], *, num_zero_experts: int, layout: HFLayout) -> dict:
     gate_NID, up_NID, down_NDI = mats["gate_proj"], mats["up_proj"], mats["down_proj"]
     N, I, D = gate_NID.shape
-    if layout == HFLayout.PER_EXPERT:
+    if layout in (HFLayout.PER_EXPERT, HFLayout.PER_EXPERT_PADDED):
         out = {}
         for i in range(N):
             out[f"{prefix}.{i}.gate_proj.weight"] = gate_NID[i]
             out[f"{prefix}.{i}.up_proj.weight"] = up_NID[i]
             out[f"{prefix}.{i}.down_proj.weight"] = down_NDI[i]
+        if layout == HFLayout.PER_EXPERT_PADDED:
+            for i in range(N, N + num_zero_experts):
+                out[f"{prefix}.{i}.gate_proj.weight"] = gate_NID.new_zeros(I, D)
+                out[f"{prefix}.{i}.up_proj.weight"] = gate_NID.new_zeros(I, D)
         return out
     gate_up = gate_NID.new_zeros(N + num_zero_experts, 2 * I, D)
     gate_up[:N, :I] = gate_NID

@@ -54,7 +54,7 @@ def test_external_tokenizer_and_bad_arguments(corpus, tmp_path):
     assert load_tokenizer(other.tokenizer_path).vocab_size == 512
     with pytest.raises(ValueError, match="max_bytes=10 admits no stdlib file"):
         prepare_stdlib_corpus(str(tmp_path / "none"), max_bytes=10, progress=False)
-    with pytest.raises(ValueError, match="vocab_size=100 must be >= 258"):
+    with pytest.raises(ValueError, match="vocab_size=100 must be >= 263"):
         prepare_stdlib_corpus(str(tmp_path / "tiny"), vocab_size=100, progress=False)
 
 
