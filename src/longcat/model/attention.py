@@ -8,6 +8,11 @@
 Padding is not masked inside attention: with right padding (or packed documents) causal attention
 never lets a real token see a later padding token.
 
+Under tensor parallelism (``longcat.distributed.tensor_parallel``) q_b_proj / kv_b_proj hold this
+rank's heads and o_proj their input columns, so H below is the local head count; with sequence
+parallelism x_BSD is a sequence shard and the head projections gather the whole sequence. The
+forward therefore takes H and S from the projected tensors, not from the config or x_BSD.
+
 Shape legend:
     B  batch
     S  sequence
@@ -20,6 +25,7 @@ Shape legend:
     P  R / 2 rotary pairs
     K  A + R, query/key head dim
     O  v_head_dim (value / output dim per head)
+    H is the local head count under tensor parallelism (see above).
 """
 
 from __future__ import annotations
@@ -63,16 +69,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        # The rope key is shared by every head: under tensor parallelism this region sums its
+        # gradient over the tp ranks' heads (and gathers the sequence under SP). Identity otherwise.
+        self.k_rope_region: nn.Module = nn.Identity()
 
     def forward(self, x_BSD: torch.Tensor, *, cos_BSP: torch.Tensor, sin_BSP: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention. x_BSD [B, S, D]; cos/sin [B or 1, S, P] -> [B, S, D]."""
-        B, S, _ = x_BSD.shape
-        H, A, R, O = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        """Causal self-attention. x_BSD [B, S, D]; cos/sin [B or 1, S, P] -> [B, S, D].
 
-        q_BSHK = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD))).view(B, S, H, A + R) * self.q_scale
+        (Under sequence parallelism x_BSD and the output are [B, S/tp, D] and cos/sin cover all S.)"""
+        A, R, O = self.nope_dim, self.rope_dim, self.v_dim
+
+        q_BSX = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        B, S = q_BSX.shape[:2]
+        q_BSHK = q_BSX.view(B, S, -1, A + R) * self.q_scale
         q_nope_BSHA, q_rope_BSHR = q_BSHK.split([A, R], dim=-1)
+        H = q_BSHK.shape[2]
 
         latent_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, R], dim=-1)
+        k_rope_BSR = self.k_rope_region(k_rope_BSR)
         latent_BSC = self.kv_a_layernorm(latent_BSC) * self.kv_scale
         k_nope_BSHA, v_BSHO = self.kv_b_proj(latent_BSC).view(B, S, H, A + O).split([A, O], dim=-1)
 

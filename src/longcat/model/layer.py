@@ -8,6 +8,11 @@
 The MoE reads the same normed input as FFN0; its output joins at the very end of the layer, which
 lets its dispatch/combine overlap the dense half (§5.3).
 
+The MoE always sees and returns the full [B, S, D]. Under sequence parallelism (residual stream
+[B, S/tp, D], ``longcat.distributed.tensor_parallel``) ``moe_input_region`` gathers its input over
+the sequence and ``moe_output_region`` keeps this rank's sequence shard of its output; both are
+identities otherwise.
+
 Shape legend:
     B  batch
     S  sequence
@@ -40,6 +45,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.ModuleList([RMSNorm(D, eps=eps) for _ in range(2)])
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(D, eps=eps) for _ in range(2)])
         self.mlp = MoE(cfg)
+        self.moe_input_region: nn.Module = nn.Identity()
+        self.moe_output_region: nn.Module = nn.Identity()
 
     def forward(
         self,
@@ -52,7 +59,8 @@ class DecoderLayer(nn.Module):
         """h_BSD [B, S, D] -> (h_BSD [B, S, D], this layer's MoEStats)."""
         h_BSD = h_BSD + self.self_attn[0](self.input_layernorm[0](h_BSD), cos_BSP=cos_BSP, sin_BSP=sin_BSP)
         u_BSD = self.post_attention_layernorm[0](h_BSD)
-        moe_BSD, stats = self.mlp(u_BSD, token_mask_BS=token_mask_BS)
+        moe_BSD, stats = self.mlp(self.moe_input_region(u_BSD), token_mask_BS=token_mask_BS)
+        moe_BSD = self.moe_output_region(moe_BSD)
         h_BSD = h_BSD + self.mlps[0](u_BSD)
         h_BSD = h_BSD + self.self_attn[1](self.input_layernorm[1](h_BSD), cos_BSP=cos_BSP, sin_BSP=sin_BSP)
         h_BSD = h_BSD + self.mlps[1](self.post_attention_layernorm[1](h_BSD)) + moe_BSD

@@ -3,7 +3,7 @@
 Shape legend:
     *  any leading dims
     D  hidden_size
-    F  intermediate size (ffn_hidden_size: 12288 released)
+    F  intermediate size (ffn_hidden_size: 12288 released; F/tp per rank under tensor parallelism)
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # Tensor parallelism swaps in its region entry here: one collective serves both
+        # column-parallel projections (``longcat.distributed.tensor_parallel``). Identity otherwise.
+        self.input_region: nn.Module = nn.Identity()
 
     def forward(self, x_xD: torch.Tensor) -> torch.Tensor:
         """x_xD [*, D] -> [*, D]."""
+        x_xD = self.input_region(x_xD)
         return self.down_proj(F.silu(self.gate_proj(x_xD)) * self.up_proj(x_xD))

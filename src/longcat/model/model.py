@@ -18,6 +18,7 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -38,12 +39,17 @@ class ModelOutput:
     mtp_logits_BSV: [B, S, V], position t predicts token t+2 (None without an MTP head); the last
         position's input token is wrapped around (see ``LongcatFlashModel.forward``), mask its loss.
     last_hidden_BSD: [B, S, D] last decoder layer output *before* the final norm (hidden z-loss, Eq. 10).
-    moe_stats: one MoEStats per decoder layer, in layer order."""
+    moe_stats: one MoEStats per decoder layer, in layer order.
+    logits_vocab_parallel: True under tensor parallelism: logits_BSV and mtp_logits_BSV are then
+        [B, S, V/tp], this tp rank's contiguous vocab shard (take the loss with
+        ``longcat.distributed.tensor_parallel.vocab_parallel_cross_entropy_sum``); last_hidden_BSD
+        stays full [B, S, D], replicated over tp."""
 
     logits_BSV: torch.Tensor
     mtp_logits_BSV: torch.Tensor | None
     last_hidden_BSD: torch.Tensor
     moe_stats: list[MoEStats]
+    logits_vocab_parallel: bool = False
 
 
 @dataclass
@@ -83,26 +89,64 @@ class LongcatFlashModel(nn.Module):
         cos_BSP, sin_BSP = self.rotary_emb(position_ids_BS, seq_len=S, device=h_BSD.device, dtype=h_BSD.dtype)
         use_checkpoint = self.activation_checkpointing and torch.is_grad_enabled()
 
-        moe_stats = []
-        for layer in self.layers:
-            kwargs = dict(cos_BSP=cos_BSP, sin_BSP=sin_BSP, token_mask_BS=token_mask_BS)
-            if use_checkpoint:
-                h_BSD, stats = checkpoint(layer, h_BSD, use_reentrant=False, **kwargs)
-            else:
-                h_BSD, stats = layer(h_BSD, **kwargs)
-            moe_stats.append(stats)
-
+        h_BSD, moe_stats = run_decoder_layers(
+            self.layers, h_BSD, cos_BSP=cos_BSP, sin_BSP=sin_BSP, token_mask_BS=token_mask_BS,
+            checkpointed=use_checkpoint,
+        )
         mtp_hidden_BSD = None
         if self.mtp is not None:
-            next_embeds_BSD = self.embed_tokens(torch.roll(input_ids_BS, shifts=-1, dims=1))
-            kwargs = dict(next_embeds_BSD=next_embeds_BSD, cos_BSP=cos_BSP, sin_BSP=sin_BSP)
-            if use_checkpoint:
-                mtp_hidden_BSD = checkpoint(self.mtp, h_BSD, use_reentrant=False, **kwargs)
-            else:
-                mtp_hidden_BSD = self.mtp(h_BSD, **kwargs)
+            mtp_hidden_BSD = run_mtp(
+                self.mtp, self.embed_tokens, h_BSD, input_ids_BS=input_ids_BS, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
+                checkpointed=use_checkpoint,
+            )
         return BackboneOutput(
             last_hidden_BSD=h_BSD, normed_BSD=self.norm(h_BSD), mtp_hidden_BSD=mtp_hidden_BSD, moe_stats=moe_stats
         )
+
+
+def run_decoder_layers(
+    layers: Iterable[nn.Module],
+    h_BSD: torch.Tensor,
+    *,
+    cos_BSP: torch.Tensor,
+    sin_BSP: torch.Tensor,
+    token_mask_BS: torch.Tensor | None,
+    checkpointed: bool,
+) -> tuple[torch.Tensor, list[MoEStats]]:
+    """Run ``layers`` in order: h_BSD [B, S, D] -> (h_BSD [B, S, D], one MoEStats per layer).
+
+    Shared by ``LongcatFlashModel.forward`` and the pipeline stages (``longcat.distributed.pipeline``),
+    which run a contiguous slice of the layers. With ``checkpointed`` each layer is recomputed in
+    backward; its stats are taken from the first forward only (the recompute's are discarded).
+    """
+    moe_stats = []
+    for layer in layers:
+        kwargs = dict(cos_BSP=cos_BSP, sin_BSP=sin_BSP, token_mask_BS=token_mask_BS)
+        if checkpointed:
+            h_BSD, stats = checkpoint(layer, h_BSD, use_reentrant=False, **kwargs)
+        else:
+            h_BSD, stats = layer(h_BSD, **kwargs)
+        moe_stats.append(stats)
+    return h_BSD, moe_stats
+
+
+def run_mtp(
+    mtp: MTPHead,
+    embed_tokens: nn.Embedding,
+    h_BSD: torch.Tensor,
+    *,
+    input_ids_BS: torch.Tensor,
+    cos_BSP: torch.Tensor,
+    sin_BSP: torch.Tensor,
+    checkpointed: bool,
+) -> torch.Tensor:
+    """The MTP head on the last layer's pre-norm output h_BSD [B, S, D]; returns its normed hidden
+    [B, S, D]. Its input token at t is ``roll(input_ids, -1)[t]`` = tok_{t+1} (wrapping at the end)."""
+    next_embeds_BSD = embed_tokens(torch.roll(input_ids_BS, shifts=-1, dims=1))
+    kwargs = dict(next_embeds_BSD=next_embeds_BSD, cos_BSP=cos_BSP, sin_BSP=sin_BSP)
+    if checkpointed:
+        return checkpoint(mtp, h_BSD, use_reentrant=False, **kwargs)
+    return mtp(h_BSD, **kwargs)
 
 
 class LongcatFlashForCausalLM(nn.Module):
@@ -125,6 +169,10 @@ class LongcatFlashForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Set by ``apply_tensor_parallel``: the LM head then emits this tp rank's vocab shard, and
+        # under sequence parallelism the region gathers the (sequence-sharded) last hidden state.
+        self.logits_vocab_parallel = False
+        self.last_hidden_region: nn.Module = nn.Identity()
         init_weights(self, cfg)
 
     def forward(
@@ -152,8 +200,9 @@ class LongcatFlashForCausalLM(nn.Module):
         return ModelOutput(
             logits_BSV=self.lm_head(out.normed_BSD),
             mtp_logits_BSV=mtp_logits_BSV,
-            last_hidden_BSD=out.last_hidden_BSD,
+            last_hidden_BSD=self.last_hidden_region(out.last_hidden_BSD),
             moe_stats=out.moe_stats,
+            logits_vocab_parallel=self.logits_vocab_parallel,
         )
 
 

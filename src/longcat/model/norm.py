@@ -29,9 +29,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x_xD: torch.Tensor) -> torch.Tensor:
         """x_xD [*, D] -> [*, D] in x's dtype (promoted with the weight's dtype)."""
-        x_f32 = x_xD.float()
-        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_f32.to(x_xD.dtype)
+        return rms_norm(x_xD, self.weight, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rms_norm(x_xD: torch.Tensor, weight_D: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """The math of ``RMSNorm.forward`` with an explicit weight (tensor parallelism routes the weight
+    through a collective first). x_xD [*, D], weight_D [D] -> [*, D]."""
+    x_f32 = x_xD.float()
+    x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight_D * x_f32.to(x_xD.dtype)

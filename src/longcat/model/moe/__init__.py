@@ -1,8 +1,14 @@
 """Mixture of experts: router -> token dispatcher -> grouped-GEMM experts -> combine."""
 
-from longcat.model.moe.dispatcher import DispatchedTokens, DispatchHandle, LocalTokenDispatcher, TokenDispatcher
+from longcat.model.moe.dispatcher import (
+    DispatchedTokens,
+    DispatchHandle,
+    LocalTokenDispatcher,
+    PendingCombine,
+    TokenDispatcher,
+)
 from longcat.model.moe.experts import GroupedExperts, grouped_linear
-from longcat.model.moe.layer import MoE, MoEStats, router_stats
+from longcat.model.moe.layer import MoE, MoEInFlight, MoEStats, router_stats
 from longcat.model.moe.router import RouterOutput, TopKRouter
 
 __all__ = [
@@ -11,7 +17,9 @@ __all__ = [
     "GroupedExperts",
     "LocalTokenDispatcher",
     "MoE",
+    "MoEInFlight",
     "MoEStats",
+    "PendingCombine",
     "RouterOutput",
     "TokenDispatcher",
     "TopKRouter",

@@ -93,6 +93,28 @@ class GroupedExperts(nn.Module):
         up_RI = grouped_linear(tokens_RD, self.up_proj, offs_L=offs_L)
         return grouped_linear(F.silu(gate_RI) * up_RI, self.down_proj, offs_L=offs_L)
 
+    @torch.no_grad()
+    def narrow_(self, *, expert_offset: int, num_local_experts: int) -> None:
+        """Keep only global experts ``[expert_offset, expert_offset + num_local_experts)`` (in place;
+        expert parallelism). The parameters are replaced by new ones (same names, fewer rows, same
+        dtype, device and requires_grad), so build the optimizer afterwards. Works on meta tensors.
+
+        Raises:
+            ValueError: the range is not inside the experts held now.
+        """
+        first = expert_offset - self.expert_offset
+        if num_local_experts <= 0 or first < 0 or first + num_local_experts > self.num_local_experts:
+            raise ValueError(
+                f"cannot narrow to experts [{expert_offset}, {expert_offset + num_local_experts}): this module "
+                f"holds [{self.expert_offset}, {self.expert_offset + self.num_local_experts})"
+            )
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            old = getattr(self, name)
+            rows = old.narrow(0, first, num_local_experts).clone()
+            setattr(self, name, nn.Parameter(rows, requires_grad=old.requires_grad))
+        self.num_local_experts = num_local_experts
+        self.expert_offset = expert_offset
+
     def extra_repr(self) -> str:
         L, I, D = self.gate_proj.shape
         return f"num_local_experts={L}, expert_offset={self.expert_offset}, hidden={D}, intermediate={I}"

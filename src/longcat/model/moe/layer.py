@@ -6,10 +6,23 @@
 Router statistics are *returned* (``MoEStats``), never stored on the module, so recomputation under
 activation checkpointing cannot count a micro-batch twice.
 
+The forward runs in three steps so that the ScMoE layer can overlap the token exchange with its
+dense branch (DESIGN.md "The ScMoE layer and its overlap"): ``start`` (router, statistics, tp
+split, dispatch started) -> ``run_experts`` (wait for the dispatch, grouped GEMM, combine started)
+-> ``finish`` (wait for the combine, zero experts, tp gather). ``forward`` runs the three in a row.
+
+Under tensor parallelism (``tp_group`` of size > 1) the input is replicated over tp. The router
+runs on every token on every tp rank, so MoEStats and the router's gradient are those of the whole
+micro-batch and identical on all tp ranks (reduce the router's grad over dp only). Each tp rank
+then dispatches its 1/tp slice of the tokens; the slice's output is all-gathered back over tp, so
+the layer returns the full, replicated output (backward: the slice's grad; the input's grad is
+all-gathered, hence full and identical on every tp rank).
+
 Shape legend:
     B  batch
     S  sequence
-    T  B * S tokens
+    T  B * S tokens (the micro-batch, replicated over tp)
+    t  T / tp tokens: this tp rank's slice (t = T without tp)
     D  hidden_size
     E  N + Z router width (N FFN experts, Z zero experts)
     K  moe_topk
@@ -20,14 +33,17 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from longcat.config.schema import ModelConfig
-from longcat.model.moe.dispatcher import LocalTokenDispatcher, TokenDispatcher
+from longcat.model.moe.dispatcher import LocalTokenDispatcher, PendingCombine, TokenDispatcher
 from longcat.model.moe.experts import GroupedExperts
 from longcat.model.moe.router import RouterOutput, TopKRouter
+from longcat.model.moe.token_split import gather_from_group, split_to_group
 
 
 @dataclass
@@ -69,17 +85,43 @@ def router_stats(route: RouterOutput, *, num_ffn_experts: int, token_mask_T: tor
     )
 
 
+@dataclass
+class MoEInFlight:
+    """State of one MoE forward between ``MoE.start``, ``MoE.run_experts`` and ``MoE.finish``.
+
+    shape_BSD: the input's shape. u_TD / route: the full (tp-replicated) tokens and routing.
+    stats: this micro-batch's MoEStats. u_tD, expert_ids_tK, gates_tK: this tp rank's slice.
+    pending: the dispatcher's pending dispatch (after ``start``) or ``PendingCombine`` (after
+    ``run_experts``)."""
+
+    shape_BSD: torch.Size
+    u_TD: torch.Tensor
+    route: RouterOutput
+    stats: MoEStats
+    u_tD: torch.Tensor
+    expert_ids_tK: torch.Tensor
+    gates_tK: torch.Tensor
+    pending: Any
+
+
 class MoE(nn.Module):
     """Router + FFN experts + zero experts; ``mlp.router.*`` and ``mlp.experts.*`` in the checkpoint.
 
     Args:
         cfg: model dims (n_routed_experts N, zero_expert_num Z, moe_topk K, ...).
-        dispatcher: the token dispatcher; default ``LocalTokenDispatcher`` with all N experts local.
+        dispatcher: the token dispatcher; default ``LocalTokenDispatcher`` with all N experts local
+            (``longcat.distributed.expert_parallel.apply_expert_parallel`` swaps in the all-to-all one).
         experts: the (local) FFN experts; default all N experts on this process.
+        tp_group: the tp group over which the input is replicated; None (or size 1) = no split.
     """
 
     def __init__(
-        self, cfg: ModelConfig, *, dispatcher: TokenDispatcher | None = None, experts: GroupedExperts | None = None
+        self,
+        cfg: ModelConfig,
+        *,
+        dispatcher: TokenDispatcher | None = None,
+        experts: GroupedExperts | None = None,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.num_ffn_experts = cfg.n_routed_experts
@@ -96,30 +138,59 @@ class MoE(nn.Module):
             )
         self.experts = experts
         self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts) if dispatcher is None else dispatcher
+        self.tp_group = tp_group
 
     def forward(
         self, u_BSD: torch.Tensor, *, token_mask_BS: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEStats]:
-        """u_BSD [B, S, D] (the normed input shared with FFN0) -> (MoE output [B, S, D], MoEStats).
+        """u_BSD [B, S, D] (the normed input shared with FFN0; replicated over tp) -> (MoE output
+        [B, S, D], replicated over tp; MoEStats of the whole micro-batch).
 
         Padding tokens (``token_mask_BS`` False) are routed and computed like real ones but are left
         out of the statistics.
+
+        Raises:
+            ValueError: under tp, B * S not divisible by the tp size.
         """
+        return self.finish(self.run_experts(self.start(u_BSD, token_mask_BS=token_mask_BS)))
+
+    def start(self, u_BSD: torch.Tensor, *, token_mask_BS: torch.Tensor | None = None) -> MoEInFlight:
+        """Route every token, take this tp rank's slice and start the dispatch (may return while the
+        exchange is in flight)."""
         B, S, D = u_BSD.shape
         u_TD = u_BSD.reshape(B * S, D)
         route = self.router(u_TD)
-
-        dispatched = self.dispatcher.dispatch(u_TD, expert_ids_TK=route.expert_ids_TK, gates_TK=route.gates_TK)
-        expert_out_RD = self.experts(dispatched.tokens_RD, counts_L=dispatched.counts_L)
-        weighted_RD = (expert_out_RD * dispatched.gates_R[:, None]).to(u_TD.dtype)
-        ffn_out_TD = self.dispatcher.combine(weighted_RD, handle=dispatched.handle)
-
-        out_TD = ffn_out_TD
-        if self.num_zero_experts:
-            # A zero expert returns its input: its share is (sum of the token's zero-expert gates) * u.
-            zero_gate_T = route.gates_TK.masked_fill(route.expert_ids_TK < self.num_ffn_experts, 0.0).sum(dim=-1)
-            out_TD = out_TD + (u_TD * zero_gate_T[:, None]).to(u_TD.dtype)
-
         token_mask_T = None if token_mask_BS is None else token_mask_BS.reshape(B * S)
         stats = router_stats(route, num_ffn_experts=self.num_ffn_experts, token_mask_T=token_mask_T)
-        return out_TD.view(B, S, D), stats
+
+        u_tD, expert_ids_tK, gates_tK = u_TD, route.expert_ids_TK, route.gates_TK
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            # Each tp rank holds the same T tokens; it dispatches only its T/tp slice.
+            u_tD = split_to_group(u_TD, dim=0, group=self.tp_group)
+            gates_tK = split_to_group(route.gates_TK, dim=0, group=self.tp_group)
+            expert_ids_tK = route.expert_ids_TK.chunk(self.tp_group.size())[self.tp_group.rank()]
+        pending = self.dispatcher.dispatch_start(u_tD, expert_ids_TK=expert_ids_tK, gates_TK=gates_tK)
+        return MoEInFlight(u_BSD.shape, u_TD, route, stats, u_tD, expert_ids_tK, gates_tK, pending)
+
+    def run_experts(self, state: MoEInFlight) -> MoEInFlight:
+        """Wait for the dispatch, run the grouped GEMM and start the combine."""
+        dispatched = self.dispatcher.dispatch_wait(state.pending)
+        expert_out_RD = self.experts(dispatched.tokens_RD, counts_L=dispatched.counts_L)
+        state.pending = self.dispatcher.combine_start(expert_out_RD, handle=dispatched.handle)
+        return state
+
+    def finish(self, state: MoEInFlight) -> tuple[torch.Tensor, MoEStats]:
+        """Wait for the combine, add the zero experts' share, gather over tp -> ([B, S, D], MoEStats)."""
+        assert isinstance(state.pending, PendingCombine), "call run_experts between start and finish"
+        out_tD = self.dispatcher.combine_wait(state.pending)
+        if self.num_zero_experts:
+            # A zero expert returns its input: its share is (sum of the token's zero-expert gates) * u,
+            # formed here, on the token's own rank (zero experts never travel).
+            is_ffn_tK = state.expert_ids_tK < self.num_ffn_experts
+            zero_gate_t = state.gates_tK.masked_fill(is_ffn_tK, 0.0).sum(dim=-1)
+            out_tD = out_tD + (state.u_tD * zero_gate_t[:, None]).to(state.u_tD.dtype)
+        out_TD = out_tD
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            # [T/tp, D] this rank's slice -> all_gather(tp) -> [T, D] replicated; backward: slice
+            out_TD = gather_from_group(out_tD, dim=0, group=self.tp_group)
+        return out_TD.view(state.shape_BSD), state.stats
