@@ -27,8 +27,9 @@ venv: $(VENV)/.installed
 corpus: venv
 	$(PY) tools/prepare_corpus.py
 
+# The default run on $(NPROC) processes, experts split over them (ep = NPROC; the README has the command).
 train: corpus
-	$(PY) -m longcat.train recipe=pretrain $(TRAIN_ARGS)
+	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m longcat.train recipe=pretrain parallel.ep=$(NPROC) $(TRAIN_ARGS)
 	$(PY) tools/plot_metrics.py --metrics runs/pretrain/metrics.jsonl --output runs/pretrain/plots
 
 plots: venv

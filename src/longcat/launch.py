@@ -1,4 +1,13 @@
-"""Process setup for one training run: distributed init, process groups, trainer, summary."""
+"""Process setup for one training run: distributed init, process groups, trainer, summary.
+
+Under ``torchrun`` every process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, joins the
+default process group (NCCL on ``train.device=cuda``, else gloo) and builds its ``ProcessGroups`` from
+``parallel.*``; invalid layouts fail here, before any model is built::
+
+    torchrun --nproc-per-node 2 -m longcat.train parallel=ep2
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m longcat.train parallel.tp=2 parallel.ep=8 train.device=cuda
+"""
 
 from __future__ import annotations
 
@@ -18,17 +27,27 @@ logger = logging.getLogger(__name__)
 def _init_distributed(run_cfg: RunConfig):
     """Init the default process group when launched by torchrun; build ProcessGroups."""
     from longcat.distributed import ParallelDims, ProcessGroups
+    from longcat.distributed.parallelize import check_layout
+    from longcat.distributed.pipeline_stage import PipelineSchedule
+    from longcat.train.trainer import parallel_options
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     p = run_cfg.parallel
     dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
+    try:
+        stages_per_rank = PipelineSchedule(p.pp_schedule).stages_per_rank if p.pp > 1 else 1
+    except ValueError:
+        raise ValueError(f"parallel.pp_schedule={p.pp_schedule!r}: use one of "
+                         f"{[s.value for s in PipelineSchedule]}") from None
     dims.check_model(num_attention_heads=run_cfg.model.num_attention_heads,
                      n_routed_experts=run_cfg.model.n_routed_experts,
-                     num_layers=run_cfg.model.num_layers, num_stages=p.pp)
+                     num_layers=run_cfg.model.num_layers, num_stages=p.pp * stages_per_rank)
+    check_layout(dims, parallel_options(run_cfg))
     if world_size == 1:
         return dims, ProcessGroups.single()
     if not dist.is_initialized():
-        backend = "nccl" if run_cfg.train.device == "cuda" else "gloo"
+        # On GPU: NCCL for CUDA tensors, gloo for the small CPU reductions (token counts, router counts).
+        backend = "cpu:gloo,cuda:nccl" if run_cfg.train.device == "cuda" else "gloo"
         if run_cfg.train.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))

@@ -223,7 +223,10 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zbv
     pp_microbatches: int = 0  # 0: global batch / (micro-batch x dp)
     dp_mode: str = "replicate"  # replicate | fsdp | deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) with dp_mode=deepspeed
+    offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer state on the CPU
     overlap_moe_comm: bool = True
+    moe_chunks: int = 1  # ScMoE with chunk: expert-parallel exchange in this many pipelined chunks (divides N/ep)
 
 
 @dataclass

@@ -1,11 +1,16 @@
-"""Atomic, resumable checkpoints on ``torch.distributed.checkpoint`` (DCP).
+"""Atomic, resumable checkpoints on ``torch.distributed.checkpoint`` (DCP) that reshard across layouts.
 
 Layout of one checkpoint, ``<out_dir>/checkpoints/step_00000100/``:
-- DCP files (``.metadata``, ``*.distcp``): model and optimizer state under global parameter names
-  (``get_state_dict``), so a later layout can reshard them;
-- ``trainer_state.pt`` (rank 0): step, token counters, LR schedule, data position, expert-bias
+- DCP files (``.metadata``, ``*.distcp``): ``model.<name>`` (every parameter and persistent buffer)
+  and ``optim.state.<name>.{exp_avg,exp_avg_sq,step}`` (AdamW), all under the *global* names of the
+  single-process model and as *global* tensors: a rank's TP / EP / FSDP shard is described as a
+  ``DTensor`` (expert weights indexed by global expert id), pipeline stages keep the full model's
+  layer numbers. A checkpoint saved under one layout (tp, ep, pp, dp, dp_mode) therefore loads under
+  any other: DCP reads each rank's pieces of the global tensors. Optimizer hyperparameters are not
+  stored: they come from the config, and the LR from the schedule's step (``trainer_state.pt``);
+- ``trainer_state.pt`` (rank 0): step, token counters, LR schedule step, data position, expert-bias
   controller state and the resolved config;
-- ``rng/rank{R}.pt``: each rank's RNG states.
+- ``rng/rank{R}.pt``: each rank's RNG states (restored when the same rank exists again).
 
 Atomicity: every rank writes into ``step_N.tmp/``; after a barrier rank 0 writes ``trainer_state.pt``
 last and renames the folder to ``step_N`` (a rename is atomic), so a folder without ``.tmp`` is always
@@ -20,20 +25,14 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-    get_model_state_dict,
-    set_model_state_dict,
-)
+from torch import nn
 
 logger = logging.getLogger(__name__)
 # A single-process run saves without a process group; DCP warns about that on every call.
@@ -41,7 +40,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
-
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -77,14 +76,108 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+
+@dataclass
+class CheckpointTarget:
+    """What a checkpoint holds of this rank: parameters (with a map to their global view) and buffers.
+
+    Attributes:
+        params: ``(global name, param, to_global)``; ``to_global`` maps a local tensor shaped like the
+            param (the param itself or an optimizer state) to a tensor describing the global one.
+        buffers: ``(global name, buffer)`` of the persistent buffers (e.g. the expert bias).
+        deepspeed: the ``DeepSpeedDP`` engine whose optimizer state lives in ZeRO partitions, or None.
+        aliases: further state-dict names of parameters in ``params`` (a tied ``lm_head.weight``):
+            saved in the model state as ``state_dict()`` has them, no optimizer state of their own.
+    """
+
+    params: list[tuple[str, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]
+    buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    deepspeed: Any = None
+    aliases: list[tuple[str, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]] = field(default_factory=list)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _persistent_buffers(modules: list[nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    out: dict[str, torch.Tensor] = {}
+    for module in modules:
+        keys = set(module.state_dict().keys())
+        for name, buf in module.named_buffers():
+            if name in keys:
+                out.setdefault(name, buf)
+    return list(out.items())
+
+
+def _aliases(modules: list[nn.Module], params: list) -> list:
+    known = {name for name, _, _ in params}
+    by_id = {id(p): (p, to_global) for _, p, to_global in params}
+    out = []
+    for module in modules:
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if name not in known and id(tensor) in by_id:
+                known.add(name)
+                out.append((name, *by_id[id(tensor)]))
+    return out
+
+
+def checkpoint_target(model: Union[nn.Module, Any]) -> CheckpointTarget:
+    """The target for a plain module (whole tensors, one process) or a ``ParallelModel``."""
+    if isinstance(model, nn.Module):
+        params = [(name, p, _identity) for name, p in model.named_parameters()]
+        return CheckpointTarget(params=params, buffers=_persistent_buffers([model]), aliases=_aliases([model], params))
+    params = [(p.name, p.param, p.to_global) for p in model.placements]
+    return CheckpointTarget(params=params, buffers=_persistent_buffers(model.modules), deepspeed=model.deepspeed,
+                            aliases=_aliases(model.modules, params))
+
+
+def _model_state(target: CheckpointTarget) -> dict[str, torch.Tensor]:
+    state = {name: to_global(p.detach()) for name, p, to_global in target.params + target.aliases}
+    state.update({name: buf for name, buf in target.buffers})
+    return state
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's per-parameter state (zeros, step 0) where a first step has not yet done so."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for key in ADAM_STATE_KEYS:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _optim_state(target: CheckpointTarget, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: {exp_avg, exp_avg_sq, step}}`` as global tensors; params never stepped get zeros."""
+    if target.deepspeed is not None:
+        full = target.deepspeed.full_optimizer_state([(n, p) for n, p, _ in target.params])
+        return {"state": full}
+    _init_adam_state(optimizer)
+    out = {}
+    for name, p, to_global in target.params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        entry = {key: to_global(state[key]) for key in ADAM_STATE_KEYS}
+        entry["step"] = state["step"] if torch.is_tensor(state["step"]) else torch.tensor(float(state["step"]))
+        out[name] = entry
+    return {"state": out}
+
+
 @dataclass
 class CheckpointManager:
-    """Saves and loads checkpoints under ``root`` (all ranks call every method collectively)."""
+    """Saves and loads checkpoints under ``root`` (all ranks call every method collectively).
+
+    ``model`` arguments take a plain module (one process, whole tensors) or a
+    ``longcat.distributed.parallelize.ParallelModel`` (this rank's shards, described globally).
+    """
 
     root: Path
     keep_last: int = 2
 
-    def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def save(self, step: int, *, model: Union[nn.Module, Any], optimizer: Optional[torch.optim.Optimizer],
              trainer_state: dict[str, Any]) -> Path:
         """Write checkpoint ``step`` atomically and apply retention. Returns the final folder."""
         final = self.root / f"step_{step:08d}"
@@ -96,8 +189,11 @@ class CheckpointManager:
             if final.exists():  # re-saving a step (a resumed run that did not advance)
                 shutil.rmtree(final)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        target = checkpoint_target(model)
+        state: dict[str, Any] = {"model": _model_state(target)}
+        if optimizer is not None:
+            state["optim"] = _optim_state(target, optimizer)
+        dcp.save(state, checkpoint_id=str(tmp))
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
         _barrier()
@@ -115,9 +211,10 @@ class CheckpointManager:
         for _, path in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, path: Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+    def load(self, path: Path, *, model: Union[nn.Module, Any], optimizer: Optional[torch.optim.Optimizer],
              check_config: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
-        """Load model (and optimizer when given) state from ``path``; returns the trainer state.
+        """Load model (and optimizer when given) state from ``path`` into this rank's shards; returns
+        the trainer state. The checkpoint may come from any parallel layout.
 
         Raises:
             ValueError: ``path`` is not a complete checkpoint, or ``check_config`` rejects its config.
@@ -128,19 +225,45 @@ class CheckpointManager:
         trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
         if check_config is not None:
             check_config(trainer_state.get("config", {}))
-        if optimizer is None:
-            model_sd = get_model_state_dict(model)
-            dcp.load({"model": model_sd}, checkpoint_id=str(path))
-            set_model_state_dict(model, model_sd)
-            return trainer_state
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        target = checkpoint_target(model)
+        state: dict[str, Any] = {"model": _model_state(target)}
+        if optimizer is not None:
+            if target.deepspeed is not None:
+                state["optim"] = {"state": {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                                                "step": torch.tensor(0.0)} for n, p, _ in target.params}}
+            else:
+                state["optim"] = _optim_state(target, optimizer)
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        with torch.no_grad():
+            for name, p, _ in target.params:
+                _copy_local_(p, state["model"][name])
+            for name, buf in target.buffers:
+                _copy_local_(buf, state["model"][name])
+            if optimizer is not None and target.deepspeed is not None:
+                target.deepspeed.load_full_state([(n, p) for n, p, _ in target.params], state["optim"]["state"])
+            elif optimizer is not None:
+                for name, p, _ in target.params:
+                    entry, own = state["optim"]["state"].get(name), optimizer.state.get(p)
+                    if entry is None or not own:
+                        continue
+                    for key in ADAM_STATE_KEYS:
+                        _copy_local_(own[key], entry[key])
+                    own["step"].copy_(entry["step"])
         rng_file = path / "rng" / f"rank{_rank()}.pt"
-        if rng_file.is_file():
+        if optimizer is not None and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return trainer_state
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _copy_local_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst's local data <- src's local data (the same shard; a no-op when they share storage)."""
+    d, s = _local(dst), _local(src)
+    if d.data_ptr() != s.data_ptr() or d.shape != s.shape:
+        d.copy_(s)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

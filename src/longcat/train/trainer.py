@@ -1,12 +1,16 @@
 """The training loop, split into named steps.
 
 One optimizer step (DESIGN.md "One training step"):
-fetch the global batch's micro-batches -> count its labelled / real tokens over DP -> per micro-batch
-forward, losses, backward -> grad sync over DP -> global grad norm and clip -> optimizer -> expert-bias
-controller (once, global counts) -> LR schedule -> metrics -> checkpoint.
+fetch this DP rank's micro-batches -> count the global batch's labelled / real tokens over DP -> per
+micro-batch forward, losses, backward (or the pipeline schedule over all of them) -> grad sum over
+dp / edp -> global grad norm and clip -> optimizer -> expert-bias controller (once, global counts) ->
+LR schedule -> metrics -> checkpoint.
 
-Shapes: B micro-batch size, S sequence length, V vocabulary, L MoE layers (local to this rank),
-E = N + Z experts.
+The model is built and initialised identically on every rank, then ``parallelize`` keeps this rank's
+pieces (PP stages, TP / EP shards, DP wrapping): every layout starts from the single-process weights.
+
+Shapes: B micro-batch size, S sequence length, V vocabulary (V/tp under TP), L MoE layers (local to
+this rank), E = N + Z experts.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from longcat.config.schema import ModelConfig, ResumeMode, RunConfig, num_grad_accum_steps
+from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
+from longcat.distributed.groups import ProcessGroups
+from longcat.distributed.parallelize import ParallelOptions, parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.train import losses
 from longcat.train.bias_controller import ExpertBiasController
 from longcat.train.checkpoint import CheckpointManager, latest_checkpoint
 from longcat.train.metrics import MetricsSink
 from longcat.train.optim import build_optimizer, width_scale
-from longcat.train.schedule import build_scheduler
+from longcat.train.schedule import build_scheduler, lr_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +64,14 @@ class StepResult:
     num_tokens: float
     router_counts_LE: torch.Tensor  # [L, E + 1] global counts; last column = real tokens
     ffn_per_token_stats: list = field(default_factory=list)  # per layer (min, max, std) over local tokens
+    ep_rows: Optional[dict] = None  # under EP, all-to-all rows of the step summed over all ranks
 
 
-def _dp_group_and_size(groups) -> tuple[Optional[dist.ProcessGroup], int]:
-    if groups is None or getattr(groups, "dp_size", 1) == 1:
-        return None, 1
-    return groups.dp_group, groups.dp_size
+def parallel_options(cfg: RunConfig) -> ParallelOptions:
+    p = cfg.parallel
+    return ParallelOptions(dp_mode=p.dp_mode, sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
+                           zero_stage=getattr(p, "zero_stage", 2),
+                           offload_optimizer=getattr(p, "offload_optimizer", False))
 
 
 class Trainer:
@@ -73,27 +81,42 @@ class Trainer:
         cfg: the resolved run config (validated with this run's DP degree).
         groups: the run's ``ProcessGroups`` (``None`` = single process).
         config_dict: the plain-dict config stored in checkpoints and wandb.
+
+    Raises:
+        ValueError: ``parallel.pp_microbatches`` disagrees with the gradient-accumulation steps, or
+            the layout is not supported (see ``parallelize``).
     """
 
-    def __init__(self, cfg: RunConfig, *, groups=None, config_dict: Optional[dict] = None):
+    def __init__(self, cfg: RunConfig, *, groups: Optional[ProcessGroups] = None, config_dict: Optional[dict] = None):
         self.cfg = cfg
-        self.groups = groups
-        self.dp_group, self.dp_size = _dp_group_and_size(groups)
-        self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self.groups = groups if groups is not None else ProcessGroups.single()
+        self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
+        self.dp_group = self.groups.dp_group if self.dp_size > 1 else None
         self.is_rank0 = (not dist.is_initialized()) or dist.get_rank() == 0
         self.config_dict = config_dict or {}
         self.device = torch.device(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir)
         self.accum = num_grad_accum_steps(cfg, dp=self.dp_size)
+        if cfg.parallel.pp_microbatches not in (0, self.accum):
+            raise ValueError(
+                f"parallel.pp_microbatches={cfg.parallel.pp_microbatches} but each dp rank runs "
+                f"global_batch_size / (micro_batch_size x dp) = {self.accum} micro-batches per step; leave it 0")
 
         torch.manual_seed(cfg.train.seed)
-        self.model = LongcatFlashForCausalLM(
-            cfg.model, activation_checkpointing=cfg.train.activation_checkpointing
-        ).to(self.device)
-        init_weights(self.model, cfg.model, width_scale=width_scale(cfg.model, cfg.optim))
-        self.optimizer = build_optimizer(self.model, optim_cfg=cfg.optim, model_cfg=cfg.model)
+        model = LongcatFlashForCausalLM(cfg.model, activation_checkpointing=cfg.train.activation_checkpointing)
+        model = model.to(self.device)
+        init_weights(model, cfg.model, width_scale=width_scale(cfg.model, cfg.optim))
+        self.parallel = parallelize(
+            model, groups=self.groups, options=parallel_options(cfg), num_microbatches=self.accum,
+            loss_cfg=cfg.loss, moe_cfg=cfg.moe, autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None)
+        self.model = self.parallel.model
+        self.pipeline = self.parallel.pipeline
+        self.optimizer = build_optimizer(self.parallel.model, optim_cfg=cfg.optim, model_cfg=cfg.model)
+        self.parallel.attach_optimizer(self.optimizer, clip_grad=cfg.optim.clip_grad)
         self.scheduler = build_scheduler(self.optimizer, cfg=cfg.optim, total_steps=cfg.train.steps)
-        self.biases_L = [layer.mlp.router.e_score_correction_bias for layer in self.model.model.layers]
+        self.biases_L = self.parallel.local_biases()
+        self._ep_dispatchers = [m.dispatcher for m in self.model.modules()
+                                if hasattr(getattr(m, "dispatcher", None), "counters")]
         self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
                                                total_steps=cfg.train.steps)
         self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
@@ -101,7 +124,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last)
         self.step = 0
         self.tokens_seen = 0.0
-        self.lb_num_groups = cfg.moe.lb_num_groups or (getattr(groups, "ep_size", 1) if groups else 1)
+        self.lb_num_groups = cfg.moe.lb_num_groups or self.groups.ep_size
         self._restore()
         self.train_iter = iter(self.data.train)
 
@@ -124,31 +147,41 @@ class Trainer:
             raise ValueError(f"train.resume=none but {latest} exists; use train.resume=auto to continue "
                              "or choose a fresh train.out_dir")
         if latest is not None:
-            state = self.checkpoints.load(latest, model=self.model, optimizer=self.optimizer,
+            state = self.checkpoints.load(latest, model=self.parallel, optimizer=self.optimizer,
                                           check_config=self._check_model_config)
             self.step = state["step"]
             self.tokens_seen = state["tokens_seen"]
-            self.scheduler.load_state_dict(state["scheduler"])
+            self._set_schedule_step(state.get("scheduler", {}).get("last_epoch", self.step))
             self.controller.load_state_dict(state["controller"])
             self.data.train.load_state_dict(state["data"])
             logger.info("resumed from %s at step %d", latest, self.step)
         elif cfg.init_from:
-            self.checkpoints.load(Path(cfg.init_from), model=self.model, optimizer=None,
+            self.checkpoints.load(Path(cfg.init_from), model=self.parallel, optimizer=None,
                                   check_config=self._check_model_config)
+            if self.pipeline is not None:
+                self.pipeline.sync_tied_embedding_weights()
             logger.info("initialised weights from %s", cfg.init_from)
+
+    def _set_schedule_step(self, last_epoch: int) -> None:
+        """Put the LR schedule at ``last_epoch`` steps (layout-independent: no per-group state)."""
+        self.scheduler.last_epoch = last_epoch
+        mult = lr_multiplier(last_epoch, cfg=self.cfg.optim, total_steps=self.cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * mult
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": {"last_epoch": self.scheduler.last_epoch},
             "controller": self.controller.state_dict(),
             "data": self.data.train.state_dict(),
             "config": self.config_dict,
         }
 
     def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.step, model=self.model, optimizer=self.optimizer,
+        return self.checkpoints.save(self.step, model=self.parallel, optimizer=self.optimizer,
                                      trainer_state=self.trainer_state())
 
     # ----------------------------------------------------------------------------- step
@@ -158,6 +191,7 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _global_counts(self, micro_batches: list[dict]) -> losses.GlobalTokenCounts:
+        """Token counts of the global batch. TP and PP ranks hold the same micro-batches: sum over dp only."""
         counts = torch.zeros(3, dtype=torch.float64)
         for mb in micro_batches:
             labels_BS = mb["labels"]
@@ -169,6 +203,13 @@ class Trainer:
             dist.all_reduce(counts, group=self.dp_group)
         return losses.GlobalTokenCounts(*(max(float(c), 1.0) for c in counts))
 
+    def _ce_sum(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor, *, vocab_parallel: bool) -> torch.Tensor:
+        if vocab_parallel:
+            from longcat.distributed.tensor_parallel import vocab_parallel_cross_entropy_sum
+
+            return vocab_parallel_cross_entropy_sum(logits_BSV, labels_BS, tp_group=self.groups.tp_group)
+        return losses.cross_entropy_sum(logits_BSV, labels_BS)
+
     def forward_backward(self, mb: dict, counts: losses.GlobalTokenCounts, parts: LossParts) -> list:
         """Forward one micro-batch, backward its share of the global objective; returns its MoE stats."""
         cfg = self.cfg
@@ -177,12 +218,13 @@ class Trainer:
         token_mask_BS = mb["token_mask"].to(self.device)
         with self._autocast():
             out = self.model(input_ids_BS, token_mask_BS=token_mask_BS)
-        ce = losses.cross_entropy_sum(out.logits_BSV, labels_BS) / counts.num_labels
+        vp = getattr(out, "logits_vocab_parallel", False)
+        ce = self._ce_sum(out.logits_BSV, labels_BS, vocab_parallel=vp) / counts.num_labels
         objective = ce
         parts.ce += ce.item()
         if out.mtp_logits_BSV is not None and cfg.loss.mtp_weight > 0:
-            mtp = cfg.loss.mtp_weight * losses.cross_entropy_sum(
-                out.mtp_logits_BSV, losses.mtp_labels(labels_BS)) / counts.num_mtp_labels
+            mtp = cfg.loss.mtp_weight * self._ce_sum(
+                out.mtp_logits_BSV, losses.mtp_labels(labels_BS), vocab_parallel=vp) / counts.num_mtp_labels
             objective = objective + mtp
             parts.mtp += mtp.item()
         if cfg.loss.z_loss_coef > 0:
@@ -199,37 +241,32 @@ class Trainer:
             ) * (cfg.moe.lb_loss_coef / (self.accum * self.dp_size))
             objective = objective + lb
             parts.lb += lb.item()
-        objective.backward()
+        self.parallel.backward(objective)
         return out.moe_stats
 
-    def _sync_grads(self) -> None:
-        if self.dp_group is None:
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        # [P] -> all_reduce(sum, dp) -> [P]: the objective is already normalised by global counts
-        dist.all_reduce(flat, group=self.dp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def train_step(self) -> StepResult:
-        micro_batches = [next(self.train_iter) for _ in range(self.accum)]
-        counts = self._global_counts(micro_batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        parts = LossParts()
-        ffn_per_token: list[list[torch.Tensor]] = []
+    def _forward_backward_all(self, micro_batches: list[dict], counts: losses.GlobalTokenCounts):
+        """Every micro-batch of this rank: (LossParts of this dp rank, per micro-batch the local layers' stats)."""
+        if self.pipeline is not None:
+            out = self.pipeline.step(micro_batches, counts)
+            return LossParts(out.loss.ce, out.loss.mtp, out.loss.z, out.loss.lb), out.moe_stats
+        parts, stats = LossParts(), []
         for mb in micro_batches:
-            stats = self.forward_backward(mb, counts, parts)
-            self.controller.accumulate([s.expert_counts_E for s in stats], [s.num_tokens for s in stats])
-            ffn_per_token.append([s.ffn_per_token_T for s in stats])
-        self._sync_grads()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            stats.append(self.forward_backward(mb, counts, parts))
+        return parts, stats
+
+    def train_step(self, micro_batches: Optional[list[dict]] = None) -> StepResult:
+        """One optimizer step on ``micro_batches`` (this dp rank's share; default: the next from the data)."""
+        if micro_batches is None:
+            micro_batches = [next(self.train_iter) for _ in range(self.accum)]
+        counts = self._global_counts(micro_batches)
+        for d in self._ep_dispatchers:
+            d.reset_counters()
+        self.parallel.zero_grad(self.optimizer)
+        parts, stats = self._forward_backward_all(micro_batches, counts)
+        for mb_stats in stats:
+            self.controller.accumulate([s.expert_counts_E for s in mb_stats], [s.num_tokens for s in mb_stats])
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        grad_norm = self.parallel.reduce_clip_step(self.optimizer, max_norm=self.cfg.optim.clip_grad)
         router_counts_LE = self.controller.step(self.biases_L, dp_group=self.dp_group)
         self.scheduler.step()
         self.step += 1
@@ -240,30 +277,46 @@ class Trainer:
             parts = LossParts(*totals.tolist())
         per_layer = []
         for layer in range(len(self.biases_L)):
-            values = torch.cat([mb_stats[layer] for mb_stats in ffn_per_token])
+            values = torch.cat([mb_stats[layer].ffn_per_token_T for mb_stats in stats])
             per_layer.append((values.min().item(), values.max().item(), values.std(unbiased=False).item())
                              if values.numel() else (0.0, 0.0, 0.0))
-        return StepResult(step=self.step, loss=parts, grad_norm=float(grad_norm), lr=lr,
+        return StepResult(step=self.step, loss=parts, grad_norm=grad_norm, lr=lr,
                           num_tokens=counts.num_real, router_counts_LE=router_counts_LE,
-                          ffn_per_token_stats=per_layer)
+                          ffn_per_token_stats=per_layer, ep_rows=self._ep_rows())
+
+    def _ep_rows(self) -> Optional[dict]:
+        """Rows the EP dispatchers sent this step (all ranks): zero-expert rows must stay 0."""
+        if not self._ep_dispatchers:
+            return None
+        rows_2 = torch.zeros(2, dtype=torch.float64)
+        for d in self._ep_dispatchers:
+            c = d.counters()
+            rows_2 += torch.tensor([c.dispatched_rows, c.zero_expert_rows_sent], dtype=torch.float64)
+        if self.groups.world_size > 1:
+            dist.all_reduce(rows_2, group=self.groups.world_group)  # [2] -> all_reduce(sum, world) -> [2]
+        return {"ep/dispatched_rows": float(rows_2[0]), "ep/zero_expert_rows_sent": float(rows_2[1])}
 
     # ----------------------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted validation cross-entropy over ``train.eval_batches`` fixed micro-batches."""
-        self.model.eval()
+        self.parallel.train(False)
+        batches = self.data.valid_batches(self.cfg.train.eval_batches, self.cfg.data.micro_batch_size)
         total = torch.zeros(2, dtype=torch.float64)
-        for mb in self.data.valid_batches(self.cfg.train.eval_batches, self.cfg.data.micro_batch_size):
-            with self._autocast():
-                out = self.model(mb["input_ids"].to(self.device), token_mask_BS=mb["token_mask"].to(self.device))
-            labels_BS = mb["labels"].to(self.device)
-            total[0] += losses.cross_entropy_sum(out.logits_BSV, labels_BS).item()
-            total[1] += (labels_BS != losses.IGNORE_INDEX).sum().item()
+        if self.pipeline is not None:
+            total += torch.tensor(self.pipeline.eval_loss(batches), dtype=torch.float64)
+        else:
+            for mb in batches:
+                with self._autocast():
+                    out = self.model(mb["input_ids"].to(self.device), token_mask_BS=mb["token_mask"].to(self.device))
+                labels_BS = mb["labels"].to(self.device)
+                vp = getattr(out, "logits_vocab_parallel", False)
+                total[0] += self._ce_sum(out.logits_BSV, labels_BS, vocab_parallel=vp).item()
+                total[1] += (labels_BS != losses.IGNORE_INDEX).sum().item()
         if self.dp_group is not None:
             dist.all_reduce(total, group=self.dp_group)  # [2] -> all_reduce(sum, dp) -> [2]
-        self.model.train()
+        self.parallel.train(True)
         return float(total[0] / total[1].clamp(min=1))
-
     # ----------------------------------------------------------------------------- loop
     def step_metrics(self, result: StepResult, elapsed_s: float) -> dict[str, Any]:
         n = self.cfg.model.n_routed_experts
@@ -273,6 +326,8 @@ class Trainer:
             "tokens_per_s": result.num_tokens / max(elapsed_s, 1e-9), "tokens_seen": self.tokens_seen,
             "step_time_s": elapsed_s,
         }
+        if result.ep_rows:
+            metrics.update(result.ep_rows)
         counts_LE = result.router_counts_LE
         for layer in range(counts_LE.shape[0]):
             tokens = counts_LE[layer, -1].clamp(min=1)
@@ -300,7 +355,7 @@ class Trainer:
             if cfg.eval_interval and self.step == 0:
                 summary["initial_val_loss"] = self.evaluate()
                 sink.log(0, {"val/loss": summary["initial_val_loss"]})
-            self.model.train()
+            self.parallel.train(True)
             while self.step < cfg.steps:
                 start = time.perf_counter()
                 result = self.train_step()

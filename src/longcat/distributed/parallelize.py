@@ -1,0 +1,352 @@
+"""The parallel plan, applied in one place and in a fixed order.
+
+    full model, built identically on every rank (same seed) and initialised
+      -> TP: heads, FFNs, vocab split over tp, in place          (longcat.distributed.tensor_parallel)
+      -> EP: experts narrowed to this ep rank's ids, all-to-all dispatcher; MoE tokens split over tp
+                                                                  (longcat.distributed.expert_parallel)
+      -> (activation checkpointing is a model flag, already set)
+      -> PP: this rank's pipeline stages of whole layers           (longcat.distributed.pipeline)
+      -> DP: replicate (bucketed all-reduce) | fsdp (FSDP2) | deepspeed (ZeRO-1/2, built with the
+             optimizer: ``ParallelModel.attach_optimizer``)        (longcat.distributed.data_parallel)
+
+The stages are cut after TP and EP because a stage keeps references to the modules it runs and TP
+replaces modules; cutting first would leave the stages with the unsharded ones.
+
+Because every layout starts from the same single-process weights and only keeps its own pieces, a
+sharded run computes what one process computes (tests/distributed/test_layouts.py).
+
+Each parameter is then described by a ``ParamPlacement``: its global name, whether it is a routed
+expert weight, the groups over which an identical copy lives (for the grad norm) and how to view a
+local tensor shaped like it as the global tensor (a ``DTensor`` for checkpoints; DCP then reshards).
+
+Gradient groups (DESIGN.md "Parallel layout"): dense params sum over dp; expert params over edp
+(= dp x tp / ep: under TP each tp rank runs its own 1/tp slice of the MoE tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from longcat.distributed.data_parallel import (
+    DeepSpeedDP,
+    DeepSpeedOptions,
+    DPMode,
+    ReplicatedGradSync,
+    apply_fsdp,
+)
+from longcat.distributed.grad_norm import GradShard, clip_grads_, global_grad_norm
+from longcat.distributed.groups import ProcessGroups
+from longcat.distributed.parallel_dims import ParallelDims
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ParallelModel", "ParallelOptions", "ParamPlacement", "check_layout", "parallelize"]
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """What ``parallelize`` needs from ``ParallelConfig`` (plain values, no config import)."""
+
+    dp_mode: str = "replicate"
+    sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+
+
+@dataclass
+class ParamPlacement:
+    """One parameter of this rank, globally.
+
+    Attributes:
+        name: global name (``named_parameters`` of the unwrapped full model; global layer ids).
+        param: the parameter (a ``DTensor`` under FSDP2 or DTensor-based TP, else a plain tensor).
+        is_expert: a routed-expert weight (grads over edp).
+        replicated_over: groups holding an identical copy of the local tensor (see ``grad_norm``).
+        to_global: maps a local tensor shaped like ``param`` (the param, or an optimizer state) to
+            one that describes the global tensor (identity for DTensors and whole tensors).
+    """
+
+    name: str
+    param: nn.Parameter
+    is_expert: bool
+    replicated_over: tuple[str, ...]
+    to_global: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)
+
+
+@dataclass
+class ParallelModel:
+    """This rank's share of the model after ``parallelize``, and the DP machinery around it.
+
+    Attributes:
+        model: the whole model (without PP: call it) or, under PP, the pipeline's ``local_model``
+            holding this rank's stages' modules under the full model's names (run it through
+            ``pipeline``). Build the optimizer over it.
+        groups: the process groups.
+        dp_mode: replicate | fsdp | deepspeed.
+        placements: every parameter of this rank, in a fixed order.
+        grad_sync: the replicate-mode (and FSDP-ignored params') gradient sum, or None.
+        pipeline: the ``PipelineRunner`` under PP, else None.
+        deepspeed: the ``DeepSpeedDP`` engine once ``attach_optimizer`` ran in deepspeed mode.
+    """
+
+    model: nn.Module
+    groups: ProcessGroups
+    dp_mode: DPMode
+    placements: list[ParamPlacement]
+    grad_sync: Optional[ReplicatedGradSync] = None
+    pipeline: Any = None
+    deepspeed: Optional[DeepSpeedDP] = None
+    deepspeed_options: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+
+    # ------------------------------------------------------------------ optimizer side
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for p in self.placements:
+            yield p.name, p.param
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, *, clip_grad: float) -> None:
+        """Hand the optimizer to the DP engine (deepspeed mode builds its engine here)."""
+        if self.dp_mode is DPMode.deepspeed:
+            self.deepspeed = DeepSpeedDP(self.model, optimizer, dp_group=self.groups.dp_group,
+                                         clip_grad=clip_grad, options=self.deepspeed_options)
+
+    def backward(self, objective: torch.Tensor) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.backward(objective)
+        else:
+            objective.backward()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.deepspeed is not None:
+            # Not the torch optimizer's: its params are DeepSpeed's fp32 partitions, whose grads
+            # ZeRO-Offload keeps allocated across steps.
+            self.deepspeed.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
+    def reduce_clip_step(self, optimizer: torch.optim.Optimizer, *, max_norm: float) -> float:
+        """Sum the gradients over DP, clip at the global norm and step. Returns the norm before clipping."""
+        if self.deepspeed is not None:
+            return self.deepspeed.step()
+        if self.grad_sync is not None:
+            self.grad_sync.sync()
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_embedding_grads()
+        norm = self.grad_norm()
+        clip_grads_([p.param for p in self.placements], total_norm=norm, max_norm=max_norm)
+        optimizer.step()
+        return norm
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of the gradient, every parameter counted once, identical on every rank."""
+        g = self.groups
+        coords = {"pp": g.pp_rank, "dp": g.dp_rank, "tp": g.tp_rank, "edp": g.edp_rank, "ep": g.ep_rank}
+        shards = [GradShard(p.param, p.replicated_over) for p in self.placements]
+        return global_grad_norm(shards, coords=coords, world_group=g.world_group)
+
+    def local_biases(self) -> list[torch.Tensor]:
+        """Per local MoE layer (global order) its [E] fp32 ``e_score_correction_bias`` buffer."""
+        if self.pipeline is not None:
+            return self.pipeline.local_biases()
+        return [layer.mlp.router.e_score_correction_bias for layer in self.model.model.layers]
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+
+# ------------------------------------------------------------------------------- the plan
+
+
+def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelOptions, num_microbatches: int = 1,
+                loss_cfg: Any = None, moe_cfg: Any = None, autocast_dtype: Optional[torch.dtype] = None) -> ParallelModel:
+    """Apply TP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
+
+    TP and EP go first, on the full model: ``apply_tensor_parallel`` swaps submodules, and the
+    pipeline stages hold references to the modules they run. The non-local layers then simply go
+    unused (build on the meta device and initialise per stage to save their memory).
+
+    Args:
+        model: a ``LongcatFlashForCausalLM`` holding the full single-process weights.
+        groups: this job's process groups (``ProcessGroups.single()`` for one process).
+        options: the parallel modes.
+        num_microbatches, loss_cfg, moe_cfg, autocast_dtype: the pipeline's (``build_pipeline``),
+            used only when pp > 1.
+
+    Returns:
+        The ``ParallelModel``; build the optimizer over its ``model`` afterwards, then call
+        ``attach_optimizer``.
+
+    Raises:
+        ValueError: an unknown dp_mode, or an unsupported combination (DeepSpeed with tp/ep/pp;
+            pp with tp or with fsdp).
+    """
+    dp_mode = check_layout(groups.dims, options)
+    dims = groups.dims
+    if dims.tp > 1:
+        from longcat.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, groups=groups, sequence_parallel=options.sequence_parallel)
+    if dims.ep > 1 or dims.tp > 1:  # under TP each tp rank dispatches its 1/tp of the MoE tokens
+        from longcat.distributed.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, groups=groups)
+    pipeline, local = None, model
+    if dims.pp > 1:
+        from longcat.distributed.pipeline import build_pipeline
+
+        pipeline = build_pipeline(model, groups=groups, schedule=options.pp_schedule,
+                                  num_microbatches=num_microbatches, loss_cfg=loss_cfg, moe_cfg=moe_cfg,
+                                  autocast_dtype=autocast_dtype)
+        local = pipeline.local_model
+    # Where each local tensor sits globally, recorded before FSDP turns params into DTensors.
+    inner = _inner_shards(local, groups)
+
+    fsdp_ignored: list[nn.Parameter] = []
+    if dp_mode is DPMode.fsdp and dims.dp > 1:
+        # Experts are their own FSDP units over edp (their grads sum over edp, which under TP spans the
+        # tp ranks too); with edp = 1 they stay whole.
+        experts = [layer.mlp.experts for layer in local.model.layers]
+        mtp = getattr(local.model, "mtp", None)
+        blocks = list(local.model.layers) + ([mtp] if mtp is not None else [])
+        fsdp_ignored = apply_fsdp(local, blocks=blocks, dp_mesh=groups.dense_mesh["dp"], expert_modules=experts,
+                                  expert_mesh=groups.expert_mesh["edp"])
+
+    counted_once = set(map(id, pipeline.grad_norm_parameters())) if pipeline is not None else None
+    placements = []
+    for name, param in local.named_parameters():
+        placement = _placement(name, param, inner.get(name), groups=groups)
+        if counted_once is not None and id(param) not in counted_once:
+            placement.replicated_over += ("pp",)  # the last stage's copy of the tied embedding
+        placements.append(placement)
+
+    grad_sync = None
+    if dp_mode is DPMode.replicate or fsdp_ignored:
+        only = set(map(id, fsdp_ignored)) if dp_mode is DPMode.fsdp else None
+        pairs = [(p.param, groups.edp_group if p.is_expert else groups.dp_group) for p in placements
+                 if p.param.requires_grad and (only is None or id(p.param) in only)]
+        grad_sync = ReplicatedGradSync(pairs)
+    return ParallelModel(
+        model=local, groups=groups, dp_mode=dp_mode, placements=placements, grad_sync=grad_sync, pipeline=pipeline,
+        deepspeed_options=DeepSpeedOptions(zero_stage=options.zero_stage, offload_optimizer=options.offload_optimizer),
+    )
+
+
+def check_layout(dims: ParallelDims, options: ParallelOptions) -> DPMode:
+    """The DP mode, after checking that ``parallelize`` supports this combination (call it before any
+    work starts).
+
+    Raises:
+        ValueError: an unknown dp_mode; DeepSpeed with tp/ep/pp; pp with tp; pp with FSDP.
+    """
+    try:
+        dp_mode = DPMode(options.dp_mode)
+    except ValueError:
+        raise ValueError(f"parallel.dp_mode={options.dp_mode!r}: use replicate, fsdp or deepspeed") from None
+    if dp_mode is DPMode.deepspeed and (dims.tp > 1 or dims.ep > 1 or dims.pp > 1):
+        raise ValueError(
+            f"parallel.dp_mode=deepspeed supports data parallelism only (got tp={dims.tp}, ep={dims.ep}, "
+            f"pp={dims.pp}); use dp_mode=fsdp or dp_mode=replicate with tensor/expert/pipeline parallelism")
+    if dims.pp > 1 and dims.tp > 1:
+        raise ValueError(
+            f"pp={dims.pp} with tp={dims.tp} is not supported yet: the pipeline's last stage takes a plain "
+            "cross-entropy of the LM head, which is vocab-sharded under TP; use pp with ep/dp, or tp without pp")
+    if dims.pp > 1 and dp_mode is DPMode.fsdp and dims.dp > 1:
+        raise ValueError(
+            f"pp={dims.pp} with dp_mode=fsdp is not supported yet (the stages would need their own FSDP roots); "
+            "use parallel.dp_mode=replicate with pp")
+    return dp_mode
+
+
+@dataclass(frozen=True)
+class _InnerShard:
+    """A plain local tensor that is a piece of a global one: split along ``dim`` over mesh dim ``group``
+    (tp or ep) into ``size`` even pieces, this rank's at ``coordinate``."""
+
+    group: str
+    dim: int
+    size: int
+    global_shape: tuple[int, ...]
+
+
+def _inner_shards(local: nn.Module, groups: ProcessGroups) -> dict[str, _InnerShard]:
+    out: dict[str, _InnerShard] = {}
+    if groups.tp_size > 1:
+        from longcat.distributed.tensor_parallel import tp_param_global_info
+
+        for name, info in tp_param_global_info(local, groups).items():
+            if info.shard_dim is not None:
+                out[name] = _InnerShard("tp", info.shard_dim, groups.tp_size, tuple(info.global_shape))
+    if groups.ep_size > 1:
+        from longcat.distributed.expert_parallel import expert_param_global_info
+
+        for name, info in expert_param_global_info(local, groups).items():
+            out[name] = _InnerShard("ep", 0, groups.ep_size, tuple(info.global_shape))
+    return out
+
+
+def _is_expert(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *, groups: ProcessGroups) -> ParamPlacement:
+    is_expert = _is_expert(name)
+    family = ("edp", "ep") if is_expert else ("dp", "tp")
+    sharded = _dtensor_sharded_dims(param) | ({inner.group} if inner is not None else set())
+    replicated_over = tuple(d for d in family if d not in sharded)
+    to_global = _identity if inner is None else _global_view(param, inner, groups=groups)
+    return ParamPlacement(name, param, is_expert, replicated_over, to_global)
+
+
+def _dtensor_sharded_dims(param: torch.Tensor) -> set[str]:
+    """Mesh-dim names over which a DTensor is split (Shard / strided shard)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return set()
+    names = param.device_mesh.mesh_dim_names or ()
+    return {name for name, pl in zip(names, param.placements) if pl.is_shard()}
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _global_view(param: torch.Tensor, inner: _InnerShard, *, groups: ProcessGroups) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A map from a local tensor shaped like ``param`` to a ``DTensor`` of the global tensor.
+
+    Without FSDP the local tensor is the tp/ep piece: ``[Shard(dim)]`` on that 1-D mesh. Under FSDP
+    (``param`` a DTensor sharding the piece along dim 0 over dp / edp) it is a 2-D ``DTensor`` on
+    (dp, tp) or (edp, ep): ``[Shard(0), Shard(dim)]``, or, when both split dim 0, the piece is split
+    first (right to left): ``[_StridedShard(0, split_factor=size), Shard(0)]``, as FSDP2 + TP does.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh_root = groups.dense_mesh if inner.group == "tp" else groups.expert_mesh
+    outer_name = "dp" if inner.group == "tp" else "edp"
+    shape = torch.Size(inner.global_shape)
+    stride = torch.empty(shape, device="meta").stride()
+    if not isinstance(param, DTensor):
+        mesh, placements = mesh_root[inner.group], [Shard(inner.dim)]
+    else:
+        assert param.device_mesh.mesh_dim_names == (outer_name,) and param.placements == (Shard(0),), (
+            param.device_mesh, param.placements)
+        mesh = mesh_root[outer_name, inner.group]
+        outer = _StridedShard(0, split_factor=inner.size) if inner.dim == 0 else Shard(0)
+        placements = [outer, Shard(inner.dim)]
+
+    def to_global(local: torch.Tensor) -> torch.Tensor:
+        if isinstance(local, DTensor):
+            local = local.to_local()
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+    return to_global
