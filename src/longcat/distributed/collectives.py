@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from longcat.distributed import overlap
+
 __all__ = [
     "AllToAllHandle",
     "ExchangedCounts",
@@ -244,63 +246,110 @@ def exchange_counts(counts_E: torch.Tensor, *, group: dist.ProcessGroup) -> Exch
     )
 
 
-class AllToAllHandle:
-    """An all-to-all in flight: ``wait()`` blocks until it is done and returns its output.
+# An uneven all-to-all is two autograd nodes, so that its backward overlaps as its forward does:
+#
+#   forward:  issue node (launch)  ── compute recorded in between ──>  wait node (wait, pass on)
+#   backward: wait node (launch the gradient's reverse exchange)  ── the same compute's backward ──>
+#             issue node (wait, return the input's gradient)
+#
+# The autograd engine runs ready nodes in decreasing creation order, so the backward of whatever
+# was recorded between the issue and the wait (the ScMoE dense branch) runs while the gradient
+# exchange is in flight (gloo's threads on CPU, the comm stream on GPU: ``longcat.distributed.overlap``),
+# and nothing reads that gradient before the issue node's wait. A synchronous call is the same two
+# nodes waited at once, so the numbers do not depend on the schedule.
 
-    The output tensor must not be read before ``wait()``, nor the input modified in place; the
-    output already carries the autograd graph.
+
+class _Exchange:
+    """What the issue node and the wait node of one all-to-all share: the forward's and the backward's
+    collective in flight, and the wait key / recorder captured at the forward's launch."""
+
+    __slots__ = ("forward", "backward", "label", "recorder")
+
+    def __init__(self) -> None:
+        self.forward: Optional[overlap.InFlight] = None
+        self.backward: Optional[overlap.InFlight] = None
+        self.label = overlap.current_comm_label()
+        self.recorder = overlap.current_recorder()
+
+
+def _launch_all_to_all(
+    x: torch.Tensor, input_splits: list[int], output_splits: list[int], group: dist.ProcessGroup, *, key: str,
+    recorder: Optional[overlap.CommWaitRecorder],
+) -> overlap.InFlight:
+    send = x.contiguous()
+    out = send.new_empty((sum(output_splits),) + tuple(send.shape[1:]))
+    # [T, D] rows grouped by destination -> all_to_all(group, async) -> [R, D] rows grouped by source
+    return overlap.launch(
+        lambda: dist.all_to_all_single(out, send, output_splits, input_splits, group=group, async_op=True),
+        output=out, inputs=(send,), key=key, recorder=recorder,
+    )
+
+
+class _AllToAllIssue(torch.autograd.Function):
+    """Issue node. Forward: launch the all-to-all and return its receive buffer (not to be read
+    before the wait node). Backward: wait for the reverse all-to-all that the wait node's backward
+    launched, and return it as the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, input_splits, output_splits, group, exchange):
+        ctx.exchange = exchange
+        exchange.forward = _launch_all_to_all(
+            x, input_splits, output_splits, group, key=f"{exchange.label}.forward", recorder=exchange.recorder
+        )
+        return exchange.forward.output
+
+    @staticmethod
+    def backward(ctx, _placeholder):
+        inflight, ctx.exchange.backward = ctx.exchange.backward, None
+        assert inflight is not None, "the wait node's backward launches the reverse all-to-all first"
+        return inflight.wait(), None, None, None, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Wait node. Forward: wait for the all-to-all, pass the received rows on. Backward: launch the
+    reverse all-to-all of the gradient (splits swapped) and return at once; the issue node waits."""
+
+    @staticmethod
+    def forward(ctx, received, exchange, input_splits, output_splits, group):
+        ctx.exchange, ctx.input_splits, ctx.output_splits, ctx.group = exchange, input_splits, output_splits, group
+        exchange.forward.wait()
+        exchange.forward = None
+        return received.view_as(received)
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        exchange = ctx.exchange
+        # [R, D] grads by source -> all_to_all(group, splits swapped, async) -> [T, D] grads by destination
+        exchange.backward = _launch_all_to_all(
+            grad_RD, ctx.output_splits, ctx.input_splits, ctx.group, key=f"{exchange.label}.backward",
+            recorder=exchange.recorder,
+        )
+        # Only a placeholder for the issue node (shaped like the receive buffer): it returns the
+        # real gradient once the exchange is done.
+        return grad_RD, None, None, None, None
+
+
+class AllToAllHandle:
+    """An all-to-all in flight: ``wait()`` returns its output, blocking until the exchange is done
+    (on CPU; on GPU the compute stream is ordered after it instead). Waiting twice is a no-op.
+
+    The output tensor must not be read before ``wait()``, nor the input modified in place. The
+    output of ``wait()`` carries the autograd graph (issue node -> wait node).
     """
 
-    def __init__(self, output: torch.Tensor, work: Optional[dist.Work], keepalive: tuple[torch.Tensor, ...] = ()):
+    def __init__(self, output: torch.Tensor, pending: Optional[tuple] = None):
         self._output = output
-        self._work = work
-        self._keepalive = keepalive  # the send buffer must outlive the collective
+        self._pending = pending  # (exchange, input_splits, output_splits, group) until waited
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-            self._keepalive = ()
+        if self._pending is not None:
+            exchange, input_splits, output_splits, group = self._pending
+            self._pending = None
+            self._output = _AllToAllWait.apply(self._output, exchange, input_splits, output_splits, group)
         return self._output
 
     def is_completed(self) -> bool:
-        return self._work is None or self._work.is_completed()
-
-
-def _all_to_all(
-    x: torch.Tensor, input_splits: list[int], output_splits: list[int], group: dist.ProcessGroup, async_op: bool
-) -> tuple[torch.Tensor, Optional[dist.Work], torch.Tensor]:
-    send = x.contiguous()
-    out = send.new_empty((sum(output_splits),) + tuple(send.shape[1:]))
-    # [T, D] rows grouped by destination -> all_to_all(group) -> [R, D] rows grouped by source
-    work = dist.all_to_all_single(out, send, output_splits, input_splits, group=group, async_op=async_op)
-    return out, work, send
-
-
-class _AllToAllUneven(torch.autograd.Function):
-    """Forward: uneven all-to-all; backward: the reverse all-to-all with the splits swapped.
-
-    Overlapping the backward (not implemented yet): split this node in two, mirroring the
-    forward's issue/``wait()`` pair. A node recorded at ``wait()`` time launches the reverse
-    all-to-all with ``async_op=True`` in its backward; the node recorded at issue time waits on
-    that Work and returns the input gradient. The autograd engine runs ready nodes in decreasing
-    creation order, so the backward of the dense work recorded between issue and wait (the ScMoE
-    dense branch) runs while the gradient exchange is in flight (gloo's thread on CPU, NCCL's
-    stream on GPU), and nothing reads the gradient before the wait.
-    """
-
-    @staticmethod
-    def forward(ctx, x, input_splits, output_splits, group, async_op, work_box):
-        ctx.input_splits, ctx.output_splits, ctx.group = input_splits, output_splits, group
-        out, work, send = _all_to_all(x, input_splits, output_splits, group, async_op)
-        work_box.append((work, send))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # [R, D] grads by source -> all_to_all(group, splits swapped) -> [T, D] grads by destination
-        grad_in, _, _ = _all_to_all(grad_out, ctx.output_splits, ctx.input_splits, ctx.group, async_op=False)
-        return grad_in, None, None, None, None, None
+        return self._pending is None or self._pending[0].forward.is_completed()
 
 
 def _check_splits(x: torch.Tensor, input_splits: Sequence[int], output_splits: Sequence[int], size: int) -> None:
@@ -342,9 +391,8 @@ def all_to_all_uneven(
         output_splits: length G, rows from each rank; must match the peers' input_splits.
         group: the ep group.
         async_op: if True, return an ``AllToAllHandle`` at once; ``handle.wait()`` gives the
-            output, so compute can run while the exchange is in flight. The forward result is
-            bit-identical to the synchronous one. The backward is synchronous (see
-            ``_AllToAllUneven`` for how it could overlap).
+            output, so compute can run while the exchange is in flight. Forward and backward are
+            bit-identical to the synchronous path (the same nodes, waited at once).
 
     Returns:
         ``[R, D...]`` with ``R = sum(output_splits)``, rows grouped by source rank in rank order;
@@ -364,9 +412,7 @@ def all_to_all_uneven(
                 f"output_splits={output_splits} (a rank can only receive what it sends to itself)"
             )
         return AllToAllHandle(x_TD, None) if async_op else x_TD
-    work_box: list = []
-    out_RD = _AllToAllUneven.apply(x_TD, input_splits, output_splits, group, async_op, work_box)
-    if not async_op:
-        return out_RD
-    work, send = work_box[0]
-    return AllToAllHandle(out_RD, work, keepalive=(send,))
+    exchange = _Exchange()
+    received_RD = _AllToAllIssue.apply(x_TD, input_splits, output_splits, group, exchange)
+    handle = AllToAllHandle(received_RD, (exchange, input_splits, output_splits, group))
+    return handle if async_op else handle.wait()

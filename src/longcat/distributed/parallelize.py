@@ -57,6 +57,8 @@ class ParallelOptions:
     pp_schedule: str = "1f1b"
     zero_stage: int = 2
     offload_optimizer: bool = False
+    overlap_moe_comm: bool = True  # ScMoE: EP all-to-alls in flight under the dense branch
+    moe_chunks: int = 1  # split each EP exchange into this many pipelined chunks
 
 
 @dataclass
@@ -199,6 +201,9 @@ def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelOpt
         from longcat.distributed.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, groups=groups)
+    from longcat.model.moe.chunked import apply_moe_overlap
+
+    apply_moe_overlap(model, overlap=options.overlap_moe_comm, num_chunks=options.moe_chunks)
     pipeline, local = None, model
     if dims.pp > 1:
         from longcat.distributed.pipeline import build_pipeline

@@ -70,8 +70,9 @@ class StepResult:
 def parallel_options(cfg: RunConfig) -> ParallelOptions:
     p = cfg.parallel
     return ParallelOptions(dp_mode=p.dp_mode, sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
-                           zero_stage=getattr(p, "zero_stage", 2),
-                           offload_optimizer=getattr(p, "offload_optimizer", False))
+                           zero_stage=p.zero_stage,
+                           offload_optimizer=p.offload_optimizer, overlap_moe_comm=p.overlap_moe_comm,
+                           moe_chunks=p.moe_chunks)
 
 
 class Trainer:

@@ -6,9 +6,11 @@ experts local); ``longcat.distributed.expert_parallel.AllToAllTokenDispatcher`` 
 all-to-all over the ep group between the permute and the experts (and its inverse in combine).
 
 Each direction is split in two so that the ScMoE layer can run dense work while the exchange is
-in flight: ``dispatch_start`` -> (dense work) -> ``dispatch_wait`` -> grouped GEMM ->
-``combine_start`` -> (dense work) -> ``combine_wait``. ``dispatch`` and ``combine`` are the
-synchronous paths (start, then wait at once). Overlap on or off gives the same bits.
+in flight: ``dispatch_start`` -> (dense work) -> ``run_experts`` (``dispatch_wait`` -> grouped GEMM
+-> ``combine_start``) -> (dense work) -> ``combine_wait``. ``dispatch`` and ``combine`` are the
+synchronous paths (start, then wait at once). Overlap on or off gives the same bits. A dispatcher
+that splits its rows into chunks (``longcat.model.moe.chunked``) overrides ``run_experts`` to
+pipeline them.
 
 The gates are applied in ``combine``, on the rank that owns the token (after the return
 all-to-all under expert parallelism), so they never travel; the experts return un-weighted rows.
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,6 +94,13 @@ class TokenDispatcher(abc.ABC):
         """Wait for the combine; returns [T, D] in the tokens' dtype: per token, the gate-weighted sum
         over its FFN slots (gate x row in fp32, then cast); tokens without FFN experts get zeros."""
 
+    def run_experts(self, pending: Any, *, experts: Callable[..., torch.Tensor]) -> PendingCombine:
+        """Wait for the dispatch, run ``experts(tokens_RD, counts_L=counts_L)`` (-> [R, D]) on the rows
+        received and start the combine; returns the combine in flight for ``combine_wait``."""
+        dispatched = self.dispatch_wait(pending)
+        expert_out_RD = experts(dispatched.tokens_RD, counts_L=dispatched.counts_L)
+        return self.combine_start(expert_out_RD, handle=dispatched.handle)
+
     def dispatch(
         self, tokens_TD: torch.Tensor, *, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor
     ) -> DispatchedTokens:
@@ -123,6 +132,17 @@ def count_by_expert(expert_ids_TK: torch.Tensor, *, num_experts: int) -> torch.T
     return torch.bincount(key_TxK, minlength=num_experts + 1)[:num_experts]
 
 
+def _send_order_key(expert_ids_TK: torch.Tensor, *, num_experts: int, chunk_size: int, chunk_span: int) -> torch.Tensor:
+    """int64 [T*K] sort key of each slot: chunk-major, then global expert id; zero experts last."""
+    ids_TxK = expert_ids_TK.reshape(-1)
+    if chunk_span == chunk_size:  # one chunk: the key is the expert id
+        return ids_TxK.clamp(max=num_experts)
+    N = num_experts
+    chunk_TxK = torch.div(ids_TxK % chunk_span, chunk_size, rounding_mode="floor")
+    num_chunks = chunk_span // chunk_size
+    return torch.where(ids_TxK < N, chunk_TxK * N + ids_TxK, num_chunks * N)
+
+
 def source_permutation(
     expert_ids_TK: torch.Tensor,
     gates_TK: torch.Tensor,
@@ -130,20 +150,33 @@ def source_permutation(
     num_experts: int,
     counts_N: torch.Tensor | None = None,
     num_routed: int | None = None,
+    num_local_experts: int | None = None,
+    num_chunks: int = 1,
 ) -> SourcePermutation:
     """Sort this rank's FFN-expert slots by global expert id (stable, so token order within an expert).
 
-    Zero-expert slots (ids >= ``num_experts``) share the sentinel key N, sort after every FFN slot and
-    are cut off, so they are never permuted, sent or computed. ``counts_N`` (``count_by_expert``) and
-    ``num_routed`` (S = its sum, on the host) may be passed when the caller has them; otherwise S is
-    read from the counts (one host sync: the grouped GEMM and the all-to-all splits need it anyway).
+    Zero-expert slots (ids >= ``num_experts``) sort after every FFN slot and are cut off, so they are
+    never permuted, sent or computed. ``counts_N`` (``count_by_expert``) and ``num_routed`` (S = its
+    sum, on the host) may be passed when the caller has them; otherwise S is read from the counts
+    (one host sync: the grouped GEMM and the all-to-all splits need it anyway).
+
+    With ``num_chunks`` > 1 the local experts of every rank (``num_local_experts`` L of them, L a
+    multiple of ``num_chunks``) are cut into ``num_chunks`` consecutive groups, and the order is
+    chunk-major: first every slot of chunk 0 (local experts ``[0, L/C)`` of each rank) by global id,
+    then chunk 1, ... (``longcat.model.moe.chunked``). Each expert's slots stay in token order.
     """
     T, K = expert_ids_TK.shape
     N = num_experts
-    key_TxK = expert_ids_TK.reshape(-1).clamp(max=N)
+    L = N if num_local_experts is None else num_local_experts
+    if num_chunks < 1 or L % num_chunks or N % L:
+        raise ValueError(
+            f"num_chunks={num_chunks} must be >= 1 and divide num_local_experts={L}, which must divide "
+            f"num_experts={N}"
+        )
+    key_TxK = _send_order_key(expert_ids_TK, num_experts=N, chunk_size=L // num_chunks, chunk_span=L)
     order_TxK = torch.argsort(key_TxK, stable=True)
     if counts_N is None:
-        counts_N = torch.bincount(key_TxK, minlength=N + 1)[:N]
+        counts_N = count_by_expert(expert_ids_TK, num_experts=N)
     if num_routed is None:
         num_routed = int(counts_N.sum())
     slot_S = order_TxK[:num_routed]

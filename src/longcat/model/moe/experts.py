@@ -84,14 +84,28 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_local_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden_size, intermediate_size))
 
-    def forward(self, tokens_RD: torch.Tensor, *, counts_L: torch.Tensor) -> torch.Tensor:
-        """tokens_RD [R, D] sorted by local expert; counts_L [L] rows per expert -> [R, D]."""
-        if counts_L.shape != (self.num_local_experts,):
-            raise ValueError(f"counts_L has shape {tuple(counts_L.shape)}, expected ({self.num_local_experts},)")
+    def forward(self, tokens_RD: torch.Tensor, *, counts_L: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
+        """tokens_RD [R, D] sorted by local expert; counts_L [L'] rows per expert -> [R, D].
+
+        Runs local experts ``[first_expert, first_expert + L')`` (default: all L); a chunked
+        dispatcher runs each chunk's experts separately. Every expert computes exactly what it
+        computes in one call over all experts (same rows, same GEMM per expert).
+        """
+        L = self.num_local_experts
+        num = counts_L.shape[0] if counts_L.dim() == 1 else -1
+        if num <= 0 or first_expert < 0 or first_expert + num > L:
+            raise ValueError(
+                f"counts_L has shape {tuple(counts_L.shape)} at first_expert={first_expert}, expected [L'] with "
+                f"first_expert + L' <= {L}"
+            )
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        if num != L:
+            weights = tuple(w.narrow(0, first_expert, num) for w in weights)
+        gate_LID, up_LID, down_LDI = weights
         offs_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
-        gate_RI = grouped_linear(tokens_RD, self.gate_proj, offs_L=offs_L)
-        up_RI = grouped_linear(tokens_RD, self.up_proj, offs_L=offs_L)
-        return grouped_linear(F.silu(gate_RI) * up_RI, self.down_proj, offs_L=offs_L)
+        gate_RI = grouped_linear(tokens_RD, gate_LID, offs_L=offs_L)
+        up_RI = grouped_linear(tokens_RD, up_LID, offs_L=offs_L)
+        return grouped_linear(F.silu(gate_RI) * up_RI, down_LDI, offs_L=offs_L)
 
     @torch.no_grad()
     def narrow_(self, *, expert_offset: int, num_local_experts: int) -> None:

@@ -10,6 +10,8 @@ The forward runs in three steps so that the ScMoE layer can overlap the token ex
 dense branch (DESIGN.md "The ScMoE layer and its overlap"): ``start`` (router, statistics, tp
 split, dispatch started) -> ``run_experts`` (wait for the dispatch, grouped GEMM, combine started)
 -> ``finish`` (wait for the combine, zero experts, tp gather). ``forward`` runs the three in a row.
+The exchanges are labelled "dispatch" and "combine" for ``longcat.distributed.overlap``'s wait
+recorder.
 
 Under tensor parallelism (``tp_group`` of size > 1) the input is replicated over tp. The router
 runs on every token on every tp rank, so MoEStats and the router's gradient are those of the whole
@@ -33,13 +35,14 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from longcat.config.schema import ModelConfig
+from longcat.distributed.overlap import comm_label
 from longcat.model.moe.dispatcher import LocalTokenDispatcher, PendingCombine, TokenDispatcher
 from longcat.model.moe.experts import GroupedExperts
 from longcat.model.moe.router import RouterOutput, TopKRouter
@@ -141,7 +144,11 @@ class MoE(nn.Module):
         self.tp_group = tp_group
 
     def forward(
-        self, u_BSD: torch.Tensor, *, token_mask_BS: torch.Tensor | None = None
+        self,
+        u_BSD: torch.Tensor,
+        *,
+        token_mask_BS: torch.Tensor | None = None,
+        overlap_with: Sequence[Callable[[], None]] = (),
     ) -> tuple[torch.Tensor, MoEStats]:
         """u_BSD [B, S, D] (the normed input shared with FFN0; replicated over tp) -> (MoE output
         [B, S, D], replicated over tp; MoEStats of the whole micro-batch).
@@ -149,10 +156,23 @@ class MoE(nn.Module):
         Padding tokens (``token_mask_BS`` False) are routed and computed like real ones but are left
         out of the statistics.
 
+        ``overlap_with``: up to two callables, work independent of this MoE (the ScMoE dense
+        branch), run while the dispatch and then the combine are in flight:
+        ``start -> overlap_with[0]() -> run_experts -> overlap_with[1]() -> finish``.
+
         Raises:
-            ValueError: under tp, B * S not divisible by the tp size.
+            ValueError: under tp, B * S not divisible by the tp size; more than two callables.
         """
-        return self.finish(self.run_experts(self.start(u_BSD, token_mask_BS=token_mask_BS)))
+        if len(overlap_with) > 2:
+            raise ValueError(f"overlap_with takes at most 2 callables (dispatch, combine), got {len(overlap_with)}")
+        under_dispatch, under_combine = (*overlap_with, None, None)[:2]
+        state = self.start(u_BSD, token_mask_BS=token_mask_BS)
+        if under_dispatch is not None:
+            under_dispatch()
+        state = self.run_experts(state)
+        if under_combine is not None:
+            under_combine()
+        return self.finish(state)
 
     def start(self, u_BSD: torch.Tensor, *, token_mask_BS: torch.Tensor | None = None) -> MoEInFlight:
         """Route every token, take this tp rank's slice and start the dispatch (may return while the
@@ -169,14 +189,15 @@ class MoE(nn.Module):
             u_tD = split_to_group(u_TD, dim=0, group=self.tp_group)
             gates_tK = split_to_group(route.gates_TK, dim=0, group=self.tp_group)
             expert_ids_tK = route.expert_ids_TK.chunk(self.tp_group.size())[self.tp_group.rank()]
-        pending = self.dispatcher.dispatch_start(u_tD, expert_ids_TK=expert_ids_tK, gates_TK=gates_tK)
+        with comm_label("dispatch"):
+            pending = self.dispatcher.dispatch_start(u_tD, expert_ids_TK=expert_ids_tK, gates_TK=gates_tK)
         return MoEInFlight(u_BSD.shape, u_TD, route, stats, u_tD, expert_ids_tK, gates_tK, pending)
 
     def run_experts(self, state: MoEInFlight) -> MoEInFlight:
-        """Wait for the dispatch, run the grouped GEMM and start the combine."""
-        dispatched = self.dispatcher.dispatch_wait(state.pending)
-        expert_out_RD = self.experts(dispatched.tokens_RD, counts_L=dispatched.counts_L)
-        state.pending = self.dispatcher.combine_start(expert_out_RD, handle=dispatched.handle)
+        """Wait for the dispatch, run the grouped GEMM and start the combine (per chunk, pipelined,
+        with a chunked dispatcher)."""
+        with comm_label("combine"):
+            state.pending = self.dispatcher.run_experts(state.pending, experts=self.experts)
         return state
 
     def finish(self, state: MoEInFlight) -> tuple[torch.Tensor, MoEStats]:
