@@ -7,12 +7,16 @@ NPROC ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv corpus train test test-fast bench plots clean help
+BENCH_ARGS ?=
+
+.PHONY: venv corpus train test bench bench-gpu pipeline plots clean help
 
 help:
 	@echo "make train   - install into $(VENV), prepare the corpus, train the tiny model on CPU"
 	@echo "make test    - install into $(VENV) and run the test suite"
-	@echo "make bench   - run the benchmark suite (writes benchmarks/results/*.json)"
+	@echo "make bench   - run the benchmark suite (writes benchmarks/results/*.json and docs/benchmarks.md)"
+	@echo "make bench-gpu - bf16 MFU of a ~1B-active training step on one CUDA GPU (needs a CUDA torch)"
+	@echo "make pipeline - pre-train -> mid-train -> long context -> agentic SFT on the embedded default"
 	@echo "make corpus  - prepare (and cache) the embedded standard-library corpus"
 
 $(VENV)/.installed: setup.py
@@ -39,7 +43,14 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: venv
-	$(PY) tools/bench.py
+	$(PY) tools/bench.py $(BENCH_ARGS)
+
+bench-gpu: venv
+	$(PY) tools/bench_gpu.py --output benchmarks/results
+	$(PY) tools/bench.py --report-only
+
+pipeline: corpus
+	$(PY) tools/run_pipeline.py --pipeline pipeline --out runs/pipeline $(TRAIN_ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

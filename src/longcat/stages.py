@@ -93,7 +93,8 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         if stages and stage.name not in stages:
             previous = latest_checkpoint(out_dir / "checkpoints")
             continue
-        args = [f"recipe={stage.recipe}", f"train.out_dir={out_dir}", *stage.overrides, *overrides]
+        # the stage's own overrides come last: they define the stage (e.g. half depth) and win
+        args = [f"recipe={stage.recipe}", f"train.out_dir={out_dir}", *overrides, *stage.overrides]
         if stage.grow_factor > 1:
             if previous is None:
                 raise ValueError(f"stage {stage.name!r} grows the previous stage's checkpoint, but there is none")

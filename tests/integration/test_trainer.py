@@ -127,3 +127,16 @@ def test_cli_trains_and_writes_everything(corpus_cache, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
     assert plot.returncode == 0, plot.stderr
     assert (out / "plots" / "expert_load.png").stat().st_size > 1000
+
+
+def test_init_from_allows_a_new_rope_base_but_not_new_shapes(corpus_cache, tmp_path):
+    """A new stage (long context) may raise rope_theta; a changed width is still refused."""
+    first = _trainer(corpus_cache, tmp_path / "stage1")
+    _run_steps(first, 1)
+    ckpt = first.save_checkpoint()
+    second = _trainer(corpus_cache, tmp_path / "stage2", **{"train.init_from": str(ckpt), "model.rope_theta": 50000.0})
+    assert second.step == 0
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="hidden_size"):
+        _trainer(corpus_cache, tmp_path / "stage3", **{"train.init_from": str(ckpt), "model.hidden_size": 64})

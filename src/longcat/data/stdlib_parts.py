@@ -5,7 +5,7 @@ A data source path ``stdlib:<part>`` names one part, tokenized with the stdlib c
 
     stdlib:code   every source file, whole (the default corpus itself)
     stdlib:docs   the English prose of the stdlib: module, class and function docstrings of each file
-    stdlib:long   only the long files (>= 48 kB of source), whole: long-range documents
+    stdlib:long   only the longest tenth of the files (at least two: train and valid), whole: long-range documents
 
 Each part is cached beside the corpus (``<cache>/stdlib_<part>.bin/.idx``) with a manifest tying it
 to the tokenizer it was made with.
@@ -23,7 +23,7 @@ from longcat.data.corpus import CorpusPaths, stdlib_source_files, tokenize_to_in
 from longcat.data.tokenizer import load_tokenizer
 
 PARTS = ("code", "docs", "long")
-LONG_FILE_BYTES = 48_000
+LONG_FILE_FRACTION = 0.1
 PREFIX = "stdlib:"
 
 
@@ -51,7 +51,8 @@ def _part_texts(part: str, *, max_bytes: int) -> list[str]:
     if part == "docs":
         return [d for d in (_docstrings(t) for t in texts) if d]
     if part == "long":
-        return [t for t in texts if len(t.encode("utf-8")) >= LONG_FILE_BYTES]
+        by_size = sorted(texts, key=lambda t: len(t.encode("utf-8")), reverse=True)
+        return by_size[: max(2, int(len(texts) * LONG_FILE_FRACTION))]
     return texts
 
 
@@ -70,7 +71,7 @@ def resolve_stdlib_part(path: str, *, corpus: CorpusPaths, max_bytes: int, progr
     prefix = os.path.join(cache_dir, f"stdlib_{part}")
     with open(corpus.tokenizer_path, "rb") as f:
         expected = {"part": part, "tokenizer": hashlib.sha256(f.read()).hexdigest(), "max_bytes": max_bytes,
-                    "long_file_bytes": LONG_FILE_BYTES}
+                    "long_file_fraction": LONG_FILE_FRACTION}
     manifest = Path(prefix + ".manifest.json")
     if manifest.is_file() and Path(prefix + ".bin").is_file() and json.loads(manifest.read_text()) == expected:
         return prefix

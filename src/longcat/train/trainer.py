@@ -130,13 +130,18 @@ class Trainer:
         self.train_iter = iter(self.data.train)
 
     # ----------------------------------------------------------------------------- state
-    def _check_model_config(self, saved: dict) -> None:
+    # A new stage (train.init_from) may change these: the long-context stage raises the RoPE base and
+    # the position limit (PAPER.md §3); no weight depends on them.
+    STAGE_CHANGEABLE = ("rope_theta", "max_position_embeddings")
+
+    def _check_model_config(self, saved: dict, *, new_stage: bool = False) -> None:
         saved_model = saved.get("model") if isinstance(saved, dict) else None
         if not saved_model:
             return
         current = asdict(self.cfg.model)
         diffs = [f"{k}: checkpoint {saved_model.get(k)!r} != run {v!r}"
-                 for k, v in current.items() if k in saved_model and saved_model[k] != v]
+                 for k, v in current.items() if k in saved_model and saved_model[k] != v
+                 and not (new_stage and k in self.STAGE_CHANGEABLE)]
         if diffs:
             raise ValueError("the checkpoint was trained with a different model config (" + "; ".join(diffs)
                              + "); load it with the same model.* settings or start a new out_dir")
@@ -158,7 +163,7 @@ class Trainer:
             logger.info("resumed from %s at step %d", latest, self.step)
         elif cfg.init_from:
             self.checkpoints.load(Path(cfg.init_from), model=self.parallel, optimizer=None,
-                                  check_config=self._check_model_config)
+                                  check_config=lambda saved: self._check_model_config(saved, new_stage=True))
             if self.pipeline is not None:
                 self.pipeline.sync_tied_embedding_weights()
             logger.info("initialised weights from %s", cfg.init_from)
