@@ -21,7 +21,7 @@ setup(
     extras_require={
         # DeepSpeed ZeRO-1/2 as the data-parallel engine (parallel.dp_mode=deepspeed); the tests cover it.
         "deepspeed": ["deepspeed>=0.19"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "transformers>=5.0", "deepspeed>=0.19"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "psutil", "transformers>=5.0", "deepspeed>=0.19"],
     },
     entry_points={"console_scripts": ["longcat-train=longcat.cli:main"]},
 )

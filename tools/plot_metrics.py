@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Draw a run's loss curves, FFN experts per token per layer and expert-load heatmap from its JSONL."""
+"""Draw a run's loss curves, FFN experts per token per layer, expert-load heatmap and stability suite
+(R_g, router cosine similarity, LB / z losses, last-hidden norm) from its JSONL; print the per-layer
+FFN-experts-per-token figures over the last 20% of steps."""
 
 import argparse
 import sys
@@ -27,7 +29,24 @@ def main() -> int:
         return 2
     for path in paths:
         print(path)
+    _print_budget_summary(args.metrics, args.target_ffn_experts)
     return 0
+
+
+def _print_budget_summary(metrics: Path, target) -> None:
+    """The dynamic-computation figures of the run (per layer, last 20% of steps)."""
+    import json
+
+    from longcat.plots import read_metrics
+    from longcat.plots_stability import budget_summary, format_budget_summary
+
+    config = metrics.parent / "config.json"
+    if target is None and config.is_file():
+        target = json.loads(config.read_text()).get("moe", {}).get("expected_ffn_experts")
+    if target is not None:
+        rows = budget_summary(read_metrics(metrics), target=float(target))
+        if rows:
+            print(format_budget_summary(rows, target=float(target)))
 
 
 if __name__ == "__main__":

@@ -132,8 +132,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
+    from longcat.train.checkpoint_io import CheckpointWriteError
+
     try:
         return run_training(run_cfg, cfg_dict)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as exc:  # e.g. a full disk: the previous checkpoint is intact
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -50,13 +50,25 @@ def _init_distributed(run_cfg: RunConfig):
         backend = "cpu:gloo,cuda:nccl" if run_cfg.train.device == "cuda" else "gloo"
         if run_cfg.train.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+        from longcat.distributed.elastic import restart_safe_store
+
+        timeout = timedelta(minutes=10)
+        store = restart_safe_store(timeout=timeout)  # a fresh key space per torchrun restart
+        rendezvous = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]), "world_size": world_size}
+        dist.init_process_group(backend=backend, timeout=timeout, **rendezvous)
     return dims, ProcessGroups.build(dims, device_type=run_cfg.train.device)
 
 
 def run_training(run_cfg: RunConfig, cfg_dict: dict) -> int:
+    """Train ``run_cfg``; returns the exit code: 0, or ``SDC_EXIT_CODE`` (3) when silent data corruption
+    halted the run, ``NONFINITE_EXIT_CODE`` (4) when a NaN/Inf stopped it (every rank returns it)."""
+    from longcat.train.determinism import enable_determinism
+    from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
+    from longcat.train.sdc_check import SDCHaltError
     from longcat.train.trainer import Trainer
 
+    if run_cfg.determinism.enabled:
+        enable_determinism()  # before CUDA and NCCL start: their environment variables are read once
     dims, groups = _init_distributed(run_cfg)
     run_cfg.validate(dp=dims.dp)
     try:
@@ -64,6 +76,9 @@ def run_training(run_cfg: RunConfig, cfg_dict: dict) -> int:
         summary = trainer.fit()
         if trainer.is_rank0:
             out = Path(run_cfg.train.out_dir).resolve()
+            if "preempted_at_step" in summary:  # SIGTERM: checkpointed and stopping cleanly (exit 0)
+                print(f"\n== longcat run preempted at step {summary['preempted_at_step']} of {run_cfg.train.steps}; "
+                      f"checkpoint {summary.get('checkpoint')}; relaunch with train.resume=auto to continue ==")
             print("\n== longcat run finished ==")
             for key in ("initial_val_loss", "final_val_loss"):
                 if key in summary:
@@ -76,6 +91,9 @@ def run_training(run_cfg: RunConfig, cfg_dict: dict) -> int:
             if summary.get("wandb_dir"):
                 print(f"wandb run ({run_cfg.logging.wandb.mode}): {summary['wandb_dir']}"
                       + ("  (upload: wandb sync <dir>)" if run_cfg.logging.wandb.mode == "offline" else ""))
+    except (SDCHaltError, NonFiniteError, NonFiniteCheckpointError) as exc:  # raised on every rank alike
+        logger.error("stopping: %s", exc)
+        return exc.exit_code
     finally:
         if dist.is_initialized():
             dist.barrier()

@@ -4,7 +4,9 @@
 - ``ffn_experts_per_token.png``: per MoE layer, the average FFN experts per token over steps, with the
   target K_e when the run's config is known;
 - ``expert_load.png``: a layer x expert heatmap of the expert load (assignments per token) averaged
-  over the last 20% of steps.
+  over the last 20% of steps;
+- ``stability.png`` (when logged): R_g, router cosine similarity, LB / z losses, last-hidden norm
+  (``longcat.plots_stability``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _layers(records: list[dict], suffix: str) -> list[int]:
 
 
 def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[float] = None) -> list[Path]:
-    """Write the three PNGs into ``out_dir``; returns their paths."""
+    """Write the PNGs into ``out_dir``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,6 +88,7 @@ def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[
         ax.plot(steps, values, label=f"layer {layer}")
     if target_ffn_experts is not None:
         ax.axhline(target_ffn_experts, color="k", ls=":", label=f"target K_e={target_ffn_experts:g}")
+        ax.axhspan(0.98 * target_ffn_experts, 1.02 * target_ffn_experts, color="k", alpha=0.08, label="K_e +- 2%")
     ax.set_xlabel("step")
     ax.set_ylabel("FFN experts per token")
     ax.set_title("Dynamic computation: average FFN experts per token")
@@ -109,6 +112,11 @@ def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_title("Expert load (last 20% of steps)")
         written.append(_save(fig, out_dir / "expert_load.png"))
+    from longcat.plots_stability import plot_stability  # R_g, router cosine, aux losses, hidden norm
+
+    stability = plot_stability(records, out_dir, metrics_path=Path(metrics_path))
+    if stability is not None:
+        written.append(stability)
     return written
 
 

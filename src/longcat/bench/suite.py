@@ -36,6 +36,8 @@ BENCHMARKS = {
         Benchmark("memory", "peak RSS per process: ours, reference, activation checkpointing", "longcat.bench.memory"),
         Benchmark("scaling", "tokens/s and peak RSS as seq_len, experts and layers double", "longcat.bench.scaling"),
         Benchmark("checkpoint", "checkpoint save stall: synchronous vs async_save", "longcat.bench.checkpoint_save"),
+        Benchmark("sdc", "SDC replay-check overhead at intervals 1/10/100 on the pretrain recipe; checksum cost",
+                  "longcat.bench.sdc"),
     )
 }
 

@@ -109,6 +109,12 @@ class MoEConfig:
     lb_loss_coef: float = 1e-2  # alpha of Eq. 3
     lb_num_groups: int = 0  # D of Eq. 4: FFN-expert groups (0 = the EP degree, the paper's devices)
     capture_router_stats: bool = True
+    # Stability suite (§3.1.3; longcat.train.stability). R_g of Eq. 9 measured on the first
+    # micro-batch every router_health_interval steps (0 = off; costs ~1 extra backward of it).
+    router_health_interval: int = 10
+    auto_lb_coef: bool = False  # lower alpha so that every layer's R_g stays <= rg_threshold
+    rg_threshold: float = 0.1
+    router_collapse_threshold: float = 0.5  # warn when router rows' mean pairwise cosine exceeds it
 
     def validate(self, model: ModelConfig) -> None:
         if not 0 < self.expected_ffn_experts <= model.moe_topk:
@@ -123,6 +129,9 @@ class MoEConfig:
             )
         if self.bias_update_rate < 0 or self.lb_loss_coef < 0:
             raise ValueError("moe.bias_update_rate and moe.lb_loss_coef must be >= 0")
+        if self.router_health_interval < 0 or self.rg_threshold <= 0:
+            raise ValueError(f"moe.router_health_interval={self.router_health_interval} must be >= 0 (0 = off) "
+                             f"and moe.rg_threshold={self.rg_threshold} > 0")
 
 
 @dataclass
@@ -264,6 +273,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "cpu"  # cpu | cuda
     nonfinite_policy: NonFinitePolicy = NonFinitePolicy.skip
+    # SIGTERM -> every rank checkpoints at the same step and exits 0; past this many seconds the process
+    # exits 143 instead (keep it below the scheduler's grace period / torchrun --shutdown-timeout).
+    preempt_timeout_s: float = 25.0
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -272,6 +284,8 @@ class TrainConfig:
             raise ValueError("train.checkpoint_interval and train.eval_interval must be >= 0 (0 disables)")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
+        if self.preempt_timeout_s <= 0:
+            raise ValueError(f"train.preempt_timeout_s={self.preempt_timeout_s} must be positive")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"train.device={self.device!r}: use cpu or cuda")
 
@@ -310,6 +324,26 @@ class SDCConfig:
     policy: SDCPolicy = SDCPolicy.warn
     inject: FaultInjection = field(default_factory=FaultInjection)
 
+    def validate(self, *, parallel: ParallelConfig, determinism_enabled: bool, checkpoint_interval: int) -> None:
+        """Checks against the fields of the sibling sections it depends on (longcat.train.sdc_check)."""
+        if min(self.replay_interval, self.replica_interval, self.replay_microbatch) < 0:
+            raise ValueError(f"sdc.replay_interval={self.replay_interval}, sdc.replica_interval="
+                             f"{self.replica_interval} and sdc.replay_microbatch={self.replay_microbatch} must be >= 0")
+        if self.replay_interval and not determinism_enabled:
+            raise ValueError(f"sdc.replay_interval={self.replay_interval} compares a recomputation bit for bit, "
+                             "which needs determinism.enabled=true")
+        if self.replay_interval and (parallel.pp > 1 or parallel.dp_mode == "deepspeed"):
+            raise ValueError(f"sdc.replay_interval={self.replay_interval} is not supported with parallel.pp="
+                             f"{parallel.pp} / parallel.dp_mode={parallel.dp_mode} (the pipeline schedule "
+                             "interleaves micro-batches over stages; DeepSpeed owns the gradients); use "
+                             "sdc.replica_interval there")
+        if SDCPolicy(self.policy) is SDCPolicy.rollback and checkpoint_interval == 0:
+            raise ValueError("sdc.policy=rollback reloads the last good checkpoint, but train.checkpoint_interval=0 "
+                             "writes none; set a checkpoint interval or sdc.policy=halt")
+        if self.inject.step >= 0 and not self.inject.tensor:
+            raise ValueError(f"sdc.inject.step={self.inject.step} but sdc.inject.tensor is empty: name a module "
+                             "(target=activation) or a parameter (gradient, parameter)")
+
 
 @dataclass
 class DeterminismConfig:
@@ -338,6 +372,8 @@ class RunConfig:
         self.data.validate(dp)
         self.logging.validate()
         self.train.validate()
+        self.sdc.validate(parallel=self.parallel, determinism_enabled=self.determinism.enabled,
+                          checkpoint_interval=self.train.checkpoint_interval)
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length} exceeds model.max_position_embeddings="

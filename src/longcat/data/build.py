@@ -14,6 +14,7 @@ from longcat.config.schema import DataConfig
 from longcat.data.blend import BlendedDataset
 from longcat.data.corpus import CorpusPaths, prepare_stdlib_corpus, stdlib_cache_dir
 from longcat.data.indexed import IndexedDataset
+from longcat.data.provenance import check_data_tokenizer, check_tokenizer_fits_model
 from longcat.data.samples import GPTDataset, Split, check_vocab
 from longcat.data.sampler import MicroBatchLoader, collate
 from longcat.data.stdlib_parts import is_stdlib_part, resolve_stdlib_part
@@ -105,7 +106,8 @@ def build_pretrain_data(
     train, valid = [], []
     for k, prefix in enumerate(prefixes):
         indexed = IndexedDataset(prefix)
-        check_vocab(indexed, vocab_size, eod_id=tokenizer.eod_id)
+        max_token_id = check_vocab(indexed, vocab_size, eod_id=tokenizer.eod_id)
+        check_data_tokenizer(indexed, tokenizer, max_token_id=max_token_id)
         common = dict(seq_length=cfg.seq_length, eod_id=tokenizer.eod_id, valid_fraction=cfg.valid_fraction,
                       seed=cfg.seed + k)
         train.append(GPTDataset(indexed, split=Split.TRAIN, **common))
@@ -114,6 +116,7 @@ def build_pretrain_data(
             "data %s: %d documents, %d tokens; %d train / %d valid samples of %d tokens",
             prefix, indexed.num_documents, indexed.num_tokens, len(train[-1]), len(valid[-1]), cfg.seq_length,
         )
+    check_tokenizer_fits_model(tokenizer, vocab_size)
     train_ds = train[0] if len(train) == 1 else BlendedDataset(train, weights, seed=cfg.seed)
     valid_ds = valid[0] if len(valid) == 1 else BlendedDataset(valid, weights, seed=cfg.seed)
     loader = MicroBatchLoader(
@@ -165,9 +168,7 @@ def _build_sft_data(cfg: DataConfig, *, vocab_size: int, dp_rank: int, dp_size: 
     else:
         _, _, tokenizer_path = _stdlib_sources(cfg, vocab_size=vocab_size, progress=progress)
     tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but model.vocab_size="
-                         f"{vocab_size}; raise model.vocab_size or use the model's own tokenizer")
+    check_tokenizer_fits_model(tokenizer, vocab_size)
     source = default_sft_records() if cfg.sft_path == "builtin" else cfg.sft_path
     common = dict(tokenizer=tokenizer, seq_length=cfg.seq_length, seed=cfg.seed, valid_fraction=cfg.valid_fraction,
                   packing=Packing(cfg.sft_packing), overflow=Overflow(cfg.sft_overflow),

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from longcat.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from longcat.data.chat import CHAT_SPECIAL_TOKENS
+from longcat.data.provenance import remove_data_record, write_data_record
 from longcat.data.tokenizer import EOD_TOKEN, PAD_TOKEN, TextTokenizer, load_tokenizer
 
 CORPUS_FORMAT_VERSION = 2  # bump when the preparation changes, to invalidate old caches
@@ -247,6 +248,8 @@ def tokenize_to_indexed(
                 f"no documents to write to {output_prefix}: the inputs are empty or every line was "
                 "skipped as malformed; check --input and --json-key"
             )
+        remove_data_record(output_prefix)  # the old pair's record must not outlive it
+    write_data_record(output_prefix, tokenizer, append_eod=append_eod)
     return stats
 
 
@@ -331,6 +334,10 @@ def _parse_jsonl_line(raw: bytes, json_key: str) -> tuple[str, Optional[str]]:
         return "", f"no {json_key!r} field (fields: {sorted(record)[:8]}); choose one with --json-key"
     if not isinstance(record[json_key], str):
         return "", f"field {json_key!r} is a {type(record[json_key]).__name__}, not a string"
+    try:
+        record[json_key].encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800": valid JSON, not text
+        return "", f"field {json_key!r} holds an unpaired surrogate {e.object[e.start]!r} at character {e.start}"
     return record[json_key], None
 
 

@@ -104,7 +104,8 @@ def read_conversations(path: Union[str, os.PathLike], *, skip_bad_lines: bool = 
             except ValueError as e:
                 if not skip_bad_lines:
                     raise ValueError(
-                        f"{e}; fix the line or pass skip_bad_lines (--skip-bad-lines) to skip it") from None
+                        f"{e}; fix the line, or skip and count bad lines with data.sft_skip_bad_lines=true "
+                        "(tools/prepare_sft.py: --skip-bad-lines)") from None
                 skipped += 1
     return LoadedConversations(conversations, skipped)
 

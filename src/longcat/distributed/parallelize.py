@@ -131,15 +131,25 @@ class ParallelModel:
         else:
             optimizer.zero_grad(set_to_none=True)
 
-    def reduce_clip_step(self, optimizer: torch.optim.Optimizer, *, max_norm: float) -> float:
-        """Sum the gradients over DP, clip at the global norm and step. Returns the norm before clipping."""
+    def reduce_clip_step(self, optimizer: torch.optim.Optimizer, *, max_norm: float,
+                         skip_if: Optional[Callable[[float], bool]] = None) -> float:
+        """Sum the gradients over DP, clip at the global norm and step. Returns the norm before clipping.
+
+        ``skip_if(norm)`` (the non-finite guard; identical on every rank) returning True skips clipping
+        and the optimizer step. DeepSpeed steps before the norm is known: it is called afterwards.
+        """
         if self.deepspeed is not None:
-            return self.deepspeed.step()
+            norm = self.deepspeed.step()
+            if skip_if is not None:
+                skip_if(norm)
+            return norm
         if self.grad_sync is not None:
             self.grad_sync.sync()
         if self.pipeline is not None:
             self.pipeline.sync_tied_embedding_grads()
         norm = self.grad_norm()
+        if skip_if is not None and skip_if(norm):
+            return norm
         clip_grads_([p.param for p in self.placements], total_norm=norm, max_norm=max_norm)
         optimizer.step()
         return norm

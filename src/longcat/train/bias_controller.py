@@ -79,6 +79,11 @@ class ExpertBiasController:
         self._counts_LE = torch.zeros_like(counts_LE)
         return counts_LE
 
+    def discard(self) -> torch.Tensor:
+        """Drop the accumulated counts without an update (a skipped step); returns [L, E + 1] zeros."""
+        self._counts_LE = torch.zeros_like(self._counts_LE)
+        return torch.zeros_like(self._counts_LE)
+
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates}
 

@@ -12,16 +12,20 @@ Layout of one checkpoint, ``<out_dir>/checkpoints/step_00000100/``:
   controller state and the resolved config;
 - ``rng/rank{R}.pt``: each rank's RNG states (restored when the same rank exists again).
 
-Atomicity: every rank writes into ``step_N.tmp/``; after a barrier rank 0 writes ``trainer_state.pt``
-last and renames the folder to ``step_N`` (a rename is atomic), so a folder without ``.tmp`` is always
-complete and a half-written one is never picked up. Retention deletes only complete checkpoints older
-than the ``keep_last`` newest, after the new one is in place.
+Atomicity: every rank writes into ``step_N.tmp/``; once all ranks agree their part is written, rank 0
+writes ``trainer_state.pt`` last and renames the folder to ``step_N`` (a rename is atomic), so a folder
+without ``.tmp`` is always complete and a half-written one is never picked up. Retention discards only
+complete checkpoints older than the ``keep_last`` newest, after the new one is in place, and renames
+each to ``step_N.trash`` before deleting it, so a kill mid-delete never leaves a gutted ``step_N``.
+A write that fails on any rank (a full disk) fails on every rank with ``CheckpointWriteError``, with
+nothing renamed into place (see docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -33,6 +37,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+
+from longcat.train import fault_hooks
+from longcat.train.checkpoint_io import (  # noqa: F401 (CheckpointWriteError re-exported)
+    CheckpointWriteError, agree_written, damaged_checkpoint_message, discard)
+from longcat.train.nonfinite import assert_finite_state, checkpoint_tensors
 
 logger = logging.getLogger(__name__)
 # A single-process run saves without a process group; DCP warns about that on every call.
@@ -176,40 +186,69 @@ class CheckpointManager:
 
     root: Path
     keep_last: int = 2
+    last_saved_step: Optional[int] = field(default=None, init=False)  # by this manager, in this process
 
     def save(self, step: int, *, model: Union[nn.Module, Any], optimizer: Optional[torch.optim.Optimizer],
              trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically and apply retention. Returns the final folder."""
+        """Write checkpoint ``step`` atomically and apply retention. Returns the final folder.
+
+        Raises:
+            NonFiniteCheckpointError: some rank holds a NaN/Inf parameter, buffer or optimizer state
+                (checked on every rank before anything on disk is touched).
+        """
+        assert_finite_state(checkpoint_tensors(checkpoint_target(model), optimizer))
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a run killed mid-save
-                shutil.rmtree(tmp)
+            for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.trash")]:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save or mid-delete
             if final.exists():  # re-saving a step (a resumed run that did not advance)
-                shutil.rmtree(final)
+                discard(final)
         _barrier()
-        target = checkpoint_target(model)
-        state: dict[str, Any] = {"model": _model_state(target)}
-        if optimizer is not None:
-            state["optim"] = _optim_state(target, optimizer)
-        dcp.save(state, checkpoint_id=str(tmp))
-        (tmp / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
-        _barrier()
+        previous = latest_checkpoint(self.root)
+        failure: Optional[BaseException] = None
+        try:
+            target = checkpoint_target(model)
+            state: dict[str, Any] = {"model": _model_state(target)}
+            if optimizer is not None:
+                state["optim"] = _optim_state(target, optimizer)
+            dcp.save(state, checkpoint_id=str(tmp))
+            (tmp / "rng").mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
+            fault_hooks.save_phase("shards", step=step, path=tmp)
+        except (OSError, CheckpointException) as e:  # DCP raises CheckpointException on every rank
+            failure = e
+        agree_written(failure, final=final, tmp=tmp, previous=previous)  # a barrier that fails on every rank
         if _rank() == 0:
-            _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
-            _fsync_dir(tmp)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            try:
+                fault_hooks.save_phase("state", step=step, path=tmp)
+                _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
+                _fsync_dir(tmp)
+                fault_hooks.save_phase("rename", step=step, path=tmp)
+                os.replace(tmp, final)
+            except OSError as e:
+                failure = e
+            else:
+                try:
+                    _fsync_dir(self.root)
+                except OSError as e:  # the rename happened; only its durability across a power cut is in doubt
+                    logger.warning("could not fsync %s after writing %s: %s", self.root, final, e)
+        agree_written(failure, final=final, tmp=tmp, previous=previous)
+        if _rank() == 0:
+            fault_hooks.save_phase("retention", step=step, path=final)
             self._apply_retention()
+        self.last_saved_step = step
         _barrier()
         return final
 
     def _apply_retention(self) -> None:
         complete = list_checkpoints(self.root)
         for _, path in complete[: max(0, len(complete) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                discard(path)
+            except OSError as e:  # the new checkpoint is in place; an old one lingering is harmless
+                logger.warning("could not delete old checkpoint %s: %s", path, e)
 
     def load(self, path: Path, *, model: Union[nn.Module, Any], optimizer: Optional[torch.optim.Optimizer],
              check_config: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
@@ -222,7 +261,10 @@ class CheckpointManager:
         path = Path(path)
         if not (path / TRAINER_STATE).is_file() or not (path / ".metadata").is_file():
             raise ValueError(f"{path} is not a complete longcat checkpoint (no {TRAINER_STATE} or .metadata)")
-        trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
+        try:
+            trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(damaged_checkpoint_message(path, e)) from None
         if check_config is not None:
             check_config(trainer_state.get("config", {}))
         target = checkpoint_target(model)
@@ -233,7 +275,10 @@ class CheckpointManager:
                                                 "step": torch.tensor(0.0)} for n, p, _ in target.params}}
             else:
                 state["optim"] = _optim_state(target, optimizer)
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (CheckpointException, OSError, RuntimeError) as e:  # DCP raises on every rank alike
+            raise ValueError(damaged_checkpoint_message(path, e)) from None
         with torch.no_grad():
             for name, p, _ in target.params:
                 _copy_local_(p, state["model"][name])

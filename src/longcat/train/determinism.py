@@ -1,31 +1,46 @@
 """Deterministic computation (PAPER.md §5: every step re-runs to the same bits).
 
 ``enable_determinism()`` turns on PyTorch's deterministic mode and sets what it does not cover:
-the cuBLAS workspace variable (needed for deterministic GEMMs on CUDA), no TF32, no cuDNN
-benchmarking. The model's own reductions are already ordered: the MoE combine sums each token's K
-weighted copies in a fixed order (no scatter-add of duplicate indices), all-reduces run in a fixed
-bucket order, and all-to-all splits are deterministic.
+the cuBLAS workspace variable (needed for deterministic GEMMs on CUDA), one fixed NCCL algorithm
+(NCCL may otherwise pick ring or tree per message size and topology, which changes the summation
+order), TransformerEngine's deterministic kernels, no TF32, no cuDNN benchmarking. The model's own
+reductions are already ordered: the MoE combine sums each token's K weighted copies in a fixed order
+(no scatter-add of duplicate indices), all-reduces run in a fixed bucket order, and all-to-all splits
+are deterministic.
 
 Random streams are derived per (seed, rank, purpose) so that no two ranks or purposes draw the same
-numbers: ``seeded_generator(seed, rank=r, purpose="dropout")``.
+numbers: ``seeded_generator(seed, rank=r, purpose="dropout")``; ``seed_rank_streams`` reseeds the
+process-wide streams (torch CPU and CUDA, ``random``, NumPy) per rank once the model is initialised
+(initialisation itself must draw the same numbers on every rank). The data order needs no stream of
+its own: every rank walks one seeded permutation and takes a disjoint slice (``data/sampler.py``),
+in the main process (no loader workers).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 
 import torch
 
 CUBLAS_WORKSPACE = ":4096:8"
+# Set only where unset: a launcher's explicit choice wins.
+DETERMINISTIC_ENV = {
+    "CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE,
+    "NCCL_ALGO": "Ring",
+    "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+}
 
 
 def enable_determinism() -> None:
     """Make every kernel this process runs deterministic (or fail loudly where one is not).
 
-    Must run before CUDA is initialised for the cuBLAS workspace variable to take effect.
+    Must run before CUDA and NCCL are initialised for the environment variables to take effect
+    (``launch.run_training`` calls it first). Idempotent.
     """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    for key, value in DETERMINISTIC_ENV.items():
+        os.environ.setdefault(key, value)
     torch.use_deterministic_algorithms(True, warn_only=False)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -48,3 +63,13 @@ def seeded_generator(seed: int, *, rank: int, purpose: str, device: str = "cpu")
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(seed, rank=rank, purpose=purpose))
     return gen
+
+
+def seed_rank_streams(seed: int, *, rank: int) -> None:
+    """Reseed the process-wide random streams (torch CPU and every CUDA device, ``random``, NumPy)
+    from ``derive_seed(seed, rank=rank, purpose=...)``: distinct on every rank, the same on reruns."""
+    import numpy as np
+
+    torch.manual_seed(derive_seed(seed, rank=rank, purpose="torch"))
+    random.seed(derive_seed(seed, rank=rank, purpose="python"))
+    np.random.seed(derive_seed(seed, rank=rank, purpose="numpy") % 2**32)

@@ -57,9 +57,10 @@ class MetricsSink:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             postfix = {}
-            for key in ("loss", "val/loss", "tokens_per_s", "lr"):
+            for key, short in (("loss", "loss"), ("val/loss", "val_loss"), ("tokens_per_s", "tokens_per_s"),
+                               ("lr", "lr"), ("moe/ffn_experts_per_token", "ffn_per_tok"), ("moe/rg_max", "rg")):
                 if key in record and isinstance(record[key], (int, float)):
-                    postfix[key.replace("/", "_")] = f"{record[key]:.4g}"
+                    postfix[short] = f"{record[key]:.4g}"
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
         if self._wandb is not None:

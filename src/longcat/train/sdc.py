@@ -9,9 +9,12 @@ bits; a difference means the hardware corrupted something. Two checks:
 - cross-replica: every ``sdc.replica_interval`` steps, after the optimizer step, the parameters that
   dp (dense) or edp (experts) replicas hold in common must hash identically on every replica.
 
-Checksums are exact integer reductions over the tensors' bit patterns: a position-weighted sum of
-the 32-bit words in int64 (wrapping). Integer addition is associative, so the checksum does not
-depend on the reduction order or the device, and any single flipped bit changes it.
+Checksums are exact integer reductions over the tensors' bit patterns: the tensor's 32-bit words
+are cut into ``_NUM_BLOCKS`` contiguous blocks, each block summed exactly in int64, and the block sums
+combined with odd weights modulo 2^64. Integer addition is associative, so the checksum does not
+depend on the reduction order or the device; a flipped bit b changes one block sum by +-2^b, hence
+the checksum by an odd multiple of 2^b (never 0 modulo 2^64). One memory pass per tensor, and
+``checksums`` moves the block sums of all tensors to the host in a single transfer.
 
 ``FaultInjector`` flips one chosen bit on purpose so tests can prove every injected fault is found.
 """
@@ -29,33 +32,61 @@ from longcat.config.schema import FaultInjection, FaultTarget
 
 logger = logging.getLogger(__name__)
 
-# Odd multipliers so that a flipped bit in word i changes the sum by (2^b * w_i) mod 2^64 != 0.
-# Kept below 2^31 so a word times a weight fits in int64; the sum itself wraps modulo 2^64.
-_WEIGHTS = torch.tensor([0x1E3779B1, 0x05EBCA77, 0x42B2AE3D, 0x27D4EB2F, 0x165667B1, 0x53A2646D,
-                         0x7D7046C5, 0x355A4F09], dtype=torch.int64)
+_NUM_BLOCKS = 8
+# Odd weights: the first _NUM_BLOCKS for the block sums, the rest for the < _NUM_BLOCKS tail words.
+_WEIGHTS = (0x1E3779B1, 0x05EBCA77, 0x42B2AE3D, 0x27D4EB2F, 0x165667B1, 0x53A2646D, 0x7D7046C5, 0x355A4F09,
+            0x61C88647, 0x2545F491, 0x4F1BBCDD, 0x0B4B82E7, 0x3C6EF373, 0x7A646E4D, 0x1B873593, 0x6B43A9B5)
+_MASK64 = (1 << 64) - 1
+
+
+def _word_sums(tensor: torch.Tensor) -> torch.Tensor:
+    """[2 * _NUM_BLOCKS] int64 on the tensor's device: exact sums of its signed 32-bit words per
+    contiguous block, then the tail words (fewer than _NUM_BLOCKS) one by one, zero-padded."""
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() % 4:  # 1- or 2-byte dtypes with an odd byte count (small tensors): pad to a word
+        raw = torch.cat([raw, raw.new_zeros((-raw.numel()) % 4)])
+    words = raw.view(torch.int32)
+    body = words.numel() - words.numel() % _NUM_BLOCKS
+    out = torch.zeros(2 * _NUM_BLOCKS, dtype=torch.int64, device=words.device)
+    if body:
+        # Each block sum is exact: at most 2^31 * numel / 8 in magnitude, far inside int64.
+        out[:_NUM_BLOCKS] = torch.sum(words[:body].view(_NUM_BLOCKS, -1), dim=1, dtype=torch.int64)
+    tail = words[body:]
+    out[_NUM_BLOCKS: _NUM_BLOCKS + tail.numel()] = tail.to(torch.int64)
+    return out
+
+
+def _combine(sums: list[int], numel: int) -> int:
+    """The checksum from ``_word_sums``: sum of weight x word sum modulo 2^64, as a signed int64."""
+    total = sum(w * s for w, s in zip(_WEIGHTS, sums)) & _MASK64
+    if total >= 1 << 63:
+        total -= 1 << 64
+    return total ^ (numel << 1)
 
 
 def tensor_checksum(tensor: torch.Tensor) -> int:
     """An exact, order-independent checksum of ``tensor``'s bits (any dtype, any device).
 
-    Returns a Python int; equal tensors (bitwise) give equal checksums, a single flipped bit never
-    leaves it unchanged.
+    Returns a Python int in the int64 range; equal tensors (bitwise) give equal checksums, a single
+    flipped bit never leaves it unchanged. Reads the tensor once; one host sync.
     """
-    flat = tensor.detach().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8)
-    pad = (-raw.numel()) % 4
-    if pad:
-        raw = torch.cat([raw, raw.new_zeros(pad)])
-    words = raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    weights = _WEIGHTS.to(words.device).repeat((words.numel() + len(_WEIGHTS) - 1) // len(_WEIGHTS))
-    positions = torch.arange(words.numel(), device=words.device, dtype=torch.int64)
-    mixed = words * weights[: words.numel()] + positions * 0x632BE5AB
-    return int(mixed.sum().item()) ^ (flat.numel() << 1)
+    return _combine(_word_sums(tensor).tolist(), tensor.numel())
 
 
 def checksums(named: Iterable[tuple[str, Optional[torch.Tensor]]]) -> dict[str, int]:
-    """Checksums of every named tensor that is not None."""
-    return {name: tensor_checksum(t) for name, t in named if t is not None}
+    """Checksums of every named tensor that is not None (DTensors: the local shard), one host sync."""
+    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named if t is not None]
+    if not named:
+        return {}
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    sums: list[list[int]] = [[] for _ in named]
+    for indices in by_device.values():
+        stacked = torch.stack([_word_sums(named[i][1]) for i in indices]).tolist()
+        for i, row in zip(indices, stacked):
+            sums[i] = row
+    return {name: _combine(row, t.numel()) for (name, t), row in zip(named, sums)}
 
 
 @dataclass(frozen=True)
@@ -85,22 +116,26 @@ def cross_replica_mismatches(named_params: Iterable[tuple[str, torch.Tensor]], *
                              step: int) -> list[Mismatch]:
     """Compare parameter checksums across the replicas of ``group`` (all ranks of it must call).
 
-    Each rank all-gathers the [P] int64 checksum vector over ``group``; a parameter whose checksum
-    differs from the group's first rank is reported on every rank, naming the deviating rank.
+    Each rank all-gathers the [P] int64 checksum vector over ``group``. Per parameter the reference is
+    the checksum most replicas hold (ties: the lowest group rank's); every rank holding another one is
+    reported, identically on every rank of the group. With two replicas the report cannot tell which
+    of the two is corrupt: it names the higher rank.
     """
     if group is None or dist.get_world_size(group) == 1:
         return []
     named = list(named_params)
-    local_P = torch.tensor([tensor_checksum(p) for _, p in named], dtype=torch.int64)
+    local_P = torch.tensor(list(checksums(named).values()), dtype=torch.int64)
     gathered = [torch.empty_like(local_P) for _ in range(dist.get_world_size(group))]
     # [P] int64 -> all_gather(group) -> world x [P]
     dist.all_gather(gathered, local_P, group=group)
+    sums_RP = torch.stack(gathered)
     ranks = dist.get_process_group_ranks(group)
     found = []
-    for member, sums_P in zip(ranks[1:], gathered[1:]):
-        for i in torch.nonzero(sums_P != gathered[0]).flatten().tolist():
-            found.append(Mismatch(step=step, rank=member, tensor=named[i][0], first=int(gathered[0][i]),
-                                  second=int(sums_P[i]), check="replica"))
+    for i in torch.nonzero((sums_RP != sums_RP[0]).any(dim=0)).flatten().tolist():
+        column = sums_RP[:, i].tolist()
+        reference = max(column, key=lambda v: (column.count(v), -column.index(v)))
+        found += [Mismatch(step=step, rank=member, tensor=named[i][0], first=reference, second=value, check="replica")
+                  for member, value in zip(ranks, column) if value != reference]
     return found
 
 
@@ -123,9 +158,10 @@ def flip_bit_(tensor: torch.Tensor, *, index: int, bit: int) -> None:
 class FaultInjector:
     """Injects the configured single-bit fault once, on one rank, at one step.
 
-    The trainer calls ``maybe_activation_hooks`` before the first forward of a step, ``after_backward``
-    after the first backward of the replayed micro-batch and ``after_optimizer`` after the optimizer
-    step. Replays never receive the fault (it models a transient hardware error).
+    ``SDCMonitor`` (``train/sdc_check.py``) registers ``activation_hook`` around the first forward of
+    the replayed micro-batch, calls ``after_backward`` after its first backward and ``after_optimizer``
+    after the optimizer step. Replays never receive the fault (it models a transient hardware error).
+    Steps are numbered from 1 (the step being computed, ``StepResult.step``); ``rank`` is global.
     """
 
     def __init__(self, cfg: FaultInjection, *, rank: int):
@@ -147,12 +183,14 @@ class FaultInjector:
                              f"e.g. {sorted(modules)[1:6]}")
 
         def hook(_module, _inputs, output):
-            if self.injected_at is None:
-                target = output[0] if isinstance(output, tuple) else output
-                flip_bit_(target, index=self.cfg.index, bit=self.cfg.bit)
-                self.injected_at = step
-                logger.warning("injected fault: activation %s bit %d at step %d", self.cfg.tensor, self.cfg.bit, step)
-            return output
+            if self.injected_at is not None:
+                return output
+            # A flipped copy replaces the output (the output may be a view autograd forbids editing).
+            target = (output[0] if isinstance(output, tuple) else output).clone()
+            flip_bit_(target, index=self.cfg.index, bit=self.cfg.bit)
+            self.injected_at = step
+            logger.warning("injected fault: activation %s bit %d at step %d", self.cfg.tensor, self.cfg.bit, step)
+            return (target, *output[1:]) if isinstance(output, tuple) else target
 
         return modules[self.cfg.tensor].register_forward_hook(hook)
 

@@ -16,6 +16,8 @@ this rank), E = N + Z experts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -31,12 +33,17 @@ from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
 from longcat.distributed.parallelize import ParallelOptions, parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
-from longcat.train import losses
+from longcat.train import fault_hooks, losses
 from longcat.train.bias_controller import ExpertBiasController
 from longcat.train.checkpoint import CheckpointManager, latest_checkpoint
+from longcat.train.determinism import enable_determinism, seed_rank_streams
 from longcat.train.metrics import MetricsSink
+from longcat.train.nonfinite import NonFiniteGuard
 from longcat.train.optim import build_optimizer, width_scale
+from longcat.train.preemption import PreemptionWatcher
 from longcat.train.schedule import build_scheduler, lr_multiplier
+from longcat.train.sdc_check import SDCMonitor, SDCRollback, rollback_to_good_checkpoint
+from longcat.train.stability import StabilityMonitor, StabilitySums, local_routers
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class LossParts:
     mtp: float = 0.0
     z: float = 0.0
     lb: float = 0.0
+    stability: StabilitySums = field(default_factory=StabilitySums)  # this dp rank's, per layer LB etc.
 
     @property
     def total(self) -> float:
@@ -63,8 +71,9 @@ class StepResult:
     lr: float
     num_tokens: float
     router_counts_LE: torch.Tensor  # [L, E + 1] global counts; last column = real tokens
-    ffn_per_token_stats: list = field(default_factory=list)  # per layer (min, max, std) over local tokens
+    ffn_per_token_stats: list = field(default_factory=list)  # per layer (min, max, std) over the global batch
     ep_rows: Optional[dict] = None  # under EP, all-to-all rows of the step summed over all ranks
+    stability: dict = field(default_factory=dict)  # StabilityMonitor metrics (R_g, cosine, hidden norm, ...)
 
 
 def parallel_options(cfg: RunConfig) -> ParallelOptions:
@@ -103,10 +112,14 @@ class Trainer:
                 f"parallel.pp_microbatches={cfg.parallel.pp_microbatches} but each dp rank runs "
                 f"global_batch_size / (micro_batch_size x dp) = {self.accum} micro-batches per step; leave it 0")
 
+        if cfg.determinism.enabled:
+            enable_determinism()  # idempotent; launch.run_training already did, before CUDA / NCCL start
         torch.manual_seed(cfg.train.seed)
         model = LongcatFlashForCausalLM(cfg.model, activation_checkpointing=cfg.train.activation_checkpointing)
         model = model.to(self.device)
         init_weights(model, cfg.model, width_scale=width_scale(cfg.model, cfg.optim))
+        if cfg.determinism.enabled:  # init drew the same numbers on every rank; from here each rank its own
+            seed_rank_streams(cfg.train.seed, rank=self.groups.rank)
         self.parallel = parallelize(
             model, groups=self.groups, options=parallel_options(cfg), num_microbatches=self.accum,
             loss_cfg=cfg.loss, moe_cfg=cfg.moe, autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None)
@@ -116,10 +129,17 @@ class Trainer:
         self.parallel.attach_optimizer(self.optimizer, clip_grad=cfg.optim.clip_grad)
         self.scheduler = build_scheduler(self.optimizer, cfg=cfg.optim, total_steps=cfg.train.steps)
         self.biases_L = self.parallel.local_biases()
+        self.sdc = SDCMonitor(cfg.sdc, parallel=self.parallel, groups=self.groups,
+                              checkpoint_root=self.out_dir / "checkpoints")
+        self.guard = NonFiniteGuard(cfg.train.nonfinite_policy, world_group=self.groups.world_group)
         self._ep_dispatchers = [m.dispatcher for m in self.model.modules()
                                 if hasattr(getattr(m, "dispatcher", None), "counters")]
         self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
                                                total_steps=cfg.train.steps)
+        self.stability = StabilityMonitor(cfg.moe, num_layers=len(self.biases_L),
+                                          num_experts=cfg.model.num_experts_total, top_k=cfg.model.moe_topk,
+                                          pipeline_parallel=self.pipeline is not None, warn=self.is_rank0)
+        self.routers_L = local_routers(self.parallel)
         self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last)
@@ -153,13 +173,7 @@ class Trainer:
             raise ValueError(f"train.resume=none but {latest} exists; use train.resume=auto to continue "
                              "or choose a fresh train.out_dir")
         if latest is not None:
-            state = self.checkpoints.load(latest, model=self.parallel, optimizer=self.optimizer,
-                                          check_config=self._check_model_config)
-            self.step = state["step"]
-            self.tokens_seen = state["tokens_seen"]
-            self._set_schedule_step(state.get("scheduler", {}).get("last_epoch", self.step))
-            self.controller.load_state_dict(state["controller"])
-            self.data.train.load_state_dict(state["data"])
+            self.load_checkpoint(latest)
             logger.info("resumed from %s at step %d", latest, self.step)
         elif cfg.init_from:
             self.checkpoints.load(Path(cfg.init_from), model=self.parallel, optimizer=None,
@@ -167,6 +181,20 @@ class Trainer:
             if self.pipeline is not None:
                 self.pipeline.sync_tied_embedding_weights()
             logger.info("initialised weights from %s", cfg.init_from)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Put the whole training state (weights, optimizer, step, LR schedule, controller, data position)
+        at checkpoint ``path``: a resume, or an SDC rollback."""
+        state = self.checkpoints.load(path, model=self.parallel, optimizer=self.optimizer,
+                                      check_config=self._check_model_config)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self._set_schedule_step(state.get("scheduler", {}).get("last_epoch", self.step))
+        self.controller.load_state_dict(state["controller"])
+        self.controller.discard()
+        self.stability.load_state_dict(state.get("stability", {}))
+        self.data.train.load_state_dict(state["data"])
+        self.train_iter = iter(self.data.train)
 
     def _set_schedule_step(self, last_epoch: int) -> None:
         """Put the LR schedule at ``last_epoch`` steps (layout-independent: no per-group state)."""
@@ -182,6 +210,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "scheduler": {"last_epoch": self.scheduler.last_epoch},
             "controller": self.controller.state_dict(),
+            "stability": self.stability.state_dict(),
             "data": self.data.train.state_dict(),
             "config": self.config_dict,
         }
@@ -237,18 +266,27 @@ class Trainer:
             z = cfg.loss.z_loss_coef * losses.hidden_z_loss_sum(out.last_hidden_BSD, token_mask_BS) / counts.num_real
             objective = objective + z
             parts.z += z.item()
-        if cfg.moe.lb_loss_coef > 0:
-            lb = sum(
+        lb, lb_terms_L = None, None
+        if self.stability.lb_coef > 0:  # alpha: moe.lb_loss_coef, or the automatic one
+            lb_scale = self.stability.lb_coef / (self.accum * self.dp_size)
+            lb_terms_L = [
                 losses.load_balance_loss(
                     s.expert_counts_E, s.prob_sum_E, s.num_tokens, n_routed_experts=cfg.model.n_routed_experts,
                     moe_topk=cfg.model.moe_topk, expected_ffn_experts=cfg.moe.expected_ffn_experts,
                     num_groups=self.lb_num_groups)
-                for s in out.moe_stats
-            ) * (cfg.moe.lb_loss_coef / (self.accum * self.dp_size))
+                for s in out.moe_stats  # one term per MoE layer, never pooled over layers
+            ]
+            lb = sum(lb_terms_L) * lb_scale
+            lb_terms_L = [t * lb_scale for t in lb_terms_L]
+            parts.stability.add_lb(lb_terms_L)
+        if self.stability.wants_measurement:  # R_g (Eq. 9) before the real backward; see train/stability.py
+            self.stability.measure(rest=objective, lb_terms_L=lb_terms_L, stats=out.moe_stats)
+        if lb is not None:
             objective = objective + lb
             parts.lb += lb.item()
+        parts.stability.add_hidden(out.last_hidden_BSD, token_mask_BS)
         self.parallel.backward(objective)
-        return out.moe_stats
+        return [dataclasses.replace(s, probs_TE=None, token_mask_T=None) for s in out.moe_stats]
 
     def _forward_backward_all(self, micro_batches: list[dict], counts: losses.GlobalTokenCounts):
         """Every micro-batch of this rank: (LossParts of this dp rank, per micro-batch the local layers' stats)."""
@@ -256,6 +294,9 @@ class Trainer:
             out = self.pipeline.step(micro_batches, counts)
             return LossParts(out.loss.ce, out.loss.mtp, out.loss.z, out.loss.lb), out.moe_stats
         parts, stats = LossParts(), []
+        if self.sdc.replay_due(self.step + 1):  # SDC replay of one micro-batch (train/sdc_check.py)
+            return parts, self.sdc.forward_backward_replayed(
+                micro_batches, step=self.step + 1, run=lambda mb, p: self.forward_backward(mb, counts, p), parts=parts)
         for mb in micro_batches:
             stats.append(self.forward_backward(mb, counts, parts))
         return parts, stats
@@ -265,6 +306,7 @@ class Trainer:
         if micro_batches is None:
             micro_batches = [next(self.train_iter) for _ in range(self.accum)]
         counts = self._global_counts(micro_batches)
+        self.stability.begin_step(self.step)
         for d in self._ep_dispatchers:
             d.reset_counters()
         self.parallel.zero_grad(self.optimizer)
@@ -272,23 +314,27 @@ class Trainer:
         for mb_stats in stats:
             self.controller.accumulate([s.expert_counts_E for s in mb_stats], [s.num_tokens for s in mb_stats])
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = self.parallel.reduce_clip_step(self.optimizer, max_norm=self.cfg.optim.clip_grad)
-        router_counts_LE = self.controller.step(self.biases_L, dp_group=self.dp_group)
-        self.scheduler.step()
+        skip_if = functools.partial(self.guard.should_skip, loss=parts.total, step=self.step + 1,
+                                    skippable=self.parallel.deepspeed is None)
+        grad_norm = self.parallel.reduce_clip_step(self.optimizer, max_norm=self.cfg.optim.clip_grad, skip_if=skip_if)
+        if self.guard.skipped_last:  # non-finite: nothing applied, the step's router counts dropped too
+            router_counts_LE = self.controller.discard()
+        else:
+            router_counts_LE = self.controller.step(self.biases_L, dp_group=self.dp_group)
+        stability = self.stability.end_step(parts.stability, stats, routers=self.routers_L, dp_group=self.dp_group)
+        if not self.guard.skipped_last:
+            self.scheduler.step()
+        self.sdc.after_optimizer(step=self.step + 1)  # parameter fault injection, cross-replica check
         self.step += 1
         self.tokens_seen += counts.num_real
         if self.dp_group is not None:
             totals = torch.tensor([parts.ce, parts.mtp, parts.z, parts.lb], dtype=torch.float64)
             dist.all_reduce(totals, group=self.dp_group)  # [4] -> all_reduce(sum, dp) -> [4]
             parts = LossParts(*totals.tolist())
-        per_layer = []
-        for layer in range(len(self.biases_L)):
-            values = torch.cat([mb_stats[layer].ffn_per_token_T for mb_stats in stats])
-            per_layer.append((values.min().item(), values.max().item(), values.std(unbiased=False).item())
-                             if values.numel() else (0.0, 0.0, 0.0))
         return StepResult(step=self.step, loss=parts, grad_norm=grad_norm, lr=lr,
                           num_tokens=counts.num_real, router_counts_LE=router_counts_LE,
-                          ffn_per_token_stats=per_layer, ep_rows=self._ep_rows())
+                          ffn_per_token_stats=stability.ffn_per_token_stats, ep_rows=self._ep_rows(),
+                          stability=stability.metrics)
 
     def _ep_rows(self) -> Optional[dict]:
         """Rows the EP dispatchers sent this step (all ranks): zero-expert rows must stay 0."""
@@ -347,6 +393,9 @@ class Trainer:
                 counts_LE[layer, n:-1].sum() / counts_LE[layer, :-1].sum().clamp(min=1))
             metrics[f"moe/layer{layer}/load_max_over_mean"] = float(load_N.max() / load_N.mean().clamp(min=1e-9))
             metrics[f"moe/layer{layer}/expert_load"] = (load_N / tokens).tolist()
+        metrics.update(result.stability)
+        metrics.update(self.sdc.metrics())
+        metrics["nonfinite/skipped_steps"] = self.guard.num_skipped
         return metrics
 
     def fit(self) -> dict[str, Any]:
@@ -357,6 +406,8 @@ class Trainer:
         summary: dict[str, Any] = {"start_step": self.step}
         if self.is_rank0:
             (self.out_dir / "config.json").write_text(json.dumps(self.config_dict, indent=1, default=str))
+        preemption = PreemptionWatcher(timeout_s=cfg.preempt_timeout_s, world_group=self.groups.world_group)
+        preemption.install()
         try:
             if cfg.eval_interval and self.step == 0:
                 summary["initial_val_loss"] = self.evaluate()
@@ -364,7 +415,11 @@ class Trainer:
             self.parallel.train(True)
             while self.step < cfg.steps:
                 start = time.perf_counter()
-                result = self.train_step()
+                try:
+                    result = self.train_step()
+                except SDCRollback as request:  # every rank: reload the last good checkpoint, go on
+                    rollback_to_good_checkpoint(self, request)
+                    continue
                 metrics = self.step_metrics(result, time.perf_counter() - start)
                 if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
                     metrics["val/loss"] = summary["final_val_loss"] = self.evaluate()
@@ -373,9 +428,17 @@ class Trainer:
                 if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0 or self.step == cfg.steps):
                     path = self.save_checkpoint()
                     summary["checkpoint"] = str(path)
+                fault_hooks.step_end(self.step)
+                if preemption.should_stop():  # collective: SIGTERM on any rank stops every rank at this step
+                    if self.checkpoints.last_saved_step != self.step:
+                        summary["checkpoint"] = str(self.save_checkpoint())
+                    preemption.mark_checkpointed()
+                    summary["preempted_at_step"] = self.step
+                    break
             summary["final_step"] = self.step
             summary["metrics_file"] = str(sink.jsonl_path)
             summary["wandb_dir"] = str(sink.wandb_dir) if sink.wandb_dir else None
         finally:
+            preemption.uninstall()
             sink.close()
         return summary

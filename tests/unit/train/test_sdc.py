@@ -59,3 +59,31 @@ def test_derived_seeds_differ_by_rank_and_purpose():
     seeds = {determinism.derive_seed(1, rank=r, purpose=p) for r in range(4) for p in ("data", "dropout")}
     assert len(seeds) == 8
     assert determinism.derive_seed(1, rank=0, purpose="data") == determinism.derive_seed(1, rank=0, purpose="data")
+
+
+def test_batched_checksums_equal_single_ones():
+    torch.manual_seed(0)
+    named = [("w", torch.randn(37, 5)), ("odd_bf16", torch.randn(7).bfloat16()), ("ids", torch.arange(9)),
+             ("empty", torch.zeros(0)), ("strided", torch.randn(6, 4).t()), ("none", None)]
+    sums = sdc.checksums(named)
+    assert sums == {name: sdc.tensor_checksum(t) for name, t in named if t is not None}
+    assert all(-2**63 <= v < 2**63 for v in sums.values())
+
+
+def test_checksum_is_independent_of_layout_but_not_of_values():
+    t = torch.randn(8, 16)
+    assert sdc.tensor_checksum(t.t().contiguous().t()) == sdc.tensor_checksum(t)
+    assert sdc.tensor_checksum(t.reshape(16, 8)) == sdc.tensor_checksum(t)  # the bits, not the shape
+    assert sdc.tensor_checksum(-t) != sdc.tensor_checksum(t)
+
+
+def test_activation_fault_replaces_a_view_output_without_touching_it():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inj = sdc.FaultInjector(FaultInjection(step=1, rank=0, target="activation", tensor="0", index=2, bit=30), rank=0)
+    x = torch.randn(3, 4)
+    clean = model(x)
+    handle = inj.activation_hook(model, step=1)
+    faulty = model(x)
+    handle.remove()
+    assert (faulty != clean).sum() == 1 and inj.injected_at == 1
+    assert torch.equal(model(x), clean)

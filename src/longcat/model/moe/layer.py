@@ -57,12 +57,18 @@ class MoEStats:
     prob_sum_E: fp32 [E], with grad: sum over real tokens of the full softmax (P_j of Eq. 4, times T).
     num_tokens: fp32 scalar tensor, detached: real tokens (T of Eq. 3-5).
     ffn_per_token_T: fp32 [T_real], detached: FFN (non-zero) experts chosen by each real token.
+    probs_TE: fp32 [T, E], with grad: the router's full softmax over *all* T tokens (padding
+        included; see ``token_mask_T``), for gradients with respect to P (R_g, Eq. 9). Holding it
+        keeps a [T, E] tensor alive: drop it (``None``) before keeping stats past the backward.
+    token_mask_T: bool [T] (True = real token) or None (all real).
     """
 
     expert_counts_E: torch.Tensor
     prob_sum_E: torch.Tensor
     num_tokens: torch.Tensor
     ffn_per_token_T: torch.Tensor
+    probs_TE: torch.Tensor | None = None
+    token_mask_T: torch.Tensor | None = None
 
 
 def router_stats(route: RouterOutput, *, num_ffn_experts: int, token_mask_T: torch.Tensor | None) -> MoEStats:
@@ -85,6 +91,8 @@ def router_stats(route: RouterOutput, *, num_ffn_experts: int, token_mask_T: tor
         prob_sum_E=prob_sum_E,
         num_tokens=num_tokens,
         ffn_per_token_T=ffn_per_token_T,
+        probs_TE=probs_TE,
+        token_mask_T=token_mask_T,
     )
 
 

@@ -1,0 +1,341 @@
+"""The trainer's SDC checks: replay, cross-replica hashes, the mismatch policy and rollback.
+
+Steps are numbered from 1 (``StepResult.step``; ``sdc.inject.step`` uses the same numbers). On a step
+``s`` with ``s % sdc.replay_interval == 0`` (PAPER.md §5.1, ``train/sdc.py``):
+
+    micro-batches 0 .. m-1           normal forward + backward, grads accumulate
+    micro-batch m (the chosen one)   grads so far stashed -> forward + backward in isolation
+                                     -> [fault injection] -> checksums of its loss parts and every grad
+                                     -> stashed grads added back (old + new: the bits autograd's own
+                                        accumulation gives, so a replayed step trains exactly as any)
+    micro-batches m+1 .. A-1         normal
+    replay                           all grads stashed -> micro-batch m again -> checksums -> compared
+                                     bit for bit -> replay grads dropped, stash put back
+
+The replay therefore costs one micro-batch's forward and backward plus two checksum passes over the
+gradients; every rank replays at the same step, so the collectives of TP / EP pair up. Not under PP
+(the schedule interleaves micro-batches over stages; the schema refuses it) nor DeepSpeed (its ZeRO
+buffers own the gradients). The MoE statistics of the replay are dropped; EP dispatch counters
+include its rows.
+
+On a step with ``s % sdc.replica_interval == 0``, after the optimizer step, parameters replicated
+over dp (dense; and the expert biases) and over edp (routed experts) are hashed and compared across
+the replicas (``cross_replica_mismatches``); parameters FSDP shards over dp are not replicated and
+not compared.
+
+A mismatch on any rank reaches every rank (count all-reduced over the world group, reports
+all-gathered), is logged on every rank (step, rank, tensor, both checksums), counted
+(``sdc/mismatches``, ``sdc/failed_checks``) and acted on by ``sdc.policy``: ``warn`` continues;
+``halt`` raises ``SDCHaltError`` on every rank before the suspect state is applied or saved
+(``launch`` exits with code 3); ``rollback`` raises ``SDCRollback``, which ``Trainer.fit`` answers
+with ``rollback_to_good_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from longcat.config.schema import FaultInjection, SDCConfig, SDCPolicy
+from longcat.distributed.data_parallel import DPMode
+from longcat.train.checkpoint import list_checkpoints
+from longcat.train.sdc import FaultInjector, Mismatch, checksums, compare_checksums, cross_replica_mismatches
+
+logger = logging.getLogger(__name__)
+
+SDC_EXIT_CODE = 3
+_MAX_LOGGED = 20  # report lines per failed check (an activation fault touches most gradients)
+
+
+class SDCHaltError(RuntimeError):
+    """Silent data corruption detected under ``sdc.policy=halt`` (or no good checkpoint to roll back
+    to); raised on every rank. ``mismatches`` holds every rank's reports."""
+
+    exit_code = SDC_EXIT_CODE
+
+    def __init__(self, message: str, mismatches: Sequence[Mismatch] = ()):
+        super().__init__(message)
+        self.mismatches = list(mismatches)
+
+
+class SDCRollback(Exception):
+    """Raised on every rank under ``sdc.policy=rollback``: reload a checkpoint of step <= ``max_step``."""
+
+    def __init__(self, *, step: int, max_step: int, mismatches: Sequence[Mismatch]):
+        super().__init__(f"SDC at step {step}: rolling back to a checkpoint of step <= {max_step}")
+        self.step = step
+        self.max_step = max_step
+        self.mismatches = list(mismatches)
+
+
+@dataclass
+class _ReplicaSet:
+    """Tensors every rank of ``group`` holds an identical copy of."""
+
+    group: dist.ProcessGroup
+    named: list[tuple[str, torch.Tensor]]
+
+
+def _size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else group.size()
+
+
+def _floats(value: Any) -> list[float]:
+    """Every int / float in a nest of dicts and lists (``dataclasses.asdict`` of loss parts), in order."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _floats(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _floats(v)]
+    return [float(value)] if isinstance(value, (int, float)) else []
+
+
+class SDCMonitor:
+    """Runs the replay and cross-replica checks of ``sdc.*`` for one trainer.
+
+    Args:
+        cfg: ``RunConfig.sdc``.
+        parallel: the trainer's ``ParallelModel`` (its placements name every local parameter).
+        groups: the run's ``ProcessGroups``.
+        checkpoint_root: the run's checkpoint folder; on ``halt`` after a replica mismatch the
+            checkpoints written since the last clean replica check are set aside (``.suspect``).
+
+    Attributes:
+        injector: the armed ``FaultInjector`` (``sdc.inject``), or None; tests re-arm it with ``arm``.
+        mismatches: every reported mismatch so far (all ranks'), in detection order.
+        num_checks: checks run, by kind (``replay``, ``replica``).
+        num_failed_checks: checks that found at least one mismatch.
+
+    Raises:
+        ValueError: replay requested under PP or DeepSpeed.
+    """
+
+    def __init__(self, cfg: SDCConfig, *, parallel: Any, groups: Any, checkpoint_root: Optional[Path] = None):
+        if cfg.replay_interval and (parallel.pipeline is not None or DPMode(parallel.dp_mode) is DPMode.deepspeed):
+            raise ValueError(f"sdc.replay_interval={cfg.replay_interval} is supported without pipeline parallelism "
+                             "and DeepSpeed only; use sdc.replica_interval there")
+        self.cfg = cfg
+        self.policy = SDCPolicy(cfg.policy)
+        self.parallel = parallel
+        self.groups = groups
+        self.rank = groups.rank
+        self.world_group = groups.world_group
+        self.checkpoint_root = checkpoint_root
+        self.injector: Optional[FaultInjector] = None
+        if cfg.inject.step >= 0:
+            self.arm(cfg.inject)
+        self.mismatches: list[Mismatch] = []
+        self.num_checks = {"replay": 0, "replica": 0}
+        self.num_failed_checks = 0
+        self.last_replica_clean_step = 0
+        self._rolled_back_from: Optional[int] = None
+        self._first: dict[str, int] = {}
+        self._replica_sets = self._build_replica_sets() if cfg.replica_interval else []
+
+    # ------------------------------------------------------------------------- setup
+    def arm(self, fault: FaultInjection) -> None:
+        """Arm a (new) single-bit fault: ``fault.step``, ``fault.rank``, ``fault.target``..."""
+        self.injector = FaultInjector(fault, rank=self.rank)
+
+    def _build_replica_sets(self) -> list[_ReplicaSet]:
+        dense, expert = [], []
+        for p in self.parallel.placements:
+            if p.is_expert and "edp" in p.replicated_over:
+                expert.append((p.name, p.param))
+            elif not p.is_expert and "dp" in p.replicated_over:
+                dense.append((p.name, p.param))
+        dense += [(name, buf) for name, buf in self.parallel.model.named_buffers()
+                  if name.endswith("e_score_correction_bias")]
+        sets = [_ReplicaSet(self.groups.dp_group, dense), _ReplicaSet(self.groups.edp_group, expert)]
+        # The same groups on every rank, dp first: collectives pair up in one global order.
+        return [s for s in sets if _size(s.group) > 1]
+
+    @property
+    def num_mismatches(self) -> int:
+        return len(self.mismatches)
+
+    def metrics(self) -> dict[str, int]:
+        """Counters since the start of this process: mismatching tensors, failed checks, checks run."""
+        return {"sdc/mismatches": self.num_mismatches, "sdc/failed_checks": self.num_failed_checks,
+                **{f"sdc/{kind}_checks": n for kind, n in self.num_checks.items()}}
+
+    # ------------------------------------------------------------------------- replay
+    def replay_due(self, step: int) -> bool:
+        return self.cfg.replay_interval > 0 and step % self.cfg.replay_interval == 0
+
+    def forward_backward_replayed(self, micro_batches: Sequence[dict], *, step: int,
+                                  run: Callable[[dict, Any], Any], parts: Any) -> list:
+        """Every micro-batch forward + backward (``run(mb, parts) -> moe stats``, adding its loss parts
+        to ``parts``), the chosen one captured in isolation, then its replay compared.
+
+        The loss side of the capture is every float in ``parts`` (a dataclass, nested ones included)
+        after the chosen micro-batch; the replay starts from a copy of ``parts`` as it was before it
+        and must end on the same bits (exact: float64 sums of a few fp32 values).
+
+        Returns:
+            Per micro-batch the stats, as without replay (``parts`` filled in place).
+
+        Raises:
+            SDCHaltError / SDCRollback: a mismatch under ``halt`` / ``rollback`` (on every rank).
+        """
+        chosen = self.cfg.replay_microbatch % len(micro_batches)
+        stats, before = [], None
+        for i, mb in enumerate(micro_batches):
+            if i == chosen:
+                before = copy.deepcopy(parts)
+                stats.append(self._first_pass(lambda: run(mb, parts), parts, step=step))
+            else:
+                stats.append(run(mb, parts))
+        stash = self._stash_grads()
+        run(micro_batches[chosen], before)
+        second = self._capture(before)
+        self._put_back(stash)
+        found = compare_checksums(self._first, second, step=step, rank=self.rank, check="replay")
+        self._resolve(found, step=step, check="replay")
+        return stats
+
+    def _grad_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [(p.name, p.param) for p in self.parallel.placements]
+
+    def _stash_grads(self) -> list[Optional[torch.Tensor]]:
+        stash = []
+        for _, p in self._grad_params():
+            stash.append(p.grad)
+            p.grad = None
+        return stash
+
+    def _put_back(self, stash: list[Optional[torch.Tensor]]) -> None:
+        for (_, p), old in zip(self._grad_params(), stash):
+            p.grad = old
+
+    @torch.no_grad()
+    def _add_back(self, stash: list[Optional[torch.Tensor]]) -> None:
+        """grad = stashed + isolated: what autograd's ``grad += new`` would have given (IEEE addition
+        commutes)."""
+        for (_, p), old in zip(self._grad_params(), stash):
+            if old is None:
+                continue
+            if p.grad is not None:
+                old.add_(p.grad)
+            p.grad = old
+
+    def _capture(self, parts: Any) -> dict[str, int]:
+        loss = torch.tensor(_floats(dataclasses.asdict(parts)), dtype=torch.float64)
+        return checksums([("loss", loss)] + [(name, p.grad) for name, p in self._grad_params()])
+
+    def _first_pass(self, run: Callable[[], Any], parts: Any, *, step: int) -> Any:
+        stash = self._stash_grads()
+        hook = self.injector.activation_hook(self.parallel.model, step=step) if self.injector else None
+        try:
+            stats = run()
+        finally:
+            if hook is not None:
+                hook.remove()
+        if self.injector is not None:
+            self.injector.after_backward(self.parallel.model, step=step)
+        self._first = self._capture(parts)
+        self._add_back(stash)
+        return stats
+
+    # ------------------------------------------------------------------------- replicas
+    def after_optimizer(self, *, step: int) -> None:
+        """Parameter fault injection, then the cross-replica check when due (collective)."""
+        if self.injector is not None:
+            self.injector.after_optimizer(self.parallel.model, step=step)
+        if not (self.cfg.replica_interval and step % self.cfg.replica_interval == 0):
+            return
+        found: list[Mismatch] = []
+        for replica_set in self._replica_sets:
+            found += cross_replica_mismatches(replica_set.named, group=replica_set.group, step=step)
+        self._resolve(found, step=step, check="replica")
+
+    # ------------------------------------------------------------------------- policy
+    def _agree(self, local: list[Mismatch]) -> list[Mismatch]:
+        """Every rank's mismatches, on every rank (duplicates from replica groups removed)."""
+        if _size(self.world_group) == 1:
+            return local
+        count = torch.tensor([len(local)], dtype=torch.int64)
+        # [1] per rank -> all_reduce(sum, world) -> [1]
+        dist.all_reduce(count, group=self.world_group)
+        if count.item() == 0:
+            return []
+        per_rank: list[Any] = [None] * self.world_group.size()
+        dist.all_gather_object(per_rank, local, group=self.world_group)
+        return list(dict.fromkeys(m for found in per_rank for m in found))
+
+    def _resolve(self, local: list[Mismatch], *, step: int, check: str) -> None:
+        self.num_checks[check] += 1
+        found = self._agree(local)
+        if not found:
+            if check == "replica":
+                self.last_replica_clean_step = step
+            return
+        self.mismatches += found
+        self.num_failed_checks += 1
+        ranks = sorted({m.rank for m in found})
+        for m in found[:_MAX_LOGGED]:
+            logger.error("%s", m)
+        if len(found) > _MAX_LOGGED:
+            logger.error("... and %d more mismatching tensors", len(found) - _MAX_LOGGED)
+        summary = (f"silent data corruption suspected: {check} check at step {step} found {len(found)} "
+                   f"mismatching tensor(s) on rank(s) {ranks} (first: {found[0].tensor!r})")
+        if self.policy is SDCPolicy.warn:
+            logger.error("%s; sdc.policy=warn: continuing", summary)
+            return
+        # Replay: the parameters at the start of this step are clean. Replica: only those of the
+        # last step whose replica check passed are known to be.
+        max_step = step - 1 if check == "replay" else self.last_replica_clean_step
+        if self.policy is SDCPolicy.halt:
+            set_aside = self._set_aside_newer_than(max_step)
+            raise SDCHaltError(f"{summary}; sdc.policy=halt: stopping every rank, no checkpoint written from "
+                               f"this state{'; set aside as suspect: ' + ', '.join(set_aside) if set_aside else ''}",
+                               found)
+        if self._rolled_back_from is not None and step <= self._rolled_back_from:
+            raise SDCHaltError(f"{summary} again after rolling back from step {self._rolled_back_from}: a "
+                               "persistent fault (check this rank's hardware); halting", found)
+        raise SDCRollback(step=step, max_step=max_step, mismatches=found)
+
+    def _set_aside_newer_than(self, max_step: int) -> list[str]:
+        """Rename complete checkpoints of step > ``max_step`` to ``step_N.suspect`` (rank 0; collective),
+        so that no resume picks them. Returns their names."""
+        if self.checkpoint_root is None:
+            return []
+        newer = [path for step, path in list_checkpoints(self.checkpoint_root) if step > max_step]
+        if _size(self.world_group) > 1:
+            dist.barrier(group=self.world_group)  # every rank has listed before rank 0 renames
+        if self.rank == 0:
+            for path in newer:
+                path.rename(path.with_name(path.name + ".suspect"))
+        if _size(self.world_group) > 1:
+            dist.barrier(group=self.world_group)
+        return [path.name for path in newer]
+
+
+def rollback_to_good_checkpoint(trainer: Any, request: SDCRollback) -> Path:
+    """Answer ``request`` on every rank: load the newest complete checkpoint of step <=
+    ``request.max_step`` into ``trainer`` (``Trainer.load_checkpoint``) and set newer ones aside as
+    ``step_N.suspect`` so that no later resume picks them. Returns the checkpoint loaded.
+
+    Raises:
+        SDCHaltError: no such checkpoint (retention deleted it, or none was written yet).
+    """
+    root = trainer.checkpoints.root
+    good = [(step, path) for step, path in list_checkpoints(root) if step <= request.max_step]
+    if not good:
+        raise SDCHaltError(f"{request}, but there is no complete checkpoint of step <= {request.max_step} under "
+                           f"{root} (train.checkpoint_interval / keep_last); halting", request.mismatches)
+    step, path = good[-1]
+    monitor: SDCMonitor = trainer.sdc
+    monitor.checkpoint_root = root
+    monitor._set_aside_newer_than(step)
+    trainer.load_checkpoint(path)
+    monitor._rolled_back_from = request.step
+    monitor.last_replica_clean_step = step
+    logger.warning("SDC rollback: reloaded %s (step %d) after the mismatch at step %d", path, step, request.step)
+    return path

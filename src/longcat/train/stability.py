@@ -1,0 +1,289 @@
+"""The stability suite's per-step monitors (PAPER.md §3.1.3) and the per-layer router dashboard values.
+
+``StabilityMonitor`` is driven by the trainer once per optimizer step::
+
+    begin_step(step)                     # decides whether R_g is measured this step
+    per micro-batch (Trainer.forward_backward):
+        sums.add_lb(...) / sums.add_hidden(...)        # into this micro-batch's LossParts
+        measure(...)  on the first micro-batch only, before its real backward (when due)
+    end_step(sums, routers=...)          # one all-reduce over dp; metrics; automatic alpha
+
+What it logs (names as in ``metrics.jsonl``; L = MoE layer, local index on this rank):
+
+- ``moe/layer{L}/lb_loss``: the layer's alpha-scaled load-balance term of the objective (Eq. 3-5),
+  summed over the global batch's micro-batches (they add up to ``loss/lb``). Every step.
+- ``moe/layer{L}/rg``: the gradient-norm ratio of Eq. 9, ``||alpha dL_LB/dP|| / ||dL_LM/dP||``,
+  P the batch-averaged probability vector, L_LM everything else in the objective (CE, MTP, hidden
+  z-loss). Every ``moe.router_health_interval`` steps (0 = never); ``moe/rg_max`` is the worst layer.
+- ``moe/lb_coef``: the alpha in use (changes only with ``moe.auto_lb_coef``). Every step.
+- ``moe/layer{L}/router_cosine_similarity``: the mean pairwise cosine similarity of the router's
+  weight rows; a warning is logged when it first climbs past ``moe.router_collapse_threshold``
+  (and again after it has dropped back below and re-crossed). Every step.
+- ``hidden/last_l2_norm``: the mean over the global batch's real tokens of ``||h_t||_2``, h the last
+  layer's output before the final norm (the input of the hidden z-loss, Eq. 10). Every step.
+
+How R_g is measured. On the first micro-batch of each dp rank, before its real backward, two
+``torch.autograd.grad`` calls read the gradients with respect to every layer's router probabilities
+``probs_TE`` (``MoEStats.probs_TE``), summed over the real tokens (``router_health.grad_wrt_mean_probs``):
+the LB part per layer from that layer's own term (its direct pull on P), the rest of the objective
+through the whole graph above the routers. The [L, E] gradients are summed over dp, so R_g (and the
+automatic alpha derived from it) is identical on every rank. P lives on the probability simplex, so
+R_g compares the gradients' simplex-tangent parts (``router_health.simplex_tangent``: minus their mean
+over experts); the all-ones component moves no softmax, and Eq. 3's gradient would otherwise keep a
+large one (``alpha * f_j``, all positive) even at perfect balance.
+
+Extra cost on a measuring step: one activation-gradient backward of one micro-batch from the loss
+down to the first MoE layer's router (no weight gradients; about one forward's FLOPs), plus, under
+activation recompute, one more recompute of those layers; the graph is kept (``retain_graph``)
+until the real backward, which is the micro-batch's normal peak anyway. With ``A`` micro-batches per
+step and interval ``n`` that is about ``1 / (3 A n)`` of the training compute (interval 10, A = 2:
+under 2%). Per step otherwise: one [E, D] Gram matrix per layer (cosine similarity) and one
+all-reduce of ``L + 2`` floats (``L + 2 + 2 L E`` on a measuring step). Under pipeline parallelism
+R_g and the hidden-state norm are not measured (the objective lives on the last stage only) and
+``moe.auto_lb_coef`` is refused.
+
+Automatic alpha (``moe.auto_lb_coef``). R_g is linear in alpha, so from a measurement at the alpha
+in use the ratios are rescaled to the configured ``moe.lb_loss_coef`` (the ceiling) and
+``router_health.suggest_lb_coef`` puts the worst layer on ``moe.rg_threshold``: alpha drops when a
+layer's R_g climbs past the threshold and grows back (never above the configured value) when it
+falls. A new alpha applies from the next optimizer step, so every micro-batch of a step shares one.
+It is part of the trainer state in checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from longcat.config.schema import MoEConfig
+from longcat.model.moe import MoEStats
+from longcat.train import router_health
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StabilitySums:
+    """One dp rank's sums over the micro-batches of a step (kept in ``LossParts.stability``).
+
+    lb_L: per MoE layer, the alpha-scaled load-balance term (detached floats).
+    hidden_norm_sum: sum over real tokens of ``||h_t||_2`` of the last pre-norm hidden state.
+    num_hidden_tokens: the real tokens in that sum.
+    """
+
+    lb_L: list[float] = field(default_factory=list)
+    hidden_norm_sum: float = 0.0
+    num_hidden_tokens: float = 0.0
+
+    def add_lb(self, lb_terms_L: Sequence[torch.Tensor]) -> None:
+        """Add one micro-batch's per-layer alpha-scaled LB terms ([] tensors; one host sync)."""
+        values = torch.stack([t.detach().double() for t in lb_terms_L]).tolist() if lb_terms_L else []
+        if not self.lb_L:
+            self.lb_L = [0.0] * len(values)
+        self.lb_L = [a + b for a, b in zip(self.lb_L, values)]
+
+    @torch.no_grad()
+    def add_hidden(self, hidden_BSD: torch.Tensor, token_mask_BS: torch.Tensor) -> None:
+        """Add one micro-batch's last pre-norm hidden state [B, S, D] over its real tokens [B, S]."""
+        norm_BS = hidden_BSD.float().norm(dim=-1)
+        mask_BS = token_mask_BS.to(norm_BS.dtype)
+        self.hidden_norm_sum += float((norm_BS * mask_BS).sum())
+        self.num_hidden_tokens += float(mask_BS.sum())
+
+
+@dataclass
+class StabilityStep:
+    """What ``StabilityMonitor.end_step`` returns.
+
+    metrics: the step's values (names in the module docstring), identical on every rank.
+    ffn_per_token_stats: per layer (min, max, std) of FFN experts per real token over the whole
+        global batch (all micro-batches, all dp ranks).
+    """
+
+    metrics: dict[str, float]
+    ffn_per_token_stats: list[tuple[float, float, float]]
+
+
+class StabilityMonitor:
+    """R_g (Eq. 9), the automatic alpha, router cosine similarity, last-hidden norm, per-layer LB.
+
+    Args:
+        moe_cfg: ``router_health_interval``, ``auto_lb_coef``, ``rg_threshold``,
+            ``router_collapse_threshold``, ``lb_loss_coef`` (the configured alpha, a ceiling).
+        num_layers: MoE layers on this rank.
+        pipeline_parallel: pp > 1 (R_g and the hidden norm are then not measured).
+        warn: emit the collapse warning on this rank (rank 0).
+
+    Raises:
+        ValueError: ``moe.auto_lb_coef`` under pipeline parallelism (R_g cannot be measured there).
+    """
+
+    def __init__(self, moe_cfg: MoEConfig, *, num_layers: int, num_experts: int, top_k: int,
+                 pipeline_parallel: bool = False, warn: bool = True):
+        if moe_cfg.auto_lb_coef and pipeline_parallel:
+            raise ValueError("moe.auto_lb_coef=true needs R_g, which is not measured under pipeline parallelism "
+                             "(parallel.pp > 1); set moe.auto_lb_coef=false or parallel.pp=1")
+        self.cfg = moe_cfg
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.pipeline_parallel = pipeline_parallel
+        self.warn = warn
+        self.lb_coef = float(moe_cfg.lb_loss_coef)  # alpha in use
+        self._measuring = False  # this step measures R_g (same decision on every rank)
+        self._pending = False  # ... and the first micro-batch has not been measured yet
+        self._grads_2LE: Optional[torch.Tensor] = None
+        self._collapsed_L = [False] * num_layers
+
+    # ---------------------------------------------------------------- per step
+    def begin_step(self, step: int) -> None:
+        """Before the first micro-batch of optimizer step ``step + 1`` (``step`` steps done)."""
+        interval = self.cfg.router_health_interval
+        self._measuring = interval > 0 and not self.pipeline_parallel and step % interval == 0
+        self._pending = self._measuring
+        self._grads_2LE = None
+
+    @property
+    def wants_measurement(self) -> bool:
+        """True until the first micro-batch of a measuring step has been measured."""
+        return self._pending
+
+    def measure(self, *, rest: torch.Tensor, lb_terms_L: Optional[Sequence[torch.Tensor]],
+                stats: Sequence[MoEStats]) -> None:
+        """Read dL/dP of the objective's two parts on this micro-batch (before its real backward).
+
+        Args:
+            rest: [] this micro-batch's share of the objective without the load-balance term.
+            lb_terms_L: per layer the alpha-scaled LB term as it enters the objective; None when
+                alpha is 0 (R_g is then 0).
+            stats: the micro-batch's MoEStats, with ``probs_TE`` (and ``token_mask_T``).
+        """
+        self._pending = False
+        if not stats or any(s.probs_TE is None for s in stats):
+            return
+        probs_LTE = [s.probs_TE for s in stats]
+        masks_LT = [s.token_mask_T for s in stats]
+        grads_2LE = torch.zeros(2, len(stats), probs_LTE[0].shape[-1], dtype=torch.float64)
+        if rest.requires_grad:
+            lm = router_health.grad_wrt_mean_probs(rest, probs_LTE, token_masks_LT=masks_LT)
+            grads_2LE[1] = torch.stack(lm).to("cpu", torch.float64)
+        if lb_terms_L is not None:
+            for layer, (term, probs_TE, mask_T) in enumerate(zip(lb_terms_L, probs_LTE, masks_LT)):
+                # The layer's own term only: its direct pull on P (a tiny graph: sum over tokens).
+                (g_E,) = router_health.grad_wrt_mean_probs(term, [probs_TE], token_masks_LT=[mask_T])
+                grads_2LE[0, layer] = g_E.to("cpu", torch.float64)
+        self._grads_2LE = grads_2LE
+
+    def end_step(self, sums: StabilitySums, stats: Sequence[Sequence[MoEStats]], *,
+                 routers: Sequence[torch.nn.Module], dp_group: Optional[dist.ProcessGroup]) -> StabilityStep:
+        """Reduce this step's sums over dp, update the automatic alpha; returns the step's metrics.
+
+        Args:
+            sums: this dp rank's StabilitySums of the step (before any dp reduction).
+            stats: per micro-batch of this rank, per local layer its MoEStats (``ffn_per_token_T``).
+            routers: this rank's ``TopKRouter`` modules, one per local MoE layer, in order.
+            dp_group: the dense data-parallel group (None = no dp).
+        """
+        L, K, E = self.num_layers, self.top_k, self.num_experts
+        # FFN experts per token take the values 0..K: a histogram summed over dp gives the global
+        # batch's exact min, max, mean and std with one sum all-reduce.
+        hist_LK = torch.zeros(L, K + 1, dtype=torch.float64)
+        for mb_stats in stats:
+            for layer, s in enumerate(mb_stats):
+                hist_LK[layer] += torch.bincount(s.ffn_per_token_T.detach().long().cpu(), minlength=K + 1)[:K + 1]
+        lb_L = sums.lb_L if sums.lb_L else [0.0] * L
+        parts = [torch.tensor(lb_L + [sums.hidden_norm_sum, sums.num_hidden_tokens], dtype=torch.float64),
+                 hist_LK.reshape(-1)]
+        if self._measuring:
+            grads = self._grads_2LE if self._grads_2LE is not None else torch.zeros(2, L, E, dtype=torch.float64)
+            parts.append(grads.reshape(-1))
+        vector = torch.cat(parts)
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            # [L + 2 + L(K+1) (+ 2LE when measuring)] float64 -> all_reduce(sum, dp) -> same
+            dist.all_reduce(vector, group=dp_group)
+        hist_LK = vector[L + 2: L + 2 + L * (K + 1)].reshape(L, K + 1)
+        metrics: dict[str, float] = {"moe/lb_coef": self.lb_coef}
+        if not self.pipeline_parallel:
+            for layer in range(L):
+                metrics[f"moe/layer{layer}/lb_loss"] = float(vector[layer])
+            metrics["hidden/last_l2_norm"] = float(vector[L] / vector[L + 1].clamp(min=1.0))
+        ffn_stats = [_min_max_std(hist_LK[layer]) for layer in range(L)]
+        means = [_mean(hist_LK[layer]) for layer in range(L)]
+        if means:
+            metrics["moe/ffn_experts_per_token"] = sum(means) / len(means)
+        for layer, router in enumerate(routers):
+            cos = router_health.router_cosine_similarity(_full(router.classifier.weight))
+            metrics[f"moe/layer{layer}/router_cosine_similarity"] = cos
+            self._check_collapse(layer, cos)
+        if self._measuring:
+            grads_2LE = vector[L + 2 + L * (K + 1):].reshape(2, L, E)
+            ratios = [router_health.gradient_norm_ratio(grads_2LE[0, layer], grads_2LE[1, layer], tangent=True)
+                      for layer in range(L)]
+            for layer, ratio in enumerate(ratios):
+                metrics[f"moe/layer{layer}/rg"] = ratio
+            metrics["moe/rg_max"] = max(ratios, default=0.0)
+            self._update_lb_coef(ratios)
+        self._measuring = self._pending = False
+        self._grads_2LE = None
+        return StabilityStep(metrics=metrics, ffn_per_token_stats=ffn_stats)
+
+    # ---------------------------------------------------------------- pieces
+    def _update_lb_coef(self, ratios: Sequence[float]) -> None:
+        ceiling = float(self.cfg.lb_loss_coef)
+        if not self.cfg.auto_lb_coef or ceiling <= 0 or self.lb_coef <= 0:
+            return
+        at_ceiling = [r * ceiling / self.lb_coef for r in ratios]  # R_g is linear in alpha
+        new = router_health.suggest_lb_coef(ceiling, at_ceiling, threshold=self.cfg.rg_threshold)
+        if new != self.lb_coef:
+            logger.info("moe.auto_lb_coef: alpha %.4g -> %.4g (worst R_g %.3g, threshold %.3g)",
+                        self.lb_coef, new, max(ratios, default=0.0), self.cfg.rg_threshold)
+        self.lb_coef = new
+
+    def _check_collapse(self, layer: int, cos: float) -> None:
+        above = cos > self.cfg.router_collapse_threshold
+        if above and not self._collapsed_L[layer] and self.warn:
+            logger.warning("router collapse warning: MoE layer %d's router rows have mean pairwise cosine "
+                           "similarity %.3f > moe.router_collapse_threshold=%.3f", layer, cos,
+                           self.cfg.router_collapse_threshold)
+        self._collapsed_L[layer] = above
+
+    # ---------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {"lb_coef": self.lb_coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the automatic alpha (capped at the configured one; ignored when auto is off)."""
+        if self.cfg.auto_lb_coef and "lb_coef" in state:
+            self.lb_coef = min(float(state["lb_coef"]), float(self.cfg.lb_loss_coef))
+
+
+def _mean(hist_K: torch.Tensor) -> float:
+    values = torch.arange(hist_K.numel(), dtype=torch.float64)
+    return float((hist_K * values).sum() / hist_K.sum().clamp(min=1.0))
+
+
+def _min_max_std(hist_K: torch.Tensor) -> tuple[float, float, float]:
+    """(min, max, population std) of the values 0..K from their counts [K + 1]; zeros when empty."""
+    present = torch.nonzero(hist_K > 0).flatten()
+    if present.numel() == 0:
+        return 0.0, 0.0, 0.0
+    values = torch.arange(hist_K.numel(), dtype=torch.float64)
+    mean = _mean(hist_K)
+    var = float((hist_K * (values - mean) ** 2).sum() / hist_K.sum())
+    return float(present[0]), float(present[-1]), var ** 0.5
+
+
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole [E, D] router weight (gathered over dp under FSDP2: a collective every rank enters)."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+def local_routers(parallel) -> list[torch.nn.Module]:
+    """This rank's ``TopKRouter`` modules, one per local MoE layer, in the order of ``local_biases``."""
+    if parallel.pipeline is not None:
+        return [layer.mlp.router for layer in parallel.pipeline.local_layers()]
+    return [layer.mlp.router for layer in parallel.model.model.layers]

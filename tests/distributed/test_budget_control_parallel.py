@@ -1,0 +1,212 @@
+"""Budget control and the load-balance loss under data parallelism (gloo, 2 and 4 processes).
+
+For one global batch of four 1 x 16 micro-batches (identical micro-batches in every layout, so T of
+Eq. 3-5 is the same):
+
+- the expert-bias trajectory of dp 2 (x 2 micro-batches of 1, or x 1 micro-batch of 2) is bitwise
+  that of one process running the batch as 1 x 4 (and as 4 x 1,
+  tests/integration/test_budget_control.py), on both ranks;
+- the load-balance loss's gradient at the router (after the dp gradient sum) is the same at dp 1,
+  2 and 4;
+- R_g, the automatic alpha and every stability metric are identical on all ranks; measuring R_g
+  changes no training number (dp 2 replicate, ep 2, FSDP2).
+
+The layouts' own equivalence (losses, grad norms, biases, parameters for tp/pp/ep/fsdp/...) is
+tests/distributed/test_layouts.py; this file adds what it does not check. Rank bodies are
+module-level functions so that spawn can pickle them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import tiny_overrides
+from longcat.cli import compose_run_config
+from longcat.testing import run_distributed
+from longcat.testing.equivalence import Layout, run_single
+from longcat.train import losses
+
+NUM_STEPS = 3
+ALPHA = 0.05
+RTOL = 1e-5
+
+
+def _cfg(corpus_cache: str, **extra):
+    overrides = {"data.seq_length": 16, "data.micro_batch_size": 1, "data.global_batch_size": 4,
+                 "train.eval_interval": 0, "train.checkpoint_interval": 0, "moe.bias_update_rate": 0.2,
+                 "moe.lb_loss_coef": ALPHA, **extra}
+    cfg, _ = compose_run_config("pretrain", tiny_overrides(corpus_cache, "unused", **overrides))
+    return cfg
+
+
+def _global_batches(num_steps: int) -> list[list[dict]]:
+    gen = torch.Generator().manual_seed(5)
+    steps = []
+    for _ in range(num_steps):
+        batch = []
+        for _ in range(4):
+            ids = torch.randint(0, 512, (1, 16), generator=gen)
+            labels = torch.roll(ids, -1, dims=1)
+            labels[:, -1] = losses.IGNORE_INDEX
+            batch.append({"input_ids": ids, "labels": labels, "token_mask": torch.ones_like(ids, dtype=torch.bool)})
+        steps.append(batch)
+    return steps
+
+
+def _trainer(cfg, layout: Layout):
+    from longcat.distributed import ParallelDims, ProcessGroups
+    from longcat.train.trainer import Trainer
+
+    cfg = layout.apply(cfg)
+    groups = None
+    if dist.is_initialized():
+        groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp,
+                                                  dp=layout.dp, ep=layout.ep))
+    cfg.validate(dp=groups.dp_size if groups else 1)
+    cfg.train.out_dir = tempfile.mkdtemp(prefix="budget_")
+    return Trainer(cfg, groups=groups)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _share(trainer, batch: list[dict]) -> list[dict]:
+    per_rank = len(batch) // trainer.dp_size
+    return batch[trainer.dp_rank * per_rank:(trainer.dp_rank + 1) * per_rank]
+
+
+def lb_router_grad(cfg, layout: Layout, batch: list[dict]) -> torch.Tensor:
+    """The LB term's gradient at the routers' weights, summed over dp: grad(alpha) - grad(0)."""
+    trainer = _trainer(cfg, layout)
+    mbs = _share(trainer, batch)
+    grads = []
+    for alpha in (0.0, ALPHA):
+        trainer.stability.lb_coef = alpha
+        trainer.parallel.zero_grad(trainer.optimizer)
+        trainer._forward_backward_all(mbs, trainer._global_counts(mbs))
+        if trainer.parallel.grad_sync is not None:
+            trainer.parallel.grad_sync.sync()  # [param] -> all_reduce(sum, dp) -> [param]
+        grads.append(torch.cat([r.classifier.weight.grad.flatten().clone() for r in trainer.routers_L]))
+    return grads[1] - grads[0]
+
+
+def train_run(cfg, layout: Layout, steps: list[list[dict]]) -> dict:
+    """Train on ``steps``: per step the biases, loss, grad norm and stability metrics of this rank."""
+    trainer = _trainer(cfg, layout)
+    out = {"biases": [], "losses": [], "grad_norms": [], "stability": []}
+    for batch in steps:
+        result = trainer.train_step(_share(trainer, batch))
+        out["biases"].append([b.detach().clone() for b in trainer.biases_L])
+        out["losses"].append(result.loss.total)
+        out["grad_norms"].append(result.grad_norm)
+        out["stability"].append(result.stability)
+    out["state"] = trainer.trainer_state()["stability"]
+    out["params"] = [_local(p).detach().clone() for p in trainer.model.parameters()]
+    return out
+
+
+def _pairs(steps: list[list[dict]]) -> list[list[dict]]:
+    """The same global batches as 2 x 16 micro-batches (rows 0-1 and 2-3)."""
+    return [[{k: torch.cat([a[k], b[k]]) for k in a} for a, b in (batch[0:2], batch[2:4])] for batch in steps]
+
+
+def _world2_body(cfg_lb0, cfg_lb0_mb2, cfg_health, cfg_auto, steps) -> dict:
+    dp2 = Layout("dp2", dp=2)
+    return {
+        "trajectory": train_run(cfg_lb0, dp2, steps),
+        "trajectory_mb2": train_run(cfg_lb0_mb2, dp2, _pairs(steps)),
+        "lb_grad": lb_router_grad(cfg_health, dp2, steps[0]),
+        "auto": train_run(cfg_auto, dp2, steps),
+        "ep2_on": train_run(cfg_health, Layout("ep2", dp=2, ep=2), steps[:2]),
+        "ep2_off": train_run(_health_off(cfg_health), Layout("ep2", dp=2, ep=2), steps[:2]),
+        "fsdp_on": train_run(cfg_health, Layout("fsdp", dp=2, dp_mode="fsdp"), steps[:2]),
+        "fsdp_off": train_run(_health_off(cfg_health), Layout("fsdp", dp=2, dp_mode="fsdp"), steps[:2]),
+    }
+
+
+def _health_off(cfg):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.moe.router_health_interval = 0
+    return cfg
+
+
+def _world4_body(cfg, batch) -> torch.Tensor:
+    return lb_router_grad(cfg, Layout("dp4", dp=4), batch)
+
+
+@pytest.fixture(scope="module")
+def setup(corpus_cache):
+    steps = _global_batches(NUM_STEPS)
+    cfgs = {
+        "lb0": _cfg(corpus_cache, **{"moe.lb_loss_coef": 0.0, "moe.router_health_interval": 0}),
+        "lb0_mb2": _cfg(corpus_cache, **{"moe.lb_loss_coef": 0.0, "moe.router_health_interval": 0,
+                                         "data.micro_batch_size": 2}),
+        "health": _cfg(corpus_cache, **{"moe.router_health_interval": 1}),
+        "auto": _cfg(corpus_cache, **{"moe.router_health_interval": 1, "moe.auto_lb_coef": True,
+                                      "moe.rg_threshold": 0.05}),
+    }
+    return steps, cfgs
+
+
+@pytest.fixture(scope="module")
+def world2(setup):
+    steps, cfgs = setup
+    ranks = run_distributed(_world2_body, world_size=2,
+                            args=(cfgs["lb0"], cfgs["lb0_mb2"], cfgs["health"], cfgs["auto"], steps), timeout_s=240)
+    return ranks
+
+
+@pytest.mark.parametrize("run", ["trajectory", "trajectory_mb2"])
+def test_dp2x2_bias_trajectory_equals_one_process_1x4(setup, world2, run):
+    """dp 2 x (2 micro-batches of 1 | 1 micro-batch of 2) == one process, 4 micro-batches of 1."""
+    steps, cfgs = setup
+    reference = run_single(cfgs["lb0"], num_steps=NUM_STEPS, batches=steps)  # 1 x 4 in this process
+    for rank in world2:
+        for step in range(NUM_STEPS):
+            for layer, bias in enumerate(rank[run]["biases"][step]):
+                assert torch.equal(bias, reference.biases[step][layer]), (step, layer)
+    assert any(b.abs().sum() > 0 for b in reference.biases[-1].values())
+
+
+def test_lb_router_gradient_same_at_dp_1_2_4(setup, world2):
+    steps, cfgs = setup
+    dp1 = lb_router_grad(cfgs["health"], Layout("single"), steps[0])
+    dp4 = run_distributed(_world4_body, world_size=4, args=(cfgs["health"], steps[0]), timeout_s=180)
+    assert dp1.norm() > 0
+    for name, grads in (("dp2", [r["lb_grad"] for r in world2]), ("dp4", dp4)):
+        for rank, g in enumerate(grads):
+            torch.testing.assert_close(g, dp1, rtol=RTOL, atol=RTOL * dp1.abs().max().item(), msg=f"{name} {rank}")
+
+
+def test_stability_state_and_metrics_identical_on_all_ranks(world2):
+    for run in ("auto", "trajectory", "ep2_on"):
+        a, b = world2[0][run], world2[1][run]
+        assert a["stability"] == b["stability"], run
+        assert a["state"] == b["state"], run
+        for step_a, step_b in zip(a["biases"], b["biases"]):
+            assert all(torch.equal(x, y) for x, y in zip(step_a, step_b)), run
+    auto = world2[0]["auto"]
+    alphas = [m["moe/lb_coef"] for m in auto["stability"]]
+    assert alphas[0] == ALPHA and alphas[-1] < ALPHA, alphas  # the automatic alpha moved, on both ranks
+    assert all("moe/layer1/rg" in m for m in auto["stability"])
+
+
+@pytest.mark.parametrize("layout", ["ep2", "fsdp"])
+def test_measuring_rg_changes_nothing(world2, layout):
+    """The extra autograd.grad before the real backward runs through the EP all-to-alls' and FSDP2's
+    backward hooks; the real gradients, hence the training, are bitwise unchanged."""
+    for rank in world2:
+        on, off = rank[f"{layout}_on"], rank[f"{layout}_off"]
+        assert on["losses"] == off["losses"] and on["grad_norms"] == off["grad_norms"]
+        assert all(torch.equal(p, q) for p, q in zip(on["params"], off["params"]))
+        assert "moe/layer0/rg" in on["stability"][0] and "moe/layer0/rg" not in off["stability"][0]
+    assert world2[0][f"{layout}_on"]["stability"] == world2[1][f"{layout}_on"]["stability"]

@@ -1,0 +1,23 @@
+import pytest
+
+from longcat.cli import compose_run_config
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["sdc.replay_interval=5"], "determinism.enabled=true"),
+    (["sdc.replay_interval=5", "determinism.enabled=true", "parallel=pp2"], "parallel.pp=2"),
+    (["sdc.replay_interval=5", "determinism.enabled=true", "parallel.dp_mode=deepspeed"], "deepspeed"),
+    (["sdc.policy=rollback", "train.checkpoint_interval=0"], "checkpoint_interval"),
+    (["sdc.inject.step=3"], "sdc.inject.tensor"),
+    (["sdc.replica_interval=-1"], "replica_interval"),
+])
+def test_sdc_settings_fail_before_work(overrides, needle):
+    cfg, _ = compose_run_config("pretrain", overrides)
+    with pytest.raises(ValueError, match=needle):
+        cfg.validate(dp=1)
+
+
+def test_checks_compose_with_determinism():
+    cfg, _ = compose_run_config("pretrain", ["sdc.replay_interval=20", "sdc.replica_interval=10", "sdc.policy=halt",
+                                             "determinism.enabled=true"])
+    cfg.validate(dp=1)
