@@ -12,7 +12,8 @@ Examples:
         --add-chat-tokens --output data/sft --seq-length 512
     python tools/prepare_sft.py --input chats.jsonl --tokenizer tok.json --output rendered.jsonl --skip-bad-lines
 
-``--input builtin`` renders the embedded synthetic agentic set (longcat.data.agentic_samples).
+``--input builtin`` renders the embedded agentic set (longcat.data.agentic_samples; its tool results come
+from really running the tools, see tools/make_agentic_sft.py).
 Exit status 1 with ``error: FILE:LINE: problem`` on the first bad line unless --skip-bad-lines.
 """
 

@@ -83,7 +83,9 @@ def compose_run_config(recipe: str, overrides: Sequence[str] = ()) -> tuple[RunC
         with initialize_config_dir(config_dir=str(recipe_dir), version_base=None):
             composed = compose(config_name=recipe_name,
                                overrides=[*overrides, f"hydra.searchpath=[file://{root / 'conf'}]"])
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), composed)
+        # Merge a plain copy: the composed nodes carry the schema's types and would take keys that
+        # Hydra's `+key=value` appended; a plain dict against the schema rejects any unknown key.
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(composed, resolve=False))
         run_cfg: RunConfig = OmegaConf.to_object(merged)
     except Exception as exc:  # Hydra/OmegaConf errors: re-raise as one clear message
         raise ValueError(f"bad configuration for recipe {recipe!r}: {exc}".strip()) from None

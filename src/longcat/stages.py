@@ -6,6 +6,9 @@ weights (``train.init_from=``): a fresh optimizer, LR schedule and data position
 ``pretrain_growth`` trains a half-depth model, stacks it twice (§3.1.2, ``tools/grow_model.py``) and
 continues with the full depth, keeping the training state.
 
+Pipelines are recipes too: ``recipes/pipelines/<name>.yaml`` lists the stages (name, recipe, the
+stage's own overrides, whether it loads the previous stage's weights or grows its checkpoint).
+
 Each stage runs as its own ``python -m longcat.train`` process (so a stage may use torchrun-style
 launch overrides later), writing to ``<out_root>/<stage>/``.
 """
@@ -32,18 +35,73 @@ class Stage:
     grow_factor: int = 0  # > 1: grow the previous stage's checkpoint and resume from it (full state)
 
 
-PIPELINES: dict[str, tuple[Stage, ...]] = {
-    "pipeline": (
-        Stage("pretrain", "pretrain", init_from_previous=False),
-        Stage("midtrain", "midtrain"),
-        Stage("long_context", "long_context"),
-        Stage("sft", "sft"),
-    ),
-    "pretrain_growth": (
-        Stage("half_depth", "pretrain", ("model.num_layers=1", "train.steps=300"), init_from_previous=False),
-        Stage("grown", "pretrain", ("model.num_layers=2",), init_from_previous=False, grow_factor=2),
-    ),
-}
+PIPELINE_DIR = "recipes/pipelines"  # one YAML file per pipeline: a header comment and a `stages:` list
+_STAGE_KEYS = {"name", "recipe", "overrides", "init_from_previous", "grow_factor"}
+
+
+def _pipeline_dir() -> Path:
+    from longcat.cli import project_root
+
+    return project_root() / PIPELINE_DIR
+
+
+def available_pipelines() -> list[str]:
+    """Names of the pipeline recipes (``recipes/pipelines/<name>.yaml``)."""
+    return sorted(p.stem for p in _pipeline_dir().glob("*.yaml"))
+
+
+def load_pipeline(name: str) -> tuple[Stage, ...]:
+    """The stages of pipeline recipe ``name``, in order.
+
+    Raises:
+        ValueError: an unknown pipeline, or a malformed file (naming the stage and key).
+    """
+    import yaml
+
+    path = _pipeline_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown pipeline {name!r}; choose one of {available_pipelines()} ({_pipeline_dir()})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    entries = raw.get("stages")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: needs a non-empty `stages:` list")
+    stages = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry or "recipe" not in entry:
+            raise ValueError(f"{path}: stage {i} needs at least `name:` and `recipe:`")
+        unknown = sorted(set(entry) - _STAGE_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: stage {entry['name']!r} has unknown key(s) {unknown}; allowed: {sorted(_STAGE_KEYS)}")
+        stages.append(Stage(name=str(entry["name"]), recipe=str(entry["recipe"]),
+                            overrides=tuple(str(o) for o in entry.get("overrides", ())),
+                            init_from_previous=bool(entry.get("init_from_previous", True)),
+                            grow_factor=int(entry.get("grow_factor", 0))))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: stage names must be unique, got {names}")
+    if stages[0].grow_factor > 1:
+        raise ValueError(f"{path}: the first stage {names[0]!r} cannot grow a previous stage's checkpoint")
+    return tuple(stages)
+
+
+def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list:
+    """Compose and validate every stage's configuration (recipe, ``overrides``, the stage's own
+    overrides) without training; returns the typed ``RunConfig`` of each stage.
+
+    Raises:
+        ValueError: an unknown pipeline, or a stage whose configuration is bad (naming the stage).
+    """
+    from longcat.cli import compose_run_config
+
+    configs = []
+    for stage in load_pipeline(name):
+        try:
+            cfg, _ = compose_run_config(stage.recipe, [*overrides, *stage.overrides])
+            cfg.validate(dp=1 if cfg.parallel.dp in (-1, 1) else cfg.parallel.dp)
+        except ValueError as exc:
+            raise ValueError(f"pipeline {name!r}, stage {stage.name!r}: {exc}") from None
+        configs.append(cfg)
+    return configs
 
 
 @dataclass
@@ -78,14 +136,13 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
     Raises:
         ValueError: an unknown pipeline or stage name. RuntimeError: a stage's process failed.
     """
-    if name not in PIPELINES:
-        raise ValueError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}")
-    chain = PIPELINES[name]
+    chain = load_pipeline(name)
     names = [s.name for s in chain]
     if stages:
         unknown = sorted(set(stages) - set(names))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown} of pipeline {name!r}; stages are {names}")
+    validate_pipeline(name, overrides)  # every stage's configuration, before any work starts
     results: list[StageResult] = []
     previous: Optional[Path] = None
     for stage in chain:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.stages import PIPELINES, run_pipeline
+from longcat.stages import available_pipelines, load_pipeline, run_pipeline, validate_pipeline
 
 
 def _overrides(cache, **extra):
@@ -35,4 +38,39 @@ def test_unknown_pipeline_or_stage_is_an_error(tmp_path):
         run_pipeline("nope", out_root=tmp_path)
     with pytest.raises(ValueError, match="stage"):
         run_pipeline("pipeline", out_root=tmp_path, stages=["warmup"])
-    assert set(PIPELINES) >= {"pipeline", "pretrain_growth"}
+    assert set(available_pipelines()) >= {"pipeline", "pretrain_growth"}
+
+
+@pytest.mark.parametrize("name", available_pipelines())
+def test_every_pipeline_recipe_composes_and_validates_each_stage(name):
+    stages = load_pipeline(name)
+    configs = validate_pipeline(name)
+    assert len(configs) == len(stages) >= 2
+    assert not stages[0].init_from_previous and stages[0].grow_factor == 0
+
+
+def test_pipeline_stage_order_and_settings():
+    assert [s.recipe for s in load_pipeline("pipeline")] == ["pretrain", "midtrain", "long_context", "sft"]
+    half, grown = validate_pipeline("pretrain_growth")
+    assert grown.model.num_layers == 2 * half.model.num_layers
+    assert load_pipeline("pretrain_growth")[1].grow_factor == 2
+    assert half.train.steps < grown.train.steps  # the grown model continues the same schedule
+
+
+def test_bad_stage_configuration_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="stage 'pretrain'.*optim.lr"):
+        run_pipeline("pipeline", out_root=tmp_path, overrides=["optim.lr=-1"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_pipeline_tool_dry_run_and_help(tmp_path):
+    tool = Path(__file__).resolve().parents[2] / "tools" / "run_pipeline.py"
+    out = subprocess.run([sys.executable, str(tool), "--pipeline", "pretrain_growth", "--dry-run",
+                          "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "half_depth" in out.stdout and "grows the previous checkpoint x2" in out.stdout
+    assert not any(tmp_path.iterdir())
+    bad = subprocess.run([sys.executable, str(tool), "--dry-run", "optim.lr=-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "optim.lr" in bad.stderr
+    helped = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "pretrain_growth" in helped.stdout

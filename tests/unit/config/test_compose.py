@@ -19,6 +19,8 @@ def test_overrides_apply():
 
 @pytest.mark.parametrize("override,needle", [
     (["train.stepz=3"], "stepz"),
+    (["+model.nope=1"], "nope"),  # Hydra's append syntax must not smuggle in an unknown key
+    (["+stepz=3"], "stepz"),
     (["train.steps=abc"], "steps"),
     (["optim.schedule=linear_wobble"], "schedule"),
 ])

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longcat.data.agentic_samples import default_sft_records, write_default_sft_jsonl
+from longcat.data.agentic_samples import DEFAULT_NUM_CONVERSATIONS, default_sft_records, write_default_sft_jsonl
 from longcat.data.chat import parse_conversation, render_conversation, render_text, with_chat_special_tokens
 from longcat.data.corpus import train_bpe_tokenizer
 from longcat.data.sampler import MicroBatchLoader
@@ -21,18 +21,20 @@ from longcat.data.sft import Overflow, Packing, SFTDataset, read_conversations
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TOOL = os.path.join(REPO, "tools", "prepare_sft.py")
 RECORDS = default_sft_records()
+N = DEFAULT_NUM_CONVERSATIONS  # 70
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [render_text(parse_conversation(r)).text for r in RECORDS]
-    return with_chat_special_tokens(train_bpe_tokenizer(texts, vocab_size=600, progress=False))
+    # vocab 800: every conversation fits 512 tokens (the longest is ~480)
+    return with_chat_special_tokens(train_bpe_tokenizer(texts, vocab_size=800, progress=False))
 
 
 @pytest.fixture(scope="module")
 def sft_jsonl(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sft") / "agentic.jsonl")
-    assert write_default_sft_jsonl(path) == 40
+    assert write_default_sft_jsonl(path) == N
     return path
 
 
@@ -46,18 +48,18 @@ def test_default_set_is_deterministic_and_agentic(tmp_path, sft_jsonl):
     write_default_sft_jsonl(other)
     assert open(other).read() == open(sft_jsonl).read()
     convs = read_conversations(sft_jsonl).conversations
-    assert len(convs) == 40
+    assert len(convs) == N
     calls = [len(m.tool_calls) for c in convs for m in c.messages]
-    assert max(calls) == 2 and sum(calls) > 40
+    assert max(calls) == 3 and sum(calls) > N
     assert all(sum(m.role.value == "assistant" for m in c.messages) >= 2 for c in convs)  # multi-turn
-    assert sum(sum(len(m.tool_calls) for m in c.messages) >= 2 for c in convs) == 18  # multi-step or parallel
+    assert sum(sum(len(m.tool_calls) for m in c.messages) >= 2 for c in convs) == 42  # multi-step or parallel
 
 
 def test_samples_follow_the_render(sft_jsonl, tokenizer):
     ds = dataset(sft_jsonl, tokenizer, valid_fraction=0.25)
     convs = read_conversations(sft_jsonl).conversations
     rendered = {tuple(r.input_ids.tolist()): r for r in (render_conversation(c, tokenizer=tokenizer) for c in convs)}
-    assert ds.stats.num_conversations == len(ds) == 30 and ds.stats.num_dropped == 0
+    assert ds.stats.num_conversations == len(ds) == 52 and ds.stats.num_dropped == 0
     for k in range(len(ds)):
         sample = ds.sample(k)
         assert {key: (v.dtype, tuple(v.shape)) for key, v in sample.items()} == {
@@ -79,9 +81,9 @@ def test_split_is_seeded_disjoint_and_complete(sft_jsonl, tokenizer):
     def texts(ds):
         return {tuple(ds.sample(k)["input_ids"].tolist()) for k in range(len(ds))}
     train, valid = dataset(sft_jsonl, tokenizer), dataset(sft_jsonl, tokenizer, split=Split.VALID)
-    assert (len(train), len(valid)) == (36, 4)
-    assert not texts(train) & texts(valid) and len(texts(train) | texts(valid)) == 40
-    # The split does not depend on seq_length (longest conversation: < 400 tokens).
+    assert (len(train), len(valid)) == (63, 7)
+    assert not texts(train) & texts(valid) and len(texts(train) | texts(valid)) == N
+    # The split does not depend on seq_length (every conversation fits 512 tokens).
     assert {t[:400] for t in texts(dataset(sft_jsonl, tokenizer, seq_length=600))} == {t[:400] for t in texts(train)}
     assert texts(dataset(sft_jsonl, tokenizer, seed=4)) != texts(train)
 
@@ -101,13 +103,15 @@ def test_overflow_drop_and_truncate(sft_jsonl, tokenizer):
     lengths = sorted(len(render_conversation(c, tokenizer=tokenizer).input_ids)
                      for c in read_conversations(sft_jsonl).conversations)
     seq_length = lengths[len(lengths) // 2]
+    while {seq_length, seq_length + 1} & set(lengths):  # S or S + 1 tokens would fill a sample untruncated
+        seq_length -= 1
     dropped = dataset(sft_jsonl, tokenizer, seq_length=seq_length, valid_fraction=0.5)
     assert dropped.stats.num_dropped > 0 and dropped.stats.num_truncated == 0
     assert len(dropped) == dropped.stats.num_conversations - dropped.stats.num_dropped
     assert all(dropped.sample(k)["token_mask"].sum() < seq_length + 1 for k in range(len(dropped)))
     truncated = dataset(sft_jsonl, tokenizer, seq_length=seq_length, valid_fraction=0.5, overflow=Overflow.TRUNCATE)
-    assert truncated.stats.num_truncated == dropped.stats.num_dropped and len(truncated) == 20
-    assert sum(bool(truncated.sample(k)["token_mask"].all()) for k in range(20)) == truncated.stats.num_truncated
+    assert truncated.stats.num_truncated == dropped.stats.num_dropped and len(truncated) == N // 2
+    assert sum(bool(truncated.sample(k)["token_mask"].all()) for k in range(N // 2)) == truncated.stats.num_truncated
     with pytest.raises(ValueError, match="no conversation that fits seq_length \\+ 1 = 11 tokens .*overflow=truncate"):
         dataset(sft_jsonl, tokenizer, seq_length=10)
 
@@ -125,7 +129,7 @@ def test_packing_keeps_every_loss_token(sft_jsonl, tokenizer):
         eod_count += int(eod.sum())
         assert (labels[eod] == IGNORE_INDEX).all()  # nothing is learned across a conversation boundary
         assert not (labels == tokenizer.eod_id).any()
-    assert eod_count >= 36 - len(packed)
+    assert eod_count >= len(padded) - len(packed)
 
 
 def test_records_input_and_bad_input(tmp_path, tokenizer):
@@ -187,9 +191,9 @@ def test_prepare_sft_tool(tmp_path, sft_jsonl, tokenizer):
     out = str(tmp_path / "out")
     result = run_tool("--input", sft_jsonl, "--tokenizer", tok_path, "--output", out, "--seq-length", "256")
     assert result.returncode == 0, result.stderr
-    assert "wrote" in result.stderr and "40 conversations" in result.stderr and "warning" not in result.stderr
+    assert "wrote" in result.stderr and f"{N} conversations" in result.stderr and "warning" not in result.stderr
     rows = [json.loads(line) for line in open(os.path.join(out, "rendered.jsonl"))]
-    assert len(rows) == 40 and rows[0]["input_ids"] == tokenizer.encode(rows[0]["text"])
+    assert len(rows) == N and rows[0]["input_ids"] == tokenizer.encode(rows[0]["text"])
     assert json.load(open(os.path.join(out, "stats.json")))["num_longer_than_seq_length"] > 0
     bad = write_lines(tmp_path / "bad.jsonl", [open(sft_jsonl).readline().strip(), "{nope"])
     failed = run_tool("--input", bad, "--tokenizer", tok_path, "--output", str(tmp_path / "r.jsonl"))
