@@ -38,6 +38,7 @@ class MetricsSink:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        drop_records_after(self.jsonl_path, start_step)  # a resumed run logs those steps again
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if cfg.progress_bar:
             from tqdm import tqdm
@@ -112,3 +113,29 @@ def _init_wandb(cfg: LoggingConfig, *, out_dir: Path, run_config: Optional[dict]
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or None, mode=cfg.wandb.mode,
                       dir=str(wandb_dir), config=run_config, resume="allow")
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the records of steps after ``step`` from a metrics JSONL (atomically); return how many.
+
+    A run that resumes from the checkpoint of step N trains N+1, ... again; without this the lines
+    an interrupted run wrote past N would appear twice. A torn last line (a crash mid-write) goes too.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped

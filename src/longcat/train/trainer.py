@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -405,7 +406,9 @@ class Trainer:
                            start_step=self.step, enabled=self.is_rank0, run_config=self.config_dict)
         summary: dict[str, Any] = {"start_step": self.step}
         if self.is_rank0:
-            (self.out_dir / "config.json").write_text(json.dumps(self.config_dict, indent=1, default=str))
+            tmp = self.out_dir / "config.json.tmp"
+            tmp.write_text(json.dumps(self.config_dict, indent=1, default=str))
+            os.replace(tmp, self.out_dir / "config.json")  # atomic: never a half-written config
         preemption = PreemptionWatcher(timeout_s=cfg.preempt_timeout_s, world_group=self.groups.world_group)
         preemption.install()
         try:
