@@ -10,37 +10,45 @@ Examples:
     python tools/run_pipeline.py                                   # pretrain -> midtrain -> long_context -> sft
     python tools/run_pipeline.py --pipeline pretrain_growth --out runs/pretrain_growth
     python tools/run_pipeline.py --stages sft                      # one stage (its predecessors' checkpoints exist)
-    python tools/run_pipeline.py --dry-run train.steps=10          # validate and print the stage commands
+    python tools/run_pipeline.py --dry-run train.steps=10 optim.warmup_steps=2   # validate, print the stage commands
+
+Overrides apply to every stage. Keys a stage sets itself (e.g. pretrain_growth's model.num_layers
+and its half-depth train.steps), train.out_dir (use --out) and train.init_from (set by the pipeline)
+are refused rather than silently ignored.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from longcat.stages import available_pipelines, load_pipeline, run_pipeline, validate_pipeline
+from longcat.stages import available_pipelines, plan_pipeline, run_pipeline
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", default="pipeline", choices=available_pipelines(),
-                        help="which pipeline recipe (default %(default)s)")
+    parser.add_argument("--pipeline", default="pipeline",
+                        help=f"a pipeline recipe: one of {available_pipelines()} (recipes/pipelines/) or a path "
+                        f"to such a .yaml file (default %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="root folder of the stages' runs (default runs/<pipeline>)")
     parser.add_argument("--stages", default="", help="comma-separated subset of stages to run")
     parser.add_argument("--dry-run", action="store_true", help="validate every stage and print the stages; train nothing")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args()
-    out = args.out or Path("runs") / args.pipeline
+    out = args.out or Path("runs") / Path(args.pipeline).stem
     try:
+        stages = [s for s in args.stages.split(",") if s] or None
         if args.dry_run:
-            validate_pipeline(args.pipeline, args.overrides)
-            for stage in load_pipeline(args.pipeline):
-                how = (f"grows the previous checkpoint x{stage.grow_factor}" if stage.grow_factor > 1
-                       else "weights from the previous stage" if stage.init_from_previous else "from scratch")
-                print(f"{stage.name:14s} recipe={stage.recipe} {' '.join(stage.overrides)}  ({how}) -> {out / stage.name}")
+            for stage, stage_args in plan_pipeline(args.pipeline, out_root=out, overrides=args.overrides, stages=stages):
+                if stage.grow_factor > 1:
+                    start = f"  (after: tools/grow_model.py --factor {stage.grow_factor} of the previous stage's final checkpoint)"
+                elif stage.init_from_previous:
+                    start = "  train.init_from=<the previous stage's final checkpoint>"
+                else:
+                    start = "  (from scratch)"
+                print(f"{stage.name}: longcat-train {' '.join(stage_args)}{start}")
             print(f"{args.pipeline}: every stage's configuration is valid")
             return 0
-        results = run_pipeline(args.pipeline, out_root=out, overrides=args.overrides,
-                               stages=[s for s in args.stages.split(",") if s] or None)
+        results = run_pipeline(args.pipeline, out_root=out, overrides=args.overrides, stages=stages)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

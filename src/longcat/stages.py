@@ -51,14 +51,14 @@ def available_pipelines() -> list[str]:
 
 
 def load_pipeline(name: str) -> tuple[Stage, ...]:
-    """The stages of pipeline recipe ``name``, in order.
+    """The stages of pipeline recipe ``name`` (or of the YAML file at that path), in order.
 
     Raises:
         ValueError: an unknown pipeline, or a malformed file (naming the stage and key).
     """
     import yaml
 
-    path = _pipeline_dir() / f"{name}.yaml"
+    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else _pipeline_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown pipeline {name!r}; choose one of {available_pipelines()} ({_pipeline_dir()})")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -84,15 +84,48 @@ def load_pipeline(name: str) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
+PIPELINE_OWNED_KEYS = {
+    "train.out_dir": "each stage writes to <--out>/<stage>; choose the root with --out",
+    "train.init_from": "each stage starts from the previous stage's final checkpoint",
+}
+
+
+def override_key(override: str) -> str:
+    """The dotted key of a Hydra override (``+a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def check_overrides(name: str, overrides: Sequence[str]) -> None:
+    """Refuse user overrides that the pipeline or one of its stages sets itself (they would be
+    silently replaced).
+
+    Raises:
+        ValueError: naming the override, the stage that sets it, and what to do instead.
+    """
+    for override in overrides:
+        key = override_key(override)
+        if key in PIPELINE_OWNED_KEYS:
+            raise ValueError(f"{override!r}: the pipeline sets {key} itself ({PIPELINE_OWNED_KEYS[key]})")
+        for stage in load_pipeline(name):
+            owned = {override_key(o): o for o in stage.overrides}
+            if key in owned:
+                where = name if Path(name).suffix in (".yaml", ".yml") else f"a copy of {PIPELINE_DIR}/{name}.yaml"
+                raise ValueError(f"{override!r}: stage {stage.name!r} of pipeline {name!r} sets {owned[key]!r} "
+                                 f"itself, so the override would be ignored there; change it in {where} "
+                                 f"and pass --pipeline <that file>")
+
+
 def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list:
     """Compose and validate every stage's configuration (recipe, ``overrides``, the stage's own
     overrides) without training; returns the typed ``RunConfig`` of each stage.
 
     Raises:
-        ValueError: an unknown pipeline, or a stage whose configuration is bad (naming the stage).
+        ValueError: an unknown pipeline, an override a stage sets itself, a stage whose configuration
+            is bad, or a growth stage whose schedule does not go past the stage it grows (naming it).
     """
     from longcat.cli import compose_run_config
 
+    check_overrides(name, overrides)
     configs = []
     for stage in load_pipeline(name):
         try:
@@ -100,6 +133,11 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list:
             cfg.validate(dp=1 if cfg.parallel.dp in (-1, 1) else cfg.parallel.dp)
         except ValueError as exc:
             raise ValueError(f"pipeline {name!r}, stage {stage.name!r}: {exc}") from None
+        if stage.grow_factor > 1 and configs and cfg.train.steps <= configs[-1].train.steps:
+            raise ValueError(
+                f"pipeline {name!r}, stage {stage.name!r}: it continues the grown checkpoint of step "
+                f"{configs[-1].train.steps} but train.steps={cfg.train.steps}, so it would train nothing; "
+                f"give it more steps than the stage before")
         configs.append(cfg)
     return configs
 
@@ -120,21 +158,27 @@ def _val_losses(metrics: Path) -> list[float]:
         return []
     values = []
     for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if isinstance(record.get("val/loss"), (int, float)):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+        if isinstance(record, dict) and isinstance(record.get("val/loss"), (int, float)):
             values.append(float(record["val/loss"]))
     return values
 
 
-def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), python: str = sys.executable,
-                 stages: Optional[Sequence[str]] = None) -> list[StageResult]:
-    """Run the named pipeline's stages in order; returns one result per stage.
+def _stage_args(stage: Stage, out_dir: Path, overrides: Sequence[str]) -> list[str]:
+    return [f"recipe={stage.recipe}", f"train.out_dir={out_dir}", *overrides, *stage.overrides]
 
-    Args:
-        overrides: Hydra overrides added to every stage (e.g. ``logging.wandb.mode=disabled``).
-        stages: run only these stage names (their predecessors' checkpoints must exist).
+
+def plan_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (),
+                  stages: Optional[Sequence[str]] = None) -> list[tuple[Stage, list[str]]]:
+    """Validate everything a run needs before its first stage starts; return the stages to run with
+    their ``longcat-train`` arguments (``train.init_from`` is added when the previous stage ends).
+
     Raises:
-        ValueError: an unknown pipeline or stage name. RuntimeError: a stage's process failed.
+        ValueError: unknown pipeline or stage names, bad overrides or stage configurations, or a
+            selected stage whose predecessor (not selected) has no checkpoint to start from.
     """
     chain = load_pipeline(name)
     names = [s.name for s in chain]
@@ -142,33 +186,68 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         unknown = sorted(set(stages) - set(names))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown} of pipeline {name!r}; stages are {names}")
-    validate_pipeline(name, overrides)  # every stage's configuration, before any work starts
+    validate_pipeline(name, overrides)
+    planned = []
+    for i, stage in enumerate(chain):
+        if stages and stage.name not in stages:
+            continue
+        needs_previous = stage.grow_factor > 1 or stage.init_from_previous
+        previous_skipped = i > 0 and stages and chain[i - 1].name not in stages
+        if needs_previous and previous_skipped:
+            previous_dir = Path(out_root) / chain[i - 1].name / "checkpoints"
+            if latest_checkpoint(previous_dir) is None:
+                raise ValueError(
+                    f"stage {stage.name!r} starts from stage {chain[i - 1].name!r}'s final checkpoint, but "
+                    f"{previous_dir} has none: run that stage too (add it to --stages) or check --out")
+        planned.append((stage, _stage_args(stage, Path(out_root) / stage.name, overrides)))
+    return planned
+
+
+def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), python: str = sys.executable,
+                 stages: Optional[Sequence[str]] = None) -> list[StageResult]:
+    """Run the named pipeline's stages in order; returns one result per stage.
+
+    A stage whose folder already holds checkpoints resumes from its own latest one (its
+    ``train.init_from`` only seeds a fresh stage): rerunning an interrupted pipeline continues it.
+
+    Args:
+        overrides: Hydra overrides added to every stage (e.g. ``logging.wandb.mode=disabled``); keys
+            the pipeline or a stage sets itself are refused.
+        stages: run only these stage names (their predecessors' checkpoints must exist).
+    Raises:
+        ValueError: see ``plan_pipeline`` (raised before any stage runs).
+        RuntimeError: a stage's process failed, or a stage ended without a checkpoint.
+    """
+    planned = plan_pipeline(name, out_root=out_root, overrides=overrides, stages=stages)
+    chain = load_pipeline(name)
     results: list[StageResult] = []
     previous: Optional[Path] = None
-    for stage in chain:
+    for stage, args in planned:
+        index = [s.name for s in chain].index(stage.name)
+        if index > 0 and previous is None:
+            previous = latest_checkpoint(Path(out_root) / chain[index - 1].name / "checkpoints")
         out_dir = Path(out_root) / stage.name
-        if stages and stage.name not in stages:
-            previous = latest_checkpoint(out_dir / "checkpoints")
-            continue
-        # the stage's own overrides come last: they define the stage (e.g. half depth) and win
-        args = [f"recipe={stage.recipe}", f"train.out_dir={out_dir}", *overrides, *stage.overrides]
-        if stage.grow_factor > 1:
-            if previous is None:
-                raise ValueError(f"stage {stage.name!r} grows the previous stage's checkpoint, but there is none")
+        own = latest_checkpoint(out_dir / "checkpoints")
+        if own is not None:
+            print(f"== stage {stage.name}: resuming from its own checkpoint {own} (delete {out_dir} to start "
+                  f"the stage again from the previous stage's weights)", flush=True)
+        elif stage.grow_factor > 1:
             subprocess.run([python, str(Path(__file__).resolve().parents[2] / "tools" / "grow_model.py"),
                             "--checkpoint", str(previous), "--output", str(out_dir),
                             "--factor", str(stage.grow_factor)], check=True)
         elif stage.init_from_previous and previous is not None:
-            args.append(f"train.init_from={previous}")
+            args = [*args, f"train.init_from={previous}"]
         start = time.perf_counter()
         print(f"== stage {stage.name}: longcat-train {' '.join(args)}", flush=True)
         proc = subprocess.run([python, "-m", "longcat.train", *args])
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage.name!r} failed with exit code {proc.returncode}; see its output above")
         previous = latest_checkpoint(out_dir / "checkpoints")
+        if previous is None:
+            raise RuntimeError(f"stage {stage.name!r} ended without a checkpoint in {out_dir / 'checkpoints'}; "
+                               f"the next stage would have nothing to start from")
         vals = _val_losses(out_dir / "metrics.jsonl")
-        results.append(StageResult(name=stage.name, out_dir=str(out_dir),
-                                   final_checkpoint=str(previous) if previous else None,
+        results.append(StageResult(name=stage.name, out_dir=str(out_dir), final_checkpoint=str(previous),
                                    initial_val_loss=vals[0] if vals else None,
                                    final_val_loss=vals[-1] if vals else None,
                                    wall_s=time.perf_counter() - start))

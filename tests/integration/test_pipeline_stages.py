@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.stages import available_pipelines, load_pipeline, run_pipeline, validate_pipeline
+from longcat.stages import available_pipelines, load_pipeline, plan_pipeline, run_pipeline, validate_pipeline
 
 
 def _overrides(cache, **extra):
@@ -68,9 +68,67 @@ def test_run_pipeline_tool_dry_run_and_help(tmp_path):
     out = subprocess.run([sys.executable, str(tool), "--pipeline", "pretrain_growth", "--dry-run",
                           "--out", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "half_depth" in out.stdout and "grows the previous checkpoint x2" in out.stdout
+    assert "half_depth: longcat-train recipe=pretrain" in out.stdout and "grow_model.py --factor 2" in out.stdout
     assert not any(tmp_path.iterdir())
     bad = subprocess.run([sys.executable, str(tool), "--dry-run", "optim.lr=-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.lr" in bad.stderr
     helped = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "pretrain_growth" in helped.stdout
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.out_dir=/tmp/elsewhere", "--out"),          # would send every stage into one folder
+    ("train.init_from=/tmp/ckpt", "previous stage"),
+])
+def test_overrides_the_pipeline_owns_are_refused(tmp_path, override, needle):
+    with pytest.raises(ValueError, match=needle):
+        run_pipeline("pipeline", out_root=tmp_path, overrides=[override])
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override", ["train.steps=10", "model.num_layers=4", "+model.num_layers=4"])
+def test_overrides_a_stage_sets_itself_are_refused_not_ignored(tmp_path, override):
+    with pytest.raises(ValueError, match="stage 'half_depth'.*itself"):
+        plan_pipeline("pretrain_growth", out_root=tmp_path, overrides=[override])
+
+
+def test_a_growth_stage_must_train_past_the_stage_it_grows(tmp_path):
+    copy = tmp_path / "growth.yaml"
+    copy.write_text(load_pipeline_text("pretrain_growth").replace("train.steps=300", "train.steps=600"))
+    with pytest.raises(ValueError, match="stage 'grown'.*would train nothing"):
+        plan_pipeline(str(copy), out_root=tmp_path)
+    ok = tmp_path / "growth_ok.yaml"
+    ok.write_text(load_pipeline_text("pretrain_growth").replace("train.steps=300", "train.steps=4, optim.warmup_steps=1")
+                  .replace("[model.num_layers=2]", "[model.num_layers=2, train.steps=6, optim.warmup_steps=1]"))
+    assert [s.name for s, _ in plan_pipeline(str(ok), out_root=tmp_path)] == ["half_depth", "grown"]
+    with pytest.raises(ValueError, match=f"change it in {ok}"):
+        plan_pipeline(str(ok), out_root=tmp_path, overrides=["train.steps=8"])
+
+
+def test_a_stage_whose_skipped_predecessor_has_no_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="stage 'sft'.*long_context.*has none"):
+        run_pipeline("pipeline", out_root=tmp_path, stages=["sft"])
+    # the first stage needs nothing before it
+    assert [s.name for s, _ in plan_pipeline("pipeline", out_root=tmp_path, stages=["pretrain"])] == ["pretrain"]
+
+
+def load_pipeline_text(name):
+    return (Path(__file__).resolve().parents[2] / "recipes" / "pipelines" / f"{name}.yaml").read_text()
+
+
+def test_pretrain_growth_pipeline_grows_and_continues_then_resumes(corpus_cache, tmp_path, capfd):
+    recipe = tmp_path / "growth.yaml"
+    recipe.write_text(load_pipeline_text("pretrain_growth").replace("train.steps=300", "train.steps=2")
+                      .replace("[model.num_layers=2]", "[model.num_layers=2, train.steps=4]"))
+    overrides = [o for o in _overrides(corpus_cache, **{"data.seq_length": 64}) if not o.startswith(("train.steps", "model.num_layers"))]
+    half, grown = run_pipeline(str(recipe), out_root=tmp_path / "runs", overrides=overrides)
+    assert half.final_checkpoint.endswith("step_00000002") and grown.final_checkpoint.endswith("step_00000004")
+    grown_cfg = json.loads((tmp_path / "runs" / "grown" / "config.json").read_text())
+    assert grown_cfg["model"]["num_layers"] == 2 and grown_cfg["train"]["init_from"] in (None, "")
+    capfd.readouterr()
+    # a rerun resumes each stage from its own checkpoint: nothing is grown or trained again
+    again = run_pipeline(str(recipe), out_root=tmp_path / "runs", overrides=overrides)
+    assert [r.final_checkpoint for r in again] == [half.final_checkpoint, grown.final_checkpoint]
+    assert "resuming from its own checkpoint" in capfd.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "runs" / "grown" / "checkpoints").iterdir()) == [
+        "step_00000002", "step_00000004"]

@@ -38,7 +38,8 @@ class MetricsSink:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        drop_records_after(self.jsonl_path, start_step)  # a resumed run logs those steps again
+        # a resumed run logs the steps after its checkpoint again; a fresh one (step 0) logs everything
+        drop_records_after(self.jsonl_path, start_step if start_step > 0 else -1)
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if cfg.progress_bar:
             from tqdm import tqdm

@@ -405,6 +405,9 @@ class Trainer:
         sink = MetricsSink(self.cfg.logging, out_dir=self.out_dir, total_steps=cfg.steps,
                            start_step=self.step, enabled=self.is_rank0, run_config=self.config_dict)
         summary: dict[str, Any] = {"start_step": self.step}
+        if self.step >= cfg.steps:
+            logger.warning("already at step %d >= train.steps=%d: nothing to train (raise train.steps to "
+                           "continue this run, or use a new train.out_dir)", self.step, cfg.steps)
         if self.is_rank0:
             tmp = self.out_dir / "config.json.tmp"
             tmp.write_text(json.dumps(self.config_dict, indent=1, default=str))

@@ -33,3 +33,15 @@ def test_drop_records_after_removes_a_torn_last_line(tmp_path):
     assert drop_records_after(path, 5) == 1
     assert _steps(path) == [1, 2]
     assert drop_records_after(path, 5) == 0 and drop_records_after(tmp_path / "none.jsonl", 0) == 0
+
+
+def test_a_fresh_start_replaces_a_killed_runs_records(tmp_path):
+    killed = _sink(tmp_path, 0)
+    for step in (0, 1, 2):  # killed before its first checkpoint
+        killed.log(step, {"loss": 1.0})
+    killed.close()
+    again = _sink(tmp_path, 0)
+    again.log(0, {"val/loss": 9.0})
+    again.log(1, {"loss": 2.0})
+    again.close()
+    assert _steps(tmp_path / "metrics.jsonl") == [0, 1]
