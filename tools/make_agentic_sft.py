@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 
 from longcat.data.agentic_samples import (
@@ -25,15 +26,32 @@ from longcat.data.agentic_samples import (
 )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="the .jsonl file to write (its directory is created)")
-    parser.add_argument("--num-conversations", type=int, default=DEFAULT_NUM_CONVERSATIONS,
-                        help=f"conversations to generate, the templates in equal shares (default "
-                        f"{DEFAULT_NUM_CONVERSATIONS})")
+    parser.add_argument("--num-conversations", type=_positive_int, default=DEFAULT_NUM_CONVERSATIONS,
+                        help=f"conversations to generate (default {DEFAULT_NUM_CONVERSATIONS}); the templates are "
+                        "taken in turn, as equal as the count allows (fewer than the number of templates uses "
+                        "only the first ones)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"seeds every choice; the same seed gives the same file (default {DEFAULT_SEED})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not os.path.basename(args.output):
+        parser.error(f"argument --output: must name a file, got {args.output!r}")
+    if os.path.isdir(args.output):
+        parser.error(f"argument --output: {args.output} is a directory; name a file in it, e.g. "
+                     f"{os.path.join(args.output, 'agentic.jsonl')}")
+    return args
 
 
 def summarize(generated: list[GeneratedConversation]) -> str:
@@ -61,7 +79,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    write_jsonl(args.output, records=[c.record for c in generated])
+    try:
+        write_jsonl(args.output, records=[c.record for c in generated])
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}: {summarize(generated)}")
     return 0
 

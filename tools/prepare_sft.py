@@ -14,7 +14,8 @@ Examples:
 
 ``--input builtin`` renders the embedded agentic set (longcat.data.agentic_samples; its tool results come
 from really running the tools, see tools/make_agentic_sft.py).
-Exit status 1 with ``error: FILE:LINE: problem`` on the first bad line unless --skip-bad-lines.
+Exit status 1 with ``error: FILE:LINE: problem`` on the first bad line unless --skip-bad-lines; 2 for bad
+arguments or an output that cannot be written.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ from longcat.data.sft import load_conversations
 from longcat.data.tokenizer import load_tokenizer
 
 
+class _CannotWrite(Exception):
+    """The output could not be written (an OSError while creating or writing it)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="chat .jsonl file, or 'builtin' for the embedded agentic set")
@@ -43,12 +58,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "saves the tokenizer)",
     )
     parser.add_argument(
-        "--seq-length", type=int, default=0, help="also count conversations longer than SEQ_LENGTH + 1 tokens")
+        "--seq-length", type=_positive_int, default=None,
+        help="also count conversations longer than SEQ_LENGTH + 1 tokens")
     return parser.parse_args(argv)
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    """Render ``args.input`` to ``args.output``; return the counts. Raises ValueError for bad input."""
+    """Render ``args.input`` to ``args.output``; return the counts.
+
+    Raises:
+        ValueError: for bad input.
+        _CannotWrite: when the output cannot be written; no temporary file is left behind.
+    """
     tokenizer = load_tokenizer(args.tokenizer)
     if args.add_chat_tokens:
         tokenizer = with_chat_special_tokens(tokenizer)
@@ -58,29 +79,41 @@ def prepare(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.input} holds no conversations ({loaded.num_skipped_lines} bad lines skipped)")
     to_file = args.output.endswith(".jsonl")
     directory = os.path.dirname(os.path.abspath(args.output)) if to_file else args.output
-    os.makedirs(directory, exist_ok=True)
     out_path = args.output if to_file else os.path.join(directory, "rendered.jsonl")
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            stats = _render(loaded, tokenizer=tokenizer, seq_length=args.seq_length, out=f)
+        os.replace(tmp, out_path)
+        if not to_file:
+            tokenizer.save(os.path.join(directory, "tokenizer.json"))
+            with open(os.path.join(directory, "stats.json"), "w") as f:
+                json.dump(stats, f, indent=2, sort_keys=True)
+    except OSError as e:
+        raise _CannotWrite(f"cannot write {args.output}: {e.strerror or e}") from e
+    finally:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+    return stats
+
+
+def _render(loaded, *, tokenizer, seq_length: int | None, out) -> dict:
+    """Write one rendered JSON row per conversation of ``loaded`` to the file ``out``; return the counts."""
     stats = {"num_conversations": 0, "num_skipped_lines": loaded.num_skipped_lines, "num_tokens": 0,
              "num_loss_tokens": 0, "max_tokens": 0, "num_longer_than_seq_length": 0,
              "chat_special_tokens": has_chat_special_tokens(tokenizer), "vocab_size": tokenizer.vocab_size}
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for conv in loaded.conversations:
-            rendered = render_conversation(conv, tokenizer=tokenizer)
-            row = {"source": conv.source, "text": rendered.text, "input_ids": rendered.input_ids.tolist(),
-                   "loss_mask": rendered.loss_mask.astype(int).tolist()}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            num_tokens = len(rendered.input_ids)
-            stats["num_conversations"] += 1
-            stats["num_tokens"] += num_tokens
-            stats["num_loss_tokens"] += int(rendered.loss_mask.sum())
-            stats["max_tokens"] = max(stats["max_tokens"], num_tokens)
-            stats["num_longer_than_seq_length"] += bool(args.seq_length and num_tokens > args.seq_length + 1)
-    os.replace(tmp, out_path)
-    if not to_file:
-        tokenizer.save(os.path.join(directory, "tokenizer.json"))
-        with open(os.path.join(directory, "stats.json"), "w") as f:
-            json.dump(stats, f, indent=2, sort_keys=True)
+    for conv in loaded.conversations:
+        rendered = render_conversation(conv, tokenizer=tokenizer)
+        row = {"source": conv.source, "text": rendered.text, "input_ids": rendered.input_ids.tolist(),
+               "loss_mask": rendered.loss_mask.astype(int).tolist()}
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        num_tokens = len(rendered.input_ids)
+        stats["num_conversations"] += 1
+        stats["num_tokens"] += num_tokens
+        stats["num_loss_tokens"] += int(rendered.loss_mask.sum())
+        stats["max_tokens"] = max(stats["max_tokens"], num_tokens)
+        stats["num_longer_than_seq_length"] += bool(seq_length and num_tokens > seq_length + 1)
     return stats
 
 
@@ -91,6 +124,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except _CannotWrite as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"wrote {args.output}: {stats['num_conversations']} conversations, {stats['num_tokens']} tokens "
         f"({stats['num_loss_tokens']} with loss), longest {stats['max_tokens']}; skipped "

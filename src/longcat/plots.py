@@ -12,24 +12,43 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional
 
+logger = logging.getLogger(__name__)
 _LAYER_KEY = re.compile(r"^moe/layer(\d+)/(.+)$")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics JSONL file; raises ValueError naming the file and line of a bad record."""
-    records = []
+    """Records of a metrics JSONL file, one JSON object a line.
+
+    A last line that is not valid JSON (torn by a crash, or read while being written) is skipped
+    with a warning; a bad line anywhere else is an error.
+
+    Raises:
+        ValueError: naming FILE:LINE of a bad line (malformed JSON before the last line, or JSON that
+            is not an object), or when the file holds no records.
+    """
     with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
+        lines = [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if k < len(lines) - 1:
                 raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
+            logger.warning("%s:%d: skipped the torn last line (%s), as a crash mid-write leaves it",
+                           path, lineno, exc.msg)
+            continue
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: not a metrics record: JSON {type(record).__name__}, "
+                             "expected an object")
+        if not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}:{lineno}: a metrics record needs an integer \"step\", got {record.get('step')!r}")
+        records.append(record)
     if not records:
         raise ValueError(f"{path} holds no metrics records; run training first")
     return records
@@ -54,15 +73,24 @@ def _layers(records: list[dict], suffix: str) -> list[int]:
     return sorted(found)
 
 
-def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[float] = None) -> list[Path]:
-    """Write the PNGs into ``out_dir``; returns their paths."""
+def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[float] = None,
+             records: Optional[list[dict]] = None) -> list[Path]:
+    """Write the PNGs into ``out_dir``; returns their paths.
+
+    ``records`` are those of ``metrics_path`` when already read (``read_metrics``).
+
+    Raises:
+        ValueError: for a bad metrics file (``read_metrics``).
+        OSError: when ``out_dir`` or a PNG cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    records = read_metrics(Path(metrics_path))
+    if records is None:
+        records = read_metrics(Path(metrics_path))
     config_path = Path(metrics_path).parent / "config.json"
     if target_ffn_experts is None and config_path.is_file():
         target_ffn_experts = json.loads(config_path.read_text()).get("moe", {}).get("expected_ffn_experts")

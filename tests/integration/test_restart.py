@@ -144,3 +144,21 @@ def test_sigterm_during_a_stuck_save_exits_143_within_the_deadline(corpus_cache,
     assert "preemption deadline of 2 s passed: no complete checkpoint" in job.log()
     folder = check_checkpoint_folder(out / "checkpoints", world_size=WORLD)
     assert folder.complete_steps == (2,) and folder.leftovers == ("step_00000004.tmp",), folder
+
+
+def test_ctrl_c_stops_with_a_checkpoint_like_sigterm(corpus_cache, tmp_path):
+    out = tmp_path / "run"
+    overrides = _overrides(corpus_cache, out, **{"parallel.ep": 1, "train.steps": 100_000,
+                                                 "train.checkpoint_interval": 1000, "train.preempt_timeout_s": 30})
+    job = ForkedJob.launch(overrides, log_dir=tmp_path / "logs", nproc=1)
+    try:
+        _wait_for_steps(job, out, 2)
+        job.signal_worker(0, signal.SIGINT)
+        rc = job.wait(timeout_s=60)
+    finally:
+        job.kill_all()
+    log = job.log()
+    assert rc == 0 and "received SIGINT" in log and "KeyboardInterrupt" not in log, log[-3000:]
+    stop_step = int(PREEMPTED.search(log).group(1))
+    folder = check_checkpoint_folder(out / "checkpoints", world_size=1)
+    assert folder.complete_steps == (stop_step,) and not folder.leftovers

@@ -8,8 +8,9 @@ from those results, so the data holds no invented fact. ``tools/make_agentic_sft
 as ``messages`` JSONL (read by ``longcat.data.sft``); ``default_sft_records()`` is the set of the
 default size and seed, used by ``data.sft_path=builtin``.
 
-Templates (one per conversation, an equal share each, in a seeded order; a quarter open with a
-system message; ``random.Random(seed)`` makes every choice):
+Templates (one per conversation, taken in turn in the order listed, so their shares are as equal as
+the count allows: fewer conversations than templates use only the first ones; the conversations are
+then shuffled; a quarter open with a system message; ``random.Random(seed)`` makes every choice):
 
 - calculator: one call, the calling turn without text;
 - calculator_rounds: a two-step word problem, then a second user round answered by two parallel calls;
@@ -36,6 +37,7 @@ import os
 import posixpath
 import random
 import re
+from fractions import Fraction
 from typing import Callable, NamedTuple
 
 from longcat.data.agentic_tools import TOOLS, corpus_files, corpus_lines, run_tool, tool_specs
@@ -179,13 +181,19 @@ def _definitions(path: str) -> list[tuple[str, str]]:
 
 
 def _calculator(rng: random.Random) -> dict:
-    a, b, c = rng.randint(2, 999), rng.randint(2, 99), rng.randint(2, 30)
-    expression = rng.choice([f"{a} + {b} * {c}", f"({a} + {b}) * {c}", f"{a} * {b} - {c}", f"{a} // {c}",
-                             f"{a} % {c}", f"{a} / {c}", f"{c} ** {rng.randint(2, 6)}", f"({a} - {b}) / {c}"])
+    a, b, c, p = rng.randint(2, 999), rng.randint(2, 99), rng.randint(2, 30), rng.randint(2, 6)
+    # (expression, its exact value): the answer says "about" when the tool's 12 digits round it
+    expression, exact = rng.choice([
+        (f"{a} + {b} * {c}", a + b * c), (f"({a} + {b}) * {c}", (a + b) * c), (f"{a} * {b} - {c}", a * b - c),
+        (f"{a} // {c}", a // c), (f"{a} % {c}", a % c), (f"{a} / {c}", Fraction(a, c)), (f"{c} ** {p}", c ** p),
+        (f"({a} - {b}) / {c}", Fraction(a - b, c))])
     chat = _Dialogue("calculator")
     chat.user(rng.choice(["What is {}?", "Compute {}.", "Can you work out {} for me?"]).format(expression))
     [value] = chat.call(None, ("calculator", {"expression": expression}))
-    chat.answer(f"{expression} = {value}.")
+    if Fraction(value) == exact:
+        chat.answer(f"{expression} = {value}.")
+    else:
+        chat.answer(f"{expression} is about {value} (rounded to 12 significant digits).")
     return chat.record()
 
 
@@ -363,7 +371,10 @@ TEMPLATES: dict[str, Callable[[random.Random], dict]] = {
 
 def generate_conversations(num_conversations: int = DEFAULT_NUM_CONVERSATIONS, *,
                            seed: int = DEFAULT_SEED) -> list[GeneratedConversation]:
-    """``num_conversations`` tool-use dialogues, the templates in equal shares in a seeded order.
+    """``num_conversations`` tool-use dialogues in a seeded order, the templates taken in turn.
+
+    Conversation k uses template k % len(TEMPLATES) (the TEMPLATES order) before the shuffle, so the
+    shares are as equal as the count allows and a count below len(TEMPLATES) uses only the first ones.
 
     A template draws again when its random choice makes no good question (a file without
     definitions, an empty file), the conversation fails ``chat.parse_conversation`` (a file
@@ -410,13 +421,24 @@ def default_sft_records() -> list[dict]:
 
 
 def write_jsonl(path: str, *, records: list[dict]) -> int:
-    """Write ``records`` to ``path``, one JSON object per line, atomically; return the count."""
+    """Write ``records`` to ``path``, one JSON object per line, atomically; return the count.
+
+    Creates the parent directory. On failure the temporary file is removed and ``path`` is untouched.
+
+    Raises:
+        OSError: when the directory or file cannot be written (e.g. ``path`` is a directory).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
     return len(records)
 
 

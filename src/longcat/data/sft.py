@@ -178,7 +178,7 @@ class SFTDataset:
             raise ValueError(
                 f"the {self.split.value} split of {name} has no conversation that fits seq_length + 1 = "
                 f"{seq_length + 1} tokens ({self.stats.num_dropped} of {len(chosen)} dropped): raise "
-                "seq_length or use overflow=truncate"
+                "data.seq_length or set data.sft_overflow=truncate"
             )
         if self.packing is Packing.GREEDY:
             order = np.random.default_rng([seed, _PACK_STREAM]).permutation(len(rendered))

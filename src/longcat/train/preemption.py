@@ -1,4 +1,5 @@
-"""Graceful stop on SIGTERM: every rank checkpoints at the same step and exits 0, within a deadline.
+"""Graceful stop on SIGTERM (or Ctrl-C / SIGINT): every rank checkpoints at the same step and exits 0,
+within a deadline. A second Ctrl-C aborts at once (KeyboardInterrupt), without that checkpoint.
 
 A cluster scheduler sends SIGTERM some time before it kills a job (SLURM: ``--signal=TERM@120``;
 Kubernetes: ``terminationGracePeriodSeconds``; ``torchrun`` forwards it to its workers and sends SIGKILL
@@ -35,7 +36,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 EXIT_PREEMPT_TIMEOUT = 128 + signal.SIGTERM  # 143, as if SIGTERM had killed the process
-PREEMPT_SIGNALS = (signal.SIGTERM,)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # SIGINT: Ctrl-C stops gracefully; a second Ctrl-C aborts
 
 
 class PreemptionWatcher:
@@ -54,6 +55,7 @@ class PreemptionWatcher:
         self.timeout_s = timeout_s
         self.world_group = world_group if dist.is_available() and dist.is_initialized() else None
         self._requested = threading.Event()
+        self._interrupts = 0  # Ctrl-C presses seen by the handler
         self._checkpointed = False
         self._lock = threading.RLock()
         self._timer: Optional[threading.Timer] = None
@@ -88,6 +90,10 @@ class PreemptionWatcher:
             self._timer.cancel()
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:  # a second Ctrl-C: stop now, without the checkpoint
+                raise KeyboardInterrupt
         self._request(signum)
 
     def _read_wakeups(self, reader: socket.socket) -> None:
@@ -99,8 +105,10 @@ class PreemptionWatcher:
                     return
                 if not data:
                     return
-                if any(byte in PREEMPT_SIGNALS for byte in data):
-                    self._request(signal.SIGTERM)
+                for byte in data:
+                    if byte in PREEMPT_SIGNALS:
+                        self._request(byte)
+                        break
 
     def _request(self, signum: int) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
 """The agentic SFT tools against independent computations, and the generated set replayed against them."""
 
+import collections
 import datetime
 import json
 import os
@@ -7,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 
@@ -250,6 +252,31 @@ def test_mixture_of_templates():
     assert any(r.startswith("error:") for c in GENERATED for _, r in tool_exchanges(c.record))
 
 
+def test_calculator_answers_say_about_for_a_rounded_value():
+    """"=" only when the tool's value is exact; a rounded one (12 digits) is "about" that same value."""
+    kinds = set()
+    for seed in range(80):
+        messages = TEMPLATES["calculator"](random.Random(seed))["messages"]
+        value, answer = messages[-2]["content"], messages[-1]["content"]  # the tool's result, the answer
+        expression = answer.split(" = " if " = " in answer else " is about ")[0]
+        exact = eval(re.sub(r"\d+", lambda m: f"Fraction({m[0]})", expression), {"Fraction": Fraction})
+        if Fraction(value) == exact:
+            assert answer == f"{expression} = {value}."
+            kinds.add("exact")
+        else:
+            assert answer == f"{expression} is about {value} (rounded to 12 significant digits)."
+            assert abs(Fraction(value) - exact) <= abs(exact) * Fraction(1, 10 ** 11)
+            kinds.add("rounded")
+    assert kinds == {"exact", "rounded"}
+
+
+def test_fewer_conversations_than_templates_use_the_first_templates():
+    names = list(TEMPLATES)
+    assert sorted(c.template for c in generate_conversations(3, seed=2)) == sorted(names[:3])
+    counts = collections.Counter(c.template for c in generate_conversations(13, seed=2))
+    assert counts == collections.Counter(names + names[:3])
+
+
 def test_every_conversation_renders_with_assistant_loss():
     records = [c.record for c in GENERATED]
     loaded = load_conversations(records)
@@ -284,5 +311,24 @@ def test_make_agentic_sft_cli(tmp_path):
     again = tmp_path / "again.jsonl"
     assert run_cli("--output", str(again), "--num-conversations", "12", "--seed", "3").returncode == 0
     assert again.read_bytes() == out.read_bytes()
-    failed = run_cli("--output", str(tmp_path / "none.jsonl"), "--num-conversations", "0")
-    assert failed.returncode == 1 and "num_conversations=0 must be >= 1" in failed.stderr
+    for count in ("0", "-3"):
+        failed = run_cli("--output", str(tmp_path / "none.jsonl"), "--num-conversations", count)
+        assert failed.returncode == 2 and "argument --num-conversations: must be a positive integer" in failed.stderr
+
+
+def test_make_agentic_sft_cli_refuses_bad_outputs(tmp_path):
+    """A bad --output is an error before generating or while writing; no temporary file is left."""
+    (tmp_path / "file").write_text("")
+    for output, problem in [(str(tmp_path), "is a directory; name a file in it"), ("", "must name a file"),
+                            (str(tmp_path / "file" / "x.jsonl"), "error: cannot write")]:
+        result = run_cli("--output", output, "--num-conversations", "1")
+        assert result.returncode == 2 and problem in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_write_jsonl_removes_its_temporary_file_on_failure(tmp_path):
+    target = tmp_path / "out.jsonl"
+    target.mkdir()  # os.replace cannot put a file over a directory
+    with pytest.raises(OSError):
+        write_jsonl(str(target), records=[{"a": 1}])
+    assert os.listdir(tmp_path) == ["out.jsonl"] and target.is_dir()

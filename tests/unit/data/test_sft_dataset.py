@@ -112,7 +112,8 @@ def test_overflow_drop_and_truncate(sft_jsonl, tokenizer):
     truncated = dataset(sft_jsonl, tokenizer, seq_length=seq_length, valid_fraction=0.5, overflow=Overflow.TRUNCATE)
     assert truncated.stats.num_truncated == dropped.stats.num_dropped and len(truncated) == N // 2
     assert sum(bool(truncated.sample(k)["token_mask"].all()) for k in range(N // 2)) == truncated.stats.num_truncated
-    with pytest.raises(ValueError, match="no conversation that fits seq_length \\+ 1 = 11 tokens .*overflow=truncate"):
+    with pytest.raises(ValueError, match="no conversation that fits seq_length \\+ 1 = 11 tokens .*raise "
+                       "data.seq_length or set data.sft_overflow=truncate"):
         dataset(sft_jsonl, tokenizer, seq_length=10)
 
 
@@ -201,3 +202,20 @@ def test_prepare_sft_tool(tmp_path, sft_jsonl, tokenizer):
     skipped = run_tool("--input", bad, "--tokenizer", tok_path, "--output", str(tmp_path / "r.jsonl"),
                        "--skip-bad-lines")
     assert skipped.returncode == 0 and "1 conversations" in skipped.stderr and "skipped 1 bad lines" in skipped.stderr
+
+
+def test_prepare_sft_tool_refuses_bad_arguments_and_outputs(tmp_path, sft_jsonl, tokenizer):
+    tok_path = str(tmp_path / "tok.json")
+    tokenizer.save(tok_path)
+    args = ["--input", sft_jsonl, "--tokenizer", tok_path]
+    for seq_length in ("-1", "0"):
+        failed = run_tool(*args, "--output", str(tmp_path / "r.jsonl"), "--seq-length", seq_length)
+        assert failed.returncode == 2 and "argument --seq-length: must be a positive integer" in failed.stderr
+    (tmp_path / "file").write_text("")
+    (tmp_path / "taken.jsonl").mkdir()
+    for output in (tmp_path / "file" / "out.jsonl", tmp_path / "file" / "out", tmp_path / "taken.jsonl"):
+        failed = run_tool(*args, "--output", str(output))
+        assert failed.returncode == 2 and f"error: cannot write {output}: " in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file", "taken.jsonl", "tok.json"]  # no temporary file left
+    assert os.listdir(tmp_path / "taken.jsonl") == []
