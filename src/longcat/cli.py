@@ -88,7 +88,11 @@ def compose_run_config(recipe: str, overrides: Sequence[str] = ()) -> tuple[RunC
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(composed, resolve=False))
         run_cfg: RunConfig = OmegaConf.to_object(merged)
     except Exception as exc:  # Hydra/OmegaConf errors: re-raise as one clear message
-        raise ValueError(f"bad configuration for recipe {recipe!r}: {exc}".strip()) from None
+        detail = str(exc)
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and str(cause) and str(cause) not in detail:  # e.g. the allowed enum values
+            detail = f"{detail}: {cause}"
+        raise ValueError(f"bad configuration for recipe {recipe!r}: {detail}".strip()) from None
     finally:
         GlobalHydra.instance().clear()
     return run_cfg, OmegaConf.to_container(merged, resolve=True, enum_to_str=True)

@@ -23,6 +23,7 @@ def test_overrides_apply():
     (["+stepz=3"], "stepz"),
     (["train.steps=abc"], "steps"),
     (["optim.schedule=linear_wobble"], "schedule"),
+    (["train.resume=bogus"], r"train.resume=bogus.*expected one of \[auto, none\]"),  # names the allowed values
 ])
 def test_bad_key_or_value_fails_with_its_name(override, needle):
     with pytest.raises(ValueError, match=needle):
