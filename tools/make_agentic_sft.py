@@ -24,22 +24,13 @@ import sys
 from longcat.data.agentic_samples import (
     DEFAULT_NUM_CONVERSATIONS, DEFAULT_SEED, GeneratedConversation, generate_conversations, write_jsonl,
 )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+from longcat.tool_args import positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="the .jsonl file to write (its directory is created)")
-    parser.add_argument("--num-conversations", type=_positive_int, default=DEFAULT_NUM_CONVERSATIONS,
+    parser.add_argument("--num-conversations", type=positive_int, default=DEFAULT_NUM_CONVERSATIONS,
                         help=f"conversations to generate (default {DEFAULT_NUM_CONVERSATIONS}); the templates are "
                         "taken in turn, as equal as the count allows (fewer than the number of templates uses "
                         "only the first ones)")

@@ -12,16 +12,7 @@ import sys
 from pathlib import Path
 
 from longcat.plots import plot_all, read_metrics
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+from longcat.tool_args import positive_float
 
 
 def main() -> int:
@@ -29,7 +20,7 @@ def main() -> int:
     parser.add_argument("--metrics", type=Path, default=Path("runs/pretrain/metrics.jsonl"),
                         help="metrics.jsonl written by longcat-train (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None, help="folder for the PNGs (default: beside the metrics)")
-    parser.add_argument("--target-ffn-experts", type=_positive_float, default=None,
+    parser.add_argument("--target-ffn-experts", type=positive_float, default=None,
                         help="draw the target K_e line (moe.expected_ffn_experts)")
     args = parser.parse_args()
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)

@@ -25,24 +25,16 @@ import json
 import os
 import sys
 
+from longcat.atomic_files import atomic_open, write_text_atomic
 from longcat.data.agentic_samples import default_sft_records
 from longcat.data.chat import has_chat_special_tokens, render_conversation, with_chat_special_tokens
 from longcat.data.sft import load_conversations
 from longcat.data.tokenizer import load_tokenizer
+from longcat.tool_args import positive_int
 
 
 class _CannotWrite(Exception):
     """The output could not be written (an OSError while creating or writing it)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "saves the tokenizer)",
     )
     parser.add_argument(
-        "--seq-length", type=_positive_int, default=None,
+        "--seq-length", type=positive_int, default=None,
         help="also count conversations longer than SEQ_LENGTH + 1 tokens")
     return parser.parse_args(argv)
 
@@ -80,21 +72,14 @@ def prepare(args: argparse.Namespace) -> dict:
     to_file = args.output.endswith(".jsonl")
     directory = os.path.dirname(os.path.abspath(args.output)) if to_file else args.output
     out_path = args.output if to_file else os.path.join(directory, "rendered.jsonl")
-    tmp = f"{out_path}.tmp{os.getpid()}"
     try:
-        os.makedirs(directory, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(out_path) as f:
             stats = _render(loaded, tokenizer=tokenizer, seq_length=args.seq_length, out=f)
-        os.replace(tmp, out_path)
         if not to_file:
             tokenizer.save(os.path.join(directory, "tokenizer.json"))
-            with open(os.path.join(directory, "stats.json"), "w") as f:
-                json.dump(stats, f, indent=2, sort_keys=True)
+            write_text_atomic(os.path.join(directory, "stats.json"), json.dumps(stats, indent=2, sort_keys=True))
     except OSError as e:
         raise _CannotWrite(f"cannot write {args.output}: {e.strerror or e}") from e
-    finally:
-        if os.path.isfile(tmp):
-            os.remove(tmp)
     return stats
 
 

@@ -15,14 +15,14 @@ launch overrides later), writing to ``<out_root>/<stage>/``.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
+from longcat.plots import read_metrics
 from longcat.train.checkpoint import latest_checkpoint
 
 
@@ -150,31 +150,23 @@ class StageResult:
     initial_val_loss: Optional[float] = None
     final_val_loss: Optional[float] = None
     wall_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _val_losses(metrics: Path) -> list[float]:
-    if not metrics.is_file():
-        return []
-    values = []
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
-        if isinstance(record, dict) and isinstance(record.get("val/loss"), (int, float)):
-            values.append(float(record["val/loss"]))
-    return values
+    records = read_metrics(metrics) if metrics.is_file() else []
+    return [float(r["val/loss"]) for r in records if isinstance(r.get("val/loss"), (int, float))]
 
 
-def _stage_args(stage: Stage, out_dir: Path, overrides: Sequence[str]) -> list[str]:
-    return [f"recipe={stage.recipe}", f"train.out_dir={out_dir}", *overrides, *stage.overrides]
+class PlannedStage(NamedTuple):
+    stage: Stage
+    args: list[str]  # longcat-train arguments; train.init_from is added when the previous stage ends
+    out_dir: Path
+    previous_dir: Optional[Path]  # the previous stage's folder (None for the first stage)
 
 
 def plan_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (),
-                  stages: Optional[Sequence[str]] = None) -> list[tuple[Stage, list[str]]]:
-    """Validate everything a run needs before its first stage starts; return the stages to run with
-    their ``longcat-train`` arguments (``train.init_from`` is added when the previous stage ends).
+                  stages: Optional[Sequence[str]] = None) -> list[PlannedStage]:
+    """Validate everything a run needs before its first stage starts; return the stages to run.
 
     Raises:
         ValueError: unknown pipeline or stage names, bad overrides or stage configurations, or a
@@ -182,24 +174,25 @@ def plan_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (),
     """
     chain = load_pipeline(name)
     names = [s.name for s in chain]
-    if stages:
-        unknown = sorted(set(stages) - set(names))
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown} of pipeline {name!r}; stages are {names}")
+    unknown = sorted(set(stages or ()) - set(names))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} of pipeline {name!r}; stages are {names}")
     validate_pipeline(name, overrides)
+    selected = set(stages or names)
     planned = []
     for i, stage in enumerate(chain):
-        if stages and stage.name not in stages:
+        if stage.name not in selected:
             continue
+        out_dir = Path(out_root) / stage.name
+        previous_dir = Path(out_root) / chain[i - 1].name if i > 0 else None
         needs_previous = stage.grow_factor > 1 or stage.init_from_previous
-        previous_skipped = i > 0 and stages and chain[i - 1].name not in stages
-        if needs_previous and previous_skipped:
-            previous_dir = Path(out_root) / chain[i - 1].name / "checkpoints"
-            if latest_checkpoint(previous_dir) is None:
-                raise ValueError(
-                    f"stage {stage.name!r} starts from stage {chain[i - 1].name!r}'s final checkpoint, but "
-                    f"{previous_dir} has none: run that stage too (add it to --stages) or check --out")
-        planned.append((stage, _stage_args(stage, Path(out_root) / stage.name, overrides)))
+        if (needs_previous and previous_dir is not None and chain[i - 1].name not in selected
+                and latest_checkpoint(previous_dir / "checkpoints") is None):
+            raise ValueError(
+                f"stage {stage.name!r} starts from stage {chain[i - 1].name!r}'s final checkpoint, but "
+                f"{previous_dir / 'checkpoints'} has none: run that stage too (add it to --stages) or check --out")
+        args = [f"recipe={stage.recipe}", f"train.out_dir={out_dir}", *overrides, *stage.overrides]
+        planned.append(PlannedStage(stage, args, out_dir, previous_dir))
     return planned
 
 
@@ -218,15 +211,10 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         ValueError: see ``plan_pipeline`` (raised before any stage runs).
         RuntimeError: a stage's process failed, or a stage ended without a checkpoint.
     """
-    planned = plan_pipeline(name, out_root=out_root, overrides=overrides, stages=stages)
-    chain = load_pipeline(name)
     results: list[StageResult] = []
-    previous: Optional[Path] = None
-    for stage, args in planned:
-        index = [s.name for s in chain].index(stage.name)
-        if index > 0 and previous is None:
-            previous = latest_checkpoint(Path(out_root) / chain[index - 1].name / "checkpoints")
-        out_dir = Path(out_root) / stage.name
+    for stage, args, out_dir, previous_dir in plan_pipeline(name, out_root=out_root, overrides=overrides,
+                                                            stages=stages):
+        previous = latest_checkpoint(previous_dir / "checkpoints") if previous_dir is not None else None
         own = latest_checkpoint(out_dir / "checkpoints")
         if own is not None:
             print(f"== stage {stage.name}: resuming from its own checkpoint {own} (delete {out_dir} to start "
@@ -242,12 +230,12 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         proc = subprocess.run([python, "-m", "longcat.train", *args])
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage.name!r} failed with exit code {proc.returncode}; see its output above")
-        previous = latest_checkpoint(out_dir / "checkpoints")
-        if previous is None:
+        final = latest_checkpoint(out_dir / "checkpoints")
+        if final is None:
             raise RuntimeError(f"stage {stage.name!r} ended without a checkpoint in {out_dir / 'checkpoints'}; "
                                f"the next stage would have nothing to start from")
         vals = _val_losses(out_dir / "metrics.jsonl")
-        results.append(StageResult(name=stage.name, out_dir=str(out_dir), final_checkpoint=str(previous),
+        results.append(StageResult(name=stage.name, out_dir=str(out_dir), final_checkpoint=str(final),
                                    initial_val_loss=vals[0] if vals else None,
                                    final_val_loss=vals[-1] if vals else None,
                                    wall_s=time.perf_counter() - start))

@@ -68,15 +68,6 @@ CASES = {  # id: (source, target)
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread in this process: on 2 shared cores, thread hand-offs cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def resumed(corpus_cache, tmp_path_factory, one_thread):
     """Per case id the target's LayoutRuns for step 4; the sources' runs; the uninterrupted reference."""
     root = tmp_path_factory.mktemp("reshard")

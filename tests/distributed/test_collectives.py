@@ -20,8 +20,10 @@ from longcat.distributed import (
     all_to_all_uneven,
     copy_to_group,
     exchange_counts,
+    gather_from_group,
     rank_layout,
     reduce_scatter_along,
+    split_to_group,
 )
 from longcat.testing import DistributedTestError, DistributedTimeoutError, distributed_test, run_distributed
 
@@ -193,6 +195,20 @@ def _tp_body():
     torch.testing.assert_close(gathered, torch.cat([t[:, :2] for t in parts], dim=1))
     torch.testing.assert_close(q.grad, tp * parts[0][:, 2 * me : 2 * me + 2])
 
+    # A replicated tensor split over the group, worked on per chunk, gathered back (the MoE under
+    # tp, SP's replicated consumers): the gradients equal the single-process ones, not tp times them.
+    r = x_SD.clone().requires_grad_()
+    chunk = split_to_group(r, dim=0, group=group)
+    assert torch.equal(chunk.detach(), x_SD[rows])
+    back = gather_from_group(torch.relu(chunk @ w1_DF), dim=0, group=group)
+    (back * _seeded(seq, ffn, seed=5)).sum().backward()
+    r_ref = x_SD.clone().requires_grad_()
+    (torch.relu(r_ref @ w1_DF) * _seeded(seq, ffn, seed=5)).sum().backward()
+    torch.testing.assert_close(back, torch.relu(x_SD @ w1_DF))
+    torch.testing.assert_close(r.grad, r_ref.grad)
+    with pytest.raises(ValueError, match="not divisible by the group size"):
+        split_to_group(x_SD[:-1], dim=0, group=group)
+
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tp_and_sp_ops_match_reference(world_size):
@@ -209,7 +225,7 @@ def test_size_one_groups_short_circuit_exactly():
     x = torch.randn(4, 3, requires_grad=True)
     for op in (all_reduce_sum, copy_to_group):
         assert op(x, group=groups.tp_group) is x
-    for op in (all_gather_along, reduce_scatter_along):
+    for op in (all_gather_along, reduce_scatter_along, split_to_group, gather_from_group):
         assert op(x, dim=0, group=groups.tp_group) is x
     assert all_to_all_uneven(x, input_splits=[4], output_splits=[4], group=groups.ep_group) is x
     assert all_to_all_uneven(x, input_splits=[4], output_splits=[4], group=groups.ep_group, async_op=True).wait() is x

@@ -68,15 +68,6 @@ def layout_config(corpus_cache: str, out_dir: str, **extra):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread in this process: on 2 shared cores, thread hand-offs cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def cfg(corpus_cache, tmp_path_factory):
     return layout_config(corpus_cache, str(tmp_path_factory.mktemp("unused")))
 

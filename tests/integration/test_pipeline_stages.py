@@ -14,6 +14,10 @@ from conftest import tiny_overrides
 from longcat.stages import available_pipelines, load_pipeline, plan_pipeline, run_pipeline, validate_pipeline
 
 
+def load_pipeline_text(name):
+    return (Path(__file__).resolve().parents[2] / "recipes" / "pipelines" / f"{name}.yaml").read_text()
+
+
 def _overrides(cache, **extra):
     base = tiny_overrides(cache, "unused", **{"train.steps": 2, "train.eval_interval": 2, "train.checkpoint_interval": 2,
                                               "optim.warmup_steps": 1, "data.seq_length": 512, **extra})
@@ -100,7 +104,7 @@ def test_a_growth_stage_must_train_past_the_stage_it_grows(tmp_path):
     ok = tmp_path / "growth_ok.yaml"
     ok.write_text(load_pipeline_text("pretrain_growth").replace("train.steps=300", "train.steps=4, optim.warmup_steps=1")
                   .replace("[model.num_layers=2]", "[model.num_layers=2, train.steps=6, optim.warmup_steps=1]"))
-    assert [s.name for s, _ in plan_pipeline(str(ok), out_root=tmp_path)] == ["half_depth", "grown"]
+    assert [p.stage.name for p in plan_pipeline(str(ok), out_root=tmp_path)] == ["half_depth", "grown"]
     with pytest.raises(ValueError, match=f"change it in {ok}"):
         plan_pipeline(str(ok), out_root=tmp_path, overrides=["train.steps=8"])
 
@@ -109,11 +113,7 @@ def test_a_stage_whose_skipped_predecessor_has_no_checkpoint_is_refused(tmp_path
     with pytest.raises(ValueError, match="stage 'sft'.*long_context.*has none"):
         run_pipeline("pipeline", out_root=tmp_path, stages=["sft"])
     # the first stage needs nothing before it
-    assert [s.name for s, _ in plan_pipeline("pipeline", out_root=tmp_path, stages=["pretrain"])] == ["pretrain"]
-
-
-def load_pipeline_text(name):
-    return (Path(__file__).resolve().parents[2] / "recipes" / "pipelines" / f"{name}.yaml").read_text()
+    assert [p.stage.name for p in plan_pipeline("pipeline", out_root=tmp_path, stages=["pretrain"])] == ["pretrain"]
 
 
 def test_pretrain_growth_pipeline_grows_and_continues_then_resumes(corpus_cache, tmp_path, capfd):

@@ -47,6 +47,20 @@ def _wait_for_steps(job, out_dir: Path, num_steps: int, timeout_s: float = 120) 
         time.sleep(0.05)
 
 
+def _signal_after_steps(job, out_dir: Path, num_steps: int, send) -> tuple[int, str, float]:
+    """Wait for ``num_steps`` logged steps, call ``send()`` (which signals the job), wait for the job:
+    its exit code, its log and the seconds from the signal to the exit."""
+    try:
+        _wait_for_steps(job, out_dir, num_steps)
+        signalled = time.monotonic()
+        send()
+        rc = job.wait(timeout_s=60)
+        elapsed_s = time.monotonic() - signalled
+    finally:
+        job.kill_all()
+    return rc, job.log(), elapsed_s
+
+
 def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(corpus_cache, tmp_path):
     steps = {"train.steps": 10, "train.checkpoint_interval": 3}
     reference = ForkedJob.launch(_overrides(corpus_cache, tmp_path / "reference", **steps),
@@ -77,15 +91,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(corp
     overrides = _overrides(corpus_cache, out, **{"train.steps": 100_000, "train.checkpoint_interval": 1000,
                                                  "train.preempt_timeout_s": 30})
     job = ForkedJob.launch(overrides, log_dir=tmp_path / "logs", nproc=WORLD)
-    try:
-        _wait_for_steps(job, out, 3)
-        signalled = time.monotonic()
-        job.signal_worker(1, signal.SIGTERM)  # the scheduler reached one rank only
-        rc = job.wait(timeout_s=60)
-        elapsed_s = time.monotonic() - signalled
-    finally:
-        job.kill_all()
-    log = job.log()
+    # the scheduler reached one rank only
+    rc, log, elapsed_s = _signal_after_steps(job, out, 3, lambda: job.signal_worker(1, signal.SIGTERM))
     assert rc == 0, log[-3000:]
     assert elapsed_s < 30, elapsed_s
     assert "[rank1]" in log and "received SIGTERM" in log and not re.search(r"\[rank0\].*received SIGTERM", log)
@@ -105,13 +112,7 @@ def test_sigterm_to_torchrun_checkpoints_and_workers_exit_cleanly(corpus_cache, 
     overrides = _overrides(corpus_cache, out, **{"train.steps": 100_000, "train.checkpoint_interval": 1000,
                                                  "train.preempt_timeout_s": 20})
     job = TorchrunJob.launch(overrides, log_path=tmp_path / "run.log", nproc=WORLD)
-    try:
-        _wait_for_steps(job, out, 2)
-        job.signal_launcher(signal.SIGTERM)
-        rc = job.wait(timeout_s=60)
-    finally:
-        job.kill_all()
-    log = job.log()
+    rc, log, _ = _signal_after_steps(job, out, 2, lambda: job.signal_launcher(signal.SIGTERM))
     # torchrun itself exits 1 after forwarding a signal (torch.distributed.elastic raises SignalException);
     # the workers exit 0 after writing the checkpoint, which is what a requeued job resumes from.
     assert rc == 1 and "SignalException" in log, log[-3000:]
@@ -151,13 +152,7 @@ def test_ctrl_c_stops_with_a_checkpoint_like_sigterm(corpus_cache, tmp_path):
     overrides = _overrides(corpus_cache, out, **{"parallel.ep": 1, "train.steps": 100_000,
                                                  "train.checkpoint_interval": 1000, "train.preempt_timeout_s": 30})
     job = ForkedJob.launch(overrides, log_dir=tmp_path / "logs", nproc=1)
-    try:
-        _wait_for_steps(job, out, 2)
-        job.signal_worker(0, signal.SIGINT)
-        rc = job.wait(timeout_s=60)
-    finally:
-        job.kill_all()
-    log = job.log()
+    rc, log, _ = _signal_after_steps(job, out, 2, lambda: job.signal_worker(0, signal.SIGINT))
     assert rc == 0 and "received SIGINT" in log and "KeyboardInterrupt" not in log, log[-3000:]
     stop_step = int(PREEMPTED.search(log).group(1))
     folder = check_checkpoint_folder(out / "checkpoints", world_size=1)

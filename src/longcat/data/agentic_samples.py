@@ -33,13 +33,13 @@ import collections
 import copy
 import functools
 import json
-import os
 import posixpath
 import random
 import re
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
+from longcat.atomic_files import atomic_open
 from longcat.data.agentic_tools import TOOLS, corpus_files, corpus_lines, run_tool, tool_specs
 from longcat.data.chat import parse_conversation, render_text
 
@@ -428,17 +428,9 @@ def write_jsonl(path: str, *, records: list[dict]) -> int:
     Raises:
         OSError: when the directory or file cannot be written (e.g. ``path`` is a directory).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(records)
 
 

@@ -18,11 +18,10 @@ import functools
 import math
 import operator
 import posixpath
-import sysconfig
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from longcat.data.corpus import stdlib_source_files
+from longcat.data.corpus import read_source, stdlib_root, stdlib_source_files
 
 MAX_MATCHES = 10  # search_files / search_text list at most this many paths or lines
 MAX_READ_LINES = 10
@@ -42,9 +41,7 @@ class Tool(NamedTuple):
 # The default corpus's files
 
 
-def corpus_root() -> Path:
-    """The stdlib directory the default corpus is read from (this interpreter's)."""
-    return Path(sysconfig.get_paths()["stdlib"])
+corpus_root = stdlib_root  # the folder the file tools read: the default corpus's
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,9 +62,9 @@ def corpus_lines(path: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _file_lines(path: str) -> tuple[str, ...]:
-    # Decoded as the corpus decodes it (a few stdlib files carry latin-1 bytes). Lines end at
+    # Decoded as the corpus decodes it (read_source). Lines end at
     # \n, \r\n or \r only, as an editor counts them (str.splitlines also splits at form feeds).
-    text = (corpus_root() / path).read_bytes().decode("utf-8", errors="replace")
+    text = read_source(corpus_root() / path)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines[-1] == "":
         lines.pop()

@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from longcat.atomic_files import write_text_atomic
 from longcat.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from longcat.data.chat import CHAT_SPECIAL_TOKENS
 from longcat.data.provenance import remove_data_record, write_data_record
@@ -51,13 +52,18 @@ class TokenizeStats:
 # The stdlib corpus
 
 
+def stdlib_root() -> Path:
+    """The folder the default corpus is read from: this interpreter's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_source_files(*, max_bytes: int = 0) -> list[Path]:
     """Sorted stdlib ``.py`` files, excluding site-packages and test suites.
 
     With ``max_bytes > 0``, the longest prefix of that sorted list whose sizes sum to at most
     ``max_bytes``.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     files = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]
@@ -76,7 +82,7 @@ def stdlib_source_files(*, max_bytes: int = 0) -> list[Path]:
 
 def _fingerprint(files: Sequence[Path]) -> str:
     """sha256 over (relative path, size, mtime) of ``files``: changes whenever the stdlib does."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     digest = hashlib.sha256()
     for path in files:
         st = path.stat()
@@ -128,7 +134,7 @@ def prepare_stdlib_corpus(
     expected = {
         "format_version": CORPUS_FORMAT_VERSION,
         "python_version": sys.version.split()[0],
-        "stdlib_dir": sysconfig.get_paths()["stdlib"],
+        "stdlib_dir": str(stdlib_root()),
         "file_count": len(files),
         "byte_count": sum(p.stat().st_size for p in files),
         "fingerprint": _fingerprint(files),
@@ -143,7 +149,7 @@ def prepare_stdlib_corpus(
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if _cache_matches(manifest_path, expected, paths):
             return paths
-        texts = [_read_source(p) for p in tqdm(files, desc="read stdlib", disable=not progress, unit="file")]
+        texts = [read_source(p) for p in tqdm(files, desc="read stdlib", disable=not progress, unit="file")]
         if tokenizer_path:
             tokenizer = load_tokenizer(tokenizer_path)
         else:
@@ -155,7 +161,7 @@ def prepare_stdlib_corpus(
         )
         manifest = dict(expected, vocab_size=tokenizer.vocab_size, num_tokens=stats.num_tokens,
                         num_documents=stats.num_documents, dtype=optimal_dtype(tokenizer.vocab_size).name)
-        _write_json_atomic(manifest_path, manifest)
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
     return paths
 
 
@@ -171,15 +177,9 @@ def _cache_matches(manifest_path: str, expected: dict, paths: CorpusPaths) -> bo
     return all(manifest.get(k) == v for k, v in expected.items())
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _read_source(path: Path) -> str:
-    # A few stdlib files carry latin-1 bytes; replacement keeps the corpus deterministic and valid.
+def read_source(path: Path) -> str:
+    """A source file's text as the corpus holds it: UTF-8, undecodable bytes replaced (a few stdlib
+    files carry latin-1 bytes; replacement keeps the corpus deterministic and valid)."""
     return path.read_bytes().decode("utf-8", errors="replace")
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from longcat.atomic_files import write_text_atomic
 from longcat.data.indexed import IndexedDataset
 from longcat.data.tokenizer import TextTokenizer
 
@@ -56,10 +57,7 @@ def write_data_record(path_prefix: str, tokenizer: TextTokenizer, *, append_eod:
               "tokenizer_vocab_size": tokenizer.vocab_size, "tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer),
               "tokenizer_path": os.path.abspath(tokenizer.path) if tokenizer.path else "", "append_eod": append_eod}
     path = record_path(path_prefix)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
 
 
 def read_data_record(path_prefix: str) -> Optional[dict]:

@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from longcat.atomic_files import write_text_atomic
 from longcat.data.corpus import CorpusPaths, stdlib_source_files, tokenize_to_indexed
 from longcat.data.tokenizer import load_tokenizer
 
@@ -81,7 +82,5 @@ def resolve_stdlib_part(path: str, *, corpus: CorpusPaths, max_bytes: int, progr
                          "raise the cap or use 0")
     tokenize_to_indexed(texts, tokenizer=load_tokenizer(corpus.tokenizer_path), output_prefix=prefix,
                         append_eod=True, progress=progress)
-    tmp = manifest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(expected))
-    os.replace(tmp, manifest)
+    write_text_atomic(manifest, json.dumps(expected))
     return prefix

@@ -7,6 +7,8 @@ from typing import Sequence
 
 from tokenizers import Tokenizer
 
+from longcat.atomic_files import atomic_path
+
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -52,9 +54,8 @@ class TextTokenizer:
 
     def save(self, path: str) -> None:
         """Write ``tokenizer.json`` to ``path`` (atomically: temporary file, then rename)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        self._tokenizer.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            self._tokenizer.save(str(tmp))
 
 
 def load_tokenizer(path: str) -> TextTokenizer:

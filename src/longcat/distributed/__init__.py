@@ -12,7 +12,9 @@ from longcat.distributed.collectives import (
     all_to_all_uneven,
     copy_to_group,
     exchange_counts,
+    gather_from_group,
     reduce_scatter_along,
+    split_to_group,
 )
 from longcat.distributed.groups import ProcessGroups, RankLayout, rank_layout
 from longcat.distributed.parallel_dims import ParallelDims
@@ -28,6 +30,8 @@ __all__ = [
     "all_to_all_uneven",
     "copy_to_group",
     "exchange_counts",
+    "gather_from_group",
     "rank_layout",
     "reduce_scatter_along",
+    "split_to_group",
 ]

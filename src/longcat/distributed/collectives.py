@@ -10,6 +10,10 @@ Tensor-parallel ops follow Megatron-LM (Shoeybi et al. 2019, §3): ``copy_to_gro
 (identity forward, all-reduce backward) before a column-parallel layer, ``all_reduce_sum`` is "g"
 (all-reduce forward, identity backward) after a row-parallel layer. With sequence parallelism
 (Korthikanti et al. 2022) they become ``all_gather_along`` / ``reduce_scatter_along``.
+``split_to_group`` / ``gather_from_group`` move a *replicated* tensor (every rank holds the full,
+identical gradient) in and out of a split over the group: Megatron's
+``scatter_to_sequence_parallel_region`` and ``gather_from_sequence_parallel_region(
+tensor_parallel_output_grad=False)``; used for SP's replicated consumers and the MoE under tp.
 
 Every function returns its input unchanged (the same tensor object) on a size-1 group, so
 single-device math is exact, and never touches ``torch.distributed`` in that case.
@@ -32,7 +36,9 @@ __all__ = [
     "all_to_all_uneven",
     "copy_to_group",
     "exchange_counts",
+    "gather_from_group",
     "reduce_scatter_along",
+    "split_to_group",
 ]
 
 # torch >= 2.10 names; older releases only have the *_tensor spellings.
@@ -178,15 +184,87 @@ def reduce_scatter_along(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup)
     Raises:
         ValueError: ``x.shape[dim]`` not divisible by the group size.
     """
-    size = group.size()
-    if size == 1:
+    if group.size() == 1:
         return x
-    if x.shape[dim] % size != 0:
-        raise ValueError(
-            f"reduce_scatter_along: x.shape[{dim}]={x.shape[dim]} is not divisible by the group size {size}: "
-            f"pad that dimension to a multiple of {size}"
-        )
+    _check_divisible(x, dim, group.size(), "reduce_scatter_along", "pad that dimension to a multiple of the group size")
     return _ReduceScatterAlong.apply(x, dim, group)
+
+
+def _check_divisible(x: torch.Tensor, dim: int, size: int, op: str, fix: str) -> None:
+    if x.shape[dim] % size != 0:
+        raise ValueError(f"{op}: x.shape[{dim}]={x.shape[dim]} is not divisible by the group size {size}: {fix}")
+
+
+# ------------------------------------------------------ replicated tensors: split and gather back
+
+
+def _own_chunk(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    return x.chunk(group.size(), dim=dim)[group.rank()].contiguous()
+
+
+class _SplitToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _own_chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad_chunk: torch.Tensor):
+        # [T/G, D] grad of this rank's chunk -> all_gather(group) -> [T, D] full grad, rank order
+        return _gather(grad_chunk.contiguous(), ctx.dim, ctx.group), None, None
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        # [T/G, D] this rank's chunk -> all_gather(group) -> [T, D] replicated, rank order
+        return _gather(x.contiguous(), dim, group)
+
+    @staticmethod
+    def backward(ctx, grad_full: torch.Tensor):
+        # The full gradient is identical on every rank: keep this rank's chunk, no reduction.
+        return _own_chunk(grad_full, ctx.dim, ctx.group), None, None
+
+
+def split_to_group(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's chunk (``group.rank()`` of ``group.size()`` equal chunks) of a replicated tensor.
+
+    Args:
+        x: ``[T, D...]`` (along ``dim``), identical on every rank of ``group``.
+        dim: the dimension to split.
+        group: usually ``tp_group``.
+
+    Returns:
+        ``[T/G, D...]``; its backward all-gathers, so ``x.grad`` is the full gradient on every rank
+        (unlike ``reduce_scatter_along``, whose backward is meant for partial sums).
+
+    Raises:
+        ValueError: ``x.shape[dim]`` not divisible by the group size.
+    """
+    if group.size() == 1:
+        return x
+    _check_divisible(x, dim, group.size(), "split_to_group",
+                     "choose that dimension a multiple of the group size (the MoE under tp splits the "
+                     "micro-batch's B*S tokens; sequence parallelism splits the sequence length)")
+    return _SplitToGroup.apply(x, dim, group)
+
+
+def gather_from_group(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate the ranks' chunks along ``dim`` into a replicated tensor; backward keeps this rank's
+    chunk of the (replicated, identical) gradient, without a reduction (unlike ``all_gather_along``).
+
+    Args:
+        x: ``[T/G, D...]`` this rank's chunk; every rank passes the same shape.
+        dim: the dimension to concatenate.
+        group: usually ``tp_group``.
+
+    Returns:
+        ``[T, D...]``, identical on every rank of ``group``.
+    """
+    if group.size() == 1:
+        return x
+    return _GatherFromGroup.apply(x, dim, group)
 
 
 # --------------------------------------------------------------------------------- EP: all-to-all

@@ -73,7 +73,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from longcat.config.schema import ModelConfig
-from longcat.distributed.collectives import all_gather_along, all_reduce_sum, copy_to_group, reduce_scatter_along
+from longcat.distributed.collectives import (
+    all_gather_along, all_reduce_sum, copy_to_group, gather_from_group, reduce_scatter_along, split_to_group,
+)
 from longcat.distributed.groups import ProcessGroups
 from longcat.model.attention import MultiHeadLatentAttention
 from longcat.model.layer import DecoderLayer
@@ -122,35 +124,6 @@ def _leave_region(x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: 
     return all_reduce_sum(x, group=group)
 
 
-def _own_chunk(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return x.chunk(group.size(), dim=SEQ_DIM)[group.rank()].contiguous()
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        # [B, S/tp, *] -> all_gather(tp, dim 1) -> [B, S, *] replicated (a plain collective here)
-        return all_gather_along(x, dim=SEQ_DIM, group=group)
-
-    @staticmethod
-    def backward(ctx, grad_BSX: torch.Tensor):
-        # The full gradient is identical on every rank: keep this rank's chunk, no reduction.
-        return _own_chunk(grad_BSX, ctx.group), None
-
-
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _own_chunk(x, group)
-
-    @staticmethod
-    def backward(ctx, grad_chunk: torch.Tensor):
-        # [B, S/tp, *] grad of this rank's chunk -> all_gather(tp, dim 1) -> [B, S, *] full grad
-        return all_gather_along(grad_chunk.contiguous(), dim=SEQ_DIM, group=ctx.group), None
-
-
 class EnterParallelRegion(nn.Module):
     """Where an activation enters the tensor-parallel region (Megatron "f"); no parameters.
 
@@ -180,7 +153,7 @@ class GatherSequence(nn.Module):
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.tp_group.size() == 1 else _GatherSequence.apply(x, self.tp_group)
+        return gather_from_group(x, dim=SEQ_DIM, group=self.tp_group)
 
 
 class ScatterSequence(nn.Module):
@@ -192,7 +165,7 @@ class ScatterSequence(nn.Module):
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.tp_group.size() == 1 else _ScatterSequence.apply(x, self.tp_group)
+        return split_to_group(x, dim=SEQ_DIM, group=self.tp_group)
 
 
 # ------------------------------------------------------------------------------- layers

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from longcat.atomic_files import write_text_atomic
 from longcat.config.schema import LoggingConfig
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,5 @@ def drop_records_after(path: Path, step: int) -> int:
             continue
         kept.append(line)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from longcat.atomic_files import write_text_atomic
 from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
@@ -409,9 +409,7 @@ class Trainer:
             logger.warning("already at step %d >= train.steps=%d: nothing to train (raise train.steps to "
                            "continue this run, or use a new train.out_dir)", self.step, cfg.steps)
         if self.is_rank0:
-            tmp = self.out_dir / "config.json.tmp"
-            tmp.write_text(json.dumps(self.config_dict, indent=1, default=str))
-            os.replace(tmp, self.out_dir / "config.json")  # atomic: never a half-written config
+            write_text_atomic(self.out_dir / "config.json", json.dumps(self.config_dict, indent=1, default=str))
         preemption = PreemptionWatcher(timeout_s=cfg.preempt_timeout_s, world_group=self.groups.world_group)
         preemption.install()
         try:

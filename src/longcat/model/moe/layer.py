@@ -42,11 +42,11 @@ import torch.distributed as dist
 from torch import nn
 
 from longcat.config.schema import ModelConfig
+from longcat.distributed.collectives import gather_from_group, split_to_group
 from longcat.distributed.overlap import comm_label
 from longcat.model.moe.dispatcher import LocalTokenDispatcher, PendingCombine, TokenDispatcher
 from longcat.model.moe.experts import GroupedExperts
 from longcat.model.moe.router import RouterOutput, TopKRouter
-from longcat.model.moe.token_split import gather_from_group, split_to_group
 
 
 @dataclass
