@@ -46,12 +46,3 @@ def tiny_overrides(cache_dir: str, out_dir: str, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread in this process: on 2 shared cores, thread hand-offs cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -35,6 +35,7 @@ from longcat.bench.matmul import measure_matmul_throughput
 from longcat.bench.training import OursStep, make_batch
 from longcat.config.schema import ModelConfig
 from longcat.model import LongcatFlashForCausalLM, count_parameters, init_weights
+from longcat.tool_args import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASHEET_BF16_FLOP_PER_S = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
@@ -55,11 +56,11 @@ DRY_RUN_MODEL = dataclasses.replace(GPU_MODEL, vocab_size=1024, hidden_size=128,
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="no GPU: print the plan and run the code path on CPU, tiny")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=4096)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--num-layers", type=int, default=GPU_MODEL.num_layers)
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--num-layers", type=positive_int, default=GPU_MODEL.num_layers)
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="", help="result name (default gpu_mfu, or gpu_mfu_dryrun with --dry-run)")
     return p.parse_args(argv)

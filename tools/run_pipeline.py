@@ -38,8 +38,8 @@ def main() -> int:
     try:
         stages = [s for s in args.stages.split(",") if s] or None
         if args.dry_run:
-            for stage, stage_args, _, previous_dir in plan_pipeline(args.pipeline, out_root=out,
-                                                                    overrides=args.overrides, stages=stages):
+            for stage, stage_args, _, previous_dir, _ in plan_pipeline(args.pipeline, out_root=out,
+                                                                       overrides=args.overrides, stages=stages):
                 if stage.grow_factor > 1:
                     start = f"  (after: tools/grow_model.py --factor {stage.grow_factor} of the final checkpoint in {previous_dir})"
                 elif stage.init_from_previous and previous_dir is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 from longcat.plots import read_metrics
-from longcat.train.checkpoint import latest_checkpoint
+from longcat.train.checkpoint import latest_checkpoint, list_checkpoints
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,7 @@ class PlannedStage(NamedTuple):
     args: list[str]  # longcat-train arguments; train.init_from is added when the previous stage ends
     out_dir: Path
     previous_dir: Optional[Path]  # the previous stage's folder (None for the first stage)
+    steps: int  # the stage's train.steps: its final checkpoint must be of this step
 
 
 def plan_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (),
@@ -177,10 +178,10 @@ def plan_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (),
     unknown = sorted(set(stages or ()) - set(names))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown} of pipeline {name!r}; stages are {names}")
-    validate_pipeline(name, overrides)
+    configs = validate_pipeline(name, overrides)
     selected = set(stages or names)
     planned = []
-    for i, stage in enumerate(chain):
+    for i, (stage, cfg) in enumerate(zip(chain, configs)):
         if stage.name not in selected:
             continue
         out_dir = Path(out_root) / stage.name
@@ -192,7 +193,7 @@ def plan_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (),
                 f"stage {stage.name!r} starts from stage {chain[i - 1].name!r}'s final checkpoint, but "
                 f"{previous_dir / 'checkpoints'} has none: run that stage too (add it to --stages) or check --out")
         args = [f"recipe={stage.recipe}", f"train.out_dir={out_dir}", *overrides, *stage.overrides]
-        planned.append(PlannedStage(stage, args, out_dir, previous_dir))
+        planned.append(PlannedStage(stage, args, out_dir, previous_dir, cfg.train.steps))
     return planned
 
 
@@ -212,8 +213,8 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         RuntimeError: a stage's process failed, or a stage ended without a checkpoint.
     """
     results: list[StageResult] = []
-    for stage, args, out_dir, previous_dir in plan_pipeline(name, out_root=out_root, overrides=overrides,
-                                                            stages=stages):
+    for stage, args, out_dir, previous_dir, steps in plan_pipeline(name, out_root=out_root, overrides=overrides,
+                                                                   stages=stages):
         previous = latest_checkpoint(previous_dir / "checkpoints") if previous_dir is not None else None
         own = latest_checkpoint(out_dir / "checkpoints")
         if own is not None:
@@ -230,10 +231,12 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         proc = subprocess.run([python, "-m", "longcat.train", *args])
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage.name!r} failed with exit code {proc.returncode}; see its output above")
-        final = latest_checkpoint(out_dir / "checkpoints")
-        if final is None:
-            raise RuntimeError(f"stage {stage.name!r} ended without a checkpoint in {out_dir / 'checkpoints'}; "
-                               f"the next stage would have nothing to start from")
+        saved = list_checkpoints(out_dir / "checkpoints")
+        final = saved[-1][1] if saved else None
+        if not saved or saved[-1][0] != steps:
+            raise RuntimeError(
+                f"stage {stage.name!r} ended without its final checkpoint (step {steps}) in {out_dir / 'checkpoints'} "
+                f"(latest: {final}); it was stopped early (e.g. preempted): rerun the pipeline to continue it")
         vals = _val_losses(out_dir / "metrics.jsonl")
         results.append(StageResult(name=stage.name, out_dir=str(out_dir), final_checkpoint=str(final),
                                    initial_val_loss=vals[0] if vals else None,

@@ -68,7 +68,7 @@ CASES = {  # id: (source, target)
 
 
 @pytest.fixture(scope="module")
-def resumed(corpus_cache, tmp_path_factory, one_thread):
+def resumed(corpus_cache, tmp_path_factory):
     """Per case id the target's LayoutRuns for step 4; the sources' runs; the uninterrupted reference."""
     root = tmp_path_factory.mktemp("reshard")
     cfg = reshard_config(corpus_cache, str(root / "unused"))

@@ -73,7 +73,7 @@ def cfg(corpus_cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(cfg, one_thread):
+def reference(cfg):
     return run_single(cfg, num_steps=NUM_STEPS)
 
 
@@ -121,7 +121,7 @@ def _uneven_batches(cfg, *, labelled=(3, 30)):
 
 
 @pytest.mark.parametrize("dp_mode", ["replicate", "fsdp"])
-def test_dp_ranks_with_3_and_30_labels_match_the_union(corpus_cache, tmp_path, one_thread, dp_mode):
+def test_dp_ranks_with_3_and_30_labels_match_the_union(corpus_cache, tmp_path, dp_mode):
     """Token-weighted loss: dp=2 with 3 and 30 labelled tokens == one process on the union."""
     cfg = layout_config(corpus_cache, str(tmp_path), **{"data.seq_length": 32, "data.global_batch_size": 2,
                                                         "model.num_layers": 2})

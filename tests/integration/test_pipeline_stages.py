@@ -132,3 +132,19 @@ def test_pretrain_growth_pipeline_grows_and_continues_then_resumes(corpus_cache,
     assert "resuming from its own checkpoint" in capfd.readouterr().out
     assert sorted(p.name for p in (tmp_path / "runs" / "grown" / "checkpoints").iterdir()) == [
         "step_00000002", "step_00000004"]
+
+
+def test_a_stage_stopped_before_its_last_step_stops_the_pipeline(tmp_path):
+    """A preempted stage exits 0 with a checkpoint short of train.steps: the next stage must not start."""
+    from longcat.train.checkpoint import TRAINER_STATE
+
+    early = tmp_path / "runs" / "pretrain" / "checkpoints" / "step_00000007"
+    early.mkdir(parents=True)
+    (early / TRAINER_STATE).write_bytes(b"")
+    (early / ".metadata").write_bytes(b"")
+    stopped = tmp_path / "stopped_early"  # stands in for a training process that was preempted
+    stopped.write_text("#!/bin/sh\nexit 0\n")
+    stopped.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"stage 'pretrain' ended without its final checkpoint \(step 500\)"):
+        run_pipeline("pipeline", out_root=tmp_path / "runs", python=str(stopped))
+    assert not (tmp_path / "runs" / "midtrain").exists()

@@ -13,6 +13,7 @@ token never matters (its attention weight is 1). The campaign flips elements and
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -132,6 +133,15 @@ def test_rollback_reloads_the_last_good_checkpoint(corpus_cache, tmp_path):
     assert rolled.step == clean.step == 6
     pa, pb = _params(clean), _params(rolled)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_steps_trained_again_after_a_rollback_are_logged_once(corpus_cache, tmp_path):
+    """A fault at step 4 rolls back to step 2's checkpoint: step 3, already logged, is trained and
+    logged again; metrics.jsonl must hold it once (the second time)."""
+    rolled = _run_fit(corpus_cache, tmp_path, **FIT, **{**GRAD_FAULT, "sdc.inject.step": 4}, **{"sdc.policy": "rollback"})
+    assert [m.step for m in rolled.sdc.mismatches] == [4]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6], logged
 
 
 def test_checkpoint_with_a_nonfinite_tensor_is_refused(corpus_cache, tmp_path):

@@ -70,10 +70,6 @@ class ReplicatedGradSync:
                 self._by_group.setdefault(id(group), (group, []))[1].append(param)
         self.bucket_bytes = bucket_bytes
 
-    @property
-    def num_params(self) -> int:
-        return sum(len(params) for _, params in self._by_group.values())
-
     def _buckets(self, group: dist.ProcessGroup, params: list[nn.Parameter]) -> list[_Bucket]:
         buckets: list[_Bucket] = []
         size = 0

@@ -157,9 +157,6 @@ class PipelineRunner:
         return next(self.local_model.parameters()).device
 
     @property
-    def holds_last_stage(self) -> bool:
-        return any(stage.is_last for stage in self.stages)
-
     def local_layers(self) -> list[nn.Module]:
         """This rank's decoder layers in global order (``local_layer_ids``)."""
         layers = self.local_model.model.layers
@@ -352,7 +349,7 @@ class PipelineRunner:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global L2 norm of the gradients over the pipeline group (each parameter counted once),
         and ``torch.nn.utils.clip_grad_norm_``'s scaling by ``max_norm / (norm + 1e-6)`` when above
-        ``max_norm`` (``inf`` = measure only). Call after ``sync_tied_embedding_grads`` and the DP sync.
+        ``max_norm`` (``0`` or ``inf`` = measure only, as ``optim.grad_clip=0``). Call after ``sync_tied_embedding_grads`` and the DP sync.
         For unsharded parameters only: with TP / EP / FSDP shards use ``longcat.distributed.grad_norm``
         and leave out ``tied_embedding_copy``."""
         grads = [p.grad for p in self.grad_norm_parameters() if p.grad is not None]
@@ -363,7 +360,7 @@ class PipelineRunner:
             dist.all_reduce(sq, group=self.pp_group)  # [] -> all_reduce(sum, pp) -> []
         norm = math.sqrt(float(sq))
         coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
+        if 0 < coef < 1.0:
             for p in self.local_model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(coef)

@@ -17,7 +17,6 @@ of micro-batch dicts), which are split over dp in order: dp rank r takes micro-b
 from __future__ import annotations
 
 import copy
-import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -148,6 +147,10 @@ def _run_task(cfg: Any, task: Task, batches: Optional[list[list[dict]]]) -> Layo
     cfg = layout.apply(cfg)
     groups = _groups_for(layout)
     cfg.validate(dp=groups.dp_size)
+    if (task.save or task.resume_from) and not task.out_dir and groups.world_size > 1:
+        raise ValueError(f"Task(layout={layout.name!r}) saves or resumes a checkpoint on {groups.world_size} ranks: "
+                         f"give it an out_dir shared by every rank (each rank's own temporary folder would "
+                         f"split the checkpoint)")
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(task.out_dir or tmp)
         if task.resume_from and groups.rank == 0:
@@ -235,10 +238,3 @@ def max_relative_difference(actual: Sequence[float], expected: Sequence[float]) 
     """max_i |a_i - e_i| / |e_i| (0 where both are 0)."""
     diffs = [abs(a - e) / abs(e) if e else abs(a) for a, e in zip(actual, expected, strict=True)]
     return max(diffs, default=0.0)
-
-
-def replace_parallel(cfg: Any, **changes) -> Any:
-    """A copy of ``cfg`` with ``parallel`` fields changed (``dataclasses.replace``)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.parallel = dataclasses.replace(cfg.parallel, **changes)
-    return cfg

@@ -39,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from longcat.atomic_files import atomic_open
 from longcat.train import fault_hooks
 from longcat.train.checkpoint_io import (  # noqa: F401 (CheckpointWriteError re-exported)
     CheckpointWriteError, agree_written, damaged_checkpoint_message, discard)
@@ -312,12 +313,10 @@ def _copy_local_(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:

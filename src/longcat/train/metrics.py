@@ -86,6 +86,19 @@ class MetricsSink:
         else:
             print(message, flush=True)
 
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after ``step`` (an SDC rollback trains those steps again): the JSONL
+        records past it are dropped and the progress bar moves back. wandb keeps its points (it
+        accepts no step lower than one it has seen)."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        drop_records_after(self.jsonl_path, step)
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def close(self) -> None:
         if not self.enabled:
             return

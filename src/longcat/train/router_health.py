@@ -45,7 +45,7 @@ def grad_wrt_mean_probs(loss: torch.Tensor, probs_LTE: Sequence[torch.Tensor], *
     out = []
     for g, p, mask_T in zip(grads, probs_LTE, masks):
         if g is None:
-            out.append(torch.zeros(p.shape[-1]))
+            out.append(p.new_zeros(p.shape[-1], dtype=torch.float32))  # on p's device
             continue
         g_TE = g.detach().float()
         if mask_T is not None:

@@ -38,7 +38,7 @@ activation recompute, one more recompute of those layers; the graph is kept (``r
 until the real backward, which is the micro-batch's normal peak anyway. With ``A`` micro-batches per
 step and interval ``n`` that is about ``1 / (3 A n)`` of the training compute (interval 10, A = 2:
 under 2%). Per step otherwise: one [E, D] Gram matrix per layer (cosine similarity) and one
-all-reduce of ``L + 2`` floats (``L + 2 + 2 L E`` on a measuring step). Under pipeline parallelism
+all-reduce of ``L + 2 + L (K + 1)`` floats (``2 L E`` more on a measuring step). Under pipeline parallelism
 R_g and the hidden-state norm are not measured (the objective lives on the last stage only) and
 ``moe.auto_lb_coef`` is refused.
 

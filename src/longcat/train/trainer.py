@@ -423,6 +423,7 @@ class Trainer:
                     result = self.train_step()
                 except SDCRollback as request:  # every rank: reload the last good checkpoint, go on
                     rollback_to_good_checkpoint(self, request)
+                    sink.rewind(self.step)
                     continue
                 metrics = self.step_metrics(result, time.perf_counter() - start)
                 if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
