@@ -156,7 +156,6 @@ class PipelineRunner:
     def device(self) -> torch.device:
         return next(self.local_model.parameters()).device
 
-    @property
     def local_layers(self) -> list[nn.Module]:
         """This rank's decoder layers in global order (``local_layer_ids``)."""
         layers = self.local_model.model.layers

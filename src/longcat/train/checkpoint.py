@@ -218,8 +218,8 @@ class CheckpointManager:
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
             torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
             fault_hooks.save_phase("shards", step=step, path=tmp)
-        except (OSError, CheckpointException) as e:  # DCP raises CheckpointException on every rank
-            failure = e
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            failure = e  # any error: agreed on below, or the other ranks would wait in the barrier
         agree_written(failure, final=final, tmp=tmp, previous=previous)  # a barrier that fails on every rank
         if _rank() == 0:
             try:
@@ -228,7 +228,7 @@ class CheckpointManager:
                 _fsync_dir(tmp)
                 fault_hooks.save_phase("rename", step=step, path=tmp)
                 os.replace(tmp, final)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - reported on every rank by agree_written
                 failure = e
             else:
                 try:

@@ -91,3 +91,22 @@ def test_disk_full_inside_dcp_writer_is_a_checkpoint_write_error(tmp_path, monke
     assert info.value.errno == errno.ENOSPC
     folder = check_checkpoint_folder(tmp_path / "ckpt", world_size=1)
     assert folder.complete_steps == (1,) and not folder.leftovers
+
+
+def test_a_non_io_error_while_writing_the_trainer_state_is_a_checkpoint_write_error(tmp_path, monkeypatch):
+    """Any error on the rank writing the trainer state (here: an object that cannot be pickled) is
+    agreed on by every rank and reported as CheckpointWriteError, not left to hang the others."""
+    import longcat.train.checkpoint as checkpoint
+
+    model = nn.Linear(4, 4)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    _save(manager, 1, model)
+
+    def unpicklable(obj, path):
+        raise TypeError("cannot pickle 'generator' object")
+
+    monkeypatch.setattr(checkpoint, "_atomic_torch_save", unpicklable)
+    with pytest.raises(CheckpointWriteError, match="TypeError: cannot pickle"):
+        _save(manager, 2, model)
+    folder = check_checkpoint_folder(tmp_path / "ckpt", world_size=1)
+    assert folder.complete_steps == (1,) and not folder.leftovers
