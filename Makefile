@@ -2,14 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
+# The lock pins every package `make venv` installs (torch too); `make lock` re-resolves it.
+TORCH_SPEC ?= torch==$(or $(shell sed -n "s/^torch==//p" $(LOCK) 2>/dev/null),2.13.0)
+EXTRAS := test,dev
 NPROC ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 BENCH_ARGS ?=
 
-.PHONY: venv corpus train test bench bench-gpu pipeline plots clean help
+.PHONY: venv lock corpus train test bench bench-gpu pipeline plots clean help
 
 help:
 	@echo "make train   - install into $(VENV), prepare the corpus, train the tiny model on CPU"
@@ -18,12 +21,16 @@ help:
 	@echo "make bench-gpu - bf16 MFU of a ~1B-active training step on one CUDA GPU (needs a CUDA torch)"
 	@echo "make pipeline - pre-train -> mid-train -> long context -> agentic SFT on the embedded default"
 	@echo "make corpus  - prepare (and cache) the embedded standard-library corpus"
+	@echo "make lock    - re-resolve $(LOCK) to the newest versions setup.py allows (then make test, commit)"
 
-$(VENV)/.installed: setup.py
+# Every package comes from the lock (-c): an upstream release cannot change what a fresh clone runs.
+# torch first, alone, so pip takes the CPU build this machine keeps on disk rather than a CUDA one.
+$(VENV)/.installed: setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PY) tools/check_lock.py --lock $(LOCK)
 	touch $@
 
 venv: $(VENV)/.installed
@@ -35,6 +42,18 @@ corpus: venv
 train: corpus
 	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m longcat.train recipe=pretrain parallel.ep=$(NPROC) $(TRAIN_ARGS)
 	$(PY) tools/plot_metrics.py --metrics runs/pretrain/metrics.jsonl --output runs/pretrain/plots
+
+# Re-resolve the lock in a scratch venv: newest versions within setup.py's ranges (torch stays at
+# TORCH_SPEC's version unless you pass e.g. TORCH_SPEC=torch==2.14.0).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	.venv-lock/bin/python tools/check_lock.py --write $(LOCK)
+	rm -rf .venv-lock
+	@echo "$(LOCK) re-resolved: run make test (a fresh venv: rm -rf $(VENV)), then commit setup.py and $(LOCK)"
 
 plots: venv
 	$(PY) tools/plot_metrics.py --metrics runs/pretrain/metrics.jsonl --output runs/pretrain/plots
@@ -53,4 +72,4 @@ pipeline: corpus
 	$(PY) tools/run_pipeline.py --pipeline pipeline --out runs/pipeline $(TRAIN_ARGS)
 
 clean:
-	rm -rf runs .cache .pytest_cache
+	rm -rf runs .cache .pytest_cache .venv-lock

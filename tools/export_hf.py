@@ -11,10 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from longcat.interop import ExportDtype, export_hf, parse_size
-from longcat.model.hf_mapping import HFLayout
-
-LAYOUTS = {"transformers": HFLayout.PER_EXPERT_PADDED, "released": HFLayout.PER_EXPERT}
+from longcat.interop import ExportDtype, ExportLayout, export_hf, parse_size
 
 
 def main(argv=None) -> int:
@@ -26,10 +23,11 @@ def main(argv=None) -> int:
                         help="tensor dtype (default: %(default)s); the router stays fp32 either way")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.json to include (default: the run's own, if it can be found)")
-    parser.add_argument("--layout", choices=list(LAYOUTS), default="transformers",
-                        help="transformers (default): the released per-expert names plus the zero-expert rows "
-                             "transformers 5.x needs to load; released: exactly the released tensors (vLLM, "
-                             "SGLang; not loadable by transformers 5.x when there are zero experts)")
+    parser.add_argument("--layout", choices=[layout.value for layout in ExportLayout],
+                        default=ExportLayout.transformers.value,
+                        help="transformers (default): the tensors the installed transformers saves and loads, "
+                             "asked of it (5.25: exactly the released set); released: exactly the released "
+                             "tensors (vLLM, SGLang), needs no transformers")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
@@ -37,7 +35,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = export_hf(args.checkpoint, output=args.output, dtype=ExportDtype(args.dtype),
-                           layout=LAYOUTS[args.layout], tokenizer=args.tokenizer,
+                           layout=ExportLayout(args.layout), tokenizer=args.tokenizer,
                            max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

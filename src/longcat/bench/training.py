@@ -1,7 +1,7 @@
 """One full training step (forward, loss, backward, AdamW step) of our model and of the reference.
 
 The reference is transformers' ``LongcatFlashForCausalLM`` (SDPA attention, ``use_cache=False``)
-loaded with our weights through ``hf_mapping.to_hf_state_dict``, so both start from the same point.
+loaded with our weights through ``interop.to_transformers_state_dict``, so both start from the same point.
 Both steps use the same objective, mean next-token cross-entropy (``losses.cross_entropy_sum`` over
 the B x S labels), and AdamW with the same per-group rules (``optim.group_rules``, groups by
 ``init.param_group`` of each parameter's name): the trainer's z-loss, load-balance loss and gradient
@@ -82,7 +82,8 @@ def build_reference(cfg: ModelConfig, *, state_dict: dict[str, torch.Tensor], ac
     except ImportError as exc:
         raise ValueError(
             f"the reference needs transformers>=5 with LongcatFlash ({exc}); pip install -e '.[test]'") from None
-    from longcat.model.hf_mapping import HFLayout, hf_config_dict, to_hf_state_dict
+    from longcat.interop import to_transformers_state_dict
+    from longcat.model.hf_mapping import hf_config_dict
 
     if cfg.mtp_num_layers:
         raise ValueError("benchmark against the reference with model.mtp_num_layers=0 (it trains no MTP head)")
@@ -90,7 +91,7 @@ def build_reference(cfg: ModelConfig, *, state_dict: dict[str, torch.Tensor], ac
     hf_cfg._attn_implementation = "sdpa"
     hf_cfg.use_cache = False
     model = HFLongcat(hf_cfg)
-    model.load_state_dict(to_hf_state_dict(state_dict, cfg=cfg, layout=HFLayout.PACKED, include_mtp=False), strict=True)
+    model.load_state_dict(to_transformers_state_dict(state_dict, cfg=cfg), strict=True)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()

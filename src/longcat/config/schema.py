@@ -82,10 +82,15 @@ class ModelConfig:
             "n_routed_experts", "moe_topk", "expert_ffn_hidden_size",
         ]
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
-        if self.zero_expert_num < 0:
-            raise ValueError(f"model.zero_expert_num={self.zero_expert_num} must be >= 0")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                hint = (" (LongCat-Flash's MLA always compresses the queries: a positive int, 1536 in the release; "
+                        "a config.json with q_lora_rank null describes a model without that projection)"
+                        if name == "q_lora_rank" else "")
+                raise ValueError(f"model.{name}={value!r} must be a positive integer{hint}")
+        if isinstance(self.zero_expert_num, bool) or not isinstance(self.zero_expert_num, int) \
+                or self.zero_expert_num < 0:
+            raise ValueError(f"model.zero_expert_num={self.zero_expert_num!r} must be an integer >= 0")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")
         if self.moe_topk > self.num_experts_total:

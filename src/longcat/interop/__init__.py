@@ -7,6 +7,7 @@ config mapping itself lives in ``longcat.model.hf_mapping``.
 from longcat.interop.export_hf import (
     DEFAULT_MAX_SHARD_BYTES,
     ExportDtype,
+    ExportLayout,
     ExportResult,
     SpecialTokenIds,
     check_tensor_shapes,
@@ -14,15 +15,25 @@ from longcat.interop.export_hf import (
     hf_config_json,
     parse_size,
     resolve_checkpoint,
+    resolve_export_layout,
 )
 from longcat.interop.import_hf import ImportResult, expected_hf_shapes, import_hf, load_hf_checkpoint
+from longcat.interop.transformers_compat import (
+    TransformersLayout,
+    TransformersLayoutError,
+    to_transformers_state_dict,
+    transformers_layout,
+)
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "ExportDtype",
+    "ExportLayout",
     "ExportResult",
     "ImportResult",
     "SpecialTokenIds",
+    "TransformersLayout",
+    "TransformersLayoutError",
     "check_tensor_shapes",
     "expected_hf_shapes",
     "export_hf",
@@ -31,4 +42,7 @@ __all__ = [
     "load_hf_checkpoint",
     "parse_size",
     "resolve_checkpoint",
+    "resolve_export_layout",
+    "to_transformers_state_dict",
+    "transformers_layout",
 ]

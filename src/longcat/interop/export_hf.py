@@ -43,8 +43,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from longcat.config.schema import ModelConfig
 from longcat.data.corpus import stdlib_cache_dir
 from longcat.data.tokenizer import EOD_TOKEN, PAD_TOKEN, load_tokenizer
-from longcat.model import LongcatFlashForCausalLM
-from longcat.model.hf_mapping import HFLayout, hf_config_dict, to_hf_state_dict
+from longcat.interop.transformers_compat import transformers_layout
+from longcat.model.hf_mapping import HFLayout, hf_config_dict, meta_state_dict, to_hf_state_dict
 from longcat.train.checkpoint import TRAINER_STATE, latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,14 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _DCP_NO_PG_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+class ExportLayout(str, enum.Enum):
+    """transformers: what the installed transformers' ``save_pretrained`` writes (asked of it, see
+    ``transformers_compat.transformers_layout``); released: exactly the released tensor set (vLLM, SGLang)."""
+
+    transformers = "transformers"
+    released = "released"
 
 
 class ExportDtype(str, enum.Enum):
@@ -187,12 +195,6 @@ def single_process_dcp() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DCP_NO_PG_WARNING)
         yield
-
-
-def meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our model's state dict on the meta device: every parameter and buffer name, shape and dtype."""
-    with torch.device("meta"):
-        return LongcatFlashForCausalLM(cfg).state_dict()
 
 
 # --------------------------------------------------------------------------------- checkpoint side
@@ -393,12 +395,32 @@ class _ShardWriter:
 # ----------------------------------------------------------------------------------------- export
 
 
+def resolve_export_layout(layout: ExportLayout | HFLayout | str, *, cfg: ModelConfig) -> HFLayout:
+    """The per-expert ``HFLayout`` an export of ``cfg`` writes for ``layout`` (``transformers``: asked of
+    the installed transformers).
+
+    Raises:
+        ValueError: an unknown or PACKED layout; for ``transformers``, as ``transformers_layout``.
+    """
+    if layout in (ExportLayout.transformers, ExportLayout.transformers.value):
+        return transformers_layout(cfg).file_layout
+    if layout in (ExportLayout.released, ExportLayout.released.value):
+        return HFLayout.PER_EXPERT
+    try:
+        resolved = HFLayout(layout)
+    except ValueError:
+        raise ValueError(f"unknown export layout {layout!r}; choose transformers or released") from None
+    if resolved == HFLayout.PACKED:
+        raise ValueError("layout=packed is transformers' in-memory layout; export transformers or released")
+    return resolved
+
+
 def export_hf(
     checkpoint: Path,
     *,
     output: Path,
     dtype: ExportDtype = ExportDtype.fp32,
-    layout: HFLayout = HFLayout.PER_EXPERT_PADDED,
+    layout: ExportLayout | HFLayout = ExportLayout.transformers,
     tokenizer: Optional[Path] = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     force: bool = False,
@@ -409,8 +431,9 @@ def export_hf(
         checkpoint: a ``step_XXXXXXXX`` folder, or a run's ``checkpoints/`` (the latest complete one).
         output: the folder to create (written beside it, then renamed into place).
         dtype: tensor dtype in the files; the router stays fp32 whatever this is.
-        layout: ``PER_EXPERT_PADDED`` (default: what transformers 5.x loads) or ``PER_EXPERT`` (exactly the
-            released tensors: vLLM, SGLang; transformers 5.x cannot load it when zero_expert_num > 0).
+        layout: ``ExportLayout.transformers`` (default: the per-expert files the installed transformers
+            writes and loads; 5.25: exactly the released tensors), ``ExportLayout.released`` (exactly the
+            released tensors: vLLM, SGLang; needs no transformers), or an ``HFLayout`` per-expert layout.
         tokenizer: tokenizer.json to include; None: the run's own if it can be found (else none, and the
             config's special-token ids stay null).
         max_shard_bytes: largest safetensors file (a single larger tensor gets a file of its own).
@@ -419,11 +442,12 @@ def export_hf(
     Raises:
         ValueError: before anything is written, when ``output`` is not empty (without ``force``), no
             checkpoint is found, the checkpoint's tensors disagree with its config (naming each unknown,
-            missing or wrongly shaped tensor), the tokenizer is unusable, or ``layout`` is PACKED.
+            missing or wrongly shaped tensor), the tokenizer is unusable, ``layout`` is PACKED, or
+            ``layout`` is transformers and transformers is missing or has a layout we do not write
+            (``TransformersLayoutError``, naming the transformers version and the tensor).
     """
-    layout = HFLayout(layout)
     if layout == HFLayout.PACKED:
-        raise ValueError("layout=packed is transformers' in-memory layout; export per_expert_padded or per_expert")
+        raise ValueError("layout=packed is transformers' in-memory layout; export transformers or released")
     dtype = ExportDtype(dtype)
     output = Path(output)
     check_output_free(output, force=force)
@@ -436,6 +460,7 @@ def export_hf(
                         expected={k: tuple(t.shape) for k, t in expected.items()},
                         source=f"checkpoint {ckpt}",
                         hint=f"Its {TRAINER_STATE} config must describe the saved model")
+    layout = resolve_export_layout(layout, cfg=cfg)
     tokenizer = Path(tokenizer) if tokenizer else default_tokenizer(run_config)
     token_ids = check_tokenizer(tokenizer, vocab_size=cfg.vocab_size) if tokenizer else None
     if tokenizer is None:

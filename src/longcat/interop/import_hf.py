@@ -2,8 +2,9 @@
 
 Reads ``config.json`` (``model_type`` must be ``longcat_flash``) and the safetensors files (listed by
 ``model.safetensors.index.json``, else ``model.safetensors``, else every ``*.safetensors``) in any
-``HFLayout``: the released per-expert tensors, transformers' ``save_pretrained`` output (per-expert
-plus zero rows for the zero experts), or transformers' in-memory packed ``gate_up_proj``. Every
+``HFLayout``: the released per-expert tensors (also what transformers 5.25 saves), transformers 5.0's
+``save_pretrained`` output (per-expert plus zero rows for the zero experts), or transformers' in-memory
+packed ``gate_up_proj`` (N rows as in 5.25, or N+Z as in 5.0). Every
 name and shape is checked against the config before anything is written. The result is one
 checkpoint folder in ``CheckpointManager``'s format:
 
@@ -37,10 +38,15 @@ from longcat.interop.export_hf import (
     atomic_output_dir,
     check_output_free,
     check_tensor_shapes,
-    meta_state_dict,
     single_process_dcp,
 )
-from longcat.model.hf_mapping import HFLayout, from_hf_state_dict, model_config_from_hf, to_hf_state_dict
+from longcat.model.hf_mapping import (
+    HFLayout,
+    from_hf_state_dict,
+    meta_state_dict,
+    model_config_from_hf,
+    to_hf_state_dict,
+)
 from longcat.train.checkpoint import TRAINER_STATE
 
 logger = logging.getLogger(__name__)
@@ -112,20 +118,33 @@ def hf_tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expected_hf_shapes(cfg: ModelConfig, *, layout: HFLayout) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+def expected_hf_shapes(
+    cfg: ModelConfig, *, layout: HFLayout, packed_experts: int | None = None
+) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """The tensor names and shapes an HF folder of ``cfg`` holds in ``layout``, and which of them may be
     absent (the zero-expert padding, the MTP embedding copy, a tied ``lm_head.weight``). PER_EXPERT
-    and PER_EXPERT_PADDED give the same answer (the padding is optional)."""
+    and PER_EXPERT_PADDED give the same answer (the padding is optional). ``packed_experts``: PACKED's
+    ``gate_up_proj`` rows (None: N)."""
     meta = meta_state_dict(cfg)
     packed = layout == HFLayout.PACKED
     full_layout = HFLayout.PACKED if packed else HFLayout.PER_EXPERT_PADDED
-    expected = {k: tuple(t.shape) for k, t in to_hf_state_dict(meta, cfg=cfg, layout=full_layout).items()}
+    expected = {k: tuple(t.shape) for k, t in
+                to_hf_state_dict(meta, cfg=cfg, layout=full_layout, packed_experts=packed_experts).items()}
     optional = {"model.mtp.embed_tokens.weight"}
     if not packed:
         optional |= set(expected) - set(to_hf_state_dict(meta, cfg=cfg, layout=HFLayout.PER_EXPERT))
     if cfg.tie_word_embeddings:
         optional.add("lm_head.weight")
     return expected, optional
+
+
+def packed_rows(shapes: dict[str, tuple[int, ...]], *, cfg: ModelConfig) -> int | None:
+    """Rows of a PACKED folder's ``gate_up_proj`` when they are a count transformers has used (N: 5.25,
+    N+Z: 5.0), else None (then the shape check reports the tensor with the expected N rows)."""
+    rows = {shape[0] for name, shape in shapes.items() if name.endswith(".mlp.experts.gate_up_proj") and shape}
+    if len(rows) == 1 and (row := rows.pop()) in (cfg.n_routed_experts, cfg.num_experts_total):
+        return row
+    return None
 
 
 def detect_layout(names: set[str], *, cfg: ModelConfig) -> HFLayout:
@@ -152,7 +171,7 @@ def load_hf_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     shapes = hf_tensor_shapes(files)
     cfg = model_config_from_hf(hf_config, has_mtp_weights=any(k.startswith("model.mtp.") for k in shapes))
     layout = detect_layout(set(shapes), cfg=cfg)
-    expected, optional = expected_hf_shapes(cfg, layout=layout)
+    expected, optional = expected_hf_shapes(cfg, layout=layout, packed_experts=packed_rows(shapes, cfg=cfg))
     check_tensor_shapes(shapes, expected=expected, optional=optional, source=f"Hugging Face folder {folder}",
                         hint="Check that config.json belongs to these weights")
 

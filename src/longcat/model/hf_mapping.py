@@ -4,12 +4,15 @@ Every non-expert key is shared verbatim (``model.embed_tokens``, ``model.layers.
 ``mlps``, norms, ``mlp.router.*``, ``model.norm``, ``lm_head``). The experts differ by layout:
 
     ours                         [N, I, D] gate_proj, [N, I, D] up_proj, [N, D, I] down_proj
-    HFLayout.PACKED              transformers in-memory: gate_up_proj [N+Z, 2I, D] (gate rows, then up
-                                 rows; rows >= N are zero and unused), down_proj [N, D, I]
-    HFLayout.PER_EXPERT          released checkpoint: mlp.experts.{i}.{gate,up,down}_proj.weight, i < N
-    HFLayout.PER_EXPERT_PADDED   what transformers 5.x ``save_pretrained`` writes and its loader needs:
-                                 PER_EXPERT plus all-zero gate_proj/up_proj [I, D] for i = N..N+Z-1 (its
-                                 per-expert -> packed merge must yield the [N+Z, 2I, D] gate_up_proj)
+    HFLayout.PACKED              transformers in-memory: gate_up_proj [P, 2I, D] (gate rows, then up
+                                 rows), down_proj [N, D, I]. P is what the installed transformers packs:
+                                 N in 5.25 (routed experts only), N+Z in 5.0 (rows >= N zero and unused);
+                                 ``longcat.interop.transformers_compat`` asks transformers which.
+    HFLayout.PER_EXPERT          released checkpoint: mlp.experts.{i}.{gate,up,down}_proj.weight, i < N; also
+                                 what transformers 5.25 ``save_pretrained`` writes and ``from_pretrained`` reads
+    HFLayout.PER_EXPERT_PADDED   what transformers 5.0 saved and needed: PER_EXPERT plus all-zero
+                                 gate_proj/up_proj [I, D] for i = N..N+Z-1 (read by the import; written only
+                                 when the installed transformers asks for it)
 
 The MTP head (``model.mtp.*``) maps onto the released names (``model.mtp.layers.0.*``; the release
 also stores a copy of the embedding as ``model.mtp.embed_tokens.weight``). transformers ignores
@@ -28,12 +31,13 @@ import re
 import torch
 
 from longcat.config.schema import ModelConfig
+from longcat.model.model import LongcatFlashForCausalLM
 
 
 class HFLayout(str, enum.Enum):
     PACKED = "packed"  # transformers' LongcatFlashExperts parameters
-    PER_EXPERT = "per_expert"  # the released safetensors
-    PER_EXPERT_PADDED = "per_expert_padded"  # transformers 5.x save_pretrained / from_pretrained
+    PER_EXPERT = "per_expert"  # the released safetensors (and transformers 5.25's save_pretrained)
+    PER_EXPERT_PADDED = "per_expert_padded"  # transformers 5.0's save_pretrained / from_pretrained
 
 
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
@@ -123,6 +127,8 @@ def model_config_from_hf(hf_config: dict, *, has_mtp_weights: bool = False) -> M
             return hf_config["num_hidden_layers"] // 2  # transformers counts each ScMoE layer twice
         if name in _HF_DEFAULTS:
             return _HF_DEFAULTS[name]
+        if name in hf_config:  # an explicit null (e.g. q_lora_rank): ModelConfig.validate names it
+            return None
         raise ValueError(f"config.json lacks {name!r}; add it (see hf_config_dict for every field)")
 
     rope = hf_config.get("rope_parameters") or {}
@@ -158,20 +164,32 @@ def model_config_from_hf(hf_config: dict, *, has_mtp_weights: bool = False) -> M
     return cfg
 
 
+def meta_state_dict(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our model's state dict on the meta device: every parameter and buffer name, shape and dtype."""
+    with torch.device("meta"):
+        return LongcatFlashForCausalLM(cfg).state_dict()
+
+
 def to_hf_state_dict(
     state_dict: dict[str, torch.Tensor],
     *,
     cfg: ModelConfig,
     layout: HFLayout = HFLayout.PACKED,
     include_mtp: bool = True,
+    packed_experts: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Our ``state_dict()`` -> an HF state dict in ``layout`` (new tensors for experts, others shared).
 
     Works on meta tensors too (the expected names and shapes of a layout). A tied ``lm_head.weight``
     is kept (transformers accepts it; file writers may drop it).
 
+    Args:
+        packed_experts: PACKED only: rows P of ``gate_up_proj`` (N <= P; rows >= N are zero). None: N.
+            ``longcat.interop.to_transformers_state_dict`` passes what the installed transformers packs.
+
     Raises:
-        ValueError: a stacked expert projection is missing, or an MTP parameter is unknown.
+        ValueError: a stacked expert projection is missing, an MTP parameter is unknown, or
+            ``packed_experts`` < N.
     """
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
@@ -186,7 +204,8 @@ def to_hf_state_dict(
     for prefix, mats in experts.items():
         if set(mats) != {"gate_proj", "up_proj", "down_proj"}:
             raise ValueError(f"{prefix}: expected gate_proj, up_proj, down_proj; got {sorted(mats)}")
-        out.update(_experts_to_hf(prefix, mats, num_zero_experts=cfg.zero_expert_num, layout=layout))
+        out.update(_experts_to_hf(prefix, mats, num_zero_experts=cfg.zero_expert_num, layout=layout,
+                                  packed_experts=packed_experts))
     if include_mtp and any(k.startswith("model.mtp.") for k in state_dict):
         out["model.mtp.embed_tokens.weight"] = state_dict["model.embed_tokens.weight"]
     return out
@@ -195,7 +214,7 @@ def to_hf_state_dict(
 def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], *, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """An HF state dict (any ``HFLayout``) -> our key names and stacked experts.
 
-    Only experts 0..N-1 are kept: the zero-expert rows of PACKED and PER_EXPERT_PADDED are unused.
+    Only experts 0..N-1 are kept: zero-expert rows (PACKED of transformers 5.0, PER_EXPERT_PADDED) are unused.
     Names are not validated here (see ``longcat.interop.check_hf_tensors``).
 
     Raises:
@@ -229,7 +248,9 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], *, cfg: ModelConf
     return out
 
 
-def _experts_to_hf(prefix: str, mats: dict[str, torch.Tensor], *, num_zero_experts: int, layout: HFLayout) -> dict:
+def _experts_to_hf(
+    prefix: str, mats: dict[str, torch.Tensor], *, num_zero_experts: int, layout: HFLayout, packed_experts: int | None
+) -> dict:
     gate_NID, up_NID, down_NDI = mats["gate_proj"], mats["up_proj"], mats["down_proj"]
     N, I, D = gate_NID.shape
     if layout in (HFLayout.PER_EXPERT, HFLayout.PER_EXPERT_PADDED):
@@ -243,7 +264,10 @@ def _experts_to_hf(prefix: str, mats: dict[str, torch.Tensor], *, num_zero_exper
                 out[f"{prefix}.{i}.gate_proj.weight"] = gate_NID.new_zeros(I, D)
                 out[f"{prefix}.{i}.up_proj.weight"] = gate_NID.new_zeros(I, D)
         return out
-    gate_up = gate_NID.new_zeros(N + num_zero_experts, 2 * I, D)
+    P = N if packed_experts is None else packed_experts
+    if P < N:
+        raise ValueError(f"{prefix}: packed_experts={P} < n_routed_experts={N}")
+    gate_up = gate_NID.new_zeros(P, 2 * I, D)
     gate_up[:N, :I] = gate_NID
     gate_up[:N, I:] = up_NID
     return {f"{prefix}.gate_up_proj": gate_up, f"{prefix}.down_proj": down_NDI}

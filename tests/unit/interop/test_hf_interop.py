@@ -16,7 +16,15 @@ from safetensors.torch import save_file
 from longcat.config.schema import ModelConfig
 from longcat.data.corpus import train_bpe_tokenizer
 from longcat.data.tokenizer import EOD_TOKEN, PAD_TOKEN, load_tokenizer
-from longcat.interop import ExportDtype, export_hf, import_hf
+from longcat.interop import (
+    ExportDtype,
+    ExportLayout,
+    TransformersLayoutError,
+    export_hf,
+    import_hf,
+    transformers_layout,
+)
+from longcat.interop import transformers_compat as layout_module
 from longcat.model import LongcatFlashForCausalLM
 from longcat.model.hf_mapping import HFLayout, to_hf_state_dict
 from longcat.train.checkpoint import CheckpointManager
@@ -101,9 +109,12 @@ def run(tmp_path_factory, tokenizer_path):
     return model, result
 
 
-def test_transformers_loads_export_with_same_logits_and_routing(run):
+@pytest.mark.parametrize("layout", [ExportLayout.transformers, ExportLayout.released])
+def test_transformers_loads_export_with_same_logits_and_routing(run, tmp_path, layout):
     model, result = run
-    hf = transformers.AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32)
+    folder = result.output if layout == ExportLayout.transformers else \
+        export_hf(result.checkpoint, output=tmp_path / "hf", layout=layout).output
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ours_routes, hf_routes, hooks = [], [], []
     for ours_layer, hf_layer in zip(model.model.layers, hf.model.layers):
         hooks.append(ours_layer.mlp.router.register_forward_hook(lambda m, i, out: ours_routes.append((out, m))))
@@ -147,8 +158,11 @@ def test_export_folder_follows_released_names(run, tokenizer_path):
     assert set(index["weight_map"]) == set(tensors)
     expert = "model.layers.1.mlp.experts"
     assert torch.equal(tensors[f"{expert}.5.down_proj.weight"], model.model.layers[1].mlp.experts.down_proj[5])
-    assert not tensors[f"{expert}.{N + Z - 1}.gate_proj.weight"].any()  # padding transformers needs
     assert f"{expert}.{N}.down_proj.weight" not in tensors
+    # Exactly the tensors the installed transformers' save_pretrained writes (asked of transformers itself),
+    # plus our MTP head, which transformers ignores.
+    on_disk = transformers_layout(CFG).on_disk
+    assert {k: tuple(t.shape) for k, t in tensors.items() if not k.startswith("model.mtp.")} == on_disk
     assert {"model.mtp.layers.0.enorm.m.weight", "model.mtp.embed_tokens.weight",
             "model.mtp.layers.0.transformer_layer.mlp.up_proj.weight"} <= set(tensors)
     assert torch.equal(tensors["model.layers.0.mlp.router.e_score_correction_bias"],
@@ -169,20 +183,25 @@ def test_released_layout_bf16_keeps_router_fp32(run, tmp_path):
     assert out.tokenizer is None and not (out.output / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("layout", [HFLayout.PER_EXPERT_PADDED, HFLayout.PER_EXPERT, HFLayout.PACKED])
-def test_export_import_is_bitwise(run, tmp_path, layout):
+@pytest.mark.parametrize("layout,packed_experts", [
+    (ExportLayout.transformers, None), (HFLayout.PER_EXPERT_PADDED, None), (HFLayout.PER_EXPERT, None),
+    (HFLayout.PACKED, N), (HFLayout.PACKED, N + Z)])  # packed as transformers 5.25 and 5.0 hold it
+def test_export_import_is_bitwise(run, tmp_path, layout, packed_experts):
     model, result = run
-    if layout == HFLayout.PER_EXPERT_PADDED:
+    if layout == ExportLayout.transformers:
         hf_dir = result.output
-    elif layout == HFLayout.PER_EXPERT:
+        found = transformers_layout(CFG).file_layout
+    elif layout != HFLayout.PACKED:
         hf_dir = export_hf(result.checkpoint, output=tmp_path / "hf", layout=layout).output
+        found = layout
     else:  # transformers' in-memory layout, as hf.state_dict() would hold it
         config = json.loads((result.output / "config.json").read_text())
-        packed = to_hf_state_dict(model.state_dict(), cfg=CFG, layout=layout)
+        packed = to_hf_state_dict(model.state_dict(), cfg=CFG, layout=layout, packed_experts=packed_experts)
         packed["model.mtp.embed_tokens.weight"] = packed["model.mtp.embed_tokens.weight"].clone()
         hf_dir = _write_hf_folder(tmp_path / "hf", packed, config=config)
+        found = layout
     imported = import_hf(hf_dir, output=tmp_path / "ckpt" / "step_00000000")
-    assert imported.layout == layout and imported.config == CFG
+    assert imported.layout == found and imported.config == CFG
 
     fresh = LongcatFlashForCausalLM(CFG)
     seen = {}
@@ -190,8 +209,43 @@ def test_export_import_is_bitwise(run, tmp_path, layout):
         imported.output, model=fresh, optimizer=None, check_config=lambda c: seen.update(c))
     assert state["step"] == 0 and seen["model"] == dataclasses.asdict(CFG)
     _assert_state_dicts_equal(fresh.state_dict(), model.state_dict())
-    if layout == HFLayout.PER_EXPERT_PADDED:
+    if layout == ExportLayout.transformers:
         assert (imported.output / "tokenizer.json").is_file()
+
+
+def test_packed_layout_with_unknown_row_count_is_named(run, tmp_path):
+    model, result = run
+    config = json.loads((result.output / "config.json").read_text())
+    packed = to_hf_state_dict(model.state_dict(), cfg=CFG, layout=HFLayout.PACKED, packed_experts=N + 1,
+                              include_mtp=False)
+    hf_dir = _write_hf_folder(tmp_path / "hf", packed, config=config)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.gate_up_proj: expected \(8, 64, 64\), "
+                                         r"found \(9, 64, 64\)"):
+        import_hf(hf_dir, output=tmp_path / "out")
+
+
+def test_a_transformers_layout_change_is_a_clear_error(run, tmp_path, monkeypatch):
+    """A transformers release that shapes the experts differently: the export names the version and the
+    tensor before writing anything, instead of a size-mismatch traceback at load time."""
+    _, result = run
+    experts_cls = transformers.models.longcat_flash.modeling_longcat_flash.LongcatFlashExperts
+    original_init = experts_cls.__init__
+
+    def init_with_three_projections(self, config):
+        original_init(self, config)
+        self.gate_up_proj = torch.nn.Parameter(torch.empty(self.num_experts, 3 * self.intermediate_dim,
+                                                           self.hidden_dim))
+
+    monkeypatch.setattr(experts_cls, "__init__", init_with_three_projections)
+    monkeypatch.setattr(layout_module, "_LAYOUTS", {})
+    version = re.escape(transformers.__version__)
+    with pytest.raises(TransformersLayoutError, match=rf"transformers {version} changed its LongCat-Flash tensor "
+                                                      r"layout.*model.layers.0.mlp.experts.gate_up_proj: "
+                                                      r"transformers \(8, 96, 64\) vs ours \(8, 64, 64\)"):
+        export_hf(result.checkpoint, output=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    released = export_hf(result.checkpoint, output=tmp_path / "released", layout=ExportLayout.released)
+    assert released.num_tensors > 0  # the released layout does not depend on transformers
 
 
 def test_tied_no_zero_expert_model_round_trips(tmp_path):

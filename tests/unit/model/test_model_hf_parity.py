@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from longcat.config.schema import ModelConfig
+from longcat.interop import to_transformers_state_dict, transformers_layout
 from longcat.model import LongcatFlashForCausalLM
 from longcat.model.hf_mapping import HFLayout, from_hf_state_dict, hf_config_dict, to_hf_state_dict
 
@@ -31,7 +32,7 @@ def _build_pair(cfg: ModelConfig, *, bias_fn=None, attn_implementation: str = "e
     hf_cfg = transformers.LongcatFlashConfig(**hf_config_dict(cfg))
     hf_cfg._attn_implementation = attn_implementation
     hf = transformers.LongcatFlashForCausalLM(hf_cfg)
-    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg=cfg, include_mtp=False), strict=True)
+    hf.load_state_dict(to_transformers_state_dict(ours.state_dict(), cfg=cfg), strict=True)
     return ours, hf
 
 
@@ -89,21 +90,25 @@ def test_gradients_and_sdpa_and_positions_match_hf():
     hf(ids, position_ids=positions).logits.square().mean().backward()
 
     ours_grads = {k: v for k, v in ours.named_parameters()}
-    ours_grads = to_hf_state_dict({k: p.grad for k, p in ours_grads.items()}, cfg=cfg, include_mtp=False)
+    ours_grads = to_hf_state_dict({k: p.grad for k, p in ours_grads.items()}, cfg=cfg, include_mtp=False,
+                                  packed_experts=transformers_layout(cfg).packed_experts)
     for name, param in hf.named_parameters():
         torch.testing.assert_close(ours_grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("layout", list(HFLayout))
-def test_hf_state_dict_round_trip(layout):
+@pytest.mark.parametrize("layout,packed_experts", [(HFLayout.PACKED, None), (HFLayout.PACKED, 12),
+                                                    (HFLayout.PER_EXPERT, None), (HFLayout.PER_EXPERT_PADDED, None)])
+def test_hf_state_dict_round_trip(layout, packed_experts):
     cfg = dataclasses.replace(BASE, mtp_num_layers=1)
     torch.manual_seed(0)
     sd = LongcatFlashForCausalLM(cfg).state_dict()
-    hf_sd = to_hf_state_dict(sd, cfg=cfg, layout=layout)
-    if layout == HFLayout.PACKED:
+    hf_sd = to_hf_state_dict(sd, cfg=cfg, layout=layout, packed_experts=packed_experts)
+    if layout == HFLayout.PACKED:  # transformers 5.25 packs N rows, 5.0 packed N+Z (zero beyond N)
         gate_up = hf_sd["model.layers.0.mlp.experts.gate_up_proj"]
-        assert gate_up.shape == (cfg.num_experts_total, 2 * cfg.expert_ffn_hidden_size, cfg.hidden_size)
+        rows = packed_experts or cfg.n_routed_experts
+        assert gate_up.shape == (rows, 2 * cfg.expert_ffn_hidden_size, cfg.hidden_size)
         assert not gate_up[cfg.n_routed_experts :].any()
+        assert torch.equal(gate_up[2, : cfg.expert_ffn_hidden_size], sd["model.layers.0.mlp.experts.gate_proj"][2])
     else:
         down_5 = hf_sd["model.layers.1.mlp.experts.5.down_proj.weight"]
         assert torch.equal(down_5, sd["model.layers.1.mlp.experts.down_proj"][5])
