@@ -1,0 +1,69 @@
+"""A golden CPU trace: refactors that must not change the math are caught bit for bit.
+
+A fixed tiny run (the test config, 4 steps of fixed random global batches, fp32, one thread) in one
+process and under ep=2 (2 gloo processes, experts split, dp=2): each step's loss and grad norm must
+equal, bitwise, the values committed in ``tests/golden/tiny_trace.json``. A change that alters the
+math (an operation order, a reduction, an init) fails here even when every tolerance test passes.
+
+When a change is *meant* to alter the numbers, rewrite the file and say why in the commit:
+
+    LONGCAT_WRITE_GOLDEN=1 .venv/bin/pytest tests/integration/test_golden_trace.py
+
+The values depend on the torch build (pinned by requirements.lock), not on the corpus: the batches are
+generated here, and the model's init depends only on the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from conftest import tiny_overrides
+from longcat.cli import compose_run_config
+from longcat.testing.equivalence import Layout, run_layouts, run_single
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_trace.json"
+NUM_STEPS = 4
+IGNORE_INDEX = -100
+
+
+def _batches(*, vocab: int, rows: int = 4, seq: int = 16) -> list[list[dict]]:
+    gen = torch.Generator().manual_seed(2509)  # arXiv 2509.01322
+    steps = []
+    for _ in range(NUM_STEPS):
+        batch = []
+        for _ in range(rows):
+            ids = torch.randint(0, vocab, (1, seq), generator=gen)
+            labels = torch.roll(ids, -1, dims=1)
+            labels[:, -1] = IGNORE_INDEX
+            batch.append({"input_ids": ids, "labels": labels, "token_mask": torch.ones_like(ids, dtype=torch.bool)})
+        steps.append(batch)
+    return steps
+
+
+def _trace(losses: list[float], grad_norms: list[float]) -> dict[str, list[str]]:
+    return {"loss": [float(x).hex() for x in losses], "grad_norm": [float(x).hex() for x in grad_norms]}
+
+
+def test_loss_and_grad_norm_trace_is_bitwise_golden(corpus_cache, tmp_path):
+    overrides = {"data.seq_length": 16, "data.micro_batch_size": 1, "data.global_batch_size": 4,
+                 "train.eval_interval": 0, "train.checkpoint_interval": 0, "moe.bias_update_rate": 0.2}
+    cfg, _ = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(tmp_path), **overrides))
+    batches = _batches(vocab=cfg.model.vocab_size)
+    single = run_single(cfg, num_steps=NUM_STEPS, batches=batches)
+    ep2 = run_layouts(cfg, [Layout("ep2", dp=2, ep=2)], num_steps=NUM_STEPS, batches=batches)["ep2"]
+    got = {"single": _trace(single.losses, single.grad_norms),
+           "ep2": _trace(ep2[0].losses, ep2[0].grad_norms)}
+    assert ep2[1].losses == ep2[0].losses and ep2[1].grad_norms == ep2[0].grad_norms
+    if os.environ.get("LONGCAT_WRITE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"torch": torch.__version__.split("+")[0], **got}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["torch"] == torch.__version__.split("+")[0], "the golden trace was written with another torch"
+    for run in ("single", "ep2"):
+        for key in ("loss", "grad_norm"):
+            want = [float.fromhex(x) for x in golden[run][key]]
+            have = [float.fromhex(x) for x in got[run][key]]
+            assert have == want, f"{run} {key}: {have} != golden {want}"
