@@ -153,7 +153,8 @@ class LongcatFlashForCausalLM(nn.Module):
     """The LongCat-Flash language model: ``model`` (LongcatFlashModel) and ``lm_head``.
 
     Weights are initialised by ``init_weights(self, cfg)`` at construction (a no-op on the meta
-    device; call ``init_weights`` again after ``to_empty``, or with a width_scale).
+    device; call ``init_weights`` again after ``to_empty``, or with a width_scale). With
+    ``tie_word_embeddings`` the LM head and the embedding are one parameter, also after ``to_empty``.
 
     Args:
         cfg: model dims (validated here).
@@ -174,6 +175,14 @@ class LongcatFlashForCausalLM(nn.Module):
         self.logits_vocab_parallel = False
         self.last_hidden_region: nn.Module = nn.Identity()
         init_weights(self, cfg)
+
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> LongcatFlashForCausalLM:
+        """``nn.Module.to_empty``, then the tied LM head re-pointed at the (new) embedding parameter:
+        ``to_empty`` replaces each module's parameters separately, which would untie them."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
 
     def forward(
         self,

@@ -170,3 +170,20 @@ def test_model_yaml_configs_load(name):
         model = LongcatFlashForCausalLM(cfg)
         out = model(torch.randint(0, cfg.vocab_size, (1, 8)))
         assert out.logits_BSV.shape == (1, 8, cfg.vocab_size)
+
+
+def test_meta_build_then_init_keeps_tied_embeddings_tied():
+    """Build on meta, materialise with to_empty, init: the LM head and the embedding stay one parameter."""
+    cfg = dataclasses.replace(TINY, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LongcatFlashForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    init_weights(model, cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.untyped_storage().data_ptr() == model.model.embed_tokens.weight.untyped_storage().data_ptr()
+    assert len(list(model.parameters())) == len({id(p) for p in model.parameters()})
+    assert model.lm_head.weight.std() > 0  # initialised, not left empty
+    with torch.device("meta"):
+        untied = LongcatFlashForCausalLM(dataclasses.replace(cfg, tie_word_embeddings=False))
+    untied.to_empty(device="cpu")
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
