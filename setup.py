@@ -19,6 +19,7 @@ setup(
         "tqdm>=4.60,<5",
         "matplotlib>=3.7,<4",
         "wandb>=0.17,<1",
+        "tensorboard>=2.15,<3",  # logging.tensorboard=true
     ],
     extras_require={
         # DeepSpeed ZeRO-1/2 as the data-parallel engine (parallel.dp_mode=deepspeed); the tests cover it.

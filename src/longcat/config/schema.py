@@ -253,9 +253,10 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
+    log_interval: int = 1  # steps between metric records and console lines
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False  # event files under <train.out_dir>/tensorboard (same metric names as wandb)
 
     def validate(self) -> None:
         if self.wandb.mode not in ("online", "offline", "disabled"):
