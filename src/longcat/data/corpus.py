@@ -234,7 +234,7 @@ def tokenize_to_indexed(
     with IndexedDatasetWriter(output_prefix, dtype=dtype) as writer:
         for batch in _batched(documents, _ENCODE_BATCH_DOCUMENTS):
             for ids in tokenizer.encode_batch(batch):
-                if append_eod:
+                if append_eod and ids:  # as Megatron-LM: an empty text stays a document with no tokens
                     ids.append(tokenizer.eod_id)
                 writer.add_document(np.asarray(ids, dtype=dtype))
                 stats.num_tokens += len(ids)

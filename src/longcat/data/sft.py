@@ -175,10 +175,12 @@ class SFTDataset:
         rendered = [self._fit(render_conversation(loaded.conversations[k], tokenizer=tokenizer)) for k in chosen]
         rendered = [r for r in rendered if r is not None]
         if not rendered:
+            fix = ("raise data.seq_length or set data.sft_overflow=truncate" if self.overflow is Overflow.DROP else
+                   "raise data.seq_length: with data.sft_overflow=truncate a conversation is still dropped when "
+                   "no assistant token falls within its first seq_length + 1 tokens (its prompt is longer)")
             raise ValueError(
                 f"the {self.split.value} split of {name} has no conversation that fits seq_length + 1 = "
-                f"{seq_length + 1} tokens ({self.stats.num_dropped} of {len(chosen)} dropped): raise "
-                "data.seq_length or set data.sft_overflow=truncate"
+                f"{seq_length + 1} tokens ({self.stats.num_dropped} of {len(chosen)} dropped): {fix}"
             )
         if self.packing is Packing.GREEDY:
             order = np.random.default_rng([seed, _PACK_STREAM]).permutation(len(rendered))

@@ -90,3 +90,16 @@ def test_cli(tmp_path, tokenizer_path):
     ok = run(*base, "--skip-bad-lines", "--append-eod")
     assert ok.returncode == 0 and "1 documents" in ok.stderr and "skipped 1 bad lines" in ok.stderr
     assert IndexedDataset(str(tmp_path / "o")).num_documents == 1
+
+
+def test_append_eod_leaves_an_empty_text_without_tokens(tmp_path, tokenizer_path):
+    """As Megatron-LM's preprocessing: an empty document gets no [EOD] (it would be a one-token document)."""
+    jsonl = write_jsonl(tmp_path / "e.jsonl", [json.dumps({"text": "alpha"}), json.dumps({"text": ""}),
+                                               json.dumps({"text": "beta"})])
+    prefix = str(tmp_path / "p")
+    stats = preprocess_files([jsonl], tokenizer_path=tokenizer_path, output_prefix=prefix, append_eod=True,
+                             progress=False)
+    ds = IndexedDataset(prefix)
+    assert stats.num_documents == ds.num_documents == 3
+    assert [len(ds.document(d)) for d in range(3)][1] == 0
+    assert stats.num_tokens == ds.num_tokens == len(ds.document(0)) + len(ds.document(2))

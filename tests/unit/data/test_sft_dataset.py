@@ -115,6 +115,10 @@ def test_overflow_drop_and_truncate(sft_jsonl, tokenizer):
     with pytest.raises(ValueError, match="no conversation that fits seq_length \\+ 1 = 11 tokens .*raise "
                        "data.seq_length or set data.sft_overflow=truncate"):
         dataset(sft_jsonl, tokenizer, seq_length=10)
+    with pytest.raises(ValueError, match="raise data.seq_length: with data.sft_overflow=truncate a conversation is "
+                                         "still dropped") as error:
+        dataset(sft_jsonl, tokenizer, seq_length=10, overflow=Overflow.TRUNCATE)
+    assert "set data.sft_overflow=truncate" not in str(error.value)  # it is set already
 
 
 def test_packing_keeps_every_loss_token(sft_jsonl, tokenizer):
