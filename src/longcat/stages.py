@@ -20,10 +20,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 from longcat.plots import read_metrics
 from longcat.train.checkpoint import latest_checkpoint, list_checkpoints
+
+if TYPE_CHECKING:
+    from longcat.config.schema import RunConfig
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def check_overrides(name: str, overrides: Sequence[str]) -> None:
                                  f"and pass --pipeline <that file>")
 
 
-def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list:
+def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list[RunConfig]:
     """Compose and validate every stage's configuration (recipe, ``overrides``, the stage's own
     overrides) without training; returns the typed ``RunConfig`` of each stage.
 
@@ -126,7 +129,7 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list:
     from longcat.cli import compose_run_config
 
     check_overrides(name, overrides)
-    configs = []
+    configs: list[RunConfig] = []
     for stage in load_pipeline(name):
         try:
             cfg, _ = compose_run_config(stage.recipe, [*overrides, *stage.overrides])

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from longcat.bench.common import BenchResult, Table, load_preset, median, timed
 from longcat.bench.training import OursStep, build_ours, make_batch
@@ -60,8 +61,8 @@ def _async_round(step: OursStep, directory: Path, *, max_steps: int) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     pending = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
     stall_s = time.perf_counter() - start
-    future = getattr(pending, "upload_completion", pending)  # a Future, or an AsyncSaveResponse
-    steps_s = []
+    future = pending.upload_completion if isinstance(pending, AsyncSaveResponse) else pending
+    steps_s: list[float] = []
     while not future.done() and len(steps_s) < max_steps:
         steps_s.append(timed(step)[1].wall_s)
     future.result()

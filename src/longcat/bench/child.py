@@ -95,6 +95,7 @@ def _main(spec: ChildSpec) -> ChildResult:
     batch = make_batch(cfg, batch_size=spec.batch_size, seq_len=spec.seq_len, seed=spec.seed)
     baseline = current_rss_mib()
     ours = build_ours(cfg, seed=spec.seed, activation_checkpointing=spec.activation_checkpointing)
+    step: OursStep | ReferenceStep
     if spec.impl == "ours":
         step = OursStep(ours, batch=batch)
     else:

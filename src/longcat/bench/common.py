@@ -130,7 +130,8 @@ def load_preset(name: str, **overrides: Any) -> ModelConfig:
         presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ValueError(f"unknown model preset {name!r} ({path}); choose one of {presets}")
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-    cfg: ModelConfig = OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, ModelConfig)  # a structured config converts to its dataclass
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
     return cfg

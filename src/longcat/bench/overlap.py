@@ -203,8 +203,9 @@ def run_rank(settings: OverlapBenchSettings) -> dict[str, Any]:
     rounds: step seconds and blocked seconds per key, per schedule, for ``layer`` and ``model``; the
     dense windows; the all-to-all on its own; rows exchanged."""
     from longcat.distributed import ParallelDims, ProcessGroups
-    from longcat.distributed.expert_parallel import apply_expert_parallel
+    from longcat.distributed.expert_parallel import AllToAllTokenDispatcher, apply_expert_parallel
     from longcat.model import LongcatFlashForCausalLM
+    from longcat.model.layer import DecoderLayer
     from longcat.model.moe.chunked import apply_moe_overlap
 
     torch.set_num_threads(settings.threads)
@@ -219,6 +220,7 @@ def run_rank(settings: OverlapBenchSettings) -> dict[str, Any]:
     labels_BS = torch.randint(0, cfg.vocab_size, (B, S), generator=gen)
     h_BSD, g_BSD = torch.randn(B, S, D, generator=gen), torch.randn(B, S, D, generator=gen) / (B * S)
     layer = model.model.layers[0]
+    assert isinstance(layer, DecoderLayer)
     rope = model.model.rotary_emb(None, seq_len=S, device=h_BSD.device, dtype=h_BSD.dtype)
     barrier = lambda: dist.barrier(group=groups.ep_group)  # noqa: E731
 
@@ -255,7 +257,9 @@ def run_rank(settings: OverlapBenchSettings) -> dict[str, Any]:
                     alone[what][key].append(value)
             for key, value in windows.items():
                 dense[key].append(value)
-    counters = layer.mlp.dispatcher.counters()
+    dispatcher = layer.mlp.dispatcher
+    assert isinstance(dispatcher, AllToAllTokenDispatcher)  # set by apply_expert_parallel
+    counters = dispatcher.counters()
     return {
         "rank": dist.get_rank(),
         "samples": {k: {key: statistics.median(v) for key, v in entry.items()} for k, entry in samples.items()},

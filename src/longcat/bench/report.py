@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def format_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(columns: list[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(format_value(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(format_value(c) for c in row) + " |" for row in rows]
     return lines

@@ -44,7 +44,7 @@ class ScalingSettings:
 
 def points(s: ScalingSettings) -> list[tuple[str, int, dict, int]]:
     """(axis, value, ModelConfig overrides, seq_len) for every point, in run order."""
-    out = [("seq_len", S, {}, S) for S in s.seq_lens]
+    out: list[tuple[str, int, dict, int]] = [("seq_len", S, {}, S) for S in s.seq_lens]
     out += [("experts", n, {"n_routed_experts": n, "zero_expert_num": n // 2}, s.base_seq_len)
             for n in s.n_routed_experts]
     out += [("layers", n, {"num_layers": n}, s.base_seq_len) for n in s.num_layers]

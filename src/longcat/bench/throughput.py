@@ -139,6 +139,7 @@ def run(*, quick: bool = False, settings: ThroughputSettings | None = None) -> B
     batch = make_batch(cfg, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed)
     ours, reference = build_pair(cfg, batch=batch, seed=s.seed)
     first_ours, first_ref = ours(), reference()  # warm-up; losses before any update
+    assert first_ours.ffn_experts_per_token is not None  # OursStep always measures k_e
     gemms = gemm_shapes(cfg, batch_size=s.batch_size, seq_len=s.seq_len,
                         ffn_experts_per_token=first_ours.ffn_experts_per_token)
     matmul_flop_per_s: list[float] = []

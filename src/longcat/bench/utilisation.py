@@ -63,7 +63,9 @@ def measure_dtype(s: UtilisationSettings, *, dtype: torch.dtype) -> DtypeUtilisa
     cfg = load_preset(s.preset)
     batch = make_batch(cfg, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed)
     step = OursStep(build_ours(cfg, seed=s.seed), batch=batch, autocast_dtype=dtype)
-    k_e_values = [step().ffn_experts_per_token]
+    first = step()
+    assert first.ffn_experts_per_token is not None  # OursStep always measures k_e
+    k_e_values = [first.ffn_experts_per_token]
     step_s, throughputs = [], []
     for _ in range(s.rounds):
         k_e = sum(k_e_values) / len(k_e_values)

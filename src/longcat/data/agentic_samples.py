@@ -110,7 +110,9 @@ def _numbered_lines(result: str) -> list[tuple[int, str]]:
 
 
 def _total_lines(result: str) -> int:
-    return int(_TOTAL.search(result.split("\n", 1)[0])[1])
+    header = _TOTAL.search(result.split("\n", 1)[0])
+    assert header is not None, f"read_file result without its ': lines A-B of N' header: {result[:80]!r}"
+    return int(header[1])
 
 
 def _listed_paths(result: str) -> list[str]:

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -20,9 +20,12 @@ from longcat.data.sampler import MicroBatchLoader, collate
 from longcat.data.stdlib_parts import is_stdlib_part, resolve_stdlib_part
 from longcat.data.tokenizer import load_tokenizer
 
+if TYPE_CHECKING:
+    from longcat.data.sft import SFTDataset
+
 logger = logging.getLogger(__name__)
 
-SampleDataset = Union[GPTDataset, BlendedDataset]
+SampleDataset = Union[GPTDataset, BlendedDataset, "SFTDataset"]
 
 
 @dataclasses.dataclass
@@ -100,7 +103,9 @@ def build_pretrain_data(
                 "data.sources (its <|endoftext|> id separates documents)"
             )
         tokenizer_path = cfg.tokenizer
-        prefixes, weights = zip(*(_source_fields(s) for s in cfg.sources))
+        fields = [_source_fields(s) for s in cfg.sources]
+        prefixes = [p for p, _ in fields]
+        weights = [w for _, w in fields]
     tokenizer = load_tokenizer(tokenizer_path)
 
     train, valid = [], []
@@ -108,10 +113,10 @@ def build_pretrain_data(
         indexed = IndexedDataset(prefix)
         max_token_id = check_vocab(indexed, vocab_size, eod_id=tokenizer.eod_id)
         check_data_tokenizer(indexed, tokenizer, max_token_id=max_token_id)
-        common = dict(seq_length=cfg.seq_length, eod_id=tokenizer.eod_id, valid_fraction=cfg.valid_fraction,
-                      seed=cfg.seed + k)
-        train.append(GPTDataset(indexed, split=Split.TRAIN, **common))
-        valid.append(GPTDataset(indexed, split=Split.VALID, **common))
+        train.append(GPTDataset(indexed, seq_length=cfg.seq_length, eod_id=tokenizer.eod_id, split=Split.TRAIN,
+                                valid_fraction=cfg.valid_fraction, seed=cfg.seed + k))
+        valid.append(GPTDataset(indexed, seq_length=cfg.seq_length, eod_id=tokenizer.eod_id, split=Split.VALID,
+                                valid_fraction=cfg.valid_fraction, seed=cfg.seed + k))
         logger.info(
             "data %s: %d documents, %d tokens; %d train / %d valid samples of %d tokens",
             prefix, indexed.num_documents, indexed.num_tokens, len(train[-1]), len(valid[-1]), cfg.seq_length,
@@ -170,11 +175,13 @@ def _build_sft_data(cfg: DataConfig, *, vocab_size: int, dp_rank: int, dp_size: 
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer_fits_model(tokenizer, vocab_size)
     source = default_sft_records() if cfg.sft_path == "builtin" else cfg.sft_path
-    common = dict(tokenizer=tokenizer, seq_length=cfg.seq_length, seed=cfg.seed, valid_fraction=cfg.valid_fraction,
-                  packing=Packing(cfg.sft_packing), overflow=Overflow(cfg.sft_overflow),
-                  skip_bad_lines=cfg.sft_skip_bad_lines)
-    train_ds = SFTDataset(source, split=Split.TRAIN, **common)
-    valid_ds = SFTDataset(source, split=Split.VALID, **common)
+    packing, overflow = Packing(cfg.sft_packing), Overflow(cfg.sft_overflow)
+    train_ds = SFTDataset(source, tokenizer=tokenizer, seq_length=cfg.seq_length, seed=cfg.seed, split=Split.TRAIN,
+                          valid_fraction=cfg.valid_fraction, packing=packing, overflow=overflow,
+                          skip_bad_lines=cfg.sft_skip_bad_lines)
+    valid_ds = SFTDataset(source, tokenizer=tokenizer, seq_length=cfg.seq_length, seed=cfg.seed, split=Split.VALID,
+                          valid_fraction=cfg.valid_fraction, packing=packing, overflow=overflow,
+                          skip_bad_lines=cfg.sft_skip_bad_lines)
     logger.info("sft data %s: %d train / %d valid samples of %d tokens", cfg.sft_path, len(train_ds),
                 len(valid_ds), cfg.seq_length)
     loader = MicroBatchLoader(train_ds, micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,

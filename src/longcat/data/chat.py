@@ -334,6 +334,7 @@ def _check_order(messages: Sequence[Message], for_generation: bool | None) -> No
         if role is Role.ASSISTANT:
             pending = len(message.tool_calls)
         previous = role
+    assert previous is not None  # messages is non-empty
     if for_generation is False and previous is not Role.ASSISTANT:
         raise ValueError(f"ends with a {previous.value} turn; a training conversation must end with an assistant turn")
     if for_generation is True and previous not in (Role.USER, Role.TOOL):

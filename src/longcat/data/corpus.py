@@ -64,7 +64,7 @@ def stdlib_source_files(*, max_bytes: int = 0) -> list[Path]:
     ``max_bytes``.
     """
     root = stdlib_root()
-    files = []
+    files: list[Path] = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]
         files.extend(Path(directory, n) for n in names if n.endswith(".py"))
@@ -131,12 +131,13 @@ def prepare_stdlib_corpus(
             f"max_bytes={max_bytes} admits no stdlib file (the first is "
             f"{stdlib_source_files()[0].stat().st_size} bytes); raise it or use 0 for the whole corpus"
         )
+    byte_count = sum(p.stat().st_size for p in files)
     expected = {
         "format_version": CORPUS_FORMAT_VERSION,
         "python_version": sys.version.split()[0],
         "stdlib_dir": str(stdlib_root()),
         "file_count": len(files),
-        "byte_count": sum(p.stat().st_size for p in files),
+        "byte_count": byte_count,
         "fingerprint": _fingerprint(files),
         "vocab_size_requested": None if tokenizer_path else vocab_size,
         "max_bytes": max_bytes,
@@ -157,7 +158,7 @@ def prepare_stdlib_corpus(
         tokenizer.save(paths.tokenizer_path)
         stats = tokenize_to_indexed(
             texts, tokenizer=tokenizer, output_prefix=paths.prefix, append_eod=True, progress=progress,
-            total_bytes=expected["byte_count"],
+            total_bytes=byte_count,
         )
         manifest = dict(expected, vocab_size=tokenizer.vocab_size, num_tokens=stats.num_tokens,
                         num_documents=stats.num_documents, dtype=optimal_dtype(tokenizer.vocab_size).name)

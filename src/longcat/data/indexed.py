@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Optional
 
 import numpy as np
 
@@ -192,6 +192,7 @@ class IndexedDataset:
             c_lo, c_hi = chunk.min().item(), chunk.max().item()
             lo = c_lo if lo is None else min(lo, c_lo)
             hi = c_hi if hi is None else max(hi, c_hi)
+        assert lo is not None and hi is not None  # num_tokens > 0, so the loop ran
         return int(lo), int(hi)
 
 
@@ -253,7 +254,7 @@ class IndexedDatasetWriter:
         self._sequence_lengths: list[int] = []
         self._bin_tmp = f"{bin_path(path_prefix)}.tmp{os.getpid()}"
         self._idx_tmp = f"{idx_path(path_prefix)}.tmp{os.getpid()}"
-        self._bin_file = None
+        self._bin_file: Optional[BinaryIO] = None
 
     def __enter__(self) -> "IndexedDatasetWriter":
         os.makedirs(os.path.dirname(os.path.abspath(self.path_prefix)), exist_ok=True)
@@ -278,6 +279,7 @@ class IndexedDatasetWriter:
         self._sequence_lengths.append(int(ids.size))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._bin_file is not None, "use IndexedDatasetWriter as a context manager"
         self._bin_file.close()
         if exc_type is not None:
             for path in (self._bin_tmp, self._idx_tmp):

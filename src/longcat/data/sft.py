@@ -172,8 +172,8 @@ class SFTDataset:
         chosen = split_documents(np.ones(len(loaded.conversations)), valid_fraction=valid_fraction, seed=seed,
                                  name=name)[self.split]
         self.stats = SFTStats(num_conversations=len(chosen), num_skipped_lines=loaded.num_skipped_lines)
-        rendered = [self._fit(render_conversation(loaded.conversations[k], tokenizer=tokenizer)) for k in chosen]
-        rendered = [r for r in rendered if r is not None]
+        fitted = [self._fit(render_conversation(loaded.conversations[k], tokenizer=tokenizer)) for k in chosen]
+        rendered = [r for r in fitted if r is not None]
         if not rendered:
             fix = ("raise data.seq_length or set data.sft_overflow=truncate" if self.overflow is Overflow.DROP else
                    "raise data.seq_length: with data.sft_overflow=truncate a conversation is still dropped when "
@@ -207,7 +207,9 @@ class SFTDataset:
 
     def _pack(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Next-fit: [c1, EOD, c2, EOD, ...] per sample, each cut to S + 1 (only a trailing EOD is cut)."""
-        limit, bins, current, used = self.seq_length + 1, [], [], 0
+        limit, used = self.seq_length + 1, 0
+        bins: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        current: list[tuple[np.ndarray, np.ndarray]] = []
         for ids, loss in items:
             if current and used + len(ids) > limit:
                 bins.append(current)

@@ -264,7 +264,7 @@ def _load_units(cfg: ModelConfig, keys: list[str]) -> list[list[str]]:
     """Our keys in read units: one per decoder layer, then the rest (embedding, norm, head, MTP head;
     together because the released MTP layout repeats the embedding)."""
     layers: list[list[str]] = [[] for _ in range(cfg.num_layers)]
-    rest = []
+    rest: list[str] = []
     for key in keys:
         match = re.match(r"^model\.layers\.(\d+)\.", key)
         (layers[int(match.group(1))] if match else rest).append(key)
@@ -481,6 +481,7 @@ def export_hf(
         _write_json(tmp / "config.json", hf_config_json(cfg, dtype=dtype, token_ids=token_ids))
         generation = asdict(token_ids) if token_ids else {}
         if token_ids is not None:
+            assert tokenizer is not None  # token_ids were read from it
             write_tokenizer_files(tokenizer, tmp, max_length=cfg.max_position_embeddings)
         _write_json(tmp / "generation_config.json", generation)
         num_tensors = sum(len(f) for f in writer.files)
