@@ -53,15 +53,6 @@ _STEP_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -179,15 +170,40 @@ def _optim_state(target: CheckpointTarget, optimizer: torch.optim.Optimizer) -> 
 
 @dataclass
 class CheckpointManager:
-    """Saves and loads checkpoints under ``root`` (all ranks call every method collectively).
+    """Saves and loads checkpoints under ``root`` (all ranks of ``group`` call every method collectively).
 
     ``model`` arguments take a plain module (one process, whole tensors) or a
     ``longcat.distributed.parallelize.ParallelModel`` (this rank's shards, described globally).
+
+    Args:
+        root: the folder holding the ``step_N`` checkpoints.
+        keep_last: how many complete checkpoints retention keeps.
+        group: the ranks that save together, every rank of the job (``ProcessGroups.world_group``);
+            ``None`` or a size-1 group: one process.
+        rank: this process's rank in ``group`` (rank 0 writes the trainer state, renames, deletes).
     """
 
     root: Path
     keep_last: int = 2
+    group: Optional[dist.ProcessGroup] = None
+    rank: int = 0
     last_saved_step: Optional[int] = field(default=None, init=False)  # by this manager, in this process
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.rank < self.world_size, f"rank {self.rank} outside a group of {self.world_size}"
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.group is None else self.group.size()
+
+    @property
+    def _dcp_group(self) -> Optional[dist.ProcessGroup]:
+        """The group handed to DCP: ours when several ranks save; otherwise DCP's own one-process path."""
+        return self.group if self.world_size > 1 else None
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
 
     def save(self, step: int, *, model: Union[nn.Module, Any], optimizer: Optional[torch.optim.Optimizer],
              trainer_state: dict[str, Any]) -> Path:
@@ -197,16 +213,16 @@ class CheckpointManager:
             NonFiniteCheckpointError: some rank holds a NaN/Inf parameter, buffer or optimizer state
                 (checked on every rank before anything on disk is touched).
         """
-        assert_finite_state(checkpoint_tensors(checkpoint_target(model), optimizer))
+        assert_finite_state(checkpoint_tensors(checkpoint_target(model), optimizer), group=self._dcp_group)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
-        if _rank() == 0:
+        if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.trash")]:
                 shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save or mid-delete
             if final.exists():  # re-saving a step (a resumed run that did not advance)
                 discard(final)
-        _barrier()
+        self._barrier()
         previous = latest_checkpoint(self.root)
         failure: Optional[BaseException] = None
         try:
@@ -214,14 +230,15 @@ class CheckpointManager:
             state: dict[str, Any] = {"model": _model_state(target)}
             if optimizer is not None:
                 state["optim"] = _optim_state(target, optimizer)
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self._dcp_group)
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
-            torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
+            torch.save(_rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
             fault_hooks.save_phase("shards", step=step, path=tmp)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             failure = e  # any error: agreed on below, or the other ranks would wait in the barrier
-        agree_written(failure, final=final, tmp=tmp, previous=previous)  # a barrier that fails on every rank
-        if _rank() == 0:
+        agree = dict(group=self._dcp_group, rank=self.rank, final=final, tmp=tmp, previous=previous)
+        agree_written(failure, **agree)  # a barrier that fails on every rank
+        if self.rank == 0:
             try:
                 fault_hooks.save_phase("state", step=step, path=tmp)
                 _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
@@ -235,12 +252,12 @@ class CheckpointManager:
                     _fsync_dir(self.root)
                 except OSError as e:  # the rename happened; only its durability across a power cut is in doubt
                     logger.warning("could not fsync %s after writing %s: %s", self.root, final, e)
-        agree_written(failure, final=final, tmp=tmp, previous=previous)
-        if _rank() == 0:
+        agree_written(failure, **agree)
+        if self.rank == 0:
             fault_hooks.save_phase("retention", step=step, path=final)
             self._apply_retention()
         self.last_saved_step = step
-        _barrier()
+        self._barrier()
         return final
 
     def _apply_retention(self) -> None:
@@ -277,7 +294,7 @@ class CheckpointManager:
             else:
                 state["optim"] = _optim_state(target, optimizer)
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), process_group=self._dcp_group)
         except (CheckpointException, OSError, RuntimeError) as e:  # DCP raises on every rank alike
             raise ValueError(damaged_checkpoint_message(path, e)) from None
         with torch.no_grad():
@@ -295,7 +312,7 @@ class CheckpointManager:
                     for key in ADAM_STATE_KEYS:
                         _copy_local_(own[key], entry[key])
                     own["step"].copy_(entry["step"])
-        rng_file = path / "rng" / f"rank{_rank()}.pt"
+        rng_file = path / "rng" / f"rank{self.rank}.pt"
         if optimizer is not None and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return trainer_state

@@ -103,7 +103,7 @@ class Trainer:
         self.groups = groups if groups is not None else ProcessGroups.single()
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         self.dp_group = self.groups.dp_group if self.dp_size > 1 else None
-        self.is_rank0 = (not dist.is_initialized()) or dist.get_rank() == 0
+        self.is_rank0 = self.groups.rank == 0
         self.config_dict = config_dict or {}
         self.device = torch.device(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir)
@@ -143,7 +143,8 @@ class Trainer:
         self.routers_L = local_routers(self.parallel)
         self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last,
+                                             group=self.groups.world_group, rank=self.groups.rank)
         self.step = 0
         self.tokens_seen = 0.0
         self.lb_num_groups = cfg.moe.lb_num_groups or self.groups.ep_size
@@ -410,7 +411,8 @@ class Trainer:
                            "continue this run, or use a new train.out_dir)", self.step, cfg.steps)
         if self.is_rank0:
             write_text_atomic(self.out_dir / "config.json", json.dumps(self.config_dict, indent=1, default=str))
-        preemption = PreemptionWatcher(timeout_s=cfg.preempt_timeout_s, world_group=self.groups.world_group)
+        preemption = PreemptionWatcher(timeout_s=cfg.preempt_timeout_s, world_group=self.groups.world_group,
+                                       rank=self.groups.rank)
         preemption.install()
         try:
             if cfg.eval_interval and self.step == 0:
