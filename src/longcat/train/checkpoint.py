@@ -19,6 +19,13 @@ complete checkpoints older than the ``keep_last`` newest, after the new one is i
 each to ``step_N.trash`` before deleting it, so a kill mid-delete never leaves a gutted ``step_N``.
 A write that fails on any rank (a full disk) fails on every rank with ``CheckpointWriteError``, with
 nothing renamed into place (see docs/reliability.md).
+
+Save phases, in order, reported to the manager's ``observers`` (``SaveObserver``; the reliability
+tests pause, fail or kill a save there, see ``longcat.testing.faults``): ``shards`` (this rank's DCP
+files and RNG state are in ``step_N.tmp/``, before the ranks agree), ``state`` (rank 0, before
+``trainer_state.pt``), ``rename`` (rank 0, ``trainer_state.pt`` written, before ``step_N.tmp ->
+step_N``), ``retention`` (rank 0, after the rename, before old checkpoints are discarded),
+``discard`` (rank 0, an old checkpoint renamed to ``.trash``, before it is deleted).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -40,7 +47,6 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from longcat.atomic_files import atomic_open
-from longcat.train import fault_hooks
 from longcat.train.checkpoint_io import (  # noqa: F401 (CheckpointWriteError re-exported)
     CheckpointWriteError, agree_written, damaged_checkpoint_message, discard)
 from longcat.train.nonfinite import assert_finite_state, checkpoint_tensors
@@ -52,6 +58,15 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+SAVE_PHASES = ("shards", "state", "rename", "retention", "discard")  # in the order a save reaches them
+
+
+class SaveObserver(Protocol):
+    """Told when a save reaches each of ``SAVE_PHASES`` (on the ranks that run that phase)."""
+
+    def on_save_phase(self, phase: str, *, step: int, path: Path, rank: int) -> None:
+        """``path``: the folder at that moment (``step_N.tmp``, ``step_N``, or ``step_M.trash``).
+        An exception raised here is a failure of the save at that point."""
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -181,12 +196,14 @@ class CheckpointManager:
         group: the ranks that save together, every rank of the job (``ProcessGroups.world_group``);
             ``None`` or a size-1 group: one process.
         rank: this process's rank in ``group`` (rank 0 writes the trainer state, renames, deletes).
+        observers: told of each save phase (``SaveObserver``); none in production runs.
     """
 
     root: Path
     keep_last: int = 2
     group: Optional[dist.ProcessGroup] = None
     rank: int = 0
+    observers: Sequence[SaveObserver] = ()
     last_saved_step: Optional[int] = field(default=None, init=False)  # by this manager, in this process
 
     def __post_init__(self) -> None:
@@ -205,6 +222,13 @@ class CheckpointManager:
         if self.world_size > 1:
             dist.barrier(group=self.group)
 
+    def _notify(self, phase: str, *, step: int, path: Path) -> None:
+        for observer in self.observers:
+            observer.on_save_phase(phase, step=step, path=path, rank=self.rank)
+
+    def _discard(self, path: Path, *, step: int) -> None:
+        discard(path, before_delete=lambda trash: self._notify("discard", step=step, path=trash))
+
     def save(self, step: int, *, model: Union[nn.Module, Any], optimizer: Optional[torch.optim.Optimizer],
              trainer_state: dict[str, Any]) -> Path:
         """Write checkpoint ``step`` atomically and apply retention. Returns the final folder.
@@ -221,7 +245,7 @@ class CheckpointManager:
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.trash")]:
                 shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save or mid-delete
             if final.exists():  # re-saving a step (a resumed run that did not advance)
-                discard(final)
+                self._discard(final, step=step)
         self._barrier()
         previous = latest_checkpoint(self.root)
         failure: Optional[BaseException] = None
@@ -233,17 +257,17 @@ class CheckpointManager:
             dcp.save(state, checkpoint_id=str(tmp), process_group=self._dcp_group)
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
             torch.save(_rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
-            fault_hooks.save_phase("shards", step=step, path=tmp)
+            self._notify("shards", step=step, path=tmp)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             failure = e  # any error: agreed on below, or the other ranks would wait in the barrier
         agree = dict(group=self._dcp_group, rank=self.rank, final=final, tmp=tmp, previous=previous)
         agree_written(failure, **agree)  # a barrier that fails on every rank
         if self.rank == 0:
             try:
-                fault_hooks.save_phase("state", step=step, path=tmp)
+                self._notify("state", step=step, path=tmp)
                 _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
                 _fsync_dir(tmp)
-                fault_hooks.save_phase("rename", step=step, path=tmp)
+                self._notify("rename", step=step, path=tmp)
                 os.replace(tmp, final)
             except Exception as e:  # noqa: BLE001 - reported on every rank by agree_written
                 failure = e
@@ -254,7 +278,7 @@ class CheckpointManager:
                     logger.warning("could not fsync %s after writing %s: %s", self.root, final, e)
         agree_written(failure, **agree)
         if self.rank == 0:
-            fault_hooks.save_phase("retention", step=step, path=final)
+            self._notify("retention", step=step, path=final)
             self._apply_retention()
         self.last_saved_step = step
         self._barrier()
@@ -262,9 +286,9 @@ class CheckpointManager:
 
     def _apply_retention(self) -> None:
         complete = list_checkpoints(self.root)
-        for _, path in complete[: max(0, len(complete) - self.keep_last)]:
+        for step, path in complete[: max(0, len(complete) - self.keep_last)]:
             try:
-                discard(path)
+                self._discard(path, step=step)
             except OSError as e:  # the new checkpoint is in place; an old one lingering is harmless
                 logger.warning("could not delete old checkpoint %s: %s", path, e)
 

@@ -10,12 +10,10 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-
-from longcat.train import fault_hooks
 
 
 class CheckpointWriteError(OSError):
@@ -93,22 +91,16 @@ def damaged_checkpoint_message(path: Path, failure: BaseException) -> str:
             f"{Path(path).name}.damaged) so that train.resume=auto picks the previous one{fallback}")
 
 
-def discard(path: Path) -> None:
+def discard(path: Path, *, before_delete: Optional[Callable[[Path], None]] = None) -> None:
     """Delete a complete checkpoint folder: rename it to ``<name>.trash`` first (atomic), then delete.
 
     A process killed mid-delete leaves a ``.trash`` folder (swept by the next save), never a
-    ``step_N`` with some of its files gone.
+    ``step_N`` with some of its files gone. ``before_delete(trash)`` runs between the two.
     """
     trash = path.with_name(path.name + ".trash")
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(path, trash)
-    fault_hooks.save_phase("discard", step=_step_of(path), path=trash)
+    if before_delete is not None:
+        before_delete(trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.split("_", 1)[1].split(".", 1)[0])
-    except (IndexError, ValueError):
-        return -1

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,8 +34,9 @@ from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
 from longcat.distributed.parallelize import ParallelOptions, parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
-from longcat.train import fault_hooks, losses
+from longcat.train import losses
 from longcat.train.bias_controller import ExpertBiasController
+from longcat.train.callbacks import Callback, FitState
 from longcat.train.checkpoint import CheckpointManager, latest_checkpoint
 from longcat.train.determinism import enable_determinism, seed_rank_streams
 from longcat.train.metrics import MetricsSink
@@ -92,19 +93,23 @@ class Trainer:
         cfg: the resolved run config (validated with this run's DP degree).
         groups: the run's ``ProcessGroups`` (``None`` = single process).
         config_dict: the plain-dict config stored in checkpoints and wandb.
+        callbacks: added to ``fit``'s own (``train/callbacks.py``) and told of every checkpoint save
+            phase (the reliability tests inject faults this way); none in production runs.
 
     Raises:
         ValueError: ``parallel.pp_microbatches`` disagrees with the gradient-accumulation steps, or
             the layout is not supported (see ``parallelize``).
     """
 
-    def __init__(self, cfg: RunConfig, *, groups: Optional[ProcessGroups] = None, config_dict: Optional[dict] = None):
+    def __init__(self, cfg: RunConfig, *, groups: Optional[ProcessGroups] = None, config_dict: Optional[dict] = None,
+                 callbacks: Sequence[Callback] = ()):
         self.cfg = cfg
         self.groups = groups if groups is not None else ProcessGroups.single()
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         self.dp_group = self.groups.dp_group if self.dp_size > 1 else None
         self.is_rank0 = self.groups.rank == 0
         self.config_dict = config_dict or {}
+        self.extra_callbacks = tuple(callbacks)
         self.device = torch.device(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir)
         self.accum = num_grad_accum_steps(cfg, dp=self.dp_size)
@@ -144,7 +149,8 @@ class Trainer:
         self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last,
-                                             group=self.groups.world_group, rank=self.groups.rank)
+                                             group=self.groups.world_group, rank=self.groups.rank,
+                                             observers=self.extra_callbacks)
         self.step = 0
         self.tokens_seen = 0.0
         self.lb_num_groups = cfg.moe.lb_num_groups or self.groups.ep_size
@@ -406,6 +412,7 @@ class Trainer:
         sink = MetricsSink(self.cfg.logging, out_dir=self.out_dir, total_steps=cfg.steps,
                            start_step=self.step, enabled=self.is_rank0, run_config=self.config_dict)
         summary: dict[str, Any] = {"start_step": self.step}
+        state = FitState(sink=sink, summary=summary)
         if self.step >= cfg.steps:
             logger.warning("already at step %d >= train.steps=%d: nothing to train (raise train.steps to "
                            "continue this run, or use a new train.out_dir)", self.step, cfg.steps)
@@ -427,7 +434,7 @@ class Trainer:
                     rollback_to_good_checkpoint(self, request)
                     sink.rewind(self.step)
                     continue
-                metrics = self.step_metrics(result, time.perf_counter() - start)
+                metrics = state.metrics = self.step_metrics(result, time.perf_counter() - start)
                 if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
                     metrics["val/loss"] = summary["final_val_loss"] = self.evaluate()
                 if self.step % self.cfg.logging.log_interval == 0 or "val/loss" in metrics:
@@ -435,7 +442,8 @@ class Trainer:
                 if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0 or self.step == cfg.steps):
                     path = self.save_checkpoint()
                     summary["checkpoint"] = str(path)
-                fault_hooks.step_end(self.step)
+                for callback in self.extra_callbacks:
+                    callback.on_step_end(self, state)
                 if preemption.should_stop():  # collective: SIGTERM on any rank stops every rank at this step
                     if self.checkpoints.last_saved_step != self.step:
                         summary["checkpoint"] = str(self.save_checkpoint())
