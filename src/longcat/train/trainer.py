@@ -36,13 +36,12 @@ from longcat.distributed.parallelize import ParallelOptions, parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.train import losses
 from longcat.train.bias_controller import ExpertBiasController
-from longcat.train.callbacks import Callback, FitState
+from longcat.train.callbacks import Callback, FitState, fit_callbacks
 from longcat.train.checkpoint import CheckpointManager, latest_checkpoint
 from longcat.train.determinism import enable_determinism, seed_rank_streams
 from longcat.train.metrics import MetricsSink
 from longcat.train.nonfinite import NonFiniteGuard
 from longcat.train.optim import build_optimizer, width_scale
-from longcat.train.preemption import PreemptionWatcher
 from longcat.train.schedule import build_scheduler, lr_multiplier
 from longcat.train.sdc_check import SDCMonitor, SDCRollback, rollback_to_good_checkpoint
 from longcat.train.stability import StabilityMonitor, StabilitySums, local_routers
@@ -407,53 +406,55 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``; returns a summary (initial / final validation loss, paths)."""
+        """Train to ``train.steps``: each optimizer step, then the callbacks in their fixed order
+        (``train/callbacks.py``: Evaluate, LogMetrics, Checkpoint, the extra callbacks, Preemption).
+
+        Returns a summary: start / final step, initial / final validation loss, the last checkpoint,
+        the preemption step if stopped early, the metrics file and the wandb folder.
+        """
+        state = self._start_fit()
+        callbacks = fit_callbacks(self.cfg, extra=self.extra_callbacks)
+        try:
+            for callback in callbacks:
+                callback.setup(self, state)
+            for callback in callbacks:
+                callback.on_train_start(self, state)
+            self.parallel.train(True)
+            while self.step < self.cfg.train.steps and not state.stop:
+                if self._train_step_or_rollback(state):
+                    for callback in callbacks:
+                        callback.on_step_end(self, state)
+            state.summary["final_step"] = self.step
+            state.summary["metrics_file"] = str(state.sink.jsonl_path)
+            state.summary["wandb_dir"] = str(state.sink.wandb_dir) if state.sink.wandb_dir else None
+        finally:
+            for callback in callbacks:
+                callback.teardown(self, state)
+            state.sink.close()
+        return state.summary
+
+    def _start_fit(self) -> FitState:
+        """Open the metrics sink (a resumed run drops the records past its step), write config.json."""
         cfg = self.cfg.train
         sink = MetricsSink(self.cfg.logging, out_dir=self.out_dir, total_steps=cfg.steps,
                            start_step=self.step, enabled=self.is_rank0, run_config=self.config_dict)
-        summary: dict[str, Any] = {"start_step": self.step}
-        state = FitState(sink=sink, summary=summary)
         if self.step >= cfg.steps:
             logger.warning("already at step %d >= train.steps=%d: nothing to train (raise train.steps to "
                            "continue this run, or use a new train.out_dir)", self.step, cfg.steps)
         if self.is_rank0:
             write_text_atomic(self.out_dir / "config.json", json.dumps(self.config_dict, indent=1, default=str))
-        preemption = PreemptionWatcher(timeout_s=cfg.preempt_timeout_s, world_group=self.groups.world_group,
-                                       rank=self.groups.rank)
-        preemption.install()
+        return FitState(sink=sink, summary={"start_step": self.step})
+
+    def _train_step_or_rollback(self, state: FitState) -> bool:
+        """One optimizer step and its metrics record (``state.metrics``); False when an SDC check asked
+        for a rollback instead: every rank reloaded the last good checkpoint and metrics.jsonl was
+        rewound to it (train/sdc_check.py), so the loop trains on from there."""
+        start = time.perf_counter()
         try:
-            if cfg.eval_interval and self.step == 0:
-                summary["initial_val_loss"] = self.evaluate()
-                sink.log(0, {"val/loss": summary["initial_val_loss"]})
-            self.parallel.train(True)
-            while self.step < cfg.steps:
-                start = time.perf_counter()
-                try:
-                    result = self.train_step()
-                except SDCRollback as request:  # every rank: reload the last good checkpoint, go on
-                    rollback_to_good_checkpoint(self, request)
-                    sink.rewind(self.step)
-                    continue
-                metrics = state.metrics = self.step_metrics(result, time.perf_counter() - start)
-                if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
-                    metrics["val/loss"] = summary["final_val_loss"] = self.evaluate()
-                if self.step % self.cfg.logging.log_interval == 0 or "val/loss" in metrics:
-                    sink.log(self.step, metrics)
-                if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0 or self.step == cfg.steps):
-                    path = self.save_checkpoint()
-                    summary["checkpoint"] = str(path)
-                for callback in self.extra_callbacks:
-                    callback.on_step_end(self, state)
-                if preemption.should_stop():  # collective: SIGTERM on any rank stops every rank at this step
-                    if self.checkpoints.last_saved_step != self.step:
-                        summary["checkpoint"] = str(self.save_checkpoint())
-                    preemption.mark_checkpointed()
-                    summary["preempted_at_step"] = self.step
-                    break
-            summary["final_step"] = self.step
-            summary["metrics_file"] = str(sink.jsonl_path)
-            summary["wandb_dir"] = str(sink.wandb_dir) if sink.wandb_dir else None
-        finally:
-            preemption.uninstall()
-            sink.close()
-        return summary
+            result = self.train_step()
+        except SDCRollback as request:
+            rollback_to_good_checkpoint(self, request)
+            state.sink.rewind(self.step)
+            return False
+        state.metrics = self.step_metrics(result, time.perf_counter() - start)
+        return True
