@@ -201,7 +201,7 @@ def _all_to_all_alone(model, layer, h_BSD, ids_BS, groups) -> dict[str, dict[str
     }
 
 
-def run_rank(settings: OverlapBenchSettings, groups: ProcessGroups) -> dict[str, Any]:
+def run_rank(settings: OverlapBenchSettings, *, groups: ProcessGroups) -> dict[str, Any]:
     """One rank's measurements (``groups``: ``ProcessGroups`` with every rank in ep, world size 2).
     Returns medians over rounds: step seconds and blocked seconds per key, per schedule, for ``layer``
     and ``model``; the dense windows; the all-to-all on its own; rows exchanged."""
@@ -319,7 +319,7 @@ def worker_main(settings: OverlapBenchSettings, out_path: Path) -> None:
         groups = ProcessGroups.build(ParallelDims(world_size, ep=world_size))
         if settings.link == "emulated":
             _EmulatedLink(settings.rate_mbit).install()
-        result = run_rank(settings, groups)
+        result = run_rank(settings, groups=groups)
         dist.barrier(group=groups.world_group)
         out_path.write_text(json.dumps(result))
     finally:

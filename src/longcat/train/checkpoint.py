@@ -68,6 +68,7 @@ class SaveObserver(Protocol):
         """``path``: the folder at that moment (``step_N.tmp``, ``step_N``, or ``step_M.trash``).
         An exception raised here is a failure of the save at that point."""
 
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -214,8 +215,9 @@ class CheckpointManager:
         return 1 if self.group is None else self.group.size()
 
     @property
-    def _dcp_group(self) -> Optional[dist.ProcessGroup]:
-        """The group handed to DCP: ours when several ranks save; otherwise DCP's own one-process path."""
+    def _collective_group(self) -> Optional[dist.ProcessGroup]:
+        """The group of the save's collectives (DCP's too) when several ranks save; ``None`` for one
+        process (no agreement needed; DCP takes its own one-process path)."""
         return self.group if self.world_size > 1 else None
 
     def _barrier(self) -> None:
@@ -237,7 +239,7 @@ class CheckpointManager:
             NonFiniteCheckpointError: some rank holds a NaN/Inf parameter, buffer or optimizer state
                 (checked on every rank before anything on disk is touched).
         """
-        assert_finite_state(checkpoint_tensors(checkpoint_target(model), optimizer), group=self._dcp_group)
+        assert_finite_state(checkpoint_tensors(checkpoint_target(model), optimizer), group=self._collective_group)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
@@ -254,13 +256,13 @@ class CheckpointManager:
             state: dict[str, Any] = {"model": _model_state(target)}
             if optimizer is not None:
                 state["optim"] = _optim_state(target, optimizer)
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self._dcp_group)
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self._collective_group)
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
             torch.save(_rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
             self._notify("shards", step=step, path=tmp)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             failure = e  # any error: agreed on below, or the other ranks would wait in the barrier
-        agree = dict(group=self._dcp_group, rank=self.rank, final=final, tmp=tmp, previous=previous)
+        agree = dict(group=self._collective_group, rank=self.rank, final=final, tmp=tmp, previous=previous)
         agree_written(failure, **agree)  # a barrier that fails on every rank
         if self.rank == 0:
             try:
@@ -318,7 +320,7 @@ class CheckpointManager:
             else:
                 state["optim"] = _optim_state(target, optimizer)
         try:
-            dcp.load(state, checkpoint_id=str(path), process_group=self._dcp_group)
+            dcp.load(state, checkpoint_id=str(path), process_group=self._collective_group)
         except (CheckpointException, OSError, RuntimeError) as e:  # DCP raises on every rank alike
             raise ValueError(damaged_checkpoint_message(path, e)) from None
         with torch.no_grad():
