@@ -15,11 +15,14 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from longcat.config.schema import RunConfig
+
+if TYPE_CHECKING:
+    from longcat.train.callbacks import Callback
 
 logger = logging.getLogger("longcat")
 
@@ -116,7 +119,9 @@ def _print_help() -> None:
     print("\n".join(lines))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Callback] = ()) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code. ``callbacks``: extra
+    callbacks for the trainer (the reliability tests' fault injection, ``longcat.testing.fault_train``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe, overrides, flags = _split_args(argv)
     if "--help" in flags or "-h" in argv:
@@ -141,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from longcat.train.checkpoint_io import CheckpointWriteError
 
     try:
-        return run_training(run_cfg, cfg_dict)
+        return run_training(run_cfg, cfg_dict, callbacks=callbacks)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,11 +15,15 @@ import logging
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 
 from longcat.config.schema import RunConfig
+
+if TYPE_CHECKING:
+    from longcat.train.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +63,10 @@ def _init_distributed(run_cfg: RunConfig):
     return dims, ProcessGroups.build(dims, device_type=run_cfg.train.device)
 
 
-def run_training(run_cfg: RunConfig, cfg_dict: dict) -> int:
+def run_training(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Callback] = ()) -> int:
     """Train ``run_cfg``; returns the exit code: 0, or ``SDC_EXIT_CODE`` (3) when silent data corruption
-    halted the run, ``NONFINITE_EXIT_CODE`` (4) when a NaN/Inf stopped it (every rank returns it)."""
+    halted the run, ``NONFINITE_EXIT_CODE`` (4) when a NaN/Inf stopped it (every rank returns it).
+    ``callbacks``: extra callbacks for the trainer (tests' fault injection)."""
     from longcat.train.determinism import enable_determinism
     from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
     from longcat.train.sdc_check import SDCHaltError
@@ -72,7 +77,7 @@ def run_training(run_cfg: RunConfig, cfg_dict: dict) -> int:
     dims, groups = _init_distributed(run_cfg)
     run_cfg.validate(dp=dims.dp)
     try:
-        trainer = Trainer(run_cfg, groups=groups, config_dict=cfg_dict)
+        trainer = Trainer(run_cfg, groups=groups, config_dict=cfg_dict, callbacks=callbacks)
         summary = trainer.fit()
         if trainer.is_rank0:
             out = Path(run_cfg.train.out_dir).resolve()

@@ -27,8 +27,8 @@ from conftest import TEST_VOCAB, tiny_overrides
 from longcat.data.corpus import preprocess_files
 from longcat.data.indexed import write_indexed_dataset
 from longcat.testing.checkpoints import check_checkpoint_folder
+from longcat.testing.faults import FaultPlan
 from longcat.testing.jobs import run_cli, worker_env
-from longcat.train.fault_hooks import ENV_SAVE_ERROR
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -206,7 +206,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(phase, corpus_cac
     out = tmp_path / "run"
     overrides = tiny_overrides(corpus_cache, str(out), **{
         "parallel.ep": 2, "train.steps": 6, "train.checkpoint_interval": 2, "train.eval_interval": 0})
-    rc, log = run_cli(overrides, log_dir=tmp_path / "full", nproc=2, env={ENV_SAVE_ERROR: phase})
+    rc, log = run_cli(overrides, log_dir=tmp_path / "full", nproc=2, faults=FaultPlan(save_error=phase))
     assert rc == 1, log[-3000:]
     rank = phase[-1]
     errors = [line for line in log.splitlines() if line.startswith("error: ")]

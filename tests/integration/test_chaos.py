@@ -1,8 +1,8 @@
 """Kill anywhere: SIGKILL a worker of a 2-process run (the CLI, ep=2) at random moments, relaunch, repeat.
 
 One run of ``STEPS`` steps (checkpoint every ``INTERVAL``, ``keep_last=2``) is killed ``NUM_KILLS``
-times: during start-up or restore, mid-step, and inside each phase of a checkpoint save (a test hook
-pauses the save there, see ``longcat.train.fault_hooks``); one rank, the other, or both. After every
+times: during start-up or restore, mid-step, and inside each phase of a checkpoint save (a fault
+callback pauses the save there, see ``longcat.testing.faults``); one rank, the other, or both. After every
 kill the checkpoint folder is checked (every ``step_N`` whole, the newest complete one never lost) and
 the run is relaunched with ``train.resume=auto``; the relaunch must resume from that newest complete
 checkpoint. Workers are forked from a preloaded server (``longcat.testing.jobs.ForkedJob``: a launch
@@ -28,8 +28,8 @@ import pytest
 
 from conftest import tiny_overrides
 from longcat.testing.checkpoints import assert_same_state, check_checkpoint_folder, load_checkpoint
+from longcat.testing.faults import SAVE_PHASES, FaultPlan
 from longcat.testing.jobs import ForkedJob
-from longcat.train.fault_hooks import ENV_DIR, ENV_SAVE_PAUSE, SAVE_PHASES
 
 STEPS = 60  # each launch advances a few steps at most: 12 kills never reach the end
 INTERVAL = 2
@@ -122,11 +122,12 @@ def _run_uninterrupted(corpus_cache: str, out_dir: Path) -> None:
 def _killed_launch(corpus_cache: str, chaos: Path, plan: dict, *, log_dir: Path) -> str:
     """Launch the run, kill it as ``plan`` says, wait for every rank to end; returns its log."""
     marker_dir = log_dir / "markers"
-    env = {ENV_DIR: str(marker_dir)}
+    save_pause = None
     if plan["where"] in SAVE_PHASES:
-        env[ENV_SAVE_PAUSE] = plan["where"] + (f"@{plan['save_step']}" if "save_step" in plan else "") + ":600"
+        save_pause = plan["where"] + (f"@{plan['save_step']}" if "save_step" in plan else "") + ":600"
+    faults = FaultPlan(save_pause=save_pause, marker_dir=marker_dir)
     started = time.monotonic()
-    job = ForkedJob.launch(_overrides(corpus_cache, chaos), log_dir=log_dir, nproc=WORLD, env=env)
+    job = ForkedJob.launch(_overrides(corpus_cache, chaos), log_dir=log_dir, nproc=WORLD, faults=faults)
     try:
         killed = _kill_per_plan(job, plan, out_dir=chaos, marker_dir=marker_dir,
                                 lines_before=len(_step_records(chaos)))

@@ -1,6 +1,6 @@
 """Restarts and stops a cluster imposes on a 2-process run (ep=2), end to end.
 
-- Automatic restart: under ``torchrun --max-restarts=1`` a rank SIGKILLed mid-run (test hook, once)
+- Automatic restart: under ``torchrun --max-restarts=1`` a rank SIGKILLed mid-run (fault callback, once)
   makes torchrun restart both workers; they resume from the latest checkpoint and finish with the
   uninterrupted run's final state, bit for bit.
 - Graceful stop: SIGTERM to one rank stops every rank at the same step, with a checkpoint, exit 0; a
@@ -20,8 +20,8 @@ import pytest
 
 from conftest import tiny_overrides
 from longcat.testing.checkpoints import assert_same_state, check_checkpoint_folder, load_checkpoint
+from longcat.testing.faults import FaultPlan
 from longcat.testing.jobs import ForkedJob, TorchrunJob
-from longcat.train.fault_hooks import ENV_DIR, ENV_KILL_AT_STEP, ENV_ONCE_MARKER, ENV_SAVE_PAUSE
 from longcat.train.preemption import EXIT_PREEMPT_TIMEOUT
 
 WORLD = 2
@@ -70,7 +70,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(corpus_cache
     marker = tmp_path / "killed-once"
     job = TorchrunJob.launch(_overrides(corpus_cache, tmp_path / "run", **steps), log_path=tmp_path / "run.log",
                              nproc=WORLD, max_restarts=1,
-                             env={ENV_KILL_AT_STEP: "5:1", ENV_ONCE_MARKER: str(marker)})
+                             faults=FaultPlan(kill_at_step="5:1", once_marker=marker))
     try:
         rc = job.wait(timeout_s=180)
     finally:
@@ -127,7 +127,7 @@ def test_sigterm_during_a_stuck_save_exits_143_within_the_deadline(corpus_cache,
     overrides = _overrides(corpus_cache, out, **{"train.steps": 100, "train.checkpoint_interval": 2,
                                                  "train.preempt_timeout_s": 2})
     job = ForkedJob.launch(overrides, log_dir=tmp_path / "logs", nproc=WORLD,
-                           env={ENV_SAVE_PAUSE: "rename@4:600", ENV_DIR: str(markers)})
+                           faults=FaultPlan(save_pause="rename@4:600", marker_dir=markers))
     try:
         deadline = time.monotonic() + 120
         while not any(markers.glob("paused-*")):

@@ -12,13 +12,14 @@ import torch
 
 from conftest import tiny_overrides
 from longcat.cli import compose_run_config
+from longcat.train.callbacks import Callback, fit_callbacks
 from longcat.train.trainer import LossParts, Trainer
 
 
-def _trainer(corpus_cache, out_dir, **extra) -> Trainer:
+def _trainer(corpus_cache, out_dir, callbacks=(), **extra) -> Trainer:
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **extra))
     cfg.validate(dp=1)
-    return Trainer(cfg, config_dict=cfg_dict)
+    return Trainer(cfg, config_dict=cfg_dict, callbacks=callbacks)
 
 
 def _grads(model):
@@ -140,3 +141,29 @@ def test_init_from_allows_a_new_rope_base_but_not_new_shapes(corpus_cache, tmp_p
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="hidden_size"):
         _trainer(corpus_cache, tmp_path / "stage3", **{"train.init_from": str(ckpt), "model.hidden_size": 64})
+
+
+class _Recorder(Callback):
+    """Sees each step after fit's Evaluate, LogMetrics and Checkpoint; stops the run at ``stop_at``."""
+
+    def __init__(self, stop_at: int):
+        self.stop_at, self.seen, self.phases = stop_at, [], []
+
+    def on_step_end(self, trainer, state):
+        logged = [json.loads(line)["step"] for line in state.sink.jsonl_path.read_text().splitlines()]
+        self.seen.append((trainer.step, "val/loss" in state.metrics, logged[-1], trainer.checkpoints.last_saved_step))
+        state.stop = trainer.step == self.stop_at
+
+    def on_save_phase(self, phase, *, step, path, rank):
+        self.phases.append((phase, step))
+
+
+def test_fit_runs_its_callbacks_in_order_and_an_extra_one_after_the_checkpoint(corpus_cache, tmp_path):
+    recorder = _Recorder(stop_at=4)
+    trainer = _trainer(corpus_cache, tmp_path, callbacks=[recorder])  # 6 steps; eval and checkpoint every 3
+    assert [type(c).__name__ for c in fit_callbacks(trainer.cfg, extra=[recorder])] == [
+        "Evaluate", "LogMetrics", "Checkpoint", "_Recorder", "Preemption"]
+    summary = trainer.fit()
+    assert recorder.seen == [(1, False, 1, None), (2, False, 2, None), (3, True, 3, 3), (4, False, 4, 3)]
+    assert summary["final_step"] == 4 and "preempted_at_step" not in summary
+    assert [phase for phase, step in recorder.phases] == ["shards", "state", "rename", "retention"]

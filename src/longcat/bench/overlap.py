@@ -46,13 +46,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from longcat.config.schema import ModelConfig
+
+if TYPE_CHECKING:
+    from longcat.distributed import ProcessGroups
 
 logger = logging.getLogger(__name__)
 
@@ -198,24 +201,22 @@ def _all_to_all_alone(model, layer, h_BSD, ids_BS, groups) -> dict[str, dict[str
     }
 
 
-def run_rank(settings: OverlapBenchSettings) -> dict[str, Any]:
-    """One rank's measurements (call after ``init_process_group``, world size 2). Returns medians over
-    rounds: step seconds and blocked seconds per key, per schedule, for ``layer`` and ``model``; the
-    dense windows; the all-to-all on its own; rows exchanged."""
-    from longcat.distributed import ParallelDims, ProcessGroups
+def run_rank(settings: OverlapBenchSettings, *, groups: ProcessGroups) -> dict[str, Any]:
+    """One rank's measurements (``groups``: ``ProcessGroups`` with every rank in ep, world size 2).
+    Returns medians over rounds: step seconds and blocked seconds per key, per schedule, for ``layer``
+    and ``model``; the dense windows; the all-to-all on its own; rows exchanged."""
     from longcat.distributed.expert_parallel import AllToAllTokenDispatcher, apply_expert_parallel
     from longcat.model import LongcatFlashForCausalLM
     from longcat.model.layer import DecoderLayer
     from longcat.model.moe.chunked import apply_moe_overlap
 
     torch.set_num_threads(settings.threads)
-    groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), ep=dist.get_world_size()))
     cfg = settings.model_config()
     torch.manual_seed(0)
     model = LongcatFlashForCausalLM(cfg)
     apply_expert_parallel(model, groups=groups)
     B, S, D = settings.batch_size, settings.seq_len, cfg.hidden_size
-    gen = torch.Generator().manual_seed(100 + dist.get_rank())
+    gen = torch.Generator().manual_seed(100 + groups.rank)
     ids_BS = torch.randint(0, cfg.vocab_size, (B, S), generator=gen)
     labels_BS = torch.randint(0, cfg.vocab_size, (B, S), generator=gen)
     h_BSD, g_BSD = torch.randn(B, S, D, generator=gen), torch.randn(B, S, D, generator=gen) / (B * S)
@@ -261,7 +262,7 @@ def run_rank(settings: OverlapBenchSettings) -> dict[str, Any]:
     assert isinstance(dispatcher, AllToAllTokenDispatcher)  # set by apply_expert_parallel
     counters = dispatcher.counters()
     return {
-        "rank": dist.get_rank(),
+        "rank": groups.rank,
         "samples": {k: {key: statistics.median(v) for key, v in entry.items()} for k, entry in samples.items()},
         "step_s_per_round": {k: entry["step_s"] for k, entry in samples.items()},
         "dense_s": {key: statistics.median(v) for key, v in dense.items()},
@@ -314,12 +315,16 @@ def worker_main(settings: OverlapBenchSettings, out_path: Path) -> None:
     GLOO_SOCKET_IFNAME), measure, write this rank's JSON to ``out_path``."""
     import datetime
 
+    from longcat.distributed import ParallelDims, ProcessGroups
+
     dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=300))
     try:
+        world_size = int(os.environ["WORLD_SIZE"])
+        groups = ProcessGroups.build(ParallelDims(world_size, ep=world_size))
         if settings.link == "emulated":
             _EmulatedLink(settings.rate_mbit).install()
-        result = run_rank(settings)
-        dist.barrier()
+        result = run_rank(settings, groups=groups)
+        dist.barrier(group=groups.world_group)
         out_path.write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()

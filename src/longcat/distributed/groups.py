@@ -123,6 +123,10 @@ class ProcessGroups:
     def build(cls, dims: ParallelDims, *, device_type: Optional[str] = None) -> "ProcessGroups":
         """Build both meshes over the initialised default process group. Collective: call on every rank.
 
+        The one place outside the entry point that takes hold of the default group (as
+        ``world_group``): everything else receives the groups built here, never the default group
+        implicitly (tests/unit/test_no_default_group.py).
+
         Args:
             dims: validated degrees; ``dims.world_size`` must equal the process group's size.
             device_type: ``"cpu"`` or ``"cuda"``; default ``"cuda"`` for an NCCL default group,
@@ -137,24 +141,25 @@ class ProcessGroups:
                 "ProcessGroups.build needs torch.distributed initialised (launch with torchrun and call "
                 "init_process_group first), or use ProcessGroups.single() for one process"
             )
-        world_size = dist.get_world_size()
+        world_group = dist.group.WORLD  # the default group, created by init_process_group
+        world_size = dist.get_world_size(world_group)
         if world_size != dims.world_size:
             raise ValueError(
                 f"the process group has world_size={world_size} but ParallelDims has "
                 f"world_size={dims.world_size}: build ParallelDims from dist.get_world_size()"
             )
         if device_type is None:
-            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            device_type = "cuda" if dist.get_backend(world_group) == "nccl" else "cpu"
         # Both meshes enumerate ranks in row-major order of their shapes, which is exactly the
         # Megatron order of parallel_dims (tp / ep fastest); new_group calls are collective.
         dense_mesh = init_device_mesh(device_type, dims.dense_mesh_shape, mesh_dim_names=("pp", "dp", "tp"))
         expert_mesh = init_device_mesh(device_type, dims.expert_mesh_shape, mesh_dim_names=("pp", "edp", "ep"))
         groups = cls(
             dims=dims,
-            layout=rank_layout(dims, dist.get_rank()),
+            layout=rank_layout(dims, dist.get_rank(world_group)),
             dense_mesh=dense_mesh,
             expert_mesh=expert_mesh,
-            world_group=dist.group.WORLD,
+            world_group=world_group,
             tp_group=dense_mesh.get_group("tp"),
             dp_group=dense_mesh.get_group("dp"),
             pp_group=dense_mesh.get_group("pp"),

@@ -1,4 +1,6 @@
-"""Test support shipped with the package: the multi-process gloo harness."""
+"""Test support shipped with the package: the multi-process gloo harness (``distributed``), and for the
+reliability tests launchers (``jobs``), checkpoint-folder checks (``checkpoints``), fault injection
+(``faults``) and its training entry point (``fault_train``, the only module here that imports the CLI)."""
 
 from longcat.testing.distributed import (
     DistributedTestError,

@@ -5,11 +5,16 @@ Two launchers share one interface:
 
 - ``TorchrunJob``: ``torchrun --standalone -m longcat.train`` (real agent: ``--max-restarts``, SIGTERM
   forwarding). Workers are the agent's children, told apart by ``RANK`` in their environment.
-- ``ForkedJob``: the same CLI (``longcat.cli.main``) on N processes forked from a server that has
-  already imported torch and longcat, rendezvousing over ``env://`` as torchrun's workers do. A
-  launch costs a fork instead of three torch imports, which is what lets a test relaunch a run a
-  dozen times on two cores. When a worker dies, the job stops the others as torchrun does: SIGTERM,
-  then SIGKILL after ``shutdown_timeout_s``.
+- ``ForkedJob``: the same CLI on N processes forked from a server that has already imported torch and
+  longcat, rendezvousing over ``env://`` as torchrun's workers do. A launch costs a fork instead of
+  three torch imports, which is what lets a test relaunch a run a dozen times on two cores. When a
+  worker dies, the job stops the others as torchrun does: SIGTERM, then SIGKILL after
+  ``shutdown_timeout_s``.
+
+Both take ``faults=FaultPlan(...)`` (``longcat.testing.faults``): the workers then run
+``longcat.testing.fault_train``, the CLI with those faults installed as a callback. Forked workers
+always enter through it (with no faults it is the plain CLI); torchrun runs ``-m longcat.train``
+unless there are faults.
 
 Example::
 
@@ -33,10 +38,12 @@ from typing import Mapping, Optional, Sequence
 import psutil
 
 from longcat.testing.distributed import find_free_port
+from longcat.testing.faults import FaultPlan
 
 __all__ = ["ForkedJob", "TorchrunJob", "run_cli", "worker_env"]
 
-_PRELOAD = ["torch", "torch.distributed.checkpoint", "longcat.cli", "longcat.launch", "longcat.train.trainer"]
+_PRELOAD = ["torch", "torch.distributed.checkpoint", "longcat.testing.fault_train", "longcat.launch",
+            "longcat.train.trainer"]
 _CONTEXT: Optional[mp.context.BaseContext] = None
 
 
@@ -86,7 +93,8 @@ class _Job:
 
 
 class TorchrunJob(_Job):
-    """``torchrun --standalone --nproc-per-node N [--max-restarts R] -m longcat.train OVERRIDES``."""
+    """``torchrun --standalone --nproc-per-node N [--max-restarts R] -m longcat.train OVERRIDES``
+    (``-m longcat.testing.fault_train FAULT_OPTIONS OVERRIDES`` with ``faults``)."""
 
     def __init__(self, proc: subprocess.Popen, log_path: Path, nproc: int):
         self.proc, self.log_path, self.nproc = proc, Path(log_path), nproc
@@ -94,10 +102,12 @@ class TorchrunJob(_Job):
 
     @classmethod
     def launch(cls, overrides: Sequence[str], *, log_path: Path, nproc: int = 2, max_restarts: int = 0,
-               env: Optional[Mapping[str, str]] = None, torchrun_args: Sequence[str] = ()) -> "TorchrunJob":
+               env: Optional[Mapping[str, str]] = None, torchrun_args: Sequence[str] = (),
+               faults: Optional[FaultPlan] = None) -> "TorchrunJob":
         torchrun = Path(sys.executable).with_name("torchrun")
+        entry = ["longcat.testing.fault_train", *faults.to_args()] if faults else ["longcat.train"]
         cmd = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-               "--monitor-interval=0.1", *torchrun_args, "-m", "longcat.train", *overrides]
+               "--monitor-interval=0.1", *torchrun_args, "-m", *entry, *overrides]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker_env(env),
                                     start_new_session=True)
@@ -160,7 +170,8 @@ def _context() -> mp.context.BaseContext:
 
 
 def _run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
-    """A forked worker: point stdout/stderr at ``log_path``, take ``env``, run the CLI, exit with its code."""
+    """A forked worker: point stdout/stderr at ``log_path``, take ``env``, run the CLI (through
+    ``fault_train``: ``argv`` may start with fault options), exit with its code."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -171,7 +182,7 @@ def _run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
     os.environ.update(env)
     import torch
 
-    from longcat.cli import main
+    from longcat.testing.fault_train import main
 
     torch.set_num_threads(1)
     code = main(argv)
@@ -181,7 +192,8 @@ def _run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
 
 
 class ForkedJob(_Job):
-    """``python -m longcat.train OVERRIDES`` on ``nproc`` ranks forked from a preloaded server (see above)."""
+    """``python -m longcat.train OVERRIDES`` on ``nproc`` ranks forked from a preloaded server (see above),
+    with ``faults`` installed when given."""
 
     def __init__(self, processes: list, log_dir: Path, shutdown_timeout_s: float, failure_grace_s: float):
         self.processes, self.log_dir, self.nproc = processes, Path(log_dir), len(processes)
@@ -191,8 +203,9 @@ class ForkedJob(_Job):
     @classmethod
     def launch(cls, overrides: Sequence[str], *, log_dir: Path, nproc: int = 2,
                env: Optional[Mapping[str, str]] = None, shutdown_timeout_s: float = 3.0,
-               failure_grace_s: float = 1.0) -> "ForkedJob":
+               failure_grace_s: float = 1.0, faults: Optional[FaultPlan] = None) -> "ForkedJob":
         log_dir = Path(log_dir)
+        argv = [*(faults.to_args() if faults else ()), *overrides]
         log_dir.mkdir(parents=True, exist_ok=True)
         port = find_free_port()
         processes = []
@@ -200,7 +213,7 @@ class ForkedJob(_Job):
             rank_env = worker_env({**(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
                                    "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-            process = _context().Process(target=_run_cli, args=(list(overrides), rank_env,
+            process = _context().Process(target=_run_cli, args=(argv, rank_env,
                                                                 str(log_dir / f"rank{rank}.log")), daemon=False)
             process.start()
             processes.append(process)
@@ -267,9 +280,9 @@ class ForkedJob(_Job):
 
 
 def run_cli(overrides: Sequence[str], *, log_dir: Path, nproc: int = 1, env: Optional[Mapping[str, str]] = None,
-            timeout_s: float = 180.0) -> tuple[int, str]:
+            timeout_s: float = 180.0, faults: Optional[FaultPlan] = None) -> tuple[int, str]:
     """Run ``python -m longcat.train OVERRIDES`` on ``nproc`` forked ranks to the end: (exit code, log)."""
-    job = ForkedJob.launch(overrides, log_dir=log_dir, nproc=nproc, env=env)
+    job = ForkedJob.launch(overrides, log_dir=log_dir, nproc=nproc, env=env, faults=faults)
     try:
         return job.wait(timeout_s=timeout_s), job.log()
     finally:

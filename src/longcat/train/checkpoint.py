@@ -19,6 +19,13 @@ complete checkpoints older than the ``keep_last`` newest, after the new one is i
 each to ``step_N.trash`` before deleting it, so a kill mid-delete never leaves a gutted ``step_N``.
 A write that fails on any rank (a full disk) fails on every rank with ``CheckpointWriteError``, with
 nothing renamed into place (see docs/reliability.md).
+
+Save phases, in order, reported to the manager's ``observers`` (``SaveObserver``; the reliability
+tests pause, fail or kill a save there, see ``longcat.testing.faults``): ``shards`` (this rank's DCP
+files and RNG state are in ``step_N.tmp/``, before the ranks agree), ``state`` (rank 0, before
+``trainer_state.pt``), ``rename`` (rank 0, ``trainer_state.pt`` written, before ``step_N.tmp ->
+step_N``), ``retention`` (rank 0, after the rename, before old checkpoints are discarded),
+``discard`` (rank 0, an old checkpoint renamed to ``.trash``, before it is deleted).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -40,7 +47,6 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from longcat.atomic_files import atomic_open
-from longcat.train import fault_hooks
 from longcat.train.checkpoint_io import (  # noqa: F401 (CheckpointWriteError re-exported)
     CheckpointWriteError, agree_written, damaged_checkpoint_message, discard)
 from longcat.train.nonfinite import assert_finite_state, checkpoint_tensors
@@ -52,14 +58,15 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+SAVE_PHASES = ("shards", "state", "rename", "retention", "discard")  # in the order a save reaches them
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+class SaveObserver(Protocol):
+    """Told when a save reaches each of ``SAVE_PHASES`` (on the ranks that run that phase)."""
+
+    def on_save_phase(self, phase: str, *, step: int, path: Path, rank: int) -> None:
+        """``path``: the folder at that moment (``step_N.tmp``, ``step_N``, or ``step_M.trash``).
+        An exception raised here is a failure of the save at that point."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -179,15 +186,50 @@ def _optim_state(target: CheckpointTarget, optimizer: torch.optim.Optimizer) -> 
 
 @dataclass
 class CheckpointManager:
-    """Saves and loads checkpoints under ``root`` (all ranks call every method collectively).
+    """Saves and loads checkpoints under ``root`` (all ranks of ``group`` call every method collectively).
 
     ``model`` arguments take a plain module (one process, whole tensors) or a
     ``longcat.distributed.parallelize.ParallelModel`` (this rank's shards, described globally).
+
+    Args:
+        root: the folder holding the ``step_N`` checkpoints.
+        keep_last: how many complete checkpoints retention keeps.
+        group: the ranks that save together, every rank of the job (``ProcessGroups.world_group``);
+            ``None`` or a size-1 group: one process.
+        rank: this process's rank in ``group`` (rank 0 writes the trainer state, renames, deletes).
+        observers: told of each save phase (``SaveObserver``); none in production runs.
     """
 
     root: Path
     keep_last: int = 2
+    group: Optional[dist.ProcessGroup] = None
+    rank: int = 0
+    observers: Sequence[SaveObserver] = ()
     last_saved_step: Optional[int] = field(default=None, init=False)  # by this manager, in this process
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.rank < self.world_size, f"rank {self.rank} outside a group of {self.world_size}"
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.group is None else self.group.size()
+
+    @property
+    def _collective_group(self) -> Optional[dist.ProcessGroup]:
+        """The group of the save's collectives (DCP's too) when several ranks save; ``None`` for one
+        process (no agreement needed; DCP takes its own one-process path)."""
+        return self.group if self.world_size > 1 else None
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def _notify(self, phase: str, *, step: int, path: Path) -> None:
+        for observer in self.observers:
+            observer.on_save_phase(phase, step=step, path=path, rank=self.rank)
+
+    def _discard(self, path: Path, *, step: int) -> None:
+        discard(path, before_delete=lambda trash: self._notify("discard", step=step, path=trash))
 
     def save(self, step: int, *, model: Union[nn.Module, Any], optimizer: Optional[torch.optim.Optimizer],
              trainer_state: dict[str, Any]) -> Path:
@@ -197,16 +239,16 @@ class CheckpointManager:
             NonFiniteCheckpointError: some rank holds a NaN/Inf parameter, buffer or optimizer state
                 (checked on every rank before anything on disk is touched).
         """
-        assert_finite_state(checkpoint_tensors(checkpoint_target(model), optimizer))
+        assert_finite_state(checkpoint_tensors(checkpoint_target(model), optimizer), group=self._collective_group)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
-        if _rank() == 0:
+        if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.trash")]:
                 shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save or mid-delete
             if final.exists():  # re-saving a step (a resumed run that did not advance)
-                discard(final)
-        _barrier()
+                self._discard(final, step=step)
+        self._barrier()
         previous = latest_checkpoint(self.root)
         failure: Optional[BaseException] = None
         try:
@@ -214,19 +256,20 @@ class CheckpointManager:
             state: dict[str, Any] = {"model": _model_state(target)}
             if optimizer is not None:
                 state["optim"] = _optim_state(target, optimizer)
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self._collective_group)
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
-            torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
-            fault_hooks.save_phase("shards", step=step, path=tmp)
+            torch.save(_rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
+            self._notify("shards", step=step, path=tmp)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             failure = e  # any error: agreed on below, or the other ranks would wait in the barrier
-        agree_written(failure, final=final, tmp=tmp, previous=previous)  # a barrier that fails on every rank
-        if _rank() == 0:
+        agree = dict(group=self._collective_group, rank=self.rank, final=final, tmp=tmp, previous=previous)
+        agree_written(failure, **agree)  # a barrier that fails on every rank
+        if self.rank == 0:
             try:
-                fault_hooks.save_phase("state", step=step, path=tmp)
+                self._notify("state", step=step, path=tmp)
                 _atomic_torch_save(trainer_state, tmp / TRAINER_STATE)
                 _fsync_dir(tmp)
-                fault_hooks.save_phase("rename", step=step, path=tmp)
+                self._notify("rename", step=step, path=tmp)
                 os.replace(tmp, final)
             except Exception as e:  # noqa: BLE001 - reported on every rank by agree_written
                 failure = e
@@ -235,19 +278,19 @@ class CheckpointManager:
                     _fsync_dir(self.root)
                 except OSError as e:  # the rename happened; only its durability across a power cut is in doubt
                     logger.warning("could not fsync %s after writing %s: %s", self.root, final, e)
-        agree_written(failure, final=final, tmp=tmp, previous=previous)
-        if _rank() == 0:
-            fault_hooks.save_phase("retention", step=step, path=final)
+        agree_written(failure, **agree)
+        if self.rank == 0:
+            self._notify("retention", step=step, path=final)
             self._apply_retention()
         self.last_saved_step = step
-        _barrier()
+        self._barrier()
         return final
 
     def _apply_retention(self) -> None:
         complete = list_checkpoints(self.root)
-        for _, path in complete[: max(0, len(complete) - self.keep_last)]:
+        for step, path in complete[: max(0, len(complete) - self.keep_last)]:
             try:
-                discard(path)
+                self._discard(path, step=step)
             except OSError as e:  # the new checkpoint is in place; an old one lingering is harmless
                 logger.warning("could not delete old checkpoint %s: %s", path, e)
 
@@ -277,7 +320,7 @@ class CheckpointManager:
             else:
                 state["optim"] = _optim_state(target, optimizer)
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), process_group=self._collective_group)
         except (CheckpointException, OSError, RuntimeError) as e:  # DCP raises on every rank alike
             raise ValueError(damaged_checkpoint_message(path, e)) from None
         with torch.no_grad():
@@ -295,7 +338,7 @@ class CheckpointManager:
                     for key in ADAM_STATE_KEYS:
                         _copy_local_(own[key], entry[key])
                     own["step"].copy_(entry["step"])
-        rng_file = path / "rng" / f"rank{_rank()}.pt"
+        rng_file = path / "rng" / f"rank{self.rank}.pt"
         if optimizer is not None and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return trainer_state

@@ -10,12 +10,10 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-
-from longcat.train import fault_hooks
 
 
 class CheckpointWriteError(OSError):
@@ -24,10 +22,6 @@ class CheckpointWriteError(OSError):
     Raised on every rank; nothing was renamed into place, so the previous complete checkpoint is
     intact and ``train.resume=auto`` continues from it once the cause is fixed.
     """
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _describe(failure: BaseException) -> str:
@@ -47,11 +41,14 @@ def _errno(failure: BaseException) -> int:
     return errno.EIO
 
 
-def agree_written(failure: Optional[BaseException], *, final: Path, tmp: Path, previous: Optional[Path]) -> None:
-    """Collective over all ranks (in place of a barrier): raise on every rank if any rank failed.
+def agree_written(failure: Optional[BaseException], *, group: Optional[dist.ProcessGroup], rank: int,
+                  final: Path, tmp: Path, previous: Optional[Path]) -> None:
+    """Collective over ``group`` (in place of a barrier): raise on every rank if any rank failed.
 
     Args:
         failure: this rank's exception from its part of the save, or None.
+        group: the ranks saving together (the world group); ``None`` or size 1: one process.
+        rank: this rank in ``group`` (rank 0 removes the temporary folder).
         final, tmp: the checkpoint's final and temporary folders.
         previous: the latest complete checkpoint before this save (named in the error).
 
@@ -60,21 +57,22 @@ def agree_written(failure: Optional[BaseException], *, final: Path, tmp: Path, p
     """
     messages = []
     if failure is not None:  # DCP's CheckpointException already names its ranks
-        messages = [_describe(failure) if getattr(failure, "failures", None) else f"rank {_rank()}: {_describe(failure)}"]
+        messages = [_describe(failure) if getattr(failure, "failures", None) else f"rank {rank}: {_describe(failure)}"]
     codes = [_errno(failure)] if failure is not None else []
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    world_size = 1 if group is None else group.size()
+    if world_size > 1:
         # [1] int32 -> all_reduce(max, world) -> [1]; the messages travel only when something failed
         flag = torch.tensor([int(failure is not None)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if not flag.item():
             return
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (messages, codes))
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (messages, codes), group=group)
         messages = list(dict.fromkeys(m for ms, _ in gathered for m in ms))  # DCP failures repeat on every rank
         codes = [c for _, cs in gathered for c in cs]
     elif failure is None:
         return
-    if _rank() == 0:
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back; it never held a usable checkpoint
     survivor = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     code = next((c for c in codes if c != errno.EIO), codes[0] if codes else errno.EIO)
@@ -93,22 +91,16 @@ def damaged_checkpoint_message(path: Path, failure: BaseException) -> str:
             f"{Path(path).name}.damaged) so that train.resume=auto picks the previous one{fallback}")
 
 
-def discard(path: Path) -> None:
+def discard(path: Path, *, before_delete: Optional[Callable[[Path], None]] = None) -> None:
     """Delete a complete checkpoint folder: rename it to ``<name>.trash`` first (atomic), then delete.
 
     A process killed mid-delete leaves a ``.trash`` folder (swept by the next save), never a
-    ``step_N`` with some of its files gone.
+    ``step_N`` with some of its files gone. ``before_delete(trash)`` runs between the two.
     """
     trash = path.with_name(path.name + ".trash")
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(path, trash)
-    fault_hooks.save_phase("discard", step=_step_of(path), path=trash)
+    if before_delete is not None:
+        before_delete(trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.split("_", 1)[1].split(".", 1)[0])
-    except (IndexError, ValueError):
-        return -1

@@ -44,9 +44,7 @@ class NonFiniteCheckpointError(RuntimeError):
 
 
 def _world_size(group: Optional[dist.ProcessGroup]) -> int:
-    if group is not None:
-        return group.size()
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return 1 if group is None else group.size()
 
 
 class NonFiniteGuard:
@@ -127,8 +125,8 @@ def assert_finite_state(named: Iterable[tuple[str, torch.Tensor]], *,
                         group: Optional[dist.ProcessGroup] = None) -> None:
     """Refuse to save if any rank holds a non-finite tensor among ``named`` (e.g. ``checkpoint_tensors``).
 
-    Collective over ``group`` (default: the default group when initialised): every rank calls, and
-    all raise together, so none enters the checkpoint write alone.
+    Collective over ``group`` (``None``: one process): every rank calls, and all raise together, so
+    none enters the checkpoint write alone.
 
     Raises:
         NonFiniteCheckpointError: naming the tensors and the ranks that hold them.

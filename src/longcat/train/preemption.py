@@ -49,10 +49,12 @@ class PreemptionWatcher:
     Args:
         timeout_s: seconds from the signal to the forced exit.
         world_group: the group of all ranks (``ProcessGroups.world_group``); ``None`` for one process.
+        rank: this process's rank in ``world_group`` (names it in the deadline message).
     """
 
-    def __init__(self, *, timeout_s: float, world_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, *, timeout_s: float, world_group: Optional[dist.ProcessGroup] = None, rank: int = 0):
         self.timeout_s = timeout_s
+        self.rank = rank
         self.world_group = world_group if dist.is_available() and dist.is_initialized() else None
         self._requested = threading.Event()
         self._interrupts = 0  # Ctrl-C presses seen by the handler
@@ -126,7 +128,7 @@ class PreemptionWatcher:
             code, why = 0, "the stop checkpoint is complete but the process had not exited"
         else:
             code, why = EXIT_PREEMPT_TIMEOUT, "no complete checkpoint was written in time (the last complete one stays)"
-        print(f"[rank{_rank()}] preemption deadline of {self.timeout_s:.0f} s passed: {why}; exiting with {code}",
+        print(f"[rank{self.rank}] preemption deadline of {self.timeout_s:.0f} s passed: {why}; exiting with {code}",
               file=sys.stderr, flush=True)
         os._exit(code)
 
@@ -146,7 +148,3 @@ class PreemptionWatcher:
 
     def mark_checkpointed(self) -> None:
         self._checkpointed = True
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,14 +34,14 @@ from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
 from longcat.distributed.parallelize import ParallelOptions, parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
-from longcat.train import fault_hooks, losses
+from longcat.train import losses
 from longcat.train.bias_controller import ExpertBiasController
+from longcat.train.callbacks import Callback, FitState, fit_callbacks
 from longcat.train.checkpoint import CheckpointManager, latest_checkpoint
 from longcat.train.determinism import enable_determinism, seed_rank_streams
 from longcat.train.metrics import MetricsSink
 from longcat.train.nonfinite import NonFiniteGuard
 from longcat.train.optim import build_optimizer, width_scale
-from longcat.train.preemption import PreemptionWatcher
 from longcat.train.schedule import build_scheduler, lr_multiplier
 from longcat.train.sdc_check import SDCMonitor, SDCRollback, rollback_to_good_checkpoint
 from longcat.train.stability import StabilityMonitor, StabilitySums, local_routers
@@ -92,19 +92,23 @@ class Trainer:
         cfg: the resolved run config (validated with this run's DP degree).
         groups: the run's ``ProcessGroups`` (``None`` = single process).
         config_dict: the plain-dict config stored in checkpoints and wandb.
+        callbacks: added to ``fit``'s own (``train/callbacks.py``) and told of every checkpoint save
+            phase (the reliability tests inject faults this way); none in production runs.
 
     Raises:
         ValueError: ``parallel.pp_microbatches`` disagrees with the gradient-accumulation steps, or
             the layout is not supported (see ``parallelize``).
     """
 
-    def __init__(self, cfg: RunConfig, *, groups: Optional[ProcessGroups] = None, config_dict: Optional[dict] = None):
+    def __init__(self, cfg: RunConfig, *, groups: Optional[ProcessGroups] = None, config_dict: Optional[dict] = None,
+                 callbacks: Sequence[Callback] = ()):
         self.cfg = cfg
         self.groups = groups if groups is not None else ProcessGroups.single()
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         self.dp_group = self.groups.dp_group if self.dp_size > 1 else None
-        self.is_rank0 = (not dist.is_initialized()) or dist.get_rank() == 0
+        self.is_rank0 = self.groups.rank == 0
         self.config_dict = config_dict or {}
+        self.extra_callbacks = tuple(callbacks)
         self.device = torch.device(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir)
         self.accum = num_grad_accum_steps(cfg, dp=self.dp_size)
@@ -143,7 +147,9 @@ class Trainer:
         self.routers_L = local_routers(self.parallel)
         self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last,
+                                             group=self.groups.world_group, rank=self.groups.rank,
+                                             observers=self.extra_callbacks)
         self.step = 0
         self.tokens_seen = 0.0
         self.lb_num_groups = cfg.moe.lb_num_groups or self.groups.ep_size
@@ -400,50 +406,55 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``; returns a summary (initial / final validation loss, paths)."""
+        """Train to ``train.steps``: each optimizer step, then the callbacks in their fixed order
+        (``train/callbacks.py``: Evaluate, LogMetrics, Checkpoint, the extra callbacks, Preemption).
+
+        Returns a summary: start / final step, initial / final validation loss, the last checkpoint,
+        the preemption step if stopped early, the metrics file and the wandb folder.
+        """
+        state = self._start_fit()
+        callbacks = fit_callbacks(self.cfg, extra=self.extra_callbacks)
+        try:
+            for callback in callbacks:
+                callback.setup(self, state)
+            for callback in callbacks:
+                callback.on_train_start(self, state)
+            self.parallel.train(True)
+            while self.step < self.cfg.train.steps and not state.stop:
+                if self._train_step_or_rollback(state):
+                    for callback in callbacks:
+                        callback.on_step_end(self, state)
+            state.summary["final_step"] = self.step
+            state.summary["metrics_file"] = str(state.sink.jsonl_path)
+            state.summary["wandb_dir"] = str(state.sink.wandb_dir) if state.sink.wandb_dir else None
+        finally:
+            for callback in callbacks:
+                callback.teardown(self, state)
+            state.sink.close()
+        return state.summary
+
+    def _start_fit(self) -> FitState:
+        """Open the metrics sink (a resumed run drops the records past its step), write config.json."""
         cfg = self.cfg.train
         sink = MetricsSink(self.cfg.logging, out_dir=self.out_dir, total_steps=cfg.steps,
                            start_step=self.step, enabled=self.is_rank0, run_config=self.config_dict)
-        summary: dict[str, Any] = {"start_step": self.step}
         if self.step >= cfg.steps:
             logger.warning("already at step %d >= train.steps=%d: nothing to train (raise train.steps to "
                            "continue this run, or use a new train.out_dir)", self.step, cfg.steps)
         if self.is_rank0:
             write_text_atomic(self.out_dir / "config.json", json.dumps(self.config_dict, indent=1, default=str))
-        preemption = PreemptionWatcher(timeout_s=cfg.preempt_timeout_s, world_group=self.groups.world_group)
-        preemption.install()
+        return FitState(sink=sink, summary={"start_step": self.step})
+
+    def _train_step_or_rollback(self, state: FitState) -> bool:
+        """One optimizer step and its metrics record (``state.metrics``); False when an SDC check asked
+        for a rollback instead: every rank reloaded the last good checkpoint and metrics.jsonl was
+        rewound to it (train/sdc_check.py), so the loop trains on from there."""
+        start = time.perf_counter()
         try:
-            if cfg.eval_interval and self.step == 0:
-                summary["initial_val_loss"] = self.evaluate()
-                sink.log(0, {"val/loss": summary["initial_val_loss"]})
-            self.parallel.train(True)
-            while self.step < cfg.steps:
-                start = time.perf_counter()
-                try:
-                    result = self.train_step()
-                except SDCRollback as request:  # every rank: reload the last good checkpoint, go on
-                    rollback_to_good_checkpoint(self, request)
-                    sink.rewind(self.step)
-                    continue
-                metrics = self.step_metrics(result, time.perf_counter() - start)
-                if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
-                    metrics["val/loss"] = summary["final_val_loss"] = self.evaluate()
-                if self.step % self.cfg.logging.log_interval == 0 or "val/loss" in metrics:
-                    sink.log(self.step, metrics)
-                if cfg.checkpoint_interval and (self.step % cfg.checkpoint_interval == 0 or self.step == cfg.steps):
-                    path = self.save_checkpoint()
-                    summary["checkpoint"] = str(path)
-                fault_hooks.step_end(self.step)
-                if preemption.should_stop():  # collective: SIGTERM on any rank stops every rank at this step
-                    if self.checkpoints.last_saved_step != self.step:
-                        summary["checkpoint"] = str(self.save_checkpoint())
-                    preemption.mark_checkpointed()
-                    summary["preempted_at_step"] = self.step
-                    break
-            summary["final_step"] = self.step
-            summary["metrics_file"] = str(sink.jsonl_path)
-            summary["wandb_dir"] = str(sink.wandb_dir) if sink.wandb_dir else None
-        finally:
-            preemption.uninstall()
-            sink.close()
-        return summary
+            result = self.train_step()
+        except SDCRollback as request:
+            rollback_to_good_checkpoint(self, request)
+            state.sink.rewind(self.step)
+            return False
+        state.metrics = self.step_metrics(result, time.perf_counter() - start)
+        return True

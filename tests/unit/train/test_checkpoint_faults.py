@@ -1,5 +1,6 @@
 """CheckpointManager under faults, in one process: a failed save leaves the previous checkpoint as the
-latest and nothing half-done; retention never leaves a gutted ``step_N``; SIGTERM sets the stop flag."""
+latest and nothing half-done; retention never leaves a gutted ``step_N``; save observers see every
+phase in order; SIGTERM sets the stop flag."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from torch import nn
 
 from longcat.testing.checkpoints import check_checkpoint_folder
+from longcat.testing.faults import FaultInjection, FaultPlan
 from longcat.train import checkpoint_io
-from longcat.train.checkpoint import CheckpointManager, CheckpointWriteError, latest_checkpoint
-from longcat.train.fault_hooks import ENV_SAVE_ERROR, SAVE_PHASES
+from longcat.train.checkpoint import SAVE_PHASES, CheckpointManager, CheckpointWriteError, latest_checkpoint
 from longcat.train.preemption import PreemptionWatcher
 
 
@@ -23,19 +24,18 @@ def _save(manager: CheckpointManager, step: int, model: nn.Module):
 
 
 @pytest.mark.parametrize("phase", ["shards", "state", "rename"])
-def test_disk_full_mid_save_keeps_the_previous_checkpoint(phase, tmp_path, monkeypatch):
+def test_disk_full_mid_save_keeps_the_previous_checkpoint(phase, tmp_path):
     model = nn.Linear(4, 4)
-    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    disk_full = FaultInjection(FaultPlan(save_error=f"{phase}@2"))
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, observers=[disk_full])
     _save(manager, 1, model)
-    monkeypatch.setenv(ENV_SAVE_ERROR, f"{phase}@2")
     with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint \S+step_00000002 .*No space left "
                                                    r"on device.*step_00000001 is intact.*train.resume=auto") as info:
         _save(manager, 2, model)
     assert info.value.errno == errno.ENOSPC
     folder = check_checkpoint_folder(tmp_path / "ckpt", world_size=1)
     assert folder.complete_steps == (1,) and not folder.leftovers
-    monkeypatch.delenv(ENV_SAVE_ERROR)
-    _save(manager, 2, model)
+    _save(CheckpointManager(tmp_path / "ckpt", keep_last=2), 2, model)  # space freed: the same step saves
     assert latest_checkpoint(tmp_path / "ckpt").name == "step_00000002"
 
 
@@ -54,8 +54,34 @@ def test_retention_renames_before_deleting_and_a_later_save_sweeps_leftovers(tmp
     assert folder.complete_steps == (3,) and not folder.leftovers
 
 
-def test_fault_hook_phases_are_the_documented_ones():
+class _Recorder:
+    def __init__(self):
+        self.seen = []
+
+    def on_save_phase(self, phase, *, step, path, rank):
+        self.seen.append((phase, step, path.name, rank))
+
+
+def test_save_observers_see_the_documented_phases_in_order(tmp_path):
     assert SAVE_PHASES == ("shards", "state", "rename", "retention", "discard")
+    recorder = _Recorder()
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=1, observers=[recorder])
+    _save(manager, 1, nn.Linear(4, 4))
+    recorder.seen.clear()
+    _save(manager, 2, nn.Linear(4, 4))
+    assert recorder.seen == [("shards", 2, "step_00000002.tmp", 0), ("state", 2, "step_00000002.tmp", 0),
+                             ("rename", 2, "step_00000002.tmp", 0), ("retention", 2, "step_00000002", 0),
+                             ("discard", 1, "step_00000001.trash", 0)]
+
+
+def test_fault_plan_round_trips_through_the_entry_point_options(tmp_path):
+    plan = FaultPlan(save_pause="rename@4:600", kill_at_step="5:1", once_marker=tmp_path / "once",
+                     marker_dir=tmp_path / "markers")
+    parsed, rest = FaultPlan.parse_args([*plan.to_args(), "train.steps=3", "--cfg"])
+    assert parsed == plan and rest == ["train.steps=3", "--cfg"]
+    assert not FaultPlan() and FaultPlan.parse_args(["parallel.ep=2"]) == (FaultPlan(), ["parallel.ep=2"])
+    with pytest.raises(ValueError, match="phase must be one of"):
+        FaultPlan(save_error="sharts@2")
 
 
 def test_sigterm_sets_the_stop_flag_and_uninstall_restores_the_handler():
