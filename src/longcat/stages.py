@@ -40,7 +40,7 @@ _STAGE_KEYS = {"name", "recipe", "overrides", "init_from_previous", "grow_factor
 
 
 def _pipeline_dir() -> Path:
-    from longcat.cli import project_root
+    from longcat.config.compose import project_root
 
     return project_root() / PIPELINE_DIR
 
@@ -123,7 +123,7 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list:
         ValueError: an unknown pipeline, an override a stage sets itself, a stage whose configuration
             is bad, or a growth stage whose schedule does not go past the stage it grows (naming it).
     """
-    from longcat.cli import compose_run_config
+    from longcat.config.compose import compose_run_config
 
     check_overrides(name, overrides)
     configs = []

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing import run_distributed
 from longcat.testing.equivalence import Layout, run_single
 from longcat.train import losses

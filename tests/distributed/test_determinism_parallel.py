@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing.distributed import run_distributed
 from longcat.testing.equivalence import Layout
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.config.schema import FaultInjection
 from longcat.testing.distributed import run_distributed
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing.equivalence import run_single
 from longcat.train import losses
 from longcat.train.trainer import LossParts, Trainer

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.train import determinism
 from longcat.train.trainer import Trainer
 

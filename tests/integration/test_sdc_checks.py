@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.config.schema import FaultInjection
 from longcat.train.checkpoint import list_checkpoints
 from longcat.train.nonfinite import NonFiniteCheckpointError

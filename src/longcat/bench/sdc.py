@@ -55,7 +55,7 @@ class SDCBenchSettings:
 
 
 def _trainer(s: SDCBenchSettings, out_dir: str):
-    from longcat.cli import compose_run_config, project_root
+    from longcat.config.compose import compose_run_config, project_root
     from longcat.train.trainer import Trainer
 
     overrides = [f"train.out_dir={out_dir}", "train.eval_interval=0", "train.checkpoint_interval=0",

@@ -28,7 +28,7 @@ class SweepResult:
 
 
 def _final_loss(overrides: Sequence[str]) -> float:
-    from longcat.cli import compose_run_config
+    from longcat.config.compose import compose_run_config
     from longcat.train.trainer import Trainer
 
     cfg, cfg_dict = compose_run_config("pretrain", list(overrides))

@@ -5,8 +5,9 @@ Two launchers share one interface:
 
 - ``TorchrunJob``: ``torchrun --standalone -m longcat.train`` (real agent: ``--max-restarts``, SIGTERM
   forwarding). Workers are the agent's children, told apart by ``RANK`` in their environment.
-- ``ForkedJob``: the same CLI (``longcat.cli.main``) on N processes forked from a server that has
-  already imported torch and longcat, rendezvousing over ``env://`` as torchrun's workers do. A
+- ``ForkedJob``: the same entry point (``python -m longcat.train``, run with ``runpy``) on N processes
+  forked from a server that has already imported torch, Hydra and longcat, rendezvousing over
+  ``env://`` as torchrun's workers do. A
   launch costs a fork instead of three torch imports, which is what lets a test relaunch a run a
   dozen times on two cores. When a worker dies, the job stops the others as torchrun does: SIGTERM,
   then SIGKILL after ``shutdown_timeout_s``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -36,7 +38,9 @@ from longcat.testing.distributed import find_free_port
 
 __all__ = ["ForkedJob", "TorchrunJob", "run_cli", "worker_env"]
 
-_PRELOAD = ["torch", "torch.distributed.checkpoint", "longcat.cli", "longcat.launch", "longcat.train.trainer"]
+_PRELOAD = ["torch", "torch.distributed.checkpoint", "hydra", "longcat.config.compose", "longcat.launch",
+            "longcat.train.trainer"]
+ENTRY_MODULE = "longcat.train"  # what torchrun -m runs; its __main__ is the CLI
 _CONTEXT: Optional[mp.context.BaseContext] = None
 
 
@@ -160,7 +164,8 @@ def _context() -> mp.context.BaseContext:
 
 
 def _run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
-    """A forked worker: point stdout/stderr at ``log_path``, take ``env``, run the CLI, exit with its code."""
+    """A forked worker: point stdout/stderr at ``log_path``, take ``env``, run ``python -m longcat.train
+    ARGV``, exit with its code."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -171,10 +176,13 @@ def _run_cli(argv: list[str], env: dict[str, str], log_path: str) -> None:
     os.environ.update(env)
     import torch
 
-    from longcat.cli import main
-
     torch.set_num_threads(1)
-    code = main(argv)
+    sys.argv = [ENTRY_MODULE, *argv]
+    try:
+        runpy.run_module(ENTRY_MODULE, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit_:  # the entry point's sys.exit(main())
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

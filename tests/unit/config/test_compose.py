@@ -1,6 +1,7 @@
 import pytest
 
-from longcat.cli import available_recipes, compose_run_config, main
+from longcat.cli import main
+from longcat.config.compose import available_recipes, compose_run_config
 from longcat.config.schema import RunConfig
 
 
@@ -18,12 +19,16 @@ def test_overrides_apply():
 
 
 @pytest.mark.parametrize("override,needle", [
-    (["train.stepz=3"], "stepz"),
-    (["+model.nope=1"], "nope"),  # Hydra's append syntax must not smuggle in an unknown key
-    (["+stepz=3"], "stepz"),
-    (["train.steps=abc"], "steps"),
-    (["optim.schedule=linear_wobble"], "schedule"),
-    (["train.resume=bogus"], r"train.resume=bogus.*expected one of \[auto, none\]"),  # names the allowed values
+    (["train.stepz=3"], r"train\.stepz is not a key of the run config; did you mean train\.steps\?"),
+    (["+train.stepz=3"], r"did you mean train\.steps\?"),  # Hydra's append syntax must not smuggle in a key
+    (["+stepz=3"], r"stepz is not a key .*train\.steps"),
+    (["logging.wandb.mod=x"], r"did you mean logging\.wandb\.mode\?"),  # nested
+    (["modle=small"], r"did you mean model\?"),
+    (["+model.nope=1"], r"model\.nope is not a key"),
+    (["model=smal"], r"model=smal: no such option in conf/model; did you mean model=small\?"),
+    (["train.steps=abc"], r"train\.steps: .*abc"),
+    (["optim.schedule=linear_wobble"], r"optim\.schedule=linear_wobble: expected one of \[warmup_cosine, wsd, "),
+    (["train.resume=bogus"], r"train\.resume=bogus.*expected one of \[auto, none\]"),  # names the allowed values
 ])
 def test_bad_key_or_value_fails_with_its_name(override, needle):
     with pytest.raises(ValueError, match=needle):
@@ -37,7 +42,7 @@ def test_unknown_recipe_lists_the_choices():
 
 def test_cli_rejects_bad_key_before_work(capsys):
     assert main(["train.stepz=3"]) == 2
-    assert "stepz" in capsys.readouterr().err
+    assert "did you mean train.steps?" in capsys.readouterr().err
 
 
 def test_cli_help(capsys):

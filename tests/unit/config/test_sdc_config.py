@@ -1,6 +1,6 @@
 import pytest
 
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 
 
 @pytest.mark.parametrize("overrides,needle", [

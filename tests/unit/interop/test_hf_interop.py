@@ -332,7 +332,7 @@ def test_tools(run, tmp_path, capsys):
 def test_trainer_init_from_imported_checkpoint(corpus_cache, tmp_path):
     """A trainer's checkpoint -> export (the run's own tokenizer found) -> import -> train.init_from."""
     from conftest import tiny_overrides
-    from longcat.cli import compose_run_config
+    from longcat.config.compose import compose_run_config
     from longcat.train.trainer import Trainer
 
     def trainer(out_dir: Path, **extra) -> Trainer:
