@@ -1,8 +1,9 @@
 """Typed configuration: the schema every recipe is composed against.
 
-The dataclasses here are registered in Hydra's ConfigStore by ``longcat.train`` (Hydra stops at the
-entry point); library code receives these plain objects, never a DictConfig. Each ``validate``
-raises ``ValueError`` naming the offending values and the fix.
+The dataclasses here are registered in Hydra's ConfigStore by ``longcat.config.compose`` (Hydra stays in
+the config layer and the entry point); library code receives these plain objects, never a DictConfig.
+Every mode is an enum (``longcat.config.modes``), so a wrong value fails at compose time with the allowed
+ones. Each ``validate`` raises ``ValueError`` naming the offending values and the fix.
 
 Model field names follow Hugging Face ``LongcatFlashConfig`` so that a ``ModelConfig`` maps 1:1 onto
 a ``config.json`` of the released LongCat-Flash layout.
@@ -10,33 +11,25 @@ a ``config.json`` of the released LongCat-Flash layout.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
-
-class LRSchedule(str, enum.Enum):
-    # Member names equal their values: OmegaConf matches a YAML string against enum *names*.
-    warmup_cosine = "warmup_cosine"
-    wsd = "wsd"  # warmup-stable-decay
-    constant = "constant"
-
-
-class BiasRateSchedule(str, enum.Enum):
-    constant = "constant"
-    cosine = "cosine"  # mu decays to mu * bias_update_rate_min_ratio over train.steps
-    linear = "linear"
-
-
-class NonFinitePolicy(str, enum.Enum):
-    skip = "skip"  # leave parameters, optimizer state, LR schedule and expert bias untouched
-    abort = "abort"
-
-
-class ResumeMode(str, enum.Enum):
-    auto = "auto"  # latest complete checkpoint under train.out_dir, else fresh
-    none = "none"  # always start fresh (refuses to overwrite existing checkpoints)
+from longcat.config.modes import (  # noqa: F401  (the modes are part of the schema's interface)
+    BiasRateSchedule,
+    Corpus,
+    Device,
+    DPMode,
+    FaultTarget,
+    LRSchedule,
+    NonFinitePolicy,
+    Overflow,
+    Packing,
+    PipelineSchedule,
+    ResumeMode,
+    SDCPolicy,
+    StrEnum,
+    WandbMode,
+)
 
 
 @dataclass
@@ -188,7 +181,7 @@ def _source_path(source) -> str:
 class DataConfig:
     # "stdlib": the embedded default corpus (the interpreter's standard-library sources), prepared and
     # cached by tools/prepare_corpus.py. Otherwise ``sources`` names .bin/.idx prefixes.
-    corpus: str = "stdlib"
+    corpus: Corpus = Corpus.stdlib
     sources: list = field(default_factory=list)
     tokenizer: str = ""  # tokenizer.json; defaults to the corpus's own
     cache_dir: str = ".cache/longcat"
@@ -201,8 +194,8 @@ class DataConfig:
     # corpus="sft": agentic SFT conversations (JSONL, `messages` or ShareGPT `conversations`), or
     # "builtin" for the embedded synthetic tool-use set; loss on assistant tokens only.
     sft_path: str = "builtin"
-    sft_packing: str = "pad"  # pad | greedy
-    sft_overflow: str = "drop"  # drop | truncate
+    sft_packing: Packing = Packing.pad
+    sft_overflow: Overflow = Overflow.drop
     sft_skip_bad_lines: bool = False
 
     def validate(self, dp: int) -> None:
@@ -216,36 +209,33 @@ class DataConfig:
             )
         if not 0 < self.valid_fraction < 1:
             raise ValueError(f"data.valid_fraction={self.valid_fraction} must lie in (0, 1)")
-        if self.corpus not in ("stdlib", "files", "sft"):
-            raise ValueError(f"data.corpus={self.corpus!r}: use 'stdlib' (embedded), 'files' (data.sources) "
-                             "or 'sft' (data.sft_path)")
-        if self.corpus == "files" and any(str(_source_path(s)).startswith("stdlib:") for s in self.sources):
+        if self.corpus == Corpus.files and any(str(_source_path(s)).startswith("stdlib:") for s in self.sources):
             raise ValueError("data.sources names a stdlib:<part> source; those need data.corpus=stdlib")
-        if self.corpus == "files" and not self.sources:
+        if self.corpus == Corpus.files and not self.sources:
             raise ValueError("data.corpus=files needs data.sources=[{path: PREFIX, weight: W}, ...]")
 
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees; the world size must equal pp x dp x tp (see ParallelDims)."""
+    """Parallel degrees and modes; the world size must equal pp x dp x tp (see ParallelDims)."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     dp: int = -1  # -1: inferred from the world size
     sequence_parallel: bool = False
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zbv
+    pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
     pp_microbatches: int = 0  # 0: global batch / (micro-batch x dp)
-    dp_mode: str = "replicate"  # replicate | fsdp | deepspeed
+    dp_mode: DPMode = DPMode.replicate
     zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) with dp_mode=deepspeed
     offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer state on the CPU
-    overlap_moe_comm: bool = True
+    overlap_moe_comm: bool = True  # ScMoE: EP all-to-alls in flight under the dense branch
     moe_chunks: int = 1  # ScMoE with chunk: expert-parallel exchange in this many pipelined chunks (divides N/ep)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "longcat"
     name: str = ""
     dir: str = ""
@@ -256,10 +246,6 @@ class LoggingConfig:
     log_interval: int = 1
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
-
-    def validate(self) -> None:
-        if self.wandb.mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"logging.wandb.mode={self.wandb.mode!r}: use online, offline or disabled")
 
 
 @dataclass
@@ -276,7 +262,7 @@ class TrainConfig:
     eval_batches: int = 4
     bf16: bool = False
     activation_checkpointing: bool = False
-    device: str = "cpu"  # cpu | cuda
+    device: Device = Device.cpu
     nonfinite_policy: NonFinitePolicy = NonFinitePolicy.skip
     # SIGTERM -> every rank checkpoints at the same step and exits 0; past this many seconds the process
     # exits 143 instead (keep it below the scheduler's grace period / torchrun --shutdown-timeout).
@@ -291,20 +277,6 @@ class TrainConfig:
             raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
         if self.preempt_timeout_s <= 0:
             raise ValueError(f"train.preempt_timeout_s={self.preempt_timeout_s} must be positive")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"train.device={self.device!r}: use cpu or cuda")
-
-
-class SDCPolicy(str, enum.Enum):
-    warn = "warn"  # report, count, continue
-    halt = "halt"  # every rank stops cleanly; no checkpoint is written from the suspect state
-    rollback = "rollback"  # reload the last good checkpoint and continue
-
-
-class FaultTarget(str, enum.Enum):
-    activation = "activation"  # output of a module (``tensor``: a module name) in the first forward
-    gradient = "gradient"  # a parameter's gradient after the first backward (``tensor``: parameter name)
-    parameter = "parameter"  # a parameter after the optimizer step (``tensor``: parameter name)
 
 
 @dataclass
@@ -337,7 +309,7 @@ class SDCConfig:
         if self.replay_interval and not determinism_enabled:
             raise ValueError(f"sdc.replay_interval={self.replay_interval} compares a recomputation bit for bit, "
                              "which needs determinism.enabled=true")
-        if self.replay_interval and (parallel.pp > 1 or parallel.dp_mode == "deepspeed"):
+        if self.replay_interval and (parallel.pp > 1 or parallel.dp_mode == DPMode.deepspeed):
             raise ValueError(f"sdc.replay_interval={self.replay_interval} is not supported with parallel.pp="
                              f"{parallel.pp} / parallel.dp_mode={parallel.dp_mode} (the pipeline schedule "
                              "interleaves micro-batches over stages; DeepSpeed owns the gradients); use "
@@ -375,7 +347,6 @@ class RunConfig:
         self.moe.validate(self.model)
         self.optim.validate(self.train.steps)
         self.data.validate(dp)
-        self.logging.validate()
         self.train.validate()
         self.sdc.validate(parallel=self.parallel, determinism_enabled=self.determinism.enabled,
                           checkpoint_interval=self.train.checkpoint_interval)

@@ -2,7 +2,7 @@ import pytest
 
 from longcat.cli import main
 from longcat.config.compose import available_recipes, compose_run_config
-from longcat.config.schema import RunConfig
+from longcat.config.schema import DPMode, PipelineSchedule, RunConfig
 
 
 @pytest.mark.parametrize("recipe", available_recipes())
@@ -18,6 +18,13 @@ def test_overrides_apply():
     assert cfg.train.steps == 7 and cfg.optim.lr == 0.5
 
 
+def test_modes_compose_to_enum_members_and_back_to_strings():
+    cfg, as_dict = compose_run_config("pretrain", ["parallel.dp_mode=fsdp", "parallel.pp_schedule=1f1b"])
+    assert cfg.parallel.dp_mode is DPMode.fsdp and cfg.parallel.pp_schedule is PipelineSchedule.one_f_one_b
+    assert cfg.parallel.dp_mode == "fsdp" and f"{cfg.parallel.pp_schedule}" == "1f1b"  # str-valued
+    assert as_dict["parallel"]["dp_mode"] == "fsdp" and as_dict["parallel"]["pp_schedule"] == "1f1b"
+
+
 @pytest.mark.parametrize("override,needle", [
     (["train.stepz=3"], r"train\.stepz is not a key of the run config; did you mean train\.steps\?"),
     (["+train.stepz=3"], r"did you mean train\.steps\?"),  # Hydra's append syntax must not smuggle in a key
@@ -29,6 +36,13 @@ def test_overrides_apply():
     (["train.steps=abc"], r"train\.steps: .*abc"),
     (["optim.schedule=linear_wobble"], r"optim\.schedule=linear_wobble: expected one of \[warmup_cosine, wsd, "),
     (["train.resume=bogus"], r"train\.resume=bogus.*expected one of \[auto, none\]"),  # names the allowed values
+    (["parallel.dp_mode=fdsp"], r"parallel\.dp_mode=fdsp: expected one of \[replicate, fsdp, deepspeed\]"),
+    (["parallel.pp_schedule=1f1c"], r"expected one of \[1f1b, interleaved_1f1b, zbv\]$"),  # the alias listed once
+    (["train.device=gpu"], r"train\.device=gpu: expected one of \[cpu, cuda\]"),
+    (["logging.wandb.mode=loud"], r"expected one of \[online, offline, disabled\]"),
+    (["data.sft_packing=gredy"], r"data\.sft_packing=gredy: expected one of \[pad, greedy\]"),
+    (["data.sft_overflow=cut"], r"expected one of \[drop, truncate\]"),
+    (["data.corpus=web"], r"data\.corpus=web: expected one of \[stdlib, files, sft\]"),
 ])
 def test_bad_key_or_value_fails_with_its_name(override, needle):
     with pytest.raises(ValueError, match=needle):
