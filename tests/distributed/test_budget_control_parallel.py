@@ -66,7 +66,7 @@ def _trainer(cfg, layout: Layout):
     if dist.is_initialized():
         groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp,
                                                   dp=layout.dp, ep=layout.ep))
-    cfg.validate(dp=groups.dp_size if groups else 1)
+    cfg.validate(world_size=groups.world_size if groups else 1)
     cfg.train.out_dir = tempfile.mkdtemp(prefix="budget_")
     return Trainer(cfg, groups=groups)
 

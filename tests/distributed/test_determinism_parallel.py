@@ -40,7 +40,7 @@ def _run_twice(cfg, layouts: list[Layout]) -> dict[str, list[dict]]:
         run_cfg.sdc.replica_interval = 1
         groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp,
                                                   dp=layout.dp, ep=layout.ep))
-        run_cfg.validate(dp=groups.dp_size)
+        run_cfg.validate(world_size=groups.world_size)
         runs = []
         for _ in range(2):
             trainer = Trainer(run_cfg, groups=groups)

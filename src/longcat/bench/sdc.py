@@ -64,7 +64,7 @@ def _trainer(s: SDCBenchSettings, out_dir: str):
     cfg, cfg_dict = compose_run_config(s.recipe, overrides)
     if not Path(cfg.data.cache_dir).is_absolute():
         cfg.data.cache_dir = str(project_root() / cfg.data.cache_dir)
-    cfg.validate(dp=1)
+    cfg.validate(world_size=1)
     return Trainer(cfg, config_dict=cfg_dict), cfg
 
 

@@ -3,9 +3,9 @@
 ``compose_run_config(recipe, overrides)`` composes ``recipes/<recipe>.yaml`` with the ``conf/`` groups
 and Hydra-syntax overrides against the schema (``longcat.config.schema``): an unknown key, a value of the
 wrong type or a mode outside its enum fails here with one message naming the key, the allowed values, or
-the closest key (``train.stepz`` -> ``did you mean train.steps?``). Range checks are the sections'
-``validate``. Library code (stages, benchmarks, sweeps, tests) composes through this module, never
-through the CLI.
+the closest key (``train.stepz`` -> ``did you mean train.steps?``). Range and layout checks are
+``longcat.config.validate``'s. Library code (stages, benchmarks, sweeps, tests) composes through this
+module, never through the CLI.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def _run_task(cfg: Any, task: Task, batches: Optional[list[list[dict]]]) -> Layo
     layout = task.layout
     cfg = layout.apply(cfg)
     groups = _groups_for(layout)
-    cfg.validate(dp=groups.dp_size)
+    cfg.validate(world_size=groups.world_size)
     if (task.save or task.resume_from) and not task.out_dir and groups.world_size > 1:
         raise ValueError(f"Task(layout={layout.name!r}) saves or resumes a checkpoint on {groups.world_size} ranks: "
                          f"give it an out_dir shared by every rank (each rank's own temporary folder would "

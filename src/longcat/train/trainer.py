@@ -89,13 +89,12 @@ class Trainer:
     """Builds everything a run needs from a validated ``RunConfig`` and trains it.
 
     Args:
-        cfg: the resolved run config (validated with this run's DP degree).
+        cfg: the resolved run config, validated for this run's world size (``longcat.config.validate``).
         groups: the run's ``ProcessGroups`` (``None`` = single process).
         config_dict: the plain-dict config stored in checkpoints and wandb.
 
     Raises:
-        ValueError: ``parallel.pp_microbatches`` disagrees with the gradient-accumulation steps, or
-            the layout is not supported (see ``parallelize``).
+        ValueError: the layout is not supported (see ``parallelize``), or bad data / checkpoint files.
     """
 
     def __init__(self, cfg: RunConfig, *, groups: Optional[ProcessGroups] = None, config_dict: Optional[dict] = None):
@@ -108,10 +107,6 @@ class Trainer:
         self.device = torch.device(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir)
         self.accum = num_grad_accum_steps(cfg, dp=self.dp_size)
-        if cfg.parallel.pp_microbatches not in (0, self.accum):
-            raise ValueError(
-                f"parallel.pp_microbatches={cfg.parallel.pp_microbatches} but each dp rank runs "
-                f"global_batch_size / (micro_batch_size x dp) = {self.accum} micro-batches per step; leave it 0")
 
         if cfg.determinism.enabled:
             enable_determinism()  # idempotent; launch.run_training already did, before CUDA / NCCL start

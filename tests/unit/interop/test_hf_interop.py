@@ -337,7 +337,7 @@ def test_trainer_init_from_imported_checkpoint(corpus_cache, tmp_path):
 
     def trainer(out_dir: Path, **extra) -> Trainer:
         cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **extra))
-        cfg.validate(dp=1)
+        cfg.validate(world_size=1)
         return Trainer(cfg, config_dict=cfg_dict)
 
     source = trainer(tmp_path / "a")
