@@ -64,8 +64,7 @@ def _trainer(cfg, layout: Layout):
     cfg = layout.apply(cfg)
     groups = None
     if dist.is_initialized():
-        groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp,
-                                                  dp=layout.dp, ep=layout.ep))
+        groups = ProcessGroups.build(ParallelDims.from_config(layout.parallel, world_size=dist.get_world_size()))
     cfg.validate(world_size=groups.world_size if groups else 1)
     cfg.train.out_dir = tempfile.mkdtemp(prefix="budget_")
     return Trainer(cfg, groups=groups)

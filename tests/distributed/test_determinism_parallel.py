@@ -36,10 +36,9 @@ def _run_twice(cfg, layouts: list[Layout]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for layout in layouts:
         run_cfg = layout.apply(cfg)
-        run_cfg.sdc.replay_interval = 0 if layout.pp > 1 else 1  # no replay under PP (see train/sdc_check.py)
+        run_cfg.sdc.replay_interval = 0 if layout.parallel.pp > 1 else 1  # no replay under PP (SDCConfig)
         run_cfg.sdc.replica_interval = 1
-        groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp,
-                                                  dp=layout.dp, ep=layout.ep))
+        groups = ProcessGroups.build(ParallelDims.from_config(layout.parallel, world_size=dist.get_world_size()))
         run_cfg.validate(world_size=groups.world_size)
         runs = []
         for _ in range(2):

@@ -32,7 +32,7 @@ from longcat.atomic_files import write_text_atomic
 from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
-from longcat.distributed.parallelize import ParallelOptions, parallelize
+from longcat.distributed.parallelize import parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.train import fault_hooks, losses
 from longcat.train.bias_controller import ExpertBiasController
@@ -77,14 +77,6 @@ class StepResult:
     stability: dict = field(default_factory=dict)  # StabilityMonitor metrics (R_g, cosine, hidden norm, ...)
 
 
-def parallel_options(cfg: RunConfig) -> ParallelOptions:
-    p = cfg.parallel
-    return ParallelOptions(dp_mode=p.dp_mode, sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
-                           zero_stage=p.zero_stage,
-                           offload_optimizer=p.offload_optimizer, overlap_moe_comm=p.overlap_moe_comm,
-                           moe_chunks=p.moe_chunks)
-
-
 class Trainer:
     """Builds everything a run needs from a validated ``RunConfig`` and trains it.
 
@@ -117,7 +109,7 @@ class Trainer:
         if cfg.determinism.enabled:  # init drew the same numbers on every rank; from here each rank its own
             seed_rank_streams(cfg.train.seed, rank=self.groups.rank)
         self.parallel = parallelize(
-            model, groups=self.groups, options=parallel_options(cfg), num_microbatches=self.accum,
+            model, groups=self.groups, options=cfg.parallel, num_microbatches=self.accum,
             loss_cfg=cfg.loss, moe_cfg=cfg.moe, autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None)
         self.model = self.parallel.model
         self.pipeline = self.parallel.pipeline
