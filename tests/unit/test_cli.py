@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import longcat.cli
 import longcat.launch
 from longcat.cli import main
 
@@ -72,6 +73,7 @@ def test_the_run_path_calls_the_same_validation_before_any_work(monkeypatch, cap
         raise AssertionError("process groups were built")
 
     monkeypatch.setattr(longcat.launch, "_init_distributed", refuse)
+    monkeypatch.setattr(longcat.cli, "_setup_logging", lambda rank: None)  # keep the root logger as pytest left it
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["optim.lr=-1", "data.seq_length=100000"]) == 2
     err = capsys.readouterr().err.splitlines()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
 from longcat.config.layout import resolve_dp
 from longcat.config.modes import (  # noqa: F401  (the modes are part of the schema's interface)
     BiasRateSchedule,
