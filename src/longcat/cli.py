@@ -1,11 +1,14 @@
-"""``longcat-train`` / ``python -m longcat.train``: the Hydra entry point (Hydra stops here).
+"""``longcat-train`` / ``python -m longcat.train``: the command line (argument handling only).
 
-    longcat-train [recipe=<name>] [key=value ...] [--cfg] [--help]
+    longcat-train [recipe=<name>] [key=value ...] [--cfg | --validate] [--world-size N] [--help]
 
 ``<name>`` is a file of ``recipes/`` (default ``pretrain``: the tiny CPU pre-training run) or a path to a
 YAML recipe. Overrides use Hydra syntax: ``model=small``, ``train.steps=50``, ``optim.lr=1e-3``.
-Launched by ``torchrun``, each process builds its ``ProcessGroups`` from ``parallel.*`` here and
-passes them down; library code never sees Hydra or a DictConfig.
+The configuration is composed (``longcat.config.compose``) and validated (``longcat.config.validate``)
+before anything else: ``--cfg`` prints it, ``--validate`` prints nothing but the errors; both check it
+for the world size of ``--world-size N``, else ``WORLD_SIZE`` (torchrun's), else 1. Exit codes: 0, or 2
+with one ``error: ...`` line per problem. Launched by ``torchrun``, each process then trains
+(``longcat.launch``); library code never sees Hydra or a DictConfig.
 """
 
 from __future__ import annotations
@@ -13,13 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import asdict
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from longcat.config.schema import RunConfig
+from longcat.config.compose import available_recipes, compose_run_config, project_root
+from longcat.config.validate import ConfigError, validate, world_size_from_env
 
 if TYPE_CHECKING:
     from longcat.train.callbacks import Callback
@@ -27,78 +27,49 @@ if TYPE_CHECKING:
 logger = logging.getLogger("longcat")
 
 DEFAULT_RECIPE = "pretrain"
-SCHEMA_NAME = "longcat_run_schema"  # recipes list it first in their defaults: every key is typed
+FLAGS = ("--cfg", "--validate", "--world-size", "--help")
 
 
-def register_schema() -> None:
-    """Register ``RunConfig`` in Hydra's ConfigStore so a recipe's typos fail at compose time."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
-
-
-def project_root() -> Path:
-    """The folder holding ``recipes/`` and ``conf/`` (``LONGCAT_HOME`` overrides)."""
-    env = os.environ.get("LONGCAT_HOME")
-    if env:
-        return Path(env).resolve()
-    return Path(__file__).resolve().parents[2]
+class Args(NamedTuple):
+    recipe: str
+    overrides: list[str]
+    flags: set[str]
+    world_size: Optional[int]  # --world-size N
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in (project_root() / "recipes").glob("*.yaml"))
+def _parse_args(argv: Sequence[str]) -> Args:
+    """Split ``argv`` into the recipe, Hydra overrides and flags.
 
-
-def _split_args(argv: Sequence[str]) -> tuple[str, list[str], set[str]]:
-    recipe, overrides, flags = DEFAULT_RECIPE, [], set()
-    for arg in argv:
-        if arg.startswith("--"):
-            flags.add(arg)
-        elif arg.startswith("recipe="):
-            recipe = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-    return recipe, overrides, flags
-
-
-def compose_run_config(recipe: str, overrides: Sequence[str] = ()) -> tuple[RunConfig, dict]:
-    """Compose ``recipe`` with ``overrides`` against the typed schema.
-
-    Returns the typed ``RunConfig`` and the same as a plain dict (for checkpoints and wandb).
     Raises:
-        ValueError: unknown recipe, unknown key, or a value of the wrong type, naming it.
+        ValueError: an unknown flag, or ``--world-size`` without a positive integer.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    recipe, overrides, flags, world_size = DEFAULT_RECIPE, [], set(), None
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "-h":
+            arg = "--help"
+        if not arg.startswith("--"):
+            if arg.startswith("recipe="):
+                recipe = arg.split("=", 1)[1]
+            else:
+                overrides.append(arg)
+            continue
+        flag, has_value, value = arg.partition("=")
+        if flag not in FLAGS:
+            raise ValueError(f"unknown flag {flag}; the flags are {', '.join(FLAGS)} (see longcat-train --help)")
+        if flag == "--world-size":
+            value = value if has_value else (args.pop(0) if args else "")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--world-size {value!r}: give the number of processes, e.g. --world-size 8")
+            world_size = int(value)
+        flags.add(flag)
+    return Args(recipe, overrides, flags, world_size)
 
-    root = project_root()
-    recipe_path = Path(recipe)
-    if recipe_path.suffix in (".yaml", ".yml") and recipe_path.is_file():
-        recipe_dir, recipe_name = recipe_path.resolve().parent, recipe_path.stem
-    else:
-        recipe_dir, recipe_name = root / "recipes", recipe
-        if not (recipe_dir / f"{recipe}.yaml").is_file():
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {available_recipes()} "
-                             f"or pass a path to a .yaml file")
-    GlobalHydra.instance().clear()
-    register_schema()
-    try:
-        with initialize_config_dir(config_dir=str(recipe_dir), version_base=None):
-            composed = compose(config_name=recipe_name,
-                               overrides=[*overrides, f"hydra.searchpath=[file://{root / 'conf'}]"])
-        # Merge a plain copy: the composed nodes carry the schema's types and would take keys that
-        # Hydra's `+key=value` appended; a plain dict against the schema rejects any unknown key.
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(composed, resolve=False))
-        run_cfg: RunConfig = OmegaConf.to_object(merged)
-    except Exception as exc:  # Hydra/OmegaConf errors: re-raise as one clear message
-        detail = str(exc)
-        cause = exc.__cause__ or exc.__context__
-        if cause is not None and str(cause) and str(cause) not in detail:  # e.g. the allowed enum values
-            detail = f"{detail}: {cause}"
-        raise ValueError(f"bad configuration for recipe {recipe!r}: {detail}".strip()) from None
-    finally:
-        GlobalHydra.instance().clear()
-    return run_cfg, OmegaConf.to_container(merged, resolve=True, enum_to_str=True)
+
+def _print_errors(exc: Exception) -> None:
+    for line in getattr(exc, "errors", None) or [str(exc)]:
+        print(f"error: {line}", file=sys.stderr)
 
 
 def _setup_logging(rank: int) -> None:
@@ -114,7 +85,8 @@ def _print_help() -> None:
         f"recipes ({root / 'recipes'}): {', '.join(available_recipes())}",
         "config groups: " + ", ".join(f"{g}=[{', '.join(sorted(p.stem for p in (root / 'conf' / g).glob('*.yaml')))}]"
                                       for g in groups),
-        "flags: --cfg prints the resolved config and exits; --help prints this.",
+        "flags: --cfg prints the resolved, validated config and exits; --validate prints only errors (exit 0 when "
+        "valid, 2 otherwise); --world-size N checks either for N processes; --help prints this.",
     ]
     print("\n".join(lines))
 
@@ -122,34 +94,47 @@ def _print_help() -> None:
 def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Callback] = ()) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code. ``callbacks``: extra
     callbacks for the trainer (the reliability tests' fault injection, ``longcat.testing.fault_train``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe, overrides, flags = _split_args(argv)
-    if "--help" in flags or "-h" in argv:
+    try:
+        args = _parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        _print_errors(exc)
+        return 2
+    if "--help" in args.flags:
         _print_help()
         return 0
-    unknown = flags - {"--cfg", "--help"}
-    if unknown:
-        print(f"error: unknown flag(s) {sorted(unknown)}; see longcat-train --help", file=sys.stderr)
+    checking = args.flags & {"--cfg", "--validate"}
+    if args.world_size is not None and not checking:
+        _print_errors(ValueError("--world-size goes with --cfg or --validate; a run takes its world size from "
+                                 "torchrun (WORLD_SIZE)"))
         return 2
     try:
-        run_cfg, cfg_dict = compose_run_config(recipe, overrides)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        run_cfg, cfg_dict = compose_run_config(args.recipe, args.overrides)
+        if checking:
+            validate(run_cfg, world_size=args.world_size or world_size_from_env())
+    except ConfigError as exc:
+        if args.world_size is None and "WORLD_SIZE" not in os.environ:  # say where world_size=1 came from
+            exc = ConfigError([f"{e} (world_size=1: no --world-size N and no WORLD_SIZE)" if "world_size=" in e else e
+                               for e in exc.errors])
+        _print_errors(exc)
         return 2
-    if "--cfg" in flags:
+    except ValueError as exc:
+        _print_errors(exc)
+        return 2
+    if "--cfg" in args.flags:
+        from omegaconf import OmegaConf
+
         print(OmegaConf.to_yaml(cfg_dict))
+    if checking:
         return 0
     from longcat.launch import run_training
-
-    rank = int(os.environ.get("RANK", "0"))
-    _setup_logging(rank)
     from longcat.train.checkpoint_io import CheckpointWriteError
 
+    _setup_logging(int(os.environ.get("RANK", "0")))
     try:
         return run_training(run_cfg, cfg_dict, callbacks=callbacks)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_errors(exc)
         return 2
     except CheckpointWriteError as exc:  # e.g. a full disk: the previous checkpoint is intact
-        print(f"error: {exc}", file=sys.stderr)
+        _print_errors(exc)
         return 1

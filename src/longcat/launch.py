@@ -1,8 +1,9 @@
 """Process setup for one training run: distributed init, process groups, trainer, summary.
 
-Under ``torchrun`` every process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, joins the
-default process group (NCCL on ``train.device=cuda``, else gloo) and builds its ``ProcessGroups`` from
-``parallel.*``; invalid layouts fail here, before any model is built::
+Under ``torchrun`` every process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, validates
+the configuration for that world size (``longcat.config.validate``, the same checks as
+``longcat-train --validate``), joins the default process group (NCCL on ``train.device=cuda``, else gloo)
+and builds its ``ProcessGroups`` from ``parallel.*``; nothing is built before the checks pass::
 
     torchrun --nproc-per-node 2 -m longcat.train parallel=ep2
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.distributed as dist
 
-from longcat.config.schema import RunConfig
+from longcat.config.schema import Device, RunConfig
+from longcat.config.validate import validate, world_size_from_env
 
 if TYPE_CHECKING:
     from longcat.train.callbacks import Callback
@@ -28,31 +30,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _init_distributed(run_cfg: RunConfig):
-    """Init the default process group when launched by torchrun; build ProcessGroups."""
+def _init_distributed(run_cfg: RunConfig, *, world_size: int):
+    """Init the default process group when launched by torchrun; build ProcessGroups (``run_cfg`` validated
+    for ``world_size``)."""
     from longcat.distributed import ParallelDims, ProcessGroups
-    from longcat.distributed.parallelize import check_layout
-    from longcat.distributed.pipeline_stage import PipelineSchedule
-    from longcat.train.trainer import parallel_options
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    p = run_cfg.parallel
-    dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
-    try:
-        stages_per_rank = PipelineSchedule(p.pp_schedule).stages_per_rank if p.pp > 1 else 1
-    except ValueError:
-        raise ValueError(f"parallel.pp_schedule={p.pp_schedule!r}: use one of "
-                         f"{[s.value for s in PipelineSchedule]}") from None
-    dims.check_model(num_attention_heads=run_cfg.model.num_attention_heads,
-                     n_routed_experts=run_cfg.model.n_routed_experts,
-                     num_layers=run_cfg.model.num_layers, num_stages=p.pp * stages_per_rank)
-    check_layout(dims, parallel_options(run_cfg))
+    dims = ParallelDims.from_config(run_cfg.parallel, world_size=world_size)
     if world_size == 1:
         return dims, ProcessGroups.single()
     if not dist.is_initialized():
         # On GPU: NCCL for CUDA tensors, gloo for the small CPU reductions (token counts, router counts).
-        backend = "cpu:gloo,cuda:nccl" if run_cfg.train.device == "cuda" else "gloo"
-        if run_cfg.train.device == "cuda":
+        cuda = run_cfg.train.device == Device.cuda
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         from longcat.distributed.elastic import restart_safe_store
 
@@ -60,22 +50,28 @@ def _init_distributed(run_cfg: RunConfig):
         store = restart_safe_store(timeout=timeout)  # a fresh key space per torchrun restart
         rendezvous = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]), "world_size": world_size}
         dist.init_process_group(backend=backend, timeout=timeout, **rendezvous)
-    return dims, ProcessGroups.build(dims, device_type=run_cfg.train.device)
+    return dims, ProcessGroups.build(dims, device_type=str(run_cfg.train.device))
 
 
 def run_training(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Callback] = ()) -> int:
     """Train ``run_cfg``; returns the exit code: 0, or ``SDC_EXIT_CODE`` (3) when silent data corruption
     halted the run, ``NONFINITE_EXIT_CODE`` (4) when a NaN/Inf stopped it (every rank returns it).
-    ``callbacks``: extra callbacks for the trainer (tests' fault injection)."""
+    ``callbacks``: extra callbacks for the trainer (tests' fault injection).
+
+    Raises:
+        ConfigError: ``run_cfg`` is not valid for this world size (``longcat.config.validate``), before any work.
+        ValueError: bad data, tokenizer or checkpoint files (each naming the file and the fix).
+    """
     from longcat.train.determinism import enable_determinism
     from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
     from longcat.train.sdc_check import SDCHaltError
     from longcat.train.trainer import Trainer
 
+    world_size = world_size_from_env()
+    validate(run_cfg, world_size=world_size)  # every check the configuration allows, before any work
     if run_cfg.determinism.enabled:
         enable_determinism()  # before CUDA and NCCL start: their environment variables are read once
-    dims, groups = _init_distributed(run_cfg)
-    run_cfg.validate(dp=dims.dp)
+    dims, groups = _init_distributed(run_cfg, world_size=world_size)
     try:
         trainer = Trainer(run_cfg, groups=groups, config_dict=cfg_dict, callbacks=callbacks)
         summary = trainer.fit()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
+from longcat.config.validate import world_size_from_env
 from longcat.plots import read_metrics
 from longcat.train.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -43,7 +44,7 @@ _STAGE_KEYS = {"name", "recipe", "overrides", "init_from_previous", "grow_factor
 
 
 def _pipeline_dir() -> Path:
-    from longcat.cli import project_root
+    from longcat.config.compose import project_root
 
     return project_root() / PIPELINE_DIR
 
@@ -126,14 +127,14 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list[RunConfi
         ValueError: an unknown pipeline, an override a stage sets itself, a stage whose configuration
             is bad, or a growth stage whose schedule does not go past the stage it grows (naming it).
     """
-    from longcat.cli import compose_run_config
+    from longcat.config.compose import compose_run_config
 
     check_overrides(name, overrides)
     configs: list[RunConfig] = []
     for stage in load_pipeline(name):
         try:
             cfg, _ = compose_run_config(stage.recipe, [*overrides, *stage.overrides])
-            cfg.validate(dp=1 if cfg.parallel.dp in (-1, 1) else cfg.parallel.dp)
+            cfg.validate(world_size=world_size_from_env())  # each stage is a `python -m longcat.train` process
         except ValueError as exc:
             raise ValueError(f"pipeline {name!r}, stage {stage.name!r}: {exc}") from None
         if stage.grow_factor > 1 and configs and cfg.train.steps <= configs[-1].train.steps:

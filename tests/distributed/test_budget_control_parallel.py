@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing import run_distributed
 from longcat.testing.equivalence import Layout, run_single
 from longcat.train import losses
@@ -64,9 +64,8 @@ def _trainer(cfg, layout: Layout):
     cfg = layout.apply(cfg)
     groups = None
     if dist.is_initialized():
-        groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp,
-                                                  dp=layout.dp, ep=layout.ep))
-    cfg.validate(dp=groups.dp_size if groups else 1)
+        groups = ProcessGroups.build(ParallelDims.from_config(layout.parallel, world_size=dist.get_world_size()))
+    cfg.validate(world_size=groups.world_size if groups else 1)
     cfg.train.out_dir = tempfile.mkdtemp(prefix="budget_")
     return Trainer(cfg, groups=groups)
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing.equivalence import (
     SINGLE,
     Layout,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing.distributed import run_distributed
 from longcat.testing.equivalence import Layout
 
@@ -36,11 +36,10 @@ def _run_twice(cfg, layouts: list[Layout]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for layout in layouts:
         run_cfg = layout.apply(cfg)
-        run_cfg.sdc.replay_interval = 0 if layout.pp > 1 else 1  # no replay under PP (see train/sdc_check.py)
+        run_cfg.sdc.replay_interval = 0 if layout.parallel.pp > 1 else 1  # no replay under PP (SDCConfig)
         run_cfg.sdc.replica_interval = 1
-        groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp,
-                                                  dp=layout.dp, ep=layout.ep))
-        run_cfg.validate(dp=groups.dp_size)
+        groups = ProcessGroups.build(ParallelDims.from_config(layout.parallel, world_size=dist.get_world_size()))
+        run_cfg.validate(world_size=groups.world_size)
         runs = []
         for _ in range(2):
             trainer = Trainer(run_cfg, groups=groups)

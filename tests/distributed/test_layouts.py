@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing.equivalence import Layout, max_relative_difference, merged_params, run_layouts, run_single
 
 RTOL = 1e-5

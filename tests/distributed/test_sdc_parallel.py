@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.config.schema import FaultInjection
 from longcat.testing.distributed import run_distributed
 
@@ -48,7 +48,7 @@ CAMPAIGN = [
 
 def _cfg(corpus_cache: str, out_dir: str, **extra):
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, out_dir, **{"parallel.dp": 2, **extra}))
-    cfg.validate(dp=2)
+    cfg.validate(world_size=2)
     return cfg, cfg_dict
 
 

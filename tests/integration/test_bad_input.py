@@ -2,7 +2,7 @@
 training starts, a non-zero exit, and nothing half-done in ``train.out_dir``.
 
 Each case runs ``python -m longcat.train`` (one real interpreter launch below; the rest through
-``longcat.testing.jobs.run_cli``, the same ``longcat.cli.main`` in a process forked from a preloaded
+``longcat.testing.jobs.run_cli``, the same ``python -m longcat.train`` in a process forked from a preloaded
 server, which saves a torch import per case). The unit tests in tests/unit/data cover the same
 readers function by function; ``tools/preprocess_data.py``'s malformed-line errors and skip counts are
 covered end to end by tests/unit/data/test_preprocess_data.py::test_cli.

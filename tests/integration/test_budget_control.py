@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing.equivalence import run_single
 from longcat.train import losses
 from longcat.train.trainer import LossParts, Trainer
@@ -30,7 +30,7 @@ def _cfg(corpus_cache, out_dir, **extra):
     overrides = {"data.seq_length": 16, "train.eval_interval": 0, "train.checkpoint_interval": 0,
                  "moe.bias_update_rate": 0.2, **extra}
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **overrides))
-    cfg.validate(dp=1)
+    cfg.validate(world_size=1)
     return cfg, cfg_dict
 
 

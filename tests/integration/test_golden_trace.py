@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.testing.equivalence import Layout, run_layouts, run_single
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_trace.json"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.scaling.growth import grow_checkpoint, source_name
 from longcat.train.trainer import Trainer
 

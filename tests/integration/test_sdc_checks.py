@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from longcat.cli import compose_run_config
+from longcat.config.compose import compose_run_config
 from longcat.config.schema import FaultInjection
 from longcat.train.checkpoint import list_checkpoints
 from longcat.train.nonfinite import NonFiniteCheckpointError
@@ -49,7 +49,7 @@ REPLAY_CAMPAIGN = [
 
 def _trainer(corpus_cache, out_dir, **extra) -> Trainer:
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **extra))
-    cfg.validate(dp=1)
+    cfg.validate(world_size=1)
     return Trainer(cfg, config_dict=cfg_dict)
 
 

@@ -123,7 +123,7 @@ def load_preset(name: str, **overrides: Any) -> ModelConfig:
     """
     from omegaconf import OmegaConf
 
-    from longcat.cli import project_root
+    from longcat.config.compose import project_root
 
     path = project_root() / "conf" / "model" / f"{name}.yaml"
     if not path.is_file():

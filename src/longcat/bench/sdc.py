@@ -55,7 +55,7 @@ class SDCBenchSettings:
 
 
 def _trainer(s: SDCBenchSettings, out_dir: str):
-    from longcat.cli import compose_run_config, project_root
+    from longcat.config.compose import compose_run_config, project_root
     from longcat.train.trainer import Trainer
 
     overrides = [f"train.out_dir={out_dir}", "train.eval_interval=0", "train.checkpoint_interval=0",
@@ -64,7 +64,7 @@ def _trainer(s: SDCBenchSettings, out_dir: str):
     cfg, cfg_dict = compose_run_config(s.recipe, overrides)
     if not Path(cfg.data.cache_dir).is_absolute():
         cfg.data.cache_dir = str(project_root() / cfg.data.cache_dir)
-    cfg.validate(dp=1)
+    cfg.validate(world_size=1)
     return Trainer(cfg, config_dict=cfg_dict), cfg
 
 

@@ -1,8 +1,10 @@
 """Typed configuration: the schema every recipe is composed against.
 
-The dataclasses here are registered in Hydra's ConfigStore by ``longcat.train`` (Hydra stops at the
-entry point); library code receives these plain objects, never a DictConfig. Each ``validate``
-raises ``ValueError`` naming the offending values and the fix.
+The dataclasses here are registered in Hydra's ConfigStore by ``longcat.config.compose`` (Hydra stays in
+the config layer and the entry point); library code receives these plain objects, never a DictConfig.
+Every mode is an enum, so a wrong value fails at compose time with the allowed ones. Each section's
+``validate`` raises ``ValueError`` naming the offending values and the fix; ``longcat.config.validate``
+runs them all, with the checks across sections and the world size, before a run builds anything.
 
 Model field names follow Hugging Face ``LongcatFlashConfig`` so that a ``ModelConfig`` maps 1:1 onto
 a ``config.json`` of the released LongCat-Flash layout.
@@ -10,33 +12,26 @@ a ``config.json`` of the released LongCat-Flash layout.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
-
-class LRSchedule(str, enum.Enum):
-    # Member names equal their values: OmegaConf matches a YAML string against enum *names*.
-    warmup_cosine = "warmup_cosine"
-    wsd = "wsd"  # warmup-stable-decay
-    constant = "constant"
-
-
-class BiasRateSchedule(str, enum.Enum):
-    constant = "constant"
-    cosine = "cosine"  # mu decays to mu * bias_update_rate_min_ratio over train.steps
-    linear = "linear"
-
-
-class NonFinitePolicy(str, enum.Enum):
-    skip = "skip"  # leave parameters, optimizer state, LR schedule and expert bias untouched
-    abort = "abort"
-
-
-class ResumeMode(str, enum.Enum):
-    auto = "auto"  # latest complete checkpoint under train.out_dir, else fresh
-    none = "none"  # always start fresh (refuses to overwrite existing checkpoints)
+from longcat.config.layout import resolve_dp
+from longcat.config.modes import (  # noqa: F401  (the modes are part of the schema's interface)
+    BiasRateSchedule,
+    Corpus,
+    Device,
+    DPMode,
+    FaultTarget,
+    LRSchedule,
+    NonFinitePolicy,
+    Overflow,
+    Packing,
+    PipelineSchedule,
+    ResumeMode,
+    SDCPolicy,
+    StrEnum,
+    WandbMode,
+)
 
 
 @dataclass
@@ -134,6 +129,11 @@ class MoEConfig:
             )
         if self.bias_update_rate < 0 or self.lb_loss_coef < 0:
             raise ValueError("moe.bias_update_rate and moe.lb_loss_coef must be >= 0")
+        if self.lb_num_groups < 0:
+            raise ValueError(f"moe.lb_num_groups={self.lb_num_groups} must be >= 0 (0 = the EP degree)")
+        if self.lb_num_groups and self.lb_loss_coef > 0 and model.n_routed_experts % self.lb_num_groups:
+            raise ValueError(f"moe.lb_num_groups={self.lb_num_groups} must divide model.n_routed_experts="
+                             f"{model.n_routed_experts} (the load-balance loss groups the FFN experts evenly)")
         if self.router_health_interval < 0 or self.rg_threshold <= 0:
             raise ValueError(f"moe.router_health_interval={self.router_health_interval} must be >= 0 (0 = off) "
                              f"and moe.rg_threshold={self.rg_threshold} > 0")
@@ -166,6 +166,8 @@ class OptimConfig:
             raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
         if self.eps <= 0:
             raise ValueError(f"optim.eps={self.eps} must be positive")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
         if self.warmup_steps < 0 or self.warmup_steps > steps:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} must lie in [0, train.steps={steps}]")
         if not 0 <= self.decay_fraction <= 1:
@@ -184,11 +186,15 @@ def _source_path(source) -> str:
     return source["path"] if isinstance(source, dict) else getattr(source, "path", "")
 
 
+# Smallest vocabulary the stdlib corpus's byte-level BPE can have: 256 bytes + 7 special tokens.
+MIN_STDLIB_VOCAB_SIZE = 263
+
+
 @dataclass
 class DataConfig:
     # "stdlib": the embedded default corpus (the interpreter's standard-library sources), prepared and
     # cached by tools/prepare_corpus.py. Otherwise ``sources`` names .bin/.idx prefixes.
-    corpus: str = "stdlib"
+    corpus: Corpus = Corpus.stdlib
     sources: list = field(default_factory=list)
     tokenizer: str = ""  # tokenizer.json; defaults to the corpus's own
     cache_dir: str = ".cache/longcat"
@@ -201,51 +207,104 @@ class DataConfig:
     # corpus="sft": agentic SFT conversations (JSONL, `messages` or ShareGPT `conversations`), or
     # "builtin" for the embedded synthetic tool-use set; loss on assistant tokens only.
     sft_path: str = "builtin"
-    sft_packing: str = "pad"  # pad | greedy
-    sft_overflow: str = "drop"  # drop | truncate
+    sft_packing: Packing = Packing.pad
+    sft_overflow: Overflow = Overflow.drop
     sft_skip_bad_lines: bool = False
 
-    def validate(self, dp: int) -> None:
+    def validate(self, *, dp: int, vocab_size: int) -> None:
+        """Checks of the data section for ``dp`` data-parallel ranks and a model of ``vocab_size`` ids."""
         if self.seq_length < 2:
             raise ValueError(f"data.seq_length={self.seq_length} must be >= 2")
         per_step = self.micro_batch_size * dp
-        if self.micro_batch_size <= 0 or self.global_batch_size % per_step:
+        if self.micro_batch_size <= 0 or self.global_batch_size <= 0 or self.global_batch_size % per_step:
             raise ValueError(
                 f"data.global_batch_size={self.global_batch_size} must be a positive multiple of "
                 f"data.micro_batch_size={self.micro_batch_size} x dp={dp} = {per_step}"
             )
         if not 0 < self.valid_fraction < 1:
             raise ValueError(f"data.valid_fraction={self.valid_fraction} must lie in (0, 1)")
-        if self.corpus not in ("stdlib", "files", "sft"):
-            raise ValueError(f"data.corpus={self.corpus!r}: use 'stdlib' (embedded), 'files' (data.sources) "
-                             "or 'sft' (data.sft_path)")
-        if self.corpus == "files" and any(str(_source_path(s)).startswith("stdlib:") for s in self.sources):
+        if self.corpus == Corpus.files and any(str(_source_path(s)).startswith("stdlib:") for s in self.sources):
             raise ValueError("data.sources names a stdlib:<part> source; those need data.corpus=stdlib")
-        if self.corpus == "files" and not self.sources:
+        if self.corpus == Corpus.files and not self.sources:
             raise ValueError("data.corpus=files needs data.sources=[{path: PREFIX, weight: W}, ...]")
+        if self.corpus == Corpus.files and not self.tokenizer:
+            raise ValueError(
+                "data.corpus=files needs data.tokenizer=PATH/tokenizer.json, the tokenizer that made "
+                "data.sources (its <|endoftext|> id separates documents)"
+            )
+        if self.corpus != Corpus.files and not self.tokenizer and vocab_size < MIN_STDLIB_VOCAB_SIZE:
+            raise ValueError(
+                f"model.vocab_size={vocab_size} is too small for the stdlib corpus's byte-level BPE "
+                f"(>= {MIN_STDLIB_VOCAB_SIZE}: 256 bytes + 7 special tokens); raise model.vocab_size"
+            )
 
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees; the world size must equal pp x dp x tp (see ParallelDims)."""
+    """Parallel degrees and modes: the one parallel-options type, read by the launch, the trainer,
+    ``distributed.parallelize`` and the test harness (``testing.equivalence.Layout``).
+
+    The world size must equal pp x dp x tp (``config.layout``; ``distributed.ParallelDims`` is the
+    runtime object built from these degrees by the same rules).
+    """
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     dp: int = -1  # -1: inferred from the world size
     sequence_parallel: bool = False
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zbv
+    pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
     pp_microbatches: int = 0  # 0: global batch / (micro-batch x dp)
-    dp_mode: str = "replicate"  # replicate | fsdp | deepspeed
+    dp_mode: DPMode = DPMode.replicate
     zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) with dp_mode=deepspeed
     offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer state on the CPU
-    overlap_moe_comm: bool = True
+    overlap_moe_comm: bool = True  # ScMoE: EP all-to-alls in flight under the dense branch
     moe_chunks: int = 1  # ScMoE with chunk: expert-parallel exchange in this many pipelined chunks (divides N/ep)
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages in total: pp times the schedule's stages per rank (1 without PP)."""
+        return self.pp * PipelineSchedule(self.pp_schedule).stages_per_rank if self.pp > 1 else 1
+
+    def resolved_dp(self, world_size: int) -> int:
+        """The data-parallel degree on ``world_size`` ranks (``dp=-1`` inferred). Raises ValueError (see
+        ``config.layout.resolve_dp``)."""
+        return resolve_dp(world_size, tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep)
+
+    def validate(self, *, world_size: int) -> None:
+        """The degrees on ``world_size`` ranks, and the combinations ``parallelize`` supports.
+
+        Raises:
+            ValueError: see ``config.layout.resolve_dp``; DeepSpeed with tp/ep/pp or a ZeRO stage other
+                than 1 or 2; pp with tp; pp with FSDP; moe_chunks < 1; pp_microbatches < 0.
+        """
+        dp = self.resolved_dp(world_size)
+        dp_mode = DPMode(self.dp_mode)
+        if self.moe_chunks < 1:
+            raise ValueError(f"parallel.moe_chunks={self.moe_chunks} must be >= 1 (1 = no split)")
+        if self.pp_microbatches < 0:
+            raise ValueError(f"parallel.pp_microbatches={self.pp_microbatches} must be >= 0 (0 = derived)")
+        if dp_mode is DPMode.deepspeed and (self.tp > 1 or self.ep > 1 or self.pp > 1):
+            raise ValueError(
+                f"parallel.dp_mode=deepspeed supports data parallelism only (got parallel.tp={self.tp}, ep={self.ep}, "
+                f"pp={self.pp}); use dp_mode=fsdp or dp_mode=replicate with tensor/expert/pipeline parallelism")
+        if dp_mode is DPMode.deepspeed and self.zero_stage not in (1, 2):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage}: use 1 or 2 with dp_mode=deepspeed (stage 3 "
+                             "shards parameters; use parallel.dp_mode=fsdp for that)")
+        if self.pp > 1 and self.tp > 1:
+            raise ValueError(
+                f"parallel.pp={self.pp} with parallel.tp={self.tp} is not supported yet: the pipeline's last stage "
+                "takes a plain cross-entropy of the LM head, which is vocab-sharded under TP; use pp with ep/dp, or "
+                "tp without pp")
+        if self.pp > 1 and dp_mode is DPMode.fsdp and dp > 1:
+            raise ValueError(
+                f"parallel.pp={self.pp} with parallel.dp_mode=fsdp is not supported yet (the stages would need their "
+                "own FSDP roots); use parallel.dp_mode=replicate with pp")
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "longcat"
     name: str = ""
     dir: str = ""
@@ -259,8 +318,8 @@ class LoggingConfig:
     tensorboard: bool = False  # event files under <train.out_dir>/tensorboard (same metric names as wandb)
 
     def validate(self) -> None:
-        if self.wandb.mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"logging.wandb.mode={self.wandb.mode!r}: use online, offline or disabled")
+        if self.log_interval < 1:
+            raise ValueError(f"logging.log_interval={self.log_interval} must be >= 1 (log every N steps)")
 
 
 @dataclass
@@ -277,7 +336,7 @@ class TrainConfig:
     eval_batches: int = 4
     bf16: bool = False
     activation_checkpointing: bool = False
-    device: str = "cpu"  # cpu | cuda
+    device: Device = Device.cpu
     nonfinite_policy: NonFinitePolicy = NonFinitePolicy.skip
     # SIGTERM -> every rank checkpoints at the same step and exits 0; past this many seconds the process
     # exits 143 instead (keep it below the scheduler's grace period / torchrun --shutdown-timeout).
@@ -292,20 +351,8 @@ class TrainConfig:
             raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
         if self.preempt_timeout_s <= 0:
             raise ValueError(f"train.preempt_timeout_s={self.preempt_timeout_s} must be positive")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"train.device={self.device!r}: use cpu or cuda")
-
-
-class SDCPolicy(str, enum.Enum):
-    warn = "warn"  # report, count, continue
-    halt = "halt"  # every rank stops cleanly; no checkpoint is written from the suspect state
-    rollback = "rollback"  # reload the last good checkpoint and continue
-
-
-class FaultTarget(str, enum.Enum):
-    activation = "activation"  # output of a module (``tensor``: a module name) in the first forward
-    gradient = "gradient"  # a parameter's gradient after the first backward (``tensor``: parameter name)
-    parameter = "parameter"  # a parameter after the optimizer step (``tensor``: parameter name)
+        if self.grad_accum < 0:
+            raise ValueError(f"train.grad_accum={self.grad_accum} must be >= 0 (0 = derived)")
 
 
 @dataclass
@@ -338,7 +385,7 @@ class SDCConfig:
         if self.replay_interval and not determinism_enabled:
             raise ValueError(f"sdc.replay_interval={self.replay_interval} compares a recomputation bit for bit, "
                              "which needs determinism.enabled=true")
-        if self.replay_interval and (parallel.pp > 1 or parallel.dp_mode == "deepspeed"):
+        if self.replay_interval and (parallel.pp > 1 or parallel.dp_mode == DPMode.deepspeed):
             raise ValueError(f"sdc.replay_interval={self.replay_interval} is not supported with parallel.pp="
                              f"{parallel.pp} / parallel.dp_mode={parallel.dp_mode} (the pipeline schedule "
                              "interleaves micro-batches over stages; DeepSpeed owns the gradients); use "
@@ -371,26 +418,17 @@ class RunConfig:
     determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
     sdc: SDCConfig = field(default_factory=SDCConfig)
 
-    def validate(self, *, dp: int = 1) -> None:
-        self.model.validate()
-        self.moe.validate(self.model)
-        self.optim.validate(self.train.steps)
-        self.data.validate(dp)
-        self.logging.validate()
-        self.train.validate()
-        self.sdc.validate(parallel=self.parallel, determinism_enabled=self.determinism.enabled,
-                          checkpoint_interval=self.train.checkpoint_interval)
-        if self.data.seq_length > self.model.max_position_embeddings:
-            raise ValueError(
-                f"data.seq_length={self.data.seq_length} exceeds model.max_position_embeddings="
-                f"{self.model.max_position_embeddings}; raise the latter"
-            )
-        accum = self.data.global_batch_size // (self.data.micro_batch_size * dp)
-        if self.train.grad_accum not in (0, accum):
-            raise ValueError(
-                f"train.grad_accum={self.train.grad_accum} disagrees with global_batch_size / "
-                f"(micro_batch_size x dp) = {accum}; leave it 0 to derive it"
-            )
+    def validate(self, *, world_size: int) -> None:
+        """Every check a run makes before building anything, for ``world_size`` ranks
+        (``longcat.config.validate.validate``).
+
+        Raises:
+            ConfigError: a ``ValueError`` listing every problem found (``.errors``), each naming the value
+                and the fix.
+        """
+        from longcat.config.validate import validate
+
+        validate(self, world_size=world_size)
 
 
 def num_grad_accum_steps(cfg: RunConfig, *, dp: int) -> int:

@@ -74,7 +74,7 @@ def build_pretrain_data(
     ``corpus="files"``: ``cfg.sources`` prefixes tokenized by ``cfg.tokenizer``, blended by weight.
 
     Args:
-        cfg: the data section of the run config; validated here for ``dp_size``.
+        cfg: the data section of the run config; validated here for ``dp_size`` and ``vocab_size``.
         vocab_size: the model's vocabulary size; every token id must be below it.
         dp_rank, dp_size: this rank's position in the data-parallel group.
         progress: tqdm bars on stderr while a corpus is prepared.
@@ -83,7 +83,7 @@ def build_pretrain_data(
         ValueError: for an invalid config, a missing tokenizer for ``files``, a bad or empty
             dataset, or token ids >= vocab_size (each naming the file and the fix).
     """
-    cfg.validate(dp_size)
+    cfg.validate(dp=dp_size, vocab_size=vocab_size)
     if cfg.corpus == "sft":
         return _build_sft_data(cfg, vocab_size=vocab_size, dp_rank=dp_rank, dp_size=dp_size, progress=progress)
     if cfg.corpus == "stdlib" and cfg.sources:
@@ -96,12 +96,7 @@ def build_pretrain_data(
         weights = [w for _, w in fields]
     elif cfg.corpus == "stdlib":
         prefixes, weights, tokenizer_path = _stdlib_sources(cfg, vocab_size=vocab_size, progress=progress)
-    else:
-        if not cfg.tokenizer:
-            raise ValueError(
-                "data.corpus=files needs data.tokenizer=PATH/tokenizer.json, the tokenizer that made "
-                "data.sources (its <|endoftext|> id separates documents)"
-            )
+    else:  # files: DataConfig.validate made sure data.tokenizer is set
         tokenizer_path = cfg.tokenizer
         fields = [_source_fields(s) for s in cfg.sources]
         prefixes = [p for p, _ in fields]
@@ -140,12 +135,7 @@ def _stdlib_sources(cfg: DataConfig, *, vocab_size: int, progress: bool) -> tupl
             tag = hashlib.sha256(f.read()).hexdigest()[:12]
         suffix = f"-max{cfg.corpus_max_bytes}" if cfg.corpus_max_bytes else ""
         cache_dir = os.path.join(cfg.cache_dir, f"stdlib-tok{tag}{suffix}")
-    else:
-        if vocab_size < 263:
-            raise ValueError(
-                f"model.vocab_size={vocab_size} is too small for the stdlib corpus's byte-level BPE "
-                "(>= 263: 256 bytes + 7 special tokens); raise model.vocab_size"
-            )
+    else:  # DataConfig.validate made sure vocab_size >= MIN_STDLIB_VOCAB_SIZE
         cache_dir = stdlib_cache_dir(cfg.cache_dir, vocab_size=vocab_size, max_bytes=cfg.corpus_max_bytes)
     paths = prepare_stdlib_corpus(
         cache_dir, vocab_size=vocab_size, max_bytes=cfg.corpus_max_bytes, tokenizer_path=cfg.tokenizer,

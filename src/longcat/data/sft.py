@@ -28,7 +28,6 @@ per-epoch seeded permutation, like ``GPTDataset``: ``ds[i]`` works for every i >
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, Iterable, NamedTuple, Union
 import numpy as np
 import torch
 
+from longcat.config.schema import Overflow, Packing  # data.sft_packing / data.sft_overflow, re-exported
 from longcat.data.chat import Conversation, RenderedConversation, parse_conversation, render_conversation
 from longcat.data.samples import IGNORE_INDEX, Split, split_documents
 from longcat.data.tokenizer import TextTokenizer
@@ -46,16 +46,6 @@ logger = logging.getLogger(__name__)
 
 _SHUFFLE_STREAM = 1  # stream 0 is the split (split_documents)
 _PACK_STREAM = 2
-
-
-class Packing(str, enum.Enum):
-    PAD = "pad"  # one conversation per sample, right-padded
-    GREEDY = "greedy"  # next-fit packing, EOD-separated
-
-
-class Overflow(str, enum.Enum):
-    DROP = "drop"
-    TRUNCATE = "truncate"
 
 
 class LoadedConversations(NamedTuple):

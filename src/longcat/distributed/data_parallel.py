@@ -18,7 +18,6 @@ Shapes: P = flattened elements of one bucket.
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -27,17 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longcat.config.schema import DPMode  # the parallel.dp_mode enum, re-exported
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DPMode", "DeepSpeedDP", "ReplicatedGradSync", "apply_fsdp"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
-
-
-class DPMode(str, enum.Enum):
-    replicate = "replicate"
-    fsdp = "fsdp"
-    deepspeed = "deepspeed"
 
 
 # ----------------------------------------------------------------------------------- replicate

@@ -13,18 +13,17 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Optional
 
+from longcat.config.layout import check_model_split, resolve_dp
+
 __all__ = ["ParallelDims"]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass(frozen=True)
 class ParallelDims:
     """Validated parallel degrees of one job; ``dp=-1`` is inferred as ``world_size // (pp * tp)``.
 
-    Validation runs on construction, so a ``ParallelDims`` that exists is consistent.
+    Validation runs on construction, so a ``ParallelDims`` that exists is consistent. The rules are the
+    config layer's (``longcat.config.layout``): the run's configuration was checked by the same ones.
 
     Raises:
         ValueError: a degree < 1 (dp may be -1); ``world_size != pp * dp * tp``; ``world_size`` not
@@ -40,39 +39,12 @@ class ParallelDims:
     ep: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "tp", "pp", "ep"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if self.dp == -1:
-            if self.world_size % (self.pp * self.tp) != 0:
-                raise ValueError(
-                    f"world_size={self.world_size} is not divisible by pp*tp={self.pp * self.tp} "
-                    f"(pp={self.pp}, tp={self.tp}), so dp cannot be inferred: choose pp and tp whose "
-                    f"product divides {self.world_size}"
-                )
-            object.__setattr__(self, "dp", self.world_size // (self.pp * self.tp))
-        elif not isinstance(self.dp, int) or self.dp < 1:
-            raise ValueError(f"dp={self.dp!r} must be an integer >= 1, or -1 to infer it from world_size")
-        self.validate()
+        object.__setattr__(self, "dp", resolve_dp(self.world_size, tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep))
 
     def validate(self) -> None:
-        """Check the degree products; called on construction. Raises ValueError (see class doc)."""
-        product = self.pp * self.dp * self.tp
-        if product != self.world_size:
-            hint = (
-                f"set dp={self.world_size // (self.pp * self.tp)} or dp=-1 to infer it"
-                if self.world_size % (self.pp * self.tp) == 0
-                else f"choose pp and tp whose product divides {self.world_size}, and dp=-1"
-            )
-            raise ValueError(
-                f"world_size={self.world_size} != pp*dp*tp = {self.pp}*{self.dp}*{self.tp} = {product}: {hint}"
-            )
-        if self.stage_size % self.ep != 0:
-            raise ValueError(
-                f"ep={self.ep} must divide dp*tp={self.stage_size} (dp={self.dp}, tp={self.tp}: the ranks of "
-                f"one pipeline stage, re-factored as edp x ep): choose ep in {_divisors(self.stage_size)}"
-            )
+        """Check the degree products again (``config.layout.resolve_dp``, as construction does). Raises
+        ValueError (see class doc)."""
+        resolve_dp(self.world_size, tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep)
 
     def check_model(
         self,
@@ -82,7 +54,7 @@ class ParallelDims:
         num_layers: int,
         num_stages: Optional[int] = None,
     ) -> None:
-        """Check that a model's dimensions split evenly over this layout.
+        """Check that a model's dimensions split evenly over this layout (``config.layout.check_model_split``).
 
         Args:
             num_attention_heads: attention heads, sharded over tp.
@@ -96,30 +68,9 @@ class ParallelDims:
             ValueError: heads % tp, experts % ep, num_stages % pp or num_layers % num_stages is
                 non-zero; the message lists valid choices.
         """
-        stages = self.pp if num_stages is None else num_stages
-        if num_attention_heads % self.tp != 0:
-            raise ValueError(
-                f"num_attention_heads={num_attention_heads} is not divisible by tp={self.tp}: "
-                f"choose tp in {_divisors(num_attention_heads)}"
-            )
-        if n_routed_experts % self.ep != 0:
-            raise ValueError(
-                f"n_routed_experts={n_routed_experts} is not divisible by ep={self.ep}: choose ep in "
-                f"{[d for d in _divisors(n_routed_experts) if self.stage_size % d == 0]} "
-                f"(divisors of the experts that also divide dp*tp={self.stage_size})"
-            )
-        if stages < 1 or stages % self.pp != 0:
-            raise ValueError(
-                f"num_stages={stages} must be a positive multiple of pp={self.pp} "
-                "(each pipeline rank holds the same number of stages)"
-            )
-        if num_layers % stages != 0:
-            stage_counts = [d for d in _divisors(num_layers) if d % self.pp == 0]
-            fix = f"set num_stages to one of {stage_counts}, or " if stage_counts else ""
-            raise ValueError(
-                f"num_layers={num_layers} is not divisible by the {stages} pipeline stages (pp={self.pp}): "
-                f"{fix}change num_layers to a multiple of {stages}, or choose pp in {_divisors(num_layers)}"
-            )
+        check_model_split(tp=self.tp, pp=self.pp, ep=self.ep, stage_size=self.stage_size,
+                          num_attention_heads=num_attention_heads, n_routed_experts=n_routed_experts,
+                          num_layers=num_layers, num_stages=num_stages)
 
     @classmethod
     def from_config(cls, parallel: Any, *, world_size: int) -> "ParallelDims":

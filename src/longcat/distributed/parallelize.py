@@ -25,6 +25,7 @@ Gradient groups (DESIGN.md "Parallel layout"): dense params sum over dp; expert 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from longcat.config.schema import ParallelConfig
 from longcat.distributed.data_parallel import (
     DeepSpeedDP,
     DeepSpeedOptions,
@@ -45,20 +47,7 @@ from longcat.distributed.parallel_dims import ParallelDims
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelModel", "ParallelOptions", "ParamPlacement", "check_layout", "parallelize"]
-
-
-@dataclass(frozen=True)
-class ParallelOptions:
-    """What ``parallelize`` needs from ``ParallelConfig`` (plain values, no config import)."""
-
-    dp_mode: str = "replicate"
-    sequence_parallel: bool = False
-    pp_schedule: str = "1f1b"
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    overlap_moe_comm: bool = True  # ScMoE: EP all-to-alls in flight under the dense branch
-    moe_chunks: int = 1  # split each EP exchange into this many pipelined chunks
+__all__ = ["ParallelModel", "ParamPlacement", "check_layout", "parallelize"]
 
 
 @dataclass
@@ -178,7 +167,7 @@ class ParallelModel:
 # ------------------------------------------------------------------------------- the plan
 
 
-def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelOptions, num_microbatches: int = 1,
+def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelConfig, num_microbatches: int = 1,
                 loss_cfg: Any = None, moe_cfg: Any = None, autocast_dtype: Optional[torch.dtype] = None) -> ParallelModel:
     """Apply TP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
 
@@ -189,7 +178,7 @@ def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelOpt
     Args:
         model: a ``LongcatFlashForCausalLM`` holding the full single-process weights.
         groups: this job's process groups (``ProcessGroups.single()`` for one process).
-        options: the parallel modes.
+        options: the run's ``parallel`` section (its modes; the degrees are ``groups``').
         num_microbatches, loss_cfg, moe_cfg, autocast_dtype: the pipeline's (``build_pipeline``),
             used only when pp > 1.
 
@@ -198,8 +187,7 @@ def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelOpt
         ``attach_optimizer``.
 
     Raises:
-        ValueError: an unknown dp_mode, or an unsupported combination (DeepSpeed with tp/ep/pp;
-            pp with tp or with fsdp).
+        ValueError: an unsupported combination (``check_layout``).
     """
     dp_mode = check_layout(groups.dims, options)
     dims = groups.dims
@@ -255,30 +243,16 @@ def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelOpt
     )
 
 
-def check_layout(dims: ParallelDims, options: ParallelOptions) -> DPMode:
-    """The DP mode, after checking that ``parallelize`` supports this combination (call it before any
-    work starts).
+def check_layout(dims: ParallelDims, options: ParallelConfig) -> DPMode:
+    """The DP mode, after checking that ``parallelize`` supports ``options`` on ``dims``' degrees
+    (``ParallelConfig.validate``, which the run's configuration already passed).
 
     Raises:
-        ValueError: an unknown dp_mode; DeepSpeed with tp/ep/pp; pp with tp; pp with FSDP.
+        ValueError: DeepSpeed with tp/ep/pp; pp with tp; pp with FSDP (see ``ParallelConfig.validate``).
     """
-    try:
-        dp_mode = DPMode(options.dp_mode)
-    except ValueError:
-        raise ValueError(f"parallel.dp_mode={options.dp_mode!r}: use replicate, fsdp or deepspeed") from None
-    if dp_mode is DPMode.deepspeed and (dims.tp > 1 or dims.ep > 1 or dims.pp > 1):
-        raise ValueError(
-            f"parallel.dp_mode=deepspeed supports data parallelism only (got tp={dims.tp}, ep={dims.ep}, "
-            f"pp={dims.pp}); use dp_mode=fsdp or dp_mode=replicate with tensor/expert/pipeline parallelism")
-    if dims.pp > 1 and dims.tp > 1:
-        raise ValueError(
-            f"pp={dims.pp} with tp={dims.tp} is not supported yet: the pipeline's last stage takes a plain "
-            "cross-entropy of the LM head, which is vocab-sharded under TP; use pp with ep/dp, or tp without pp")
-    if dims.pp > 1 and dp_mode is DPMode.fsdp and dims.dp > 1:
-        raise ValueError(
-            f"pp={dims.pp} with dp_mode=fsdp is not supported yet (the stages would need their own FSDP roots); "
-            "use parallel.dp_mode=replicate with pp")
-    return dp_mode
+    on_dims = dataclasses.replace(options, tp=dims.tp, pp=dims.pp, ep=dims.ep, dp=dims.dp)
+    on_dims.validate(world_size=dims.world_size)
+    return DPMode(options.dp_mode)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ Shape legend:
 from __future__ import annotations
 
 import contextlib
-import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,27 +40,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longcat.config.schema import PipelineSchedule  # the parallel.pp_schedule enum, re-exported
 from longcat.model.model import LongcatFlashForCausalLM, run_decoder_layers, run_mtp
 from longcat.model.moe import MoEStats
 from longcat.train import losses
 
 __all__ = ["PipelineSchedule", "PipelineStageModule", "StageLossConfig", "StagePlan", "plan_stages"]
-
-
-class PipelineSchedule(str, enum.Enum):
-    """Pipeline schedule (values are the accepted strings)."""
-
-    one_f_one_b = "1f1b"  # torch Schedule1F1B, one stage per rank
-    interleaved_1f1b = "interleaved_1f1b"  # torch ScheduleInterleaved1F1B, 2 virtual stages per rank
-    zbv = "zbv"  # torch ScheduleZBVZeroBubble: 2 stages per rank in a V, split input/weight backward
-
-    @property
-    def stages_per_rank(self) -> int:
-        return 1 if self is PipelineSchedule.one_f_one_b else 2
-
-    @property
-    def placement(self) -> str:
-        return "v" if self is PipelineSchedule.zbv else "loop"
 
 
 @dataclass(frozen=True)

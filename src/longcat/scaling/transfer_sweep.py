@@ -28,11 +28,11 @@ class SweepResult:
 
 
 def _final_loss(overrides: Sequence[str]) -> float:
-    from longcat.cli import compose_run_config
+    from longcat.config.compose import compose_run_config
     from longcat.train.trainer import Trainer
 
     cfg, cfg_dict = compose_run_config("pretrain", list(overrides))
-    cfg.validate(dp=1)
+    cfg.validate(world_size=1)
     trainer = Trainer(cfg, config_dict=cfg_dict)
     losses = [trainer.train_step().loss.ce for _ in range(cfg.train.steps)]
     tail = losses[-max(1, len(losses) // 5):]

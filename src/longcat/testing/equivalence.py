@@ -17,6 +17,7 @@ of micro-batch dicts), which are split over dp in order: dp rank r takes micro-b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -26,40 +27,44 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from longcat.config.schema import DPMode, ParallelConfig, PipelineSchedule, RunConfig
 from longcat.testing.distributed import run_distributed
 
 __all__ = ["Layout", "LayoutRun", "SINGLE", "Task", "max_relative_difference", "merged_params", "run_layouts",
            "run_single", "run_tasks"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Layout:
-    """A parallel layout; ``name`` is the short id used in test tables (e.g. ``"tp2xep2"``)."""
+    """A named parallel layout: ``name`` is the short id used in test tables, ``parallel`` the run's
+    ``parallel`` section under it.
+
+    ``Layout("tp2xep2", tp=2, ep=2)`` takes ``ParallelConfig``'s fields as keywords (dp defaults to 1
+    here, not -1: a layout states its world size; modes may be given as strings), or
+    ``Layout(name, parallel=ParallelConfig(...))`` a whole section.
+    """
 
     name: str
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    dp: int = 1
-    dp_mode: str = "replicate"
-    sequence_parallel: bool = False
-    pp_schedule: str = "1f1b"
-    zero_stage: int = 2
-    offload_optimizer: bool = False
+    parallel: ParallelConfig
+
+    def __init__(self, name: str, parallel: Optional[ParallelConfig] = None, **fields: Any):
+        if parallel is not None and fields:
+            raise ValueError(f"Layout({name!r}): give parallel= or ParallelConfig fields {sorted(fields)}, not both")
+        if parallel is None:
+            parallel = ParallelConfig(**{"dp": 1, **fields})
+            parallel = dataclasses.replace(parallel, dp_mode=DPMode(parallel.dp_mode),
+                                           pp_schedule=PipelineSchedule(parallel.pp_schedule))
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "parallel", parallel)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        p = self.parallel
+        return p.tp * p.pp * p.dp
 
-    def apply(self, cfg: Any) -> Any:
-        """A copy of the ``RunConfig`` with this layout's ``parallel`` section."""
-        cfg = copy.deepcopy(cfg)
-        p = cfg.parallel
-        p.tp, p.pp, p.ep, p.dp = self.tp, self.pp, self.ep, self.dp
-        p.dp_mode, p.sequence_parallel, p.pp_schedule = self.dp_mode, self.sequence_parallel, self.pp_schedule
-        # DeepSpeed options (set as attributes if the schema does not declare them yet).
-        p.zero_stage, p.offload_optimizer = self.zero_stage, self.offload_optimizer
-        return cfg
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        """A copy of ``cfg`` whose ``parallel`` section is this layout's."""
+        return dataclasses.replace(copy.deepcopy(cfg), parallel=copy.deepcopy(self.parallel))
 
 
 SINGLE = Layout("single")
@@ -131,8 +136,7 @@ def _groups_for(layout: Layout):
         if layout.world_size != 1:
             raise ValueError(f"layout {layout.name} needs {layout.world_size} processes; use run_layouts")
         return ProcessGroups.single()
-    dims = ParallelDims(dist.get_world_size(), tp=layout.tp, pp=layout.pp, dp=layout.dp, ep=layout.ep)
-    return ProcessGroups.build(dims)
+    return ProcessGroups.build(ParallelDims.from_config(layout.parallel, world_size=dist.get_world_size()))
 
 
 def _barrier() -> None:
@@ -146,7 +150,7 @@ def _run_task(cfg: Any, task: Task, batches: Optional[list[list[dict]]]) -> Layo
     layout = task.layout
     cfg = layout.apply(cfg)
     groups = _groups_for(layout)
-    cfg.validate(dp=groups.dp_size)
+    cfg.validate(world_size=groups.world_size)
     if (task.save or task.resume_from) and not task.out_dir and groups.world_size > 1:
         raise ValueError(f"Task(layout={layout.name!r}) saves or resumes a checkpoint on {groups.world_size} ranks: "
                          f"give it an out_dir shared by every rank (each rank's own temporary folder would "

@@ -42,8 +42,8 @@ from longcat.testing.faults import FaultPlan
 
 __all__ = ["ForkedJob", "TorchrunJob", "run_cli", "worker_env"]
 
-_PRELOAD = ["torch", "torch.distributed.checkpoint", "longcat.testing.fault_train", "longcat.launch",
-            "longcat.train.trainer"]
+_PRELOAD = ["torch", "torch.distributed.checkpoint", "hydra", "longcat.config.compose",
+            "longcat.testing.fault_train", "longcat.launch", "longcat.train.trainer"]
 _CONTEXT: Optional[mp.context.BaseContext] = None
 
 

@@ -1,3 +1,5 @@
+"""``python -m longcat.train`` (and ``torchrun -m longcat.train``): the entry point, ``longcat.cli.main``."""
+
 import sys
 
 from longcat.cli import main

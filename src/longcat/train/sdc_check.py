@@ -44,7 +44,6 @@ import torch
 import torch.distributed as dist
 
 from longcat.config.schema import FaultInjection, SDCConfig, SDCPolicy
-from longcat.distributed.data_parallel import DPMode
 from longcat.train.checkpoint import list_checkpoints
 from longcat.train.sdc import FaultInjector, Mismatch, checksums, compare_checksums, cross_replica_mismatches
 
@@ -112,14 +111,10 @@ class SDCMonitor:
         num_checks: checks run, by kind (``replay``, ``replica``).
         num_failed_checks: checks that found at least one mismatch.
 
-    Raises:
-        ValueError: replay requested under PP or DeepSpeed.
+    ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``): no replay under PP or DeepSpeed.
     """
 
     def __init__(self, cfg: SDCConfig, *, parallel: Any, groups: Any, checkpoint_root: Optional[Path] = None):
-        if cfg.replay_interval and (parallel.pipeline is not None or DPMode(parallel.dp_mode) is DPMode.deepspeed):
-            raise ValueError(f"sdc.replay_interval={cfg.replay_interval} is supported without pipeline parallelism "
-                             "and DeepSpeed only; use sdc.replica_interval there")
         self.cfg = cfg
         self.policy = SDCPolicy(cfg.policy)
         self.parallel = parallel

@@ -118,15 +118,12 @@ class StabilityMonitor:
         pipeline_parallel: pp > 1 (R_g and the hidden norm are then not measured).
         warn: emit the collapse warning on this rank (rank 0).
 
-    Raises:
-        ValueError: ``moe.auto_lb_coef`` under pipeline parallelism (R_g cannot be measured there).
+    ``moe.auto_lb_coef`` needs R_g, which is not measured under pipeline parallelism; the configuration
+    refuses that combination before any work (``longcat.config.validate``).
     """
 
     def __init__(self, moe_cfg: MoEConfig, *, num_layers: int, num_experts: int, top_k: int,
                  pipeline_parallel: bool = False, warn: bool = True):
-        if moe_cfg.auto_lb_coef and pipeline_parallel:
-            raise ValueError("moe.auto_lb_coef=true needs R_g, which is not measured under pipeline parallelism "
-                             "(parallel.pp > 1); set moe.auto_lb_coef=false or parallel.pp=1")
         self.cfg = moe_cfg
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.pipeline_parallel = pipeline_parallel

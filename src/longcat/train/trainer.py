@@ -32,7 +32,7 @@ from longcat.atomic_files import write_text_atomic
 from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
-from longcat.distributed.parallelize import ParallelOptions, parallelize
+from longcat.distributed.parallelize import parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.train import losses
 from longcat.train.bias_controller import ExpertBiasController
@@ -77,27 +77,18 @@ class StepResult:
     stability: dict = field(default_factory=dict)  # StabilityMonitor metrics (R_g, cosine, hidden norm, ...)
 
 
-def parallel_options(cfg: RunConfig) -> ParallelOptions:
-    p = cfg.parallel
-    return ParallelOptions(dp_mode=p.dp_mode, sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule,
-                           zero_stage=p.zero_stage,
-                           offload_optimizer=p.offload_optimizer, overlap_moe_comm=p.overlap_moe_comm,
-                           moe_chunks=p.moe_chunks)
-
-
 class Trainer:
     """Builds everything a run needs from a validated ``RunConfig`` and trains it.
 
     Args:
-        cfg: the resolved run config (validated with this run's DP degree).
+        cfg: the resolved run config, validated for this run's world size (``longcat.config.validate``).
         groups: the run's ``ProcessGroups`` (``None`` = single process).
         config_dict: the plain-dict config stored in checkpoints and wandb.
         callbacks: added to ``fit``'s own (``train/callbacks.py``) and told of every checkpoint save
             phase (the reliability tests inject faults this way); none in production runs.
 
     Raises:
-        ValueError: ``parallel.pp_microbatches`` disagrees with the gradient-accumulation steps, or
-            the layout is not supported (see ``parallelize``).
+        ValueError: the layout is not supported (see ``parallelize``), or bad data / checkpoint files.
     """
 
     def __init__(self, cfg: RunConfig, *, groups: Optional[ProcessGroups] = None, config_dict: Optional[dict] = None,
@@ -112,10 +103,6 @@ class Trainer:
         self.device = torch.device(cfg.train.device)
         self.out_dir = Path(cfg.train.out_dir)
         self.accum = num_grad_accum_steps(cfg, dp=self.dp_size)
-        if cfg.parallel.pp_microbatches not in (0, self.accum):
-            raise ValueError(
-                f"parallel.pp_microbatches={cfg.parallel.pp_microbatches} but each dp rank runs "
-                f"global_batch_size / (micro_batch_size x dp) = {self.accum} micro-batches per step; leave it 0")
 
         if cfg.determinism.enabled:
             enable_determinism()  # idempotent; launch.run_training already did, before CUDA / NCCL start
@@ -126,7 +113,7 @@ class Trainer:
         if cfg.determinism.enabled:  # init drew the same numbers on every rank; from here each rank its own
             seed_rank_streams(cfg.train.seed, rank=self.groups.rank)
         self.parallel = parallelize(
-            model, groups=self.groups, options=parallel_options(cfg), num_microbatches=self.accum,
+            model, groups=self.groups, options=cfg.parallel, num_microbatches=self.accum,
             loss_cfg=cfg.loss, moe_cfg=cfg.moe, autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None)
         self.model = self.parallel.model
         self.pipeline = self.parallel.pipeline

@@ -3,7 +3,8 @@ import logging
 import pytest
 import torch
 
-from longcat.config.schema import ModelConfig, MoEConfig
+from longcat.config.schema import ModelConfig, MoEConfig, ParallelConfig, RunConfig
+from longcat.config.validate import validate
 from longcat.model.moe import MoEStats
 from longcat.train import losses, router_health
 from longcat.train.stability import StabilityMonitor, StabilitySums
@@ -130,8 +131,9 @@ def test_lb_per_layer_differs_from_pooled():
 
 
 def test_auto_lb_coef_refused_under_pipeline_and_config_validation():
-    with pytest.raises(ValueError, match="pipeline"):
-        StabilityMonitor(MoEConfig(auto_lb_coef=True), num_layers=1, num_experts=E, top_k=K, pipeline_parallel=True)
+    cfg = RunConfig(moe=MoEConfig(auto_lb_coef=True), parallel=ParallelConfig(pp=2))
+    with pytest.raises(ValueError, match="moe.auto_lb_coef=true needs R_g, which is not measured under pipeline"):
+        validate(cfg, world_size=2)  # before any work, instead of when the trainer builds its StabilityMonitor
     model = ModelConfig(n_routed_experts=4, zero_expert_num=2, moe_topk=2)
     with pytest.raises(ValueError, match="router_health_interval"):
         MoEConfig(expected_ffn_experts=1.5, router_health_interval=-1).validate(model)

@@ -1,0 +1,92 @@
+"""Parallel-degree arithmetic: the pure checks of a layout, with no process group and no torch.
+
+The config validation (``longcat.config.validate``) and the runtime ``distributed.ParallelDims`` both
+call these, so a layout is judged by one set of rules whether it comes from a recipe at compose time or
+from a test building process groups. Messages use the config's names (``parallel.tp``, ``model.*``).
+
+Rank grid (Megatron): the dense ranks form ``pp x dp x tp``; inside one pipeline stage the ``dp x tp``
+ranks are re-factored as ``edp x ep`` for the experts, so ep must divide ``dp * tp``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = ["check_model_split", "divisors", "resolve_dp"]
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_dp(world_size: int, *, tp: int, pp: int, dp: int, ep: int) -> int:
+    """The data-parallel degree of this layout (``dp=-1``: inferred as ``world_size // (pp * tp)``).
+
+    Raises:
+        ValueError: a degree < 1 (dp may be -1); ``world_size != pp * dp * tp``; ``world_size`` not
+            divisible by ``pp * tp`` when dp is inferred; ``ep`` not dividing ``dp * tp`` (the ranks of
+            one pipeline stage). The message names the numbers and the valid choices.
+    """
+    for name, value in (("world_size", world_size), ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if dp == -1:
+        if world_size % (pp * tp) != 0:
+            raise ValueError(
+                f"world_size={world_size} is not divisible by pp*tp={pp * tp} (parallel.pp={pp}, parallel.tp={tp}), "
+                f"so dp cannot be inferred: choose pp and tp whose product divides {world_size}"
+            )
+        dp = world_size // (pp * tp)
+    elif isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"parallel.dp={dp!r} must be an integer >= 1, or -1 to infer it from world_size")
+    product = pp * dp * tp
+    if product != world_size:
+        hint = (f"set parallel.dp={world_size // (pp * tp)} or parallel.dp=-1 to infer it"
+                if world_size % (pp * tp) == 0 else f"choose pp and tp whose product divides {world_size}, and dp=-1")
+        raise ValueError(f"world_size={world_size} != pp*dp*tp = {pp}*{dp}*{tp} = {product}: {hint}")
+    stage_size = dp * tp
+    if stage_size % ep != 0:
+        raise ValueError(
+            f"parallel.ep={ep} must divide dp*tp={stage_size} (dp={dp}, tp={tp}: the ranks of one pipeline stage, "
+            f"re-factored as edp x ep): choose ep in {divisors(stage_size)}"
+        )
+    return dp
+
+
+def check_model_split(*, tp: int, pp: int, ep: int, stage_size: int, num_attention_heads: int, n_routed_experts: int,
+                      num_layers: int, num_stages: Optional[int] = None) -> None:
+    """Check that a model's dimensions split evenly over a layout whose degrees are already valid.
+
+    Args:
+        tp, pp, ep: the degrees; ``stage_size``: ``dp * tp``, the ranks of one pipeline stage.
+        num_attention_heads: attention heads, sharded over tp.
+        n_routed_experts: FFN (routed) experts, sharded over ep; zero-computation experts do not count
+            (they are never sharded or sent).
+        num_layers: decoder layers, split evenly over pipeline stages.
+        num_stages: pipeline stages in total (pp times the virtual stages per rank of interleaved
+            schedules); defaults to pp.
+
+    Raises:
+        ValueError: heads % tp, experts % ep, num_stages % pp or num_layers % num_stages is non-zero;
+            the message lists valid choices.
+    """
+    stages = pp if num_stages is None else num_stages
+    if num_attention_heads % tp != 0:
+        raise ValueError(f"model.num_attention_heads={num_attention_heads} is not divisible by parallel.tp={tp}: "
+                         f"choose tp in {divisors(num_attention_heads)}")
+    if n_routed_experts % ep != 0:
+        raise ValueError(
+            f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}: choose ep in "
+            f"{[d for d in divisors(n_routed_experts) if stage_size % d == 0]} "
+            f"(divisors of the experts that also divide dp*tp={stage_size})"
+        )
+    if stages < 1 or stages % pp != 0:
+        raise ValueError(f"num_stages={stages} must be a positive multiple of parallel.pp={pp} "
+                         "(each pipeline rank holds the same number of stages)")
+    if num_layers % stages != 0:
+        stage_counts = [d for d in divisors(num_layers) if d % pp == 0]
+        fix = f"set num_stages to one of {stage_counts}, or " if stage_counts else ""
+        raise ValueError(
+            f"model.num_layers={num_layers} is not divisible by the {stages} pipeline stages (parallel.pp={pp}): "
+            f"{fix}change num_layers to a multiple of {stages}, or choose pp in {divisors(num_layers)}"
+        )

@@ -1,0 +1,153 @@
+"""The one validation of a run's configuration: every check a run makes before it builds anything.
+
+``validate(cfg, world_size=N)`` runs each section's own ``validate`` (the smallest config owning the
+fields), the layout on N ranks (``config.layout``: the rules ``distributed.ParallelDims`` applies at run
+time) and the checks across sections. The CLI calls it at compose time (``--cfg``, ``--validate``) and
+``launch.run_training`` calls it before the process groups, so a value a run would reject fails with the
+same message before any work.
+
+Guards that need more than the configuration (files, the tokenizer, the machine) stay where the work
+happens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from longcat.config.layout import check_model_split, divisors
+from longcat.config.schema import PipelineSchedule, RunConfig, num_grad_accum_steps
+
+__all__ = ["ConfigError", "validate", "world_size_from_env"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``errors`` holds one message per problem (each naming the value and the
+    fix), ``str()`` joins them with newlines."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun gives this process (``WORLD_SIZE``), 1 without torchrun."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={value!r} in the environment is not an integer") from None
+
+
+def validate(cfg: RunConfig, *, world_size: int) -> None:
+    """Check ``cfg`` for a run on ``world_size`` ranks.
+
+    Every section is checked and every failing one reported; a check across sections runs once the
+    sections it reads are valid.
+
+    Raises:
+        ConfigError: a ``ValueError`` listing every problem found.
+    """
+    errors: list[str] = []
+
+    def ok(check: Callable[..., None], *args, **kwargs) -> bool:
+        try:
+            check(*args, **kwargs)
+        except ValueError as exc:
+            errors.append(str(exc))
+            return False
+        return True
+
+    model_ok = ok(cfg.model.validate)
+    moe_ok = model_ok and ok(cfg.moe.validate, cfg.model)
+    ok(cfg.optim.validate, cfg.train.steps)
+    train_ok = ok(cfg.train.validate)
+    ok(cfg.logging.validate)
+    ok(cfg.sdc.validate, parallel=cfg.parallel, determinism_enabled=cfg.determinism.enabled,
+       checkpoint_interval=cfg.train.checkpoint_interval)
+    if ok(cfg.parallel.validate, world_size=world_size):
+        dp = cfg.parallel.resolved_dp(world_size)
+        if model_ok:
+            ok(_check_model_fits_layout, cfg, dp=dp)
+            if ok(cfg.data.validate, dp=dp, vocab_size=cfg.model.vocab_size):
+                ok(_check_sequence, cfg)
+                if train_ok:
+                    ok(_check_micro_batches, cfg, dp=dp)
+        if moe_ok:
+            ok(_check_stability, cfg)
+    if errors:
+        raise ConfigError(errors)
+
+
+def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
+    """The model's dimensions split evenly over tp, ep and the pipeline stages.
+
+    Raises:
+        ValueError: heads % tp, experts % ep, layers % stages (``config.layout``); vocabulary or dense
+            FFN width % tp (tensor parallelism splits them); ``parallel.moe_chunks`` not dividing the
+            experts of one ep rank.
+    """
+    m, p = cfg.model, cfg.parallel
+    check_model_split(tp=p.tp, pp=p.pp, ep=p.ep, stage_size=dp * p.tp, num_attention_heads=m.num_attention_heads,
+                      n_routed_experts=m.n_routed_experts, num_layers=m.num_layers, num_stages=p.num_stages)
+    if p.tp > 1:
+        for name in ("vocab_size", "ffn_hidden_size"):
+            value = getattr(m, name)
+            if value % p.tp:
+                valid = [d for d in range(1, min(value, 64) + 1) if value % d == 0]
+                raise ValueError(f"model.{name}={value} is not divisible by parallel.tp={p.tp}: tensor parallelism "
+                                 f"splits it evenly over the tp ranks; choose tp in {valid} (or change {name})")
+    local_experts = m.n_routed_experts // p.ep
+    if (p.ep > 1 or p.tp > 1) and local_experts % p.moe_chunks:  # the EP token dispatcher runs
+        raise ValueError(f"parallel.moe_chunks={p.moe_chunks} must divide the {local_experts} local experts "
+                         f"(model.n_routed_experts={m.n_routed_experts} / parallel.ep={p.ep}): chunks are groups "
+                         f"of local experts; choose one of {divisors(local_experts)}")
+
+
+def _check_sequence(cfg: RunConfig) -> None:
+    """The sequence fits the model's positions and, under sequence parallelism, splits over tp."""
+    seq, p = cfg.data.seq_length, cfg.parallel
+    if seq > cfg.model.max_position_embeddings:
+        raise ValueError(f"data.seq_length={seq} exceeds model.max_position_embeddings="
+                         f"{cfg.model.max_position_embeddings}; raise the latter or shorten the sequence")
+    if p.sequence_parallel and p.tp > 1 and seq % p.tp:
+        raise ValueError(f"data.seq_length={seq} is not divisible by parallel.tp={p.tp}: sequence parallelism "
+                         f"splits the sequence over the tp ranks; choose a multiple of {p.tp} or set "
+                         "parallel.sequence_parallel=false")
+
+
+def _check_micro_batches(cfg: RunConfig, *, dp: int) -> None:
+    """Gradient accumulation, and the micro-batches a pipeline schedule needs.
+
+    Raises:
+        ValueError: ``train.grad_accum`` or ``parallel.pp_microbatches`` disagreeing with
+            global_batch / (micro_batch x dp); 1F1B with fewer micro-batches than stages; an interleaved
+            1F1B count that is not a multiple of its rounds (torch ``ScheduleInterleaved1F1B``).
+    """
+    accum = num_grad_accum_steps(cfg, dp=dp)
+    derived = f"global_batch_size / (micro_batch_size x dp) = {cfg.data.global_batch_size} / " \
+              f"({cfg.data.micro_batch_size} x {dp}) = {accum}"
+    if cfg.train.grad_accum not in (0, accum):
+        raise ValueError(f"train.grad_accum={cfg.train.grad_accum} disagrees with {derived}; leave it 0 to derive it")
+    p = cfg.parallel
+    if p.pp_microbatches not in (0, accum):
+        raise ValueError(f"parallel.pp_microbatches={p.pp_microbatches} but each dp rank runs {derived} "
+                         "micro-batches per step; leave it 0")
+    if p.pp <= 1:
+        return
+    schedule = PipelineSchedule(p.pp_schedule)
+    if schedule is PipelineSchedule.one_f_one_b and accum < p.num_stages:
+        raise ValueError(f"parallel.pp_schedule=1f1b needs at least pp={p.num_stages} micro-batches per step, but "
+                         f"{derived}: raise data.global_batch_size or lower parallel.pp")
+    rounds = max(1, accum // p.pp)
+    if schedule is PipelineSchedule.interleaved_1f1b and accum % rounds:
+        raise ValueError(f"parallel.pp_schedule=interleaved_1f1b runs micro-batches in rounds of pp={p.pp}: "
+                         f"{derived} is not a multiple of its {rounds} rounds; use a multiple of {p.pp} "
+                         "micro-batches per step")
+
+
+def _check_stability(cfg: RunConfig) -> None:
+    """The stability suite's settings against the layout (``longcat.train.stability``)."""
+    if cfg.moe.auto_lb_coef and cfg.parallel.pp > 1:
+        raise ValueError("moe.auto_lb_coef=true needs R_g, which is not measured under pipeline parallelism "
+                         f"(parallel.pp={cfg.parallel.pp}); set moe.auto_lb_coef=false or parallel.pp=1")

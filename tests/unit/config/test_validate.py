@@ -1,0 +1,75 @@
+"""longcat.config.validate: every check a run makes on its configuration, before any work, in one place."""
+
+from __future__ import annotations
+
+import pytest
+
+from longcat.config.compose import compose_run_config
+from longcat.config.validate import ConfigError, validate
+
+
+def _cfg(*overrides: str):
+    cfg, _ = compose_run_config("pretrain", list(overrides))
+    return cfg
+
+
+@pytest.mark.parametrize("world_size,overrides,needle", [
+    # layout degrees (the arithmetic distributed.ParallelDims applies at run time)
+    (1, ["parallel.tp=3"], r"world_size=1 is not divisible by pp\*tp=3"),
+    (4, ["parallel.dp=3"], r"world_size=4 != pp\*dp\*tp = 1\*3\*1 = 3: set parallel.dp=4"),
+    (4, ["parallel.ep=3"], r"parallel.ep=3 must divide dp\*tp=4 .*choose ep in \[1, 2, 4\]"),
+    (1, ["parallel.pp=0"], r"parallel.pp=0 must be an integer >= 1"),
+    (3, ["parallel.tp=3"], r"model.num_attention_heads=4 is not divisible by parallel.tp=3: choose tp in \[1, 2, 4\]"),
+    (3, ["parallel.ep=3"], r"model.n_routed_experts=8 is not divisible by parallel.ep=3"),
+    (2, ["parallel=pp2", "parallel.pp_schedule=zbv"], r"model.num_layers=2 is not divisible by the 4 pipeline stages"),
+    # combinations parallelize refuses (distributed.parallelize.check_layout)
+    (4, ["parallel.tp=2", "parallel.pp=2"], r"parallel.pp=2 with parallel.tp=2 is not supported yet"),
+    (4, ["parallel.pp=2", "parallel.dp_mode=fsdp", "data.global_batch_size=32"], r"pp=2 with parallel.dp_mode=fsdp"),
+    (2, ["parallel.ep=2", "parallel.dp_mode=deepspeed"], r"dp_mode=deepspeed supports data parallelism only"),
+    (2, ["parallel=deepspeed2", "parallel.zero_stage=3"], r"parallel.zero_stage=3: use 1 or 2"),
+    # the library checks a run meets only once the model is built or the first step runs
+    (2, ["parallel.tp=2", "model.vocab_size=8191"], r"model.vocab_size=8191 is not divisible by parallel.tp=2"),
+    (2, ["parallel=tp2", "data.seq_length=127"], r"data.seq_length=127 is not divisible by parallel.tp=2"),
+    (2, ["parallel=ep2", "parallel.moe_chunks=3"], r"parallel.moe_chunks=3 must divide the 4 local experts"),
+    (1, ["parallel.moe_chunks=0"], r"parallel.moe_chunks=0 must be >= 1"),
+    (4, ["parallel=pp2_ep2"], r"pp_schedule=1f1b needs at least pp=2 micro-batches per step"),
+    (2, ["parallel=pp2", "model.num_layers=4", "parallel.pp_schedule=interleaved_1f1b",
+         "data.global_batch_size=40"], r"interleaved_1f1b .* 5 is not a multiple of its 2 rounds"),
+    # from the trainer, stability monitor and SDC monitor
+    (1, ["parallel.pp_microbatches=3"], r"parallel.pp_microbatches=3 but each dp rank runs .* = 2"),
+    (1, ["train.grad_accum=3"], r"train.grad_accum=3 disagrees with .* = 2"),
+    (2, ["parallel=pp2", "moe.auto_lb_coef=true"], r"moe.auto_lb_coef=true needs R_g"),
+    (2, ["parallel=pp2", "sdc.replay_interval=5", "determinism.enabled=true"], r"parallel.pp=2"),
+    # ranges and sequence
+    (1, ["optim.lr=-1"], r"optim.lr=-1.0 must be positive"),
+    (1, ["optim.weight_decay=-0.1"], r"optim.weight_decay=-0.1 must be >= 0"),
+    (1, ["data.seq_length=100000"], r"data.seq_length=100000 exceeds model.max_position_embeddings=4096"),
+    (1, ["logging.log_interval=0"], r"logging.log_interval=0 must be >= 1"),
+    (1, ["moe.lb_num_groups=3"], r"moe.lb_num_groups=3 must divide model.n_routed_experts=8"),
+    (1, ["model.vocab_size=200"], r"model.vocab_size=200 is too small for the stdlib corpus"),
+    (1, ["data.corpus=files", "data.sources=[{path: x, weight: 1.0}]"], r"data.corpus=files needs data.tokenizer"),
+])
+def test_each_check_names_the_value_and_the_fix(world_size, overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(_cfg(*overrides), world_size=world_size)
+
+
+@pytest.mark.parametrize("world_size,overrides", [
+    (1, []), (2, ["parallel=ep2"]), (2, ["parallel=dp2"]), (2, ["parallel=fsdp2"]), (2, ["parallel=pp2"]),
+    (2, ["parallel=tp2"]), (2, ["parallel=deepspeed2"]), (4, ["parallel=tp2_ep2"]),
+    (4, ["parallel=pp2_ep2", "data.global_batch_size=32"]),
+])
+def test_the_parallel_presets_validate_at_their_world_size(world_size, overrides):
+    validate(_cfg(*overrides), world_size=world_size)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg("optim.lr=-1", "train.keep_last=0", "data.seq_length=100000"), world_size=1)
+    assert len(info.value.errors) == 3, info.value.errors
+    assert str(info.value) == "\n".join(info.value.errors)
+
+
+def test_run_config_validate_is_the_same_function():
+    with pytest.raises(ConfigError, match="optim.lr"):
+        _cfg("optim.lr=-1").validate(world_size=1)
