@@ -268,8 +268,7 @@ def test_plots_include_router_health(corpus_cache, tmp_path):
     names = {p.name for p in paths}
     assert {"loss.png", "ffn_experts_per_token.png", "expert_load.png", "stability.png"} <= names
     assert all(p.stat().st_size > 1000 for p in paths)
-    from longcat.plots import read_metrics
-    from longcat.plots_stability import budget_summary
+    from longcat.plots import budget_summary, read_metrics
 
     rows = budget_summary(read_metrics(tmp_path / "metrics.jsonl"), target=K_E)
     assert [r["layer"] for r in rows] == [0, 1] and all(r["window"] == (4, 4) for r in rows)
