@@ -20,17 +20,20 @@ import torch
 import torch.distributed as dist
 
 from longcat.config.schema import RunConfig
+from longcat.distributed import ParallelDims, ProcessGroups
+from longcat.distributed.elastic import restart_safe_store
+from longcat.distributed.pipeline import PipelineSchedule
+from longcat.model.parallel.parallelize import check_layout
+from longcat.train.determinism import enable_determinism
+from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
+from longcat.train.sdc_check import SDCHaltError
+from longcat.train.trainer import Trainer, parallel_options
 
 logger = logging.getLogger(__name__)
 
 
 def _init_distributed(run_cfg: RunConfig):
     """Init the default process group when launched by torchrun; build ProcessGroups."""
-    from longcat.distributed import ParallelDims, ProcessGroups
-    from longcat.distributed.parallelize import check_layout
-    from longcat.distributed.pipeline_stage import PipelineSchedule
-    from longcat.train.trainer import parallel_options
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     p = run_cfg.parallel
     dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
@@ -50,8 +53,6 @@ def _init_distributed(run_cfg: RunConfig):
         backend = "cpu:gloo,cuda:nccl" if run_cfg.train.device == "cuda" else "gloo"
         if run_cfg.train.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        from longcat.distributed.elastic import restart_safe_store
-
         timeout = timedelta(minutes=10)
         store = restart_safe_store(timeout=timeout)  # a fresh key space per torchrun restart
         rendezvous = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]), "world_size": world_size}
@@ -62,11 +63,6 @@ def _init_distributed(run_cfg: RunConfig):
 def run_training(run_cfg: RunConfig, cfg_dict: dict) -> int:
     """Train ``run_cfg``; returns the exit code: 0, or ``SDC_EXIT_CODE`` (3) when silent data corruption
     halted the run, ``NONFINITE_EXIT_CODE`` (4) when a NaN/Inf stopped it (every rank returns it)."""
-    from longcat.train.determinism import enable_determinism
-    from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
-    from longcat.train.sdc_check import SDCHaltError
-    from longcat.train.trainer import Trainer
-
     if run_cfg.determinism.enabled:
         enable_determinism()  # before CUDA and NCCL start: their environment variables are read once
     dims, groups = _init_distributed(run_cfg)

@@ -154,7 +154,7 @@ def _exchanges_alone(moe, u_BSD, groups) -> dict[str, float]:
     """Seconds of each of one MoE's four exchanges (``KEYS``) for input u_BSD, with its real splits,
     one at a time (a barrier before each), nothing else running."""
     from longcat.distributed.collectives import all_to_all_uneven, exchange_counts
-    from longcat.model.moe.dispatcher import count_by_expert
+    from longcat.model.moe.dispatch import count_by_expert
 
     with torch.no_grad():
         ids_TK = moe.router(u_BSD.reshape(-1, u_BSD.shape[-1])).expert_ids_TK
@@ -203,9 +203,8 @@ def run_rank(settings: OverlapBenchSettings) -> dict[str, Any]:
     rounds: step seconds and blocked seconds per key, per schedule, for ``layer`` and ``model``; the
     dense windows; the all-to-all on its own; rows exchanged."""
     from longcat.distributed import ParallelDims, ProcessGroups
-    from longcat.distributed.expert_parallel import apply_expert_parallel
     from longcat.model import LongcatFlashForCausalLM
-    from longcat.model.moe.chunked import apply_moe_overlap
+    from longcat.model.parallel.expert_parallel import apply_expert_parallel, apply_moe_overlap
 
     torch.set_num_threads(settings.threads)
     groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), ep=dist.get_world_size()))
