@@ -82,6 +82,8 @@ def build_reference(cfg: ModelConfig, *, state_dict: dict[str, torch.Tensor], ac
     except ImportError as exc:
         raise ValueError(
             f"the reference needs transformers>=5 with LongcatFlash ({exc}); pip install -e '.[test]'") from None
+    # Only the reference needs these (with the optional transformers): a child measuring our own
+    # step does not load them (bench/child.py counts every import in its baseline RSS).
     from longcat.interop import to_transformers_state_dict
     from longcat.model.hf_mapping import hf_config_dict
 
