@@ -14,7 +14,8 @@ CONFIG = ROOT / ".importlinter"
 
 def _lint_imports(config: Path) -> subprocess.CompletedProcess:
     """``lint-imports CONFIG`` on this checkout's ``src`` (the console script's own entry point)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
+    paths = [str(ROOT / "src")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     command = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     return subprocess.run([sys.executable, "-c", command, "--no-cache", "--no-logo", str(config)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -106,7 +106,7 @@ class PipelineRunner:
         ValueError: a micro-batch count the schedule cannot run (e.g. 1F1B needs >= pp micro-batches).
     """
 
-    def __init__(self, stages: list[StageModule], *, plan: StagePlan, groups: ProcessGroups, num_microbatches: int,
+    def __init__(self, stages: Sequence[StageModule], *, plan: StagePlan, groups: ProcessGroups, num_microbatches: int,
                  local_model: nn.Module, hidden_size: int, activation_dtype: torch.dtype, seq_divisor: int = 1,
                  tied_parameter: Optional[str] = None):
         self.plan = plan
@@ -115,7 +115,7 @@ class PipelineRunner:
         self.pp_rank = groups.pp_rank
         self.num_microbatches = num_microbatches
         assert [s.stage_index for s in stages] == list(plan.local_stages(self.pp_rank)), "this rank's stages"
-        self.stages = stages
+        self.stages = list(stages)
         self.local_layer_ids = plan.local_layers(self.pp_rank)
         self.local_model = local_model
         self.hidden_size = hidden_size

@@ -131,14 +131,16 @@ class StageModule(nn.Module):
     """Base of one pipeline stage's module; ``PipelineRunner`` drives it.
 
     Subclasses implement:
-        ``forward(x, **inputs)`` (training): x is int64 [B, S] token ids on the first stage, else the
-            previous stage's activation [B, S, D]; returns the activation [B, S, D] (with the stage's
-            auxiliary loss attached) or, on the last stage, the micro-batch's fp32 [] objective. It
-            calls ``record.add`` once per forward (not in a recompute).
-        ``evaluate(x, **inputs)`` (no grad): the activation, or on the last stage float64 [2]
-            (loss sum, number of labelled tokens).
-    ``inputs`` are the micro-batch's [B, S] tensors (every stage gets them all). ``step_input`` is set
-    by the runner for one step (e.g. the global batch's token counts) and cleared afterwards.
+        ``forward(x, *, input_ids, token_mask, labels[, position_ids])`` (training): x is int64
+            [B, S] token ids on the first stage, else the previous stage's activation [B, S, D];
+            returns the activation [B, S, D] (with the stage's auxiliary loss attached) or, on the
+            last stage, the micro-batch's fp32 [] objective. It calls ``record.add`` once per forward
+            (not in a recompute).
+        ``evaluate(x, ...)`` (the same inputs; no grad): the activation, or on the last stage
+            float64 [2] (loss sum, number of labelled tokens).
+    The keyword inputs are the micro-batch's [B, S] tensors (every stage gets them all).
+    ``step_input`` is set by the runner for one step (e.g. the global batch's token counts) and
+    cleared afterwards.
     """
 
     def __init__(self, *, stage_index: int, num_stages: int) -> None:
@@ -148,7 +150,8 @@ class StageModule(nn.Module):
         self.record = StageRecord()
         self.step_input: Any = None  # opaque here: the objective's per-step input
 
-    def evaluate(self, x: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
+                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
 

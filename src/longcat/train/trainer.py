@@ -271,8 +271,9 @@ class Trainer:
     def _forward_backward_all(self, micro_batches: list[dict], counts: losses.GlobalTokenCounts):
         """Every micro-batch of this rank: (LossParts of this dp rank, per micro-batch the local layers' stats)."""
         if self.pipeline is not None:
-            out = self.pipeline.step(micro_batches, counts)  # loss sums in TrainingObjective.TERM_NAMES order
-            return LossParts(*out.loss_sums), out.per_microbatch
+            out = self.pipeline.step(micro_batches, counts)
+            ce, mtp, z, lb = out.loss_sums  # TrainingObjective.TERM_NAMES
+            return LossParts(ce=ce, mtp=mtp, z=z, lb=lb), out.per_microbatch
         parts, stats = LossParts(), []
         if self.sdc.replay_due(self.step + 1):  # SDC replay of one micro-batch (train/sdc_check.py)
             return parts, self.sdc.forward_backward_replayed(
