@@ -182,7 +182,7 @@ def test_lb_is_one_term_per_layer(corpus_cache, tmp_path):
         trainer.biases_L[1][4:] = 1.0
     mb = merged(global_batches(1)[0][:2])[0]
     out = trainer.model(mb["input_ids"], token_mask_BS=mb["token_mask"])
-    kw = dict(n_routed_experts=4, moe_topk=2, expected_ffn_experts=K_E, num_groups=trainer.lb_num_groups)
+    kw = dict(n_routed_experts=4, moe_topk=2, expected_ffn_experts=K_E, num_groups=trainer.objective.lb_num_groups)
     per_layer = [losses.load_balance_loss(s.expert_counts_E, s.prob_sum_E, s.num_tokens, **kw).item()
                  for s in out.moe_stats]
     parts = LossParts()
