@@ -72,8 +72,8 @@ class StageObjective(Protocol):
 
     def head_loss(self, *, logits_BSV: torch.Tensor, mtp_logits_BSV: Optional[torch.Tensor],
                   last_hidden_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor, token_mask_BS: torch.Tensor,
-                  counts: Any, vocab_parallel: bool,
-                  lb: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+                  counts: Any,  # opaque here: the runner's step_input, the global batch's token counts
+                  vocab_parallel: bool, lb: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def aux_terms(self, lb: Optional[torch.Tensor], *, like: torch.Tensor) -> torch.Tensor: ...
 
