@@ -55,7 +55,7 @@ def _print_budget_summary(metrics: Path, records: list[dict], target) -> None:
     """The dynamic-computation figures of the run (per layer, last 20% of steps)."""
     import json
 
-    from longcat.plots_stability import budget_summary, format_budget_summary
+    from longcat.plots import budget_summary, format_budget_summary
 
     config = metrics.parent / "config.json"
     if target is None and config.is_file():

@@ -16,16 +16,20 @@ import logging
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from longcat.config.schema import Device, RunConfig
 from longcat.config.validate import validate, world_size_from_env
-
-if TYPE_CHECKING:
-    from longcat.train.callbacks import Callback
+from longcat.distributed import ParallelDims, ProcessGroups
+from longcat.distributed.elastic import restart_safe_store
+from longcat.train.callbacks import Callback
+from longcat.train.determinism import enable_determinism
+from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
+from longcat.train.sdc_check import SDCHaltError
+from longcat.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +37,6 @@ logger = logging.getLogger(__name__)
 def _init_distributed(run_cfg: RunConfig, *, world_size: int):
     """Init the default process group when launched by torchrun; build ProcessGroups (``run_cfg`` validated
     for ``world_size``)."""
-    from longcat.distributed import ParallelDims, ProcessGroups
-
     dims = ParallelDims.from_config(run_cfg.parallel, world_size=world_size)
     if world_size == 1:
         return dims, ProcessGroups.single()
@@ -44,8 +46,6 @@ def _init_distributed(run_cfg: RunConfig, *, world_size: int):
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        from longcat.distributed.elastic import restart_safe_store
-
         timeout = timedelta(minutes=10)
         store = restart_safe_store(timeout=timeout)  # a fresh key space per torchrun restart
         rendezvous = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]), "world_size": world_size}
@@ -62,11 +62,6 @@ def run_training(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Call
         ConfigError: ``run_cfg`` is not valid for this world size (``longcat.config.validate``), before any work.
         ValueError: bad data, tokenizer or checkpoint files (each naming the file and the fix).
     """
-    from longcat.train.determinism import enable_determinism
-    from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
-    from longcat.train.sdc_check import SDCHaltError
-    from longcat.train.trainer import Trainer
-
     world_size = world_size_from_env()
     validate(run_cfg, world_size=world_size)  # every check the configuration allows, before any work
     if run_cfg.determinism.enabled:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
+from longcat.config.validate import validate as validate_run_config
 from longcat.config.validate import world_size_from_env
 from longcat.plots import read_metrics
 from longcat.train.checkpoint import latest_checkpoint, list_checkpoints
@@ -134,7 +135,7 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list[RunConfi
     for stage in load_pipeline(name):
         try:
             cfg, _ = compose_run_config(stage.recipe, [*overrides, *stage.overrides])
-            cfg.validate(world_size=world_size_from_env())  # each stage is a `python -m longcat.train` process
+            validate_run_config(cfg, world_size=world_size_from_env())  # each stage is a `python -m longcat.train` process
         except ValueError as exc:
             raise ValueError(f"pipeline {name!r}, stage {stage.name!r}: {exc}") from None
         if stage.grow_factor > 1 and configs and cfg.train.steps <= configs[-1].train.steps:

@@ -9,7 +9,9 @@ Eq. 3-5 is the same):
 - the load-balance loss's gradient at the router (after the dp gradient sum) is the same at dp 1,
   2 and 4;
 - R_g, the automatic alpha and every stability metric are identical on all ranks; measuring R_g
-  changes no training number (dp 2 replicate, ep 2, FSDP2).
+  changes no training number (dp 2 replicate, ep 2, FSDP2);
+- under pp 2 the stages compute the load-balance loss with the alpha the trainer holds at that step
+  (``StabilityMonitor.lb_coef``, which ``moe.auto_lb_coef`` moves between steps), as one process does.
 
 The layouts' own equivalence (losses, grad norms, biases, parameters for tp/pp/ep/fsdp/...) is
 tests/distributed/test_layouts.py; this file adds what it does not check. Rank bodies are
@@ -23,9 +25,10 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate as validate_run_config
 from longcat.testing import run_distributed
 from longcat.testing.equivalence import Layout, run_single
 from longcat.train import losses
@@ -65,7 +68,7 @@ def _trainer(cfg, layout: Layout):
     groups = None
     if dist.is_initialized():
         groups = ProcessGroups.build(ParallelDims.from_config(layout.parallel, world_size=dist.get_world_size()))
-    cfg.validate(world_size=groups.world_size if groups else 1)
+    validate_run_config(cfg, world_size=groups.world_size if groups else 1)
     cfg.train.out_dir = tempfile.mkdtemp(prefix="budget_")
     return Trainer(cfg, groups=groups)
 
@@ -81,19 +84,29 @@ def _share(trainer, batch: list[dict]) -> list[dict]:
     return batch[trainer.dp_rank * per_rank:(trainer.dp_rank + 1) * per_rank]
 
 
-def lb_router_grad(cfg, layout: Layout, batch: list[dict]) -> torch.Tensor:
-    """The LB term's gradient at the routers' weights, summed over dp: grad(alpha) - grad(0)."""
+def lb_router_grads(cfg, layout: Layout, batch: list[dict]) -> tuple[dict[int, torch.Tensor], list[float]]:
+    """Per layer (global id) of this rank, the LB term's gradient at its router's weight, summed over
+    dp: grad(alpha) - grad(0); and the step's ``loss/lb`` at alpha 0 and ALPHA. alpha is set on the
+    stability monitor between the two passes, where the automatic alpha lands."""
     trainer = _trainer(cfg, layout)
     mbs = _share(trainer, batch)
-    grads = []
+    layer_ids = trainer.pipeline.local_layer_ids if trainer.pipeline is not None else range(len(trainer.routers_L))
+    grads, lb_losses = [], []
     for alpha in (0.0, ALPHA):
         trainer.stability.lb_coef = alpha
         trainer.parallel.zero_grad(trainer.optimizer)
-        trainer._forward_backward_all(mbs, trainer._global_counts(mbs))
+        parts, _ = trainer._forward_backward_all(mbs, trainer._global_counts(mbs))
         if trainer.parallel.grad_sync is not None:
             trainer.parallel.grad_sync.sync()  # [param] -> all_reduce(sum, dp) -> [param]
-        grads.append(torch.cat([r.classifier.weight.grad.flatten().clone() for r in trainer.routers_L]))
-    return grads[1] - grads[0]
+        grads.append([r.classifier.weight.grad.flatten().clone() for r in trainer.routers_L])
+        lb_losses.append(parts.lb)
+    return {layer: g1 - g0 for layer, g0, g1 in zip(layer_ids, *grads)}, lb_losses
+
+
+def lb_router_grad(cfg, layout: Layout, batch: list[dict]) -> torch.Tensor:
+    """``lb_router_grads`` of every layer of this rank, concatenated in layer order."""
+    by_layer, _ = lb_router_grads(cfg, layout, batch)
+    return torch.cat([by_layer[layer] for layer in sorted(by_layer)])
 
 
 def train_run(cfg, layout: Layout, steps: list[list[dict]]) -> dict:
@@ -122,6 +135,7 @@ def _world2_body(cfg_lb0, cfg_lb0_mb2, cfg_health, cfg_auto, steps) -> dict:
         "trajectory": train_run(cfg_lb0, dp2, steps),
         "trajectory_mb2": train_run(cfg_lb0_mb2, dp2, _pairs(steps)),
         "lb_grad": lb_router_grad(cfg_health, dp2, steps[0]),
+        "lb_grads_pp2": lb_router_grads(cfg_health, Layout("pp2", pp=2), steps[0]),
         "auto": train_run(cfg_auto, dp2, steps),
         "ep2_on": train_run(cfg_health, Layout("ep2", dp=2, ep=2), steps[:2]),
         "ep2_off": train_run(_health_off(cfg_health), Layout("ep2", dp=2, ep=2), steps[:2]),
@@ -197,6 +211,25 @@ def test_stability_state_and_metrics_identical_on_all_ranks(world2):
     alphas = [m["moe/lb_coef"] for m in auto["stability"]]
     assert alphas[0] == ALPHA and alphas[-1] < ALPHA, alphas  # the automatic alpha moved, on both ranks
     assert all("moe/layer1/rg" in m for m in auto["stability"])
+
+
+def test_pp2_stages_use_the_alpha_in_use(setup, world2):
+    """The pipeline stages read the trainer's current alpha at every step (a fixed moe.lb_loss_coef
+    would give the same LB loss and gradient for both alphas): at 0 and at ALPHA the load-balance
+    loss and its gradient at every router are one process's."""
+    steps, cfgs = setup
+    want_grads, want_lb = lb_router_grads(cfgs["health"], Layout("single"), steps[0])
+    assert want_lb[0] == 0.0 and want_lb[1] > 0
+    layers = set()
+    for rank in world2:
+        grads, lb = rank["lb_grads_pp2"]
+        assert lb[0] == 0.0 and lb[1] == pytest.approx(want_lb[1], rel=RTOL), (lb, want_lb)
+        for layer, g in grads.items():
+            want = want_grads[layer]
+            assert want.norm() > 0
+            torch.testing.assert_close(g, want, rtol=RTOL, atol=RTOL * want.abs().max().item(), msg=f"layer {layer}")
+        layers |= set(grads)
+    assert layers == set(want_grads)  # the two stages hold every layer
 
 
 @pytest.mark.parametrize("layout", ["ep2", "fsdp"])

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
 from longcat.testing.equivalence import (
     SINGLE,

@@ -25,7 +25,12 @@ from longcat.distributed import (
     reduce_scatter_along,
     split_to_group,
 )
-from longcat.testing import DistributedTestError, DistributedTimeoutError, distributed_test, run_distributed
+from longcat.testing import (
+    DistributedTestError,
+    DistributedTimeoutError,
+    distributed_test,
+    run_distributed,
+)
 
 TIMEOUT_S = 60
 GROUP_NAMES = ("tp", "dp", "pp", "ep", "edp")

@@ -15,9 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate as validate_run_config
 from longcat.testing.distributed import run_distributed
 from longcat.testing.equivalence import Layout
 
@@ -39,7 +40,7 @@ def _run_twice(cfg, layouts: list[Layout]) -> dict[str, list[dict]]:
         run_cfg.sdc.replay_interval = 0 if layout.parallel.pp > 1 else 1  # no replay under PP (SDCConfig)
         run_cfg.sdc.replica_interval = 1
         groups = ProcessGroups.build(ParallelDims.from_config(layout.parallel, world_size=dist.get_world_size()))
-        run_cfg.validate(world_size=groups.world_size)
+        validate_run_config(run_cfg, world_size=groups.world_size)
         runs = []
         for _ in range(2):
             trainer = Trainer(run_cfg, groups=groups)

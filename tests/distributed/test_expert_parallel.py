@@ -23,13 +23,13 @@ import torch.distributed as dist
 
 from longcat.config.schema import ModelConfig
 from longcat.distributed import ParallelDims, ProcessGroups
-from longcat.distributed.expert_parallel import (
-    AllToAllTokenDispatcher,
+from longcat.model import LongcatFlashForCausalLM, MoE
+from longcat.model.moe.dispatch import AllToAllTokenDispatcher
+from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
     expert_param_global_info,
     expert_shard_to_dtensor,
 )
-from longcat.model import LongcatFlashForCausalLM, MoE
 from longcat.testing import run_distributed
 
 TIMEOUT_S = 60

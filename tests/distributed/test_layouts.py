@@ -28,10 +28,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
-from longcat.testing.equivalence import Layout, max_relative_difference, merged_params, run_layouts, run_single
+from longcat.testing.equivalence import (
+    Layout,
+    max_relative_difference,
+    merged_params,
+    run_layouts,
+    run_single,
+)
 
 RTOL = 1e-5
 PARAM_ATOL = 1e-4  # after 3 AdamW steps (lr 3e-3); a wrong shard or a missed reduction is far larger

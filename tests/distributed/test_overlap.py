@@ -21,12 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from longcat.config.schema import ModelConfig
-from longcat.distributed import ParallelDims, ProcessGroups
-from longcat.distributed import overlap
-from longcat.distributed.expert_parallel import apply_expert_parallel
+from longcat.distributed import ParallelDims, ProcessGroups, overlap
 from longcat.model import LongcatFlashForCausalLM, MoE
 from longcat.model.moe import TokenDispatcher
-from longcat.model.moe.chunked import ChunkedAllToAllTokenDispatcher, apply_moe_overlap
+from longcat.model.moe.dispatch import ChunkedAllToAllTokenDispatcher
+from longcat.model.parallel.expert_parallel import (
+    apply_expert_parallel,
+    apply_moe_overlap,
+)
 from longcat.testing import run_distributed
 
 TIMEOUT_S = 80

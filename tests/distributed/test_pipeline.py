@@ -20,10 +20,12 @@ import torch.distributed.checkpoint as dcp
 
 from longcat.config.schema import LossConfig, ModelConfig, MoEConfig
 from longcat.distributed import ParallelDims, ProcessGroups
-from longcat.distributed.pipeline import build_pipeline, plan_stages
+from longcat.distributed.pipeline import plan_stages
 from longcat.model import LongcatFlashForCausalLM
+from longcat.model.parallel.pipeline import build_pipeline
 from longcat.testing import run_distributed
 from longcat.train import losses
+from longcat.train.objective import TrainingObjective
 
 TIMEOUT_S = 90
 NUM_MICROBATCHES = 4
@@ -93,6 +95,12 @@ def _reference(ref, micro_batches, *, accum: int, dp_size: int):
     return counts, parts, stats
 
 
+def _objective(cfg: ModelConfig = CFG, *, dp_size: int = 1) -> TrainingObjective:
+    """The trainer's objective for ``build_pipeline`` (no ep: one LB group, as ``_reference``)."""
+    return TrainingObjective(loss_cfg=LOSS, moe_cfg=MOE, model_cfg=cfg, num_microbatches=NUM_MICROBATCHES,
+                             dp_size=dp_size, ep_size=1)
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
@@ -113,8 +121,8 @@ def _assert_grads(local_model, ref) -> None:
 
 
 def _assert_moe_counts(out, ref_stats) -> None:
-    assert len(out.moe_stats) == len(ref_stats)
-    for got_m, ref_m in zip(out.moe_stats, ref_stats):
+    assert len(out.per_microbatch) == len(ref_stats)
+    for got_m, ref_m in zip(out.per_microbatch, ref_stats):
         assert len(got_m) == len(out.local_layer_ids)
         for got, layer in zip(got_m, out.local_layer_ids):
             want = ref_m[layer]
@@ -139,7 +147,7 @@ def _parity_body(schedule: str, tie: bool, checkpointing: bool, ckpt_dir: str | 
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tie)
     model, ref = _build(cfg, checkpointing=checkpointing)
     runner = build_pipeline(model, groups=groups, schedule=schedule, num_microbatches=NUM_MICROBATCHES,
-                            loss_cfg=LOSS, moe_cfg=MOE)
+                            objective=_objective(cfg))
 
     # Global names: every local name is the full model's, and the ranks together hold all of them.
     full_names = {name for name, _ in ref.named_parameters()}
@@ -158,7 +166,7 @@ def _parity_body(schedule: str, tie: bool, checkpointing: bool, ckpt_dir: str | 
         counts, parts, ref_stats = _reference(ref, micro_batches, accum=NUM_MICROBATCHES, dp_size=1)
         out = runner.step(micro_batches, counts)
         runner.sync_tied_embedding_grads()
-        _assert_losses(out.loss, parts)
+        _assert_losses(Parts(*out.loss_sums), parts)
         _assert_grads(runner.local_model, ref)
         _assert_moe_counts(out, ref_stats)
 
@@ -177,7 +185,7 @@ def _parity_body(schedule: str, tie: bool, checkpointing: bool, ckpt_dir: str | 
 
     if ckpt_dir is not None:
         _checkpoint_round_trip(runner, ref, cfg, ckpt_dir)
-    return out.loss
+    return out.loss_sums
 
 
 def _checkpoint_round_trip(runner, ref, cfg: ModelConfig, ckpt_dir: str) -> None:
@@ -221,7 +229,7 @@ def _pp_dp_body():
     groups = ProcessGroups.build(ParallelDims(4, pp=2))
     model, ref = _build(CFG, checkpointing=False)
     runner = build_pipeline(model, groups=groups, schedule="interleaved_1f1b", num_microbatches=NUM_MICROBATCHES,
-                            loss_cfg=LOSS, moe_cfg=MOE)
+                            objective=_objective(dp_size=2))
     everything = _micro_batches(2 * NUM_MICROBATCHES, seed=3)
     mine = everything[groups.dp_rank * NUM_MICROBATCHES:(groups.dp_rank + 1) * NUM_MICROBATCHES]
     counts, parts, ref_stats = _reference(ref, everything, accum=NUM_MICROBATCHES, dp_size=2)
@@ -231,7 +239,7 @@ def _pp_dp_body():
         dist.all_reduce(param.grad, group=groups.dp_group)  # the trainer's DP grad sync
     _assert_grads(runner.local_model, ref)
     _assert_moe_counts(out, ref_stats[groups.dp_rank * NUM_MICROBATCHES:(groups.dp_rank + 1) * NUM_MICROBATCHES])
-    totals = torch.tensor([out.loss.ce, out.loss.mtp, out.loss.z, out.loss.lb], dtype=torch.float64)
+    totals = torch.tensor(out.loss_sums, dtype=torch.float64)
     dist.all_reduce(totals, group=groups.dp_group)
     _assert_losses(Parts(*totals.tolist()), parts)
 
@@ -257,7 +265,7 @@ def test_layers_not_divisible_by_stages():
     model = LongcatFlashForCausalLM(dataclasses.replace(CFG, num_layers=6))
     with pytest.raises(ValueError, match=r"num_layers=6 .* 4 pipeline stages .*pp=2 x 2"):
         build_pipeline(model, groups=groups, schedule="interleaved_1f1b", num_microbatches=4,
-                       loss_cfg=LOSS, moe_cfg=MOE)
+                       objective=_objective())
     with pytest.raises(ValueError, match="num_layers=3 .* 2 pipeline stages"):
         plan_stages(num_layers=3, pp_size=2, schedule="1f1b")
     with pytest.raises(ValueError, match="unknown pipeline schedule 'gpipe'"):

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
 from longcat.config.schema import FaultInjection
+from longcat.config.validate import validate as validate_run_config
 from longcat.testing.distributed import run_distributed
 
 CHECKS = {"determinism.enabled": "true", "sdc.replay_interval": 1, "sdc.replica_interval": 1}
@@ -48,7 +49,7 @@ CAMPAIGN = [
 
 def _cfg(corpus_cache: str, out_dir: str, **extra):
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, out_dir, **{"parallel.dp": 2, **extra}))
-    cfg.validate(world_size=2)
+    validate_run_config(cfg, world_size=2)
     return cfg, cfg_dict
 
 

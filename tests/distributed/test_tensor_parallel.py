@@ -15,16 +15,23 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from longcat.config.schema import ModelConfig
 from longcat.distributed import ParallelDims, ProcessGroups, all_gather_along
-from longcat.distributed.expert_parallel import apply_expert_parallel
 from longcat.distributed.tensor_parallel import (
-    apply_tensor_parallel,
     gather_tp_tensors,
-    tp_param_global_info,
     vocab_parallel_cross_entropy_sum,
 )
 from longcat.model import LongcatFlashForCausalLM
+from longcat.model.parallel.expert_parallel import apply_expert_parallel
+from longcat.model.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    tp_param_global_info,
+)
 from longcat.testing import run_distributed
-from longcat.train.losses import IGNORE_INDEX, cross_entropy_sum, hidden_z_loss_sum, mtp_labels
+from longcat.train.losses import (
+    IGNORE_INDEX,
+    cross_entropy_sum,
+    hidden_z_loss_sum,
+    mtp_labels,
+)
 
 TIMEOUT_S = 60
 CFG = ModelConfig(

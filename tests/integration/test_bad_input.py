@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TEST_VOCAB, tiny_overrides
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import TEST_VOCAB, tiny_overrides
 from longcat.data.corpus import preprocess_files
 from longcat.data.indexed import write_indexed_dataset
 from longcat.testing.checkpoints import check_checkpoint_folder

@@ -15,9 +15,10 @@ import logging
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate as validate_run_config
 from longcat.testing.equivalence import run_single
 from longcat.train import losses
 from longcat.train.trainer import LossParts, Trainer
@@ -30,7 +31,7 @@ def _cfg(corpus_cache, out_dir, **extra):
     overrides = {"data.seq_length": 16, "train.eval_interval": 0, "train.checkpoint_interval": 0,
                  "moe.bias_update_rate": 0.2, **extra}
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **overrides))
-    cfg.validate(world_size=1)
+    validate_run_config(cfg, world_size=1)
     return cfg, cfg_dict
 
 
@@ -182,7 +183,7 @@ def test_lb_is_one_term_per_layer(corpus_cache, tmp_path):
         trainer.biases_L[1][4:] = 1.0
     mb = merged(global_batches(1)[0][:2])[0]
     out = trainer.model(mb["input_ids"], token_mask_BS=mb["token_mask"])
-    kw = dict(n_routed_experts=4, moe_topk=2, expected_ffn_experts=K_E, num_groups=trainer.lb_num_groups)
+    kw = dict(n_routed_experts=4, moe_topk=2, expected_ffn_experts=K_E, num_groups=trainer.objective.lb_num_groups)
     per_layer = [losses.load_balance_loss(s.expert_counts_E, s.prob_sum_E, s.num_tokens, **kw).item()
                  for s in out.moe_stats]
     parts = LossParts()
@@ -268,8 +269,7 @@ def test_plots_include_router_health(corpus_cache, tmp_path):
     names = {p.name for p in paths}
     assert {"loss.png", "ffn_experts_per_token.png", "expert_load.png", "stability.png"} <= names
     assert all(p.stat().st_size > 1000 for p in paths)
-    from longcat.plots import read_metrics
-    from longcat.plots_stability import budget_summary
+    from longcat.plots import budget_summary, read_metrics
 
     rows = budget_summary(read_metrics(tmp_path / "metrics.jsonl"), target=K_E)
     assert [r["layer"] for r in rows] == [0, 1] and all(r["window"] == (4, 4) for r in rows)

@@ -25,9 +25,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
-from longcat.testing.checkpoints import assert_same_state, check_checkpoint_folder, load_checkpoint
+
+from longcat.testing.checkpoints import (
+    assert_same_state,
+    check_checkpoint_folder,
+    load_checkpoint,
+)
 from longcat.testing.faults import SAVE_PHASES, FaultPlan
 from longcat.testing.jobs import ForkedJob
 

@@ -10,9 +10,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate as validate_run_config
 from longcat.train import determinism
 from longcat.train.trainer import Trainer
 
@@ -39,7 +40,7 @@ def restore_determinism():
 
 def _cfg(corpus_cache, out_dir, **extra):
     cfg, _ = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **extra))
-    cfg.validate(world_size=1)
+    validate_run_config(cfg, world_size=1)
     return cfg
 
 

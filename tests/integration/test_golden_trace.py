@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
 from longcat.testing.equivalence import Layout, run_layouts, run_single
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
 from longcat.scaling.growth import grow_checkpoint, source_name
 from longcat.train.trainer import Trainer

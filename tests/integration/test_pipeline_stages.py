@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
-from longcat.stages import available_pipelines, load_pipeline, plan_pipeline, run_pipeline, validate_pipeline
+
+from longcat.stages import (
+    available_pipelines,
+    load_pipeline,
+    plan_pipeline,
+    run_pipeline,
+    validate_pipeline,
+)
 
 
 def load_pipeline_text(name):

@@ -17,9 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
-from longcat.testing.checkpoints import assert_same_state, check_checkpoint_folder, load_checkpoint
+
+from longcat.testing.checkpoints import (
+    assert_same_state,
+    check_checkpoint_folder,
+    load_checkpoint,
+)
 from longcat.testing.faults import FaultPlan
 from longcat.testing.jobs import ForkedJob, TorchrunJob
 from longcat.train.preemption import EXIT_PREEMPT_TIMEOUT

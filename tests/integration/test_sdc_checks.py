@@ -18,10 +18,11 @@ import logging
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
 from longcat.config.schema import FaultInjection
+from longcat.config.validate import validate as validate_run_config
 from longcat.train.checkpoint import list_checkpoints
 from longcat.train.nonfinite import NonFiniteCheckpointError
 from longcat.train.trainer import Trainer
@@ -49,7 +50,7 @@ REPLAY_CAMPAIGN = [
 
 def _trainer(corpus_cache, out_dir, **extra) -> Trainer:
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **extra))
-    cfg.validate(world_size=1)
+    validate_run_config(cfg, world_size=1)
     return Trainer(cfg, config_dict=cfg_dict)
 
 

@@ -1,6 +1,7 @@
 """The SFT recipe's data path: chat-rendered samples reach the trainer with assistant-only labels."""
 
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
 from longcat.data.chat import END_OF_TURN
 from longcat.data.tokenizer import load_tokenizer

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate as validate_run_config
 from longcat.train.callbacks import Callback, fit_callbacks
 from longcat.train.trainer import LossParts, Trainer
 
 
 def _trainer(corpus_cache, out_dir, callbacks=(), **extra) -> Trainer:
     cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **extra))
-    cfg.validate(world_size=1)
+    validate_run_config(cfg, world_size=1)
     return Trainer(cfg, config_dict=cfg_dict, callbacks=callbacks)
 
 

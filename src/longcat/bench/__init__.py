@@ -7,7 +7,13 @@ fresh process for peak RSS), the benchmarks ``throughput``, ``utilisation``, ``m
 """
 
 from longcat.bench.common import BenchResult, Table, machine_info, write_result
-from longcat.bench.flops import Gemm, StepFlops, gemm_shapes, matmul_params_per_token, step_flops
+from longcat.bench.flops import (
+    Gemm,
+    StepFlops,
+    gemm_shapes,
+    matmul_params_per_token,
+    step_flops,
+)
 from longcat.bench.report import write_report
 from longcat.bench.suite import BENCHMARKS, run_suite, select
 

@@ -84,8 +84,16 @@ def _main(spec: ChildSpec) -> ChildResult:
     warnings.filterwarnings("ignore")
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    # Imported here, after the thread setting, so that the baseline RSS below counts them (the child
+    # imports only what its variant needs; see the module docstring).
     from longcat.bench.common import current_rss_mib, peak_rss_mib, ru_maxrss_mib, timed
-    from longcat.bench.training import OursStep, ReferenceStep, build_ours, build_reference, make_batch
+    from longcat.bench.training import (
+        OursStep,
+        ReferenceStep,
+        build_ours,
+        build_reference,
+        make_batch,
+    )
     from longcat.config.schema import ModelConfig
 
     if spec.impl == "reference":  # import it before the baseline RSS, like our own modules

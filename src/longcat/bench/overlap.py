@@ -46,16 +46,24 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from longcat.bench.common import BenchResult, Table, machine_info, write_result
 from longcat.config.schema import ModelConfig
-
-if TYPE_CHECKING:
-    from longcat.distributed import ProcessGroups
+from longcat.distributed import ParallelDims, ProcessGroups
+from longcat.distributed.collectives import all_to_all_uneven, exchange_counts
+from longcat.distributed.overlap import CommWaitRecorder, record_comm_waits
+from longcat.model import DecoderLayer, LongcatFlashForCausalLM
+from longcat.model.moe.dispatch import AllToAllTokenDispatcher, count_by_expert
+from longcat.model.parallel.expert_parallel import (
+    apply_expert_parallel,
+    apply_moe_overlap,
+)
+from longcat.testing.distributed import find_free_port
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +130,6 @@ def _model_step(model, ids_BS, labels_BS) -> None:
 
 
 def _timed_step(step: Callable[[], None], barrier: Callable[[], None]) -> tuple[float, dict[str, float]]:
-    from longcat.distributed.overlap import CommWaitRecorder, record_comm_waits
-
     barrier()
     recorder = CommWaitRecorder()
     start = _now()
@@ -156,9 +162,6 @@ def _dense_windows(layer, h_BSD, g_BSD, rope) -> dict[str, float]:
 def _exchanges_alone(moe, u_BSD, groups) -> dict[str, float]:
     """Seconds of each of one MoE's four exchanges (``KEYS``) for input u_BSD, with its real splits,
     one at a time (a barrier before each), nothing else running."""
-    from longcat.distributed.collectives import all_to_all_uneven, exchange_counts
-    from longcat.model.moe.dispatcher import count_by_expert
-
     with torch.no_grad():
         ids_TK = moe.router(u_BSD.reshape(-1, u_BSD.shape[-1])).expert_ids_TK
         exchanged = exchange_counts(count_by_expert(ids_TK, num_experts=moe.num_ffn_experts), group=groups.ep_group)
@@ -205,11 +208,6 @@ def run_rank(settings: OverlapBenchSettings, *, groups: ProcessGroups) -> dict[s
     """One rank's measurements (``groups``: ``ProcessGroups`` with every rank in ep, world size 2).
     Returns medians over rounds: step seconds and blocked seconds per key, per schedule, for ``layer``
     and ``model``; the dense windows; the all-to-all on its own; rows exchanged."""
-    from longcat.distributed.expert_parallel import AllToAllTokenDispatcher, apply_expert_parallel
-    from longcat.model import LongcatFlashForCausalLM
-    from longcat.model.layer import DecoderLayer
-    from longcat.model.moe.chunked import apply_moe_overlap
-
     torch.set_num_threads(settings.threads)
     cfg = settings.model_config()
     torch.manual_seed(0)
@@ -315,7 +313,6 @@ def worker_main(settings: OverlapBenchSettings, out_path: Path) -> None:
     GLOO_SOCKET_IFNAME), measure, write this rank's JSON to ``out_path``."""
     import datetime
 
-    from longcat.distributed import ParallelDims, ProcessGroups
 
     dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=300))
     try:
@@ -392,8 +389,6 @@ def _window_metrics(ranks, what: str, *, num_layers: int) -> tuple[dict[str, flo
 
 def summarise(ranks: list[dict[str, Any]], settings: OverlapBenchSettings, *, link_note: str):
     """The BenchResult of the two ranks' measurements (means over the ranks of their medians)."""
-    from longcat.bench.common import BenchResult, Table
-
     metrics: dict[str, float] = {}
     rows = []
     for what, num_layers in (("layer", 1), ("model", settings.num_layers)):
@@ -499,8 +494,6 @@ class VethLink:
 
 
 def _rank_commands(settings: OverlapBenchSettings, link: Optional[VethLink], outs: list[Path]) -> list[tuple]:
-    from longcat.testing.distributed import find_free_port
-
     port = str(find_free_port())
     flags = [f"--{f.name.replace('_', '-')}={getattr(settings, f.name)}" for f in dataclasses.fields(settings)]
     commands = []
@@ -540,8 +533,6 @@ def run(settings: OverlapBenchSettings, *, output_dir: Path, timeout_s: float = 
 
     Falls back to the emulated link (and says so) when ``settings.link == "veth"`` and the
     namespaces cannot be made."""
-    from longcat.bench.common import machine_info, write_result
-
     started = time.monotonic()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the link is removed
     try:

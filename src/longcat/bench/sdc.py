@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from longcat.bench.common import BenchResult, Table, median
+from longcat.config.validate import validate as validate_run_config
 
 CANDIDATE_INTERVALS = (1, 2, 5, 10, 20, 25, 50, 100, 200)
 TARGET_OVERHEAD = 0.05
@@ -64,7 +65,7 @@ def _trainer(s: SDCBenchSettings, out_dir: str):
     cfg, cfg_dict = compose_run_config(s.recipe, overrides)
     if not Path(cfg.data.cache_dir).is_absolute():
         cfg.data.cache_dir = str(project_root() / cfg.data.cache_dir)
-    cfg.validate(world_size=1)
+    validate_run_config(cfg, world_size=1)
     return Trainer(cfg, config_dict=cfg_dict), cfg
 
 

@@ -22,7 +22,15 @@ from typing import Callable
 
 import torch
 
-from longcat.bench.common import BenchResult, Table, Timing, load_preset, median, rel_diff, timed
+from longcat.bench.common import (
+    BenchResult,
+    Table,
+    Timing,
+    load_preset,
+    median,
+    rel_diff,
+    timed,
+)
 from longcat.bench.flops import gemm_shapes, step_flops
 from longcat.bench.matmul import measure_matmul_throughput
 from longcat.bench.training import OursStep, ReferenceStep, build_pair, make_batch

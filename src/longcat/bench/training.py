@@ -78,10 +78,13 @@ def build_reference(cfg: ModelConfig, *, state_dict: dict[str, torch.Tensor], ac
             reference does not train one, so the steps would differ).
     """
     try:
-        from transformers import LongcatFlashConfig, LongcatFlashForCausalLM as HFLongcat
+        from transformers import LongcatFlashConfig
+        from transformers import LongcatFlashForCausalLM as HFLongcat
     except ImportError as exc:
         raise ValueError(
             f"the reference needs transformers>=5 with LongcatFlash ({exc}); pip install -e '.[test]'") from None
+    # Only the reference needs these (with the optional transformers): a child measuring our own
+    # step does not load them (bench/child.py counts every import in its baseline RSS).
     from longcat.interop import to_transformers_state_dict
     from longcat.model.hf_mapping import hf_config_dict
 

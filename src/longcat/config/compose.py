@@ -147,7 +147,12 @@ def unknown_key_message(key: str) -> str:
 
 def _explain(exc: Exception) -> str:
     """One line for a Hydra / OmegaConf composition error: the key and the fix."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        OmegaConfBaseException,
+        ValidationError,
+    )
 
     chain: list[BaseException] = []
     cause: Optional[BaseException] = exc

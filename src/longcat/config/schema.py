@@ -242,7 +242,7 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     """Parallel degrees and modes: the one parallel-options type, read by the launch, the trainer,
-    ``distributed.parallelize`` and the test harness (``testing.equivalence.Layout``).
+    ``model.parallel.parallelize`` and the test harness (``testing.equivalence.Layout``).
 
     The world size must equal pp x dp x tp (``config.layout``; ``distributed.ParallelDims`` is the
     runtime object built from these degrees by the same rules).
@@ -417,18 +417,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
     sdc: SDCConfig = field(default_factory=SDCConfig)
-
-    def validate(self, *, world_size: int) -> None:
-        """Every check a run makes before building anything, for ``world_size`` ranks
-        (``longcat.config.validate.validate``).
-
-        Raises:
-            ConfigError: a ``ValueError`` listing every problem found (``.errors``), each naming the value
-                and the fix.
-        """
-        from longcat.config.validate import validate
-
-        validate(self, world_size=world_size)
 
 
 def num_grad_accum_steps(cfg: RunConfig, *, dp: int) -> int:

@@ -13,9 +13,14 @@ Layers, bottom up:
 from longcat.data.blend import BlendedDataset
 from longcat.data.build import PretrainData, build_pretrain_data
 from longcat.data.corpus import CorpusPaths, prepare_stdlib_corpus, preprocess_files
-from longcat.data.indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype, write_indexed_dataset
-from longcat.data.samples import GPTDataset, Split, check_vocab
+from longcat.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetWriter,
+    optimal_dtype,
+    write_indexed_dataset,
+)
 from longcat.data.sampler import MicroBatchLoader
+from longcat.data.samples import GPTDataset, Split, check_vocab
 from longcat.data.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = [

@@ -40,7 +40,13 @@ from fractions import Fraction
 from typing import Callable, NamedTuple
 
 from longcat.atomic_files import atomic_open
-from longcat.data.agentic_tools import TOOLS, corpus_files, corpus_lines, run_tool, tool_specs
+from longcat.data.agentic_tools import (
+    TOOLS,
+    corpus_files,
+    corpus_lines,
+    run_tool,
+    tool_specs,
+)
 from longcat.data.chat import parse_conversation, render_text
 
 DEFAULT_NUM_CONVERSATIONS = 70

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from longcat.config.schema import DataConfig
+from longcat.data.agentic_samples import default_sft_records
 from longcat.data.blend import BlendedDataset
 from longcat.data.corpus import CorpusPaths, prepare_stdlib_corpus, stdlib_cache_dir
 from longcat.data.indexed import IndexedDataset
 from longcat.data.provenance import check_data_tokenizer, check_tokenizer_fits_model
-from longcat.data.samples import GPTDataset, Split, check_vocab
 from longcat.data.sampler import MicroBatchLoader, collate
+from longcat.data.samples import GPTDataset, Split, check_vocab
+from longcat.data.sft import Overflow, Packing, SFTDataset
 from longcat.data.stdlib_parts import is_stdlib_part, resolve_stdlib_part
 from longcat.data.tokenizer import load_tokenizer
 
@@ -155,9 +157,6 @@ def _source_fields(source: Any) -> tuple[str, float]:
 
 def _build_sft_data(cfg: DataConfig, *, vocab_size: int, dp_rank: int, dp_size: int, progress: bool) -> PretrainData:
     """Agentic SFT conversations rendered with the LongCat-Flash chat format (loss on assistant tokens)."""
-    from longcat.data.agentic_samples import default_sft_records
-    from longcat.data.sft import Overflow, Packing, SFTDataset
-
     if cfg.tokenizer:
         tokenizer_path = cfg.tokenizer
     else:

@@ -24,8 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from longcat.atomic_files import write_text_atomic
-from longcat.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from longcat.data.chat import CHAT_SPECIAL_TOKENS
+from longcat.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from longcat.data.provenance import remove_data_record, write_data_record
 from longcat.data.tokenizer import EOD_TOKEN, PAD_TOKEN, TextTokenizer, load_tokenizer
 

@@ -37,8 +37,16 @@ from typing import Any, Iterable, NamedTuple, Union
 import numpy as np
 import torch
 
-from longcat.config.schema import Overflow, Packing  # data.sft_packing / data.sft_overflow, re-exported
-from longcat.data.chat import Conversation, RenderedConversation, parse_conversation, render_conversation
+from longcat.config.schema import (  # data.sft_packing / data.sft_overflow, re-exported
+    Overflow,
+    Packing,
+)
+from longcat.data.chat import (
+    Conversation,
+    RenderedConversation,
+    parse_conversation,
+    render_conversation,
+)
 from longcat.data.samples import IGNORE_INDEX, Split, split_documents
 from longcat.data.tokenizer import TextTokenizer
 

@@ -251,7 +251,10 @@ class DeepSpeedDP:
 
     def load_full_state(self, named_params: Sequence[tuple[str, nn.Parameter]], optim_state: dict[str, dict]) -> None:
         """Set the fp32 master weights from the (already loaded) module params and the optimizer state."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
 
         self._init_optimizer_state()
         steps = set()

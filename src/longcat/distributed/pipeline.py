@@ -1,37 +1,32 @@
-"""Pipeline parallelism for LongCat-Flash on ``torch.distributed.pipelining`` schedules.
+"""A model-agnostic pipeline runner on ``torch.distributed.pipelining`` schedules.
 
-``build_pipeline(model, groups=..., schedule=...)`` cuts the full model into stages of whole ScMoE
-layers (``pipeline_stage``), and returns a ``PipelineRunner`` that runs one global batch's
-micro-batches (those of this DP rank) through the schedule:
+``PipelineRunner`` runs one global batch's micro-batches (those of this DP rank) through this rank's
+stages (``StageModule``s, built by the model's plan: LongCat-Flash's is
+``longcat.model.parallel.pipeline.build_pipeline``) under one schedule:
 
     1f1b              Schedule1F1B                one stage per rank
     interleaved_1f1b  ScheduleInterleaved1F1B     2 virtual stages per rank (loop placement)
     zbv               ScheduleZBVZeroBubble       2 stages per rank in a V, backward split into
                                                   input- and weight-gradient passes (V-ZB, as the paper)
 
-The objective equals the non-pipelined trainer's (``Trainer.forward_backward``) term by term: CE,
-MTP and hidden z-loss normalised by the global batch's ``GlobalTokenCounts`` (given per step), plus
-the per-layer load-balance loss of every micro-batch, scaled by ``lb_loss_coef / (num_microbatches *
-dp_size)``. Gradients are not rescaled by the schedule (``scale_grads=False``).
+The last stage's forward returns the micro-batch's objective, which the schedule's loss function
+passes through and backpropagates; gradients are not rescaled (``scale_grads=False``): the objective
+is already normalised. A parameter that the first and the last stage both hold (a tied embedding
+table) is kept equal by summing its gradient over the two (Megatron's embedding group).
 
-What the trainer does each step (see ``PipelineRunner``):
+What the trainer does each step:
 
-    counts = global token counts of the step (all-reduced over dp, as without PP)
-    optimizer.zero_grad()
-    out = runner.step(micro_batches, counts)          # forward + backward of all micro-batches
-    controller.accumulate(...) from out.moe_stats     # this rank's layers: runner.local_layer_ids
+    out = runner.step(micro_batches, step_input)      # forward + backward of all micro-batches
+    (out.loss_sums, out.per_microbatch: the stages' records, summed / gathered over pp)
     runner.sync_tied_embedding_grads()                # embedding group: first + last stage
-    all-reduce every runner.local_model grad over dp  # (edp for experts once EP shards them)
-    grad_norm = runner.clip_grad_norm_(clip)          # counts the tied embedding once (unsharded
-                                                      # params; else grad_norm.py without
-                                                      # runner.tied_embedding_copy)
-    optimizer.step(); controller.step(runner.local_biases(), dp_group=...)
+    all-reduce every runner.local_model grad over dp  # (edp for experts)
+    grad norm over runner.grad_norm_parameters()      # the tied copy counted once
+    optimizer.step()
 
 Shape legend:
     B  micro-batch size
-    S  sequence
-    D  hidden_size
-    E  N + Z experts
+    S  sequence (S/tp between stages under sequence parallelism)
+    D  hidden size
 """
 
 from __future__ import annotations
@@ -39,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,27 +46,19 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
-from longcat.config.schema import LossConfig, MoEConfig
 from longcat.distributed.groups import ProcessGroups, rank_layout
 from longcat.distributed.pipeline_stage import (
     PipelineSchedule,
-    PipelineStageModule,
-    StageLossConfig,
+    StageModule,
     StagePlan,
-    needs_embedding_on_last_stage,
     plan_stages,
 )
-from longcat.model.model import LongcatFlashForCausalLM
-from longcat.model.moe import MoEStats
-from longcat.train import losses
 
 __all__ = [
-    "PipelineLosses",
     "PipelineRunner",
     "PipelineSchedule",
     "PipelineStepOutput",
     "StagePlan",
-    "build_pipeline",
     "plan_stages",
 ]
 
@@ -85,100 +72,92 @@ _SCHEDULES = {
 _MICRO_BATCH_KEYS = ("input_ids", "labels", "token_mask")
 
 
-@dataclass(frozen=True)
-class PipelineLosses:
-    """Normalised loss terms of one step, summed over the micro-batches of this DP rank and over the
-    pipeline stages (identical on every rank of the pipeline group; sum over dp for the global value)."""
-
-    ce: float
-    mtp: float
-    z: float
-    lb: float
-
-    @property
-    def total(self) -> float:
-        return self.ce + self.mtp + self.z + self.lb
-
-
 @dataclass
 class PipelineStepOutput:
     """One ``PipelineRunner.step``.
 
-    loss: the objective's terms (see ``PipelineLosses``).
-    moe_stats: ``[micro-batch][local layer]`` detached MoEStats of this rank's layers (global ids in
-        ``local_layer_ids``), one entry per real forward (activation recompute never adds one):
-        feed ``expert_counts_E`` / ``num_tokens`` to the expert-bias controller.
-    local_layer_ids: global indices of this rank's decoder layers, ascending.
+    loss_sums: the stages' loss terms (``StageRecord.loss_sums``, the objective's order) summed over
+        the micro-batches of this DP rank and over the pipeline stages; identical on every rank of
+        the pipeline group (sum over dp for the global value).
+    per_microbatch: ``[micro-batch][...]`` what this rank's stages reported, in stage order (one
+        entry per real forward: an activation recompute never adds one).
+    local_layer_ids: global indices of this rank's layers, ascending.
     """
 
-    loss: PipelineLosses
-    moe_stats: list[list[MoEStats]]
+    loss_sums: tuple[float, ...]
+    per_microbatch: list[list[Any]]
     local_layer_ids: tuple[int, ...]
 
 
 class PipelineRunner:
-    """Runs this rank's pipeline stages under one schedule. Build with ``build_pipeline``.
+    """Runs this rank's pipeline stages under one schedule.
 
-    Attributes:
+    Args:
+        stages: this rank's stage modules, ascending stage index (``plan.local_stages(pp_rank)``).
         plan: the stage plan (layers per stage, stage -> pipeline rank).
-        stages: this rank's ``PipelineStageModule``s, ascending stage index.
+        groups: the job's process groups (pipeline = ``pp_group``).
+        num_microbatches: micro-batches per step of this DP rank.
         local_model: one ``nn.Module`` holding every parameter of this rank under the full model's
-            names (``model.embed_tokens``, ``model.layers.{global_idx}``, ``model.norm``, ``model.mtp``,
-            ``lm_head``): give it to the optimizer, the DP grad sync and ``torch.distributed.checkpoint``.
-        local_layer_ids: global indices of this rank's decoder layers.
+            names: give it to the optimizer, the DP grad sync and ``torch.distributed.checkpoint``.
+        hidden_size, activation_dtype: the activation between stages is [B, S/seq_divisor, hidden_size]
+            of this dtype.
+        seq_divisor: tp under sequence parallelism (stages exchange [B, S/tp, D]), else 1.
+        tied_parameter: the name in ``local_model`` of a parameter the first and the last stage both
+            hold (a tied embedding table), or None.
+
+    Collective (when pp > 2 and ``tied_parameter`` is set: ``new_group`` for every pipeline).
+
+    Raises:
+        ValueError: a micro-batch count the schedule cannot run (e.g. 1F1B needs >= pp micro-batches).
     """
 
-    def __init__(self, model: LongcatFlashForCausalLM, *, groups: ProcessGroups, plan: StagePlan,
-                 num_microbatches: int, loss_cfg: StageLossConfig, autocast_dtype: Optional[torch.dtype],
-                 sequence_parallel: bool = False):
+    def __init__(self, stages: Sequence[StageModule], *, plan: StagePlan, groups: ProcessGroups, num_microbatches: int,
+                 local_model: nn.Module, hidden_size: int, activation_dtype: torch.dtype, seq_divisor: int = 1,
+                 tied_parameter: Optional[str] = None):
         self.plan = plan
         self.groups = groups
         self.pp_group = groups.pp_group
         self.pp_rank = groups.pp_rank
         self.num_microbatches = num_microbatches
-        local = plan.local_stages(self.pp_rank)
-        self.stages = [
-            PipelineStageModule(model, stage_index=s, num_stages=plan.num_stages, layer_ids=plan.layer_ranges[s],
-                                loss_cfg=loss_cfg, autocast_dtype=autocast_dtype, tp_group=groups.tp_group)
-            for s in local
-        ]
+        assert [s.stage_index for s in stages] == list(plan.local_stages(self.pp_rank)), "this rank's stages"
+        self.stages = list(stages)
         self.local_layer_ids = plan.local_layers(self.pp_rank)
-        self.local_model = _local_model(self.stages)
-        self.hidden_size = model.cfg.hidden_size
-        self.activation_dtype = model.model.embed_tokens.weight.dtype
-        # Under sequence parallelism the activation between stages is this tp rank's [B, S/tp, D].
-        self.seq_divisor = groups.tp_size if sequence_parallel else 1
+        self.local_model = local_model
+        self.hidden_size = hidden_size
+        self.activation_dtype = activation_dtype
+        self.seq_divisor = seq_divisor
         self._schedules: dict[tuple, Any] = {}
-        self._embedding_group, self._embedding_is_copy = _embedding_group(model, groups=groups, plan=plan)
+        self._tied_parameter = tied_parameter
+        self._embedding_group, self._embedding_is_copy = _embedding_group(groups, plan=plan,
+                                                                          tied=tied_parameter is not None)
+        # Fail now on a micro-batch count the schedule rejects (building one is local and cheap).
+        self._build_schedule(1, seq_divisor, device=torch.device("cpu"))
 
     # ------------------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
         return next(self.local_model.parameters()).device
 
-    def local_layers(self) -> list[nn.Module]:
-        """This rank's decoder layers in global order (``local_layer_ids``)."""
-        layers = self.local_model.model.layers
-        return [layers[str(i)] for i in self.local_layer_ids]
-
-    def local_biases(self) -> list[torch.Tensor]:
-        """Per local layer (``local_layer_ids`` order) the [E] ``e_score_correction_bias`` buffer."""
-        return [layer.mlp.router.e_score_correction_bias for layer in self.local_layers()]
-
     @property
     def tied_embedding_copy(self) -> Optional[nn.Parameter]:
         """The last stage's copy of the embedding table on this rank, when it duplicates the first
         stage's on another rank (count it in no grad norm: its twin, after
         ``sync_tied_embedding_grads``, holds the same gradient); else None."""
-        return self.local_model.model.embed_tokens.weight if self._embedding_is_copy else None
+        return self._tied_weight() if self._embedding_is_copy else None
+
+    def _tied_weight(self) -> nn.Parameter:
+        # Looked up at each use: DP wrapping (FSDP2) may replace the parameter after the runner is built.
+        assert self._tied_parameter is not None
+        return self.local_model.get_parameter(self._tied_parameter)
 
     # ------------------------------------------------------------------------------ training
-    def step(self, micro_batches: list[dict], counts: losses.GlobalTokenCounts) -> PipelineStepOutput:
+    def step(self, micro_batches: list[dict], step_input: Any = None) -> PipelineStepOutput:
         """Forward and backward of this DP rank's micro-batches; accumulates into ``.grad``.
 
         Collective over the pipeline group. Every rank of the group passes the same micro-batches
-        (dicts of [B, S] ``input_ids`` int64, ``labels`` int64 (-100 = no loss), ``token_mask`` bool,
-        optional ``position_ids``), all of one shape.
+        (dicts of [B, S] ``input_ids`` int64, ``labels`` int64, ``token_mask`` bool, optional
+        ``position_ids``), all of one shape. ``step_input`` reaches every stage for this step
+        (``StageModule.step_input``; e.g. the global batch's token counts).
 
         Raises:
             ValueError: the wrong number of micro-batches, or micro-batches of different shapes or
@@ -187,32 +166,30 @@ class PipelineRunner:
         B, S = self._check_micro_batches(micro_batches)
         schedule = self._schedule(B, S)
         for stage in self.stages:
-            stage.counts = counts
-            stage.record.moe_stats.clear()
-            stage.record.loss_sums_4 = None
-        device = self.device
-        batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(device) for k in micro_batches[0]}
-        kwargs = {"input_ids": batch["input_ids"], "token_mask": batch["token_mask"], "labels": batch["labels"]}
-        if "position_ids" in batch:
-            kwargs["position_ids"] = batch["position_ids"]
+            stage.step_input = step_input
+            stage.record.clear()
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        kwargs = _stage_inputs(batch, self.device)
         # The last stage's forward returns the micro-batch objective; the "target" is unused.
-        schedule.step(batch["input_ids"], target=batch["labels"], return_outputs=False, **kwargs)
+        schedule.step(kwargs["input_ids"], target=kwargs["labels"], return_outputs=False, **kwargs)
 
-        sums_4 = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = None
         for stage in self.stages:
-            assert len(stage.record.moe_stats) == self.num_microbatches, "one forward per micro-batch and stage"
-            sums_4 += stage.record.loss_sums_4
+            assert len(stage.record.per_microbatch) == self.num_microbatches, "one forward per micro-batch and stage"
+            assert stage.record.loss_sums is not None
+            sums = stage.record.loss_sums if sums is None else sums + stage.record.loss_sums
+        assert sums is not None
         if self.plan.pp_size > 1:
-            # [4] float64 -> all_reduce(sum, pp) -> [4]: ce/mtp/z from the last stage, lb from every stage
-            dist.all_reduce(sums_4, group=self.pp_group)
-        moe_stats = [
-            [stats for stage in self.stages for stats in stage.record.moe_stats[m]]
+            # [n] float64 -> all_reduce(sum, pp) -> [n]: the last stage's terms and every stage's aux terms
+            dist.all_reduce(sums, group=self.pp_group)
+        per_microbatch = [
+            [item for stage in self.stages for item in stage.record.per_microbatch[m]]
             for m in range(self.num_microbatches)
         ]
         for stage in self.stages:
-            stage.counts = None
-            stage.record.moe_stats.clear()
-        return PipelineStepOutput(loss=PipelineLosses(*sums_4.tolist()), moe_stats=moe_stats,
+            stage.step_input = None
+            stage.record.clear()
+        return PipelineStepOutput(loss_sums=tuple(sums.tolist()), per_microbatch=per_microbatch,
                                   local_layer_ids=self.local_layer_ids)
 
     def _check_micro_batches(self, micro_batches: list[dict]) -> tuple[int, int]:
@@ -287,29 +264,21 @@ class PipelineRunner:
                     # [B, S/sp, D] <- irecv(pp, from the previous stage's rank)
                     recvs.append((buf, dist.irecv(buf, group=self.pp_group, group_src=ranks[s - 1])))
             for m, mb in enumerate(micro_batches):
-                input_ids_BS = mb["input_ids"].to(device)
                 if stage.is_first:
-                    x = input_ids_BS
+                    x = mb["input_ids"].to(device)
                 elif recvs:
                     x, work = recvs[m]
                     work.wait()
                 else:
                     x = local_out.pop(m)
-                position_ids_BS = mb["position_ids"].to(device) if "position_ids" in mb else None
-                h_BSD, cos_BSP, sin_BSP, _ = stage.trunk(x, input_ids_BS=input_ids_BS,
-                                                         token_mask_BS=mb["token_mask"].to(device),
-                                                         position_ids_BS=position_ids_BS)
+                out = stage.evaluate(x, **_stage_inputs(mb, device))
                 if stage.is_last:
-                    logits_BSV, _ = stage.heads(h_BSD, input_ids_BS=input_ids_BS, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                                                with_mtp=False)
-                    labels_BS = mb["labels"].to(device)
-                    totals_2[0] += stage.ce_sum(logits_BSV, labels_BS).double()
-                    totals_2[1] += (labels_BS != losses.IGNORE_INDEX).sum()
+                    totals_2 += out  # [2] float64: (loss sum, labelled tokens)
                 elif ranks[s + 1] == self.pp_rank:
-                    local_out[m] = h_BSD
+                    local_out[m] = out
                 else:
                     # [B, S/sp, D] -> isend(pp, to the next stage's rank); waited at the round's end
-                    sends.append(dist.isend(h_BSD.contiguous(), group=self.pp_group, group_dst=ranks[s + 1]))
+                    sends.append(dist.isend(out.contiguous(), group=self.pp_group, group_dst=ranks[s + 1]))
         for work in sends:
             work.wait()
 
@@ -321,7 +290,7 @@ class PipelineRunner:
         (a no-op on ranks outside it, and when the first and last stage share a rank)."""
         if self._embedding_group is None:
             return
-        weight = self.local_model.model.embed_tokens.weight
+        weight = self._tied_weight()
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         # [V, D] (or this rank's TP / FSDP shard of it: both ends hold the same shard coordinates)
@@ -334,7 +303,7 @@ class PipelineRunner:
         call it again after initialising weights per rank (e.g. on a meta-built model)."""
         if self._embedding_group is None:
             return
-        weight = self.local_model.model.embed_tokens.weight
+        weight = self._tied_weight()
         # [V, D] (or its local shard) -> broadcast(embedding group, from the first stage's rank = group rank 0)
         dist.broadcast(_local(weight.data), group=self._embedding_group, group_src=0)
 
@@ -376,6 +345,12 @@ def _objective_passthrough(output: torch.Tensor, target: torch.Tensor) -> torch.
     return output
 
 
+def _stage_inputs(mb: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The [B, S] tensors every stage receives: input_ids, token_mask, labels (and position_ids)."""
+    keys = _MICRO_BATCH_KEYS + (("position_ids",) if "position_ids" in mb else ())
+    return {k: mb[k].to(device) for k in keys}
+
+
 def _micro_batch_shape(micro_batches: list[dict]) -> tuple[int, int]:
     if not micro_batches:
         raise ValueError("no micro-batches given")
@@ -394,34 +369,14 @@ def _micro_batch_shape(micro_batches: list[dict]) -> tuple[int, int]:
     return shape
 
 
-def _local_model(stages: list[PipelineStageModule]) -> nn.Module:
-    """One module over all local stages' submodules, named (and ordered) as in the full model."""
-    children = {name: child for stage in stages for name, child in stage.model.named_children() if name != "layers"}
-    local = nn.Module()
-    local.model = nn.Module()
-    if "embed_tokens" in children:
-        local.model.embed_tokens = children["embed_tokens"]
-    local.model.layers = nn.ModuleDict()
-    for stage in stages:
-        local.model.layers.update(stage.model.layers)
-    for name in ("norm", "mtp"):
-        if name in children:
-            setattr(local.model, name, children[name])
-    for stage in stages:
-        if stage.is_last:
-            local.lm_head = stage.lm_head
-    return local
-
-
-def _embedding_group(model: LongcatFlashForCausalLM, *, groups: ProcessGroups,
-                     plan: StagePlan) -> tuple[Optional[dist.ProcessGroup], bool]:
+def _embedding_group(groups: ProcessGroups, *, plan: StagePlan, tied: bool) -> tuple[Optional[dist.ProcessGroup], bool]:
     """(embedding group of this rank or None, whether this rank holds the last stage's copy).
 
     The group joins the ranks of the first and the last stage of each pipeline (same dp, tp
-    coordinates). None where they share a rank (pp=1, ZB-V) or the last stage needs no embedding.
-    Collective over the world when pp > 2 (``new_group`` for every pipeline)."""
+    coordinates). None where they share a rank (pp=1, ZB-V) or nothing is tied. Collective over the
+    world when pp > 2 (``new_group`` for every pipeline)."""
     first_rank, last_rank = plan.stage_to_pp_rank[0], plan.stage_to_pp_rank[-1]
-    if first_rank == last_rank or not needs_embedding_on_last_stage(model):
+    if first_rank == last_rank or not tied:
         return None, False
     is_copy = groups.pp_rank == last_rank
     if plan.pp_size == 2:
@@ -430,53 +385,3 @@ def _embedding_group(model: LongcatFlashForCausalLM, *, groups: ProcessGroups,
     group, _ = dist.new_subgroups_by_enumeration([[p[first_rank], p[last_rank]] for p in pipelines])
     member = groups.pp_rank in (first_rank, last_rank)
     return (group if member else None), is_copy
-
-
-def build_pipeline(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, schedule: str | PipelineSchedule,
-                   num_microbatches: int, loss_cfg: LossConfig, moe_cfg: MoEConfig,
-                   autocast_dtype: Optional[torch.dtype] = None, sequence_parallel: bool = False) -> PipelineRunner:
-    """Cut ``model`` into pipeline stages over ``groups.pp_group`` and return this rank's runner.
-
-    Collective: call on every rank with the same arguments. ``model`` is the full model, identical on
-    every rank (same seed and ``init_weights``, or a checkpoint); this rank's stages keep references
-    to the modules they run, the rest can be dropped. Equal objective to ``Trainer.forward_backward``.
-
-    Order with the other parallelisms: apply tensor parallelism to the full model *before* (the
-    stages pick up its vocab-parallel embedding / LM head and its regions); expert parallelism and
-    DP wrapping (of ``runner.stages`` or their layers) after.
-
-    Args:
-        model: the full ``LongcatFlashForCausalLM`` (its ``activation_checkpointing`` setting holds).
-        groups: the job's process groups (pipeline = ``pp_group``; dp size for the LB average).
-        schedule: ``"1f1b" | "interleaved_1f1b" | "zbv"``.
-        num_microbatches: micro-batches per step of this DP rank (the trainer's grad-accumulation count).
-        loss_cfg, moe_cfg: coefficients of the objective (as the trainer's ``cfg.loss``, ``cfg.moe``).
-        autocast_dtype: e.g. ``torch.bfloat16`` to run the stages under autocast (losses in fp32).
-        sequence_parallel: TP was applied with sequence parallelism: stages exchange [B, S/tp, D].
-
-    Raises:
-        ValueError: unknown schedule; num_layers not divisible by the number of stages; a
-            micro-batch count the schedule cannot run (e.g. 1F1B needs >= pp micro-batches).
-    """
-    cfg = model.cfg
-    plan = plan_stages(num_layers=cfg.num_layers, pp_size=groups.pp_size, schedule=schedule)
-    if num_microbatches < 1:
-        raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
-    if plan.schedule is PipelineSchedule.one_f_one_b and num_microbatches < plan.num_stages:
-        raise ValueError(f"schedule '1f1b' needs num_microbatches >= pp={plan.num_stages}, got {num_microbatches}: "
-                         "raise the gradient-accumulation steps or lower pp")
-    stage_loss = StageLossConfig(
-        mtp_weight=loss_cfg.mtp_weight, z_loss_coef=loss_cfg.z_loss_coef, lb_loss_coef=moe_cfg.lb_loss_coef,
-        lb_scale=moe_cfg.lb_loss_coef / (num_microbatches * groups.dp_size),
-        n_routed_experts=cfg.n_routed_experts, moe_topk=cfg.moe_topk,
-        expected_ffn_experts=moe_cfg.expected_ffn_experts, lb_num_groups=moe_cfg.lb_num_groups or groups.ep_size,
-    )
-    runner = PipelineRunner(model, groups=groups, plan=plan, num_microbatches=num_microbatches,
-                            loss_cfg=stage_loss, autocast_dtype=autocast_dtype, sequence_parallel=sequence_parallel)
-    # Fail now on a micro-batch count the schedule rejects (building one is local and cheap).
-    runner._build_schedule(1, runner.seq_divisor, device=torch.device("cpu"))
-    if runner.device.type != "meta":
-        runner.sync_tied_embedding_weights()
-    logger.info("pipeline %s: stages %s on pp rank %d, layers %s", plan.schedule.value,
-                plan.local_stages(groups.pp_rank), groups.pp_rank, runner.local_layer_ids)
-    return runner

@@ -1,51 +1,37 @@
-"""Pipeline stages of LongCat-Flash: the stage plan and the module each stage runs.
+"""What a pipeline stage is, model-agnostic: the stage plan, the stage module's contract, and the
+auxiliary-loss trick.
 
-A stage holds whole ScMoE decoder layers, a contiguous slice ``[s * L/N, (s+1) * L/N)`` of the
-``L`` layers for stage ``s`` of ``N``. The first stage also holds the embedding; the last the final
-norm, the LM head, the MTP head and (for MTP or tied embeddings) its own copy of the embedding table,
-kept equal to the first stage's by ``PipelineRunner.sync_tied_embedding_grads`` (Megatron's
-embedding group). Parameter names are the full model's (``model.layers.{global_idx}.*``), so
-``torch.distributed.checkpoint`` state dicts move between pipeline layouts unchanged.
+A stage holds a contiguous slice ``[s * L/N, (s+1) * L/N)`` of the ``L`` repeated blocks (decoder
+layers) for stage ``s`` of ``N``; the model decides what else the first and the last stage hold
+(embedding, head, loss). Stage -> pipeline rank: ``loop`` (1F1B, interleaved 1F1B): stage s on rank
+``s % pp``; ``v`` (ZB-V): stage s on rank ``s`` for ``s < pp``, else ``2 pp - 1 - s`` (first and last
+on rank 0).
 
-Every stage's forward computes its own part of the training objective (the same terms as
-``Trainer.forward_backward``):
-
-- the per-layer load-balance loss of its layers, which a non-last stage attaches to its output
-  activation with ``_AttachAuxLoss`` (Megatron's ``MoEAuxLossAutoScaler``): the activation passes
-  through unchanged and backward hands the aux loss a gradient of 1, so the routers' gradient flows
-  with the activation gradient from the next stage;
-- on the last stage: CE (+ MTP) over labels and the hidden z-loss on the pre-norm output, each
-  normalised by the global batch's ``GlobalTokenCounts``; the forward returns the micro-batch's
-  objective, which the schedule's loss function passes through and backpropagates.
-
-Stage -> pipeline rank: ``loop`` (1F1B, interleaved 1F1B): stage s on rank ``s % pp``;
-``v`` (ZB-V): stage s on rank ``s`` for ``s < pp``, else ``2 pp - 1 - s`` (first and last on rank 0).
+A stage module (``StageModule``) computes its own part of the training objective in its forward and
+keeps what the caller needs afterwards in its ``StageRecord``: running sums of its loss terms and,
+per micro-batch, whatever the model reports (e.g. router statistics). A non-last stage attaches its
+auxiliary loss to its output activation with ``attach_aux_loss`` (Megatron's
+``MoEAuxLossAutoScaler``); the last stage returns the micro-batch's objective.
 
 Shape legend:
     B  micro-batch size
-    S  sequence
-    D  hidden_size
-    V  vocab_size
-    E  N + Z experts
-    P  rotary pairs
+    S  sequence (S/tp under sequence parallelism)
+    D  hidden size
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from longcat.config.schema import PipelineSchedule  # the parallel.pp_schedule enum, re-exported
-from longcat.model.model import LongcatFlashForCausalLM, run_decoder_layers, run_mtp
-from longcat.model.moe import MoEStats
-from longcat.train import losses
+from longcat.config.schema import (
+    PipelineSchedule,  # the parallel.pp_schedule enum, re-exported
+)
 
-__all__ = ["PipelineSchedule", "PipelineStageModule", "StageLossConfig", "StagePlan", "plan_stages"]
+__all__ = ["PipelineSchedule", "StageModule", "StagePlan", "StageRecord", "attach_aux_loss", "plan_stages"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +60,7 @@ class StagePlan:
 
 
 def plan_stages(*, num_layers: int, pp_size: int, schedule: str | PipelineSchedule) -> StagePlan:
-    """The stage plan for ``num_layers`` decoder layers over ``pp_size`` pipeline ranks.
+    """The stage plan for ``num_layers`` repeated blocks (decoder layers) over ``pp_size`` pipeline ranks.
 
     Raises:
         ValueError: an unknown schedule, pp_size < 1, or num_layers not divisible by the number of
@@ -104,34 +90,56 @@ def plan_stages(*, num_layers: int, pp_size: int, schedule: str | PipelineSchedu
     return StagePlan(kind, pp_size, num_stages, ranks, layer_ranges)
 
 
-@dataclass(frozen=True)
-class StageLossConfig:
-    """The objective's coefficients, as in ``Trainer.forward_backward``.
-
-    lb_scale: ``lb_loss_coef / (micro-batches per DP rank * dp_size)``: the load-balance loss is
-        averaged over the global batch's micro-batches.
-    """
-
-    mtp_weight: float
-    z_loss_coef: float
-    lb_loss_coef: float
-    lb_scale: float
-    n_routed_experts: int
-    moe_topk: int
-    expected_ffn_experts: float
-    lb_num_groups: int
-
-
 @dataclass
 class StageRecord:
     """What one stage's training forwards leave for the runner during one step.
 
-    moe_stats: per forward (= micro-batch, in order) the detached MoEStats of the stage's layers.
-    loss_sums_4: float64 [4] running sums of the normalised (ce, mtp, z, lb) terms.
+    loss_sums: float64 [n] running sums of the stage's (detached, normalised) loss terms; n and their
+        order are the objective's.
+    per_microbatch: per training forward (= micro-batch, in order) what the stage reports for it
+        (LongCat-Flash: the detached MoEStats of the stage's layers).
     """
 
-    moe_stats: list[list[MoEStats]] = field(default_factory=list)
-    loss_sums_4: Optional[torch.Tensor] = None
+    loss_sums: Optional[torch.Tensor] = None
+    per_microbatch: list[list[Any]] = field(default_factory=list)
+
+    def add(self, loss_terms: torch.Tensor, reported: list[Any]) -> None:
+        """One forward's loss terms ([n], detached) and report."""
+        terms = loss_terms.detach().to(torch.float64)
+        self.loss_sums = terms if self.loss_sums is None else self.loss_sums + terms
+        self.per_microbatch.append(reported)
+
+    def clear(self) -> None:
+        self.loss_sums = None
+        self.per_microbatch.clear()
+
+
+class StageModule(nn.Module):
+    """Base of one pipeline stage's module; ``PipelineRunner`` drives it.
+
+    Subclasses implement:
+        ``forward(x, *, input_ids, token_mask, labels[, position_ids])`` (training): x is int64
+            [B, S] token ids on the first stage, else the previous stage's activation [B, S, D];
+            returns the activation [B, S, D] (with the stage's auxiliary loss attached) or, on the
+            last stage, the micro-batch's fp32 [] objective. It calls ``record.add`` once per forward
+            (not in a recompute).
+        ``evaluate(x, ...)`` (the same inputs; no grad): the activation, or on the last stage
+            float64 [2] (loss sum, number of labelled tokens).
+    The keyword inputs are the micro-batch's [B, S] tensors (every stage gets them all).
+    ``step_input`` is set by the runner for one step (e.g. the global batch's token counts) and
+    cleared afterwards.
+    """
+
+    def __init__(self, *, stage_index: int, num_stages: int) -> None:
+        super().__init__()
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        self.record = StageRecord()
+        self.step_input: Any = None  # opaque here: the objective's per-step input
+
+    def evaluate(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
+                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -151,160 +159,6 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_h, torch.ones(shape, dtype=dtype, device=device)
 
 
-def _detached(stats: MoEStats) -> MoEStats:
-    return MoEStats(expert_counts_E=stats.expert_counts_E.detach(), prob_sum_E=stats.prob_sum_E.detach(),
-                    num_tokens=stats.num_tokens.detach(), ffn_per_token_T=stats.ffn_per_token_T.detach())
-
-
-class PipelineStageModule(nn.Module):
-    """One pipeline stage of a ``LongcatFlashForCausalLM``: the model's own submodules (shared, not
-    copied), under the model's parameter names.
-
-    forward(x, *, input_ids, token_mask, labels[, position_ids]):
-        x: first stage int64 [B, S] token ids; other stages the previous stage's output [B, S, D].
-        Returns [B, S, D] (non-last stage, with this stage's load-balance loss attached for backward)
-        or the micro-batch's fp32 [] objective (last stage).
-    The keyword tensors ([B, S] each) reach every stage: token_mask (MoE statistics, z-loss),
-    labels (last stage), input_ids (the MTP head's next-token embedding on the last stage).
-
-    Args:
-        model: the full model; the stage takes references to the modules it runs.
-        stage_index, num_stages: position in the pipeline.
-        layer_ids: global indices of the decoder layers this stage runs.
-        loss_cfg: the objective's coefficients.
-        autocast_dtype: run the forward under ``torch.autocast`` with this dtype (losses in fp32
-            outside it, as the trainer does); None = no autocast.
-        tp_group: for the vocab-parallel cross-entropy when ``model.logits_vocab_parallel`` (TP
-            applied to ``model`` before the stages are cut).
-    """
-
-    def __init__(self, model: LongcatFlashForCausalLM, *, stage_index: int, num_stages: int,
-                 layer_ids: range, loss_cfg: StageLossConfig, autocast_dtype: Optional[torch.dtype] = None,
-                 tp_group: Optional[dist.ProcessGroup] = None):
-        super().__init__()
-        self.stage_index, self.num_stages = stage_index, num_stages
-        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        self.layer_ids = tuple(layer_ids)
-        self.loss_cfg = loss_cfg
-        self.autocast_dtype = autocast_dtype
-        self.activation_checkpointing = model.model.activation_checkpointing
-        self.activation_dtype = model.model.embed_tokens.weight.dtype  # what travels between stages
-        self.rotary_emb = model.model.rotary_emb  # no parameters or buffers
-        self.model = nn.Module()
-        if self.is_first or (self.is_last and needs_embedding_on_last_stage(model)):
-            self.model.embed_tokens = model.model.embed_tokens
-        self.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layer_ids})
-        if self.is_last:
-            self.model.norm = model.model.norm
-            self.model.mtp = model.model.mtp
-            self.lm_head = model.lm_head
-            # Under TP: vocab-sharded logits, and (SP) the gather of the sequence-sharded last hidden.
-            self.logits_vocab_parallel = getattr(model, "logits_vocab_parallel", False)
-            self.last_hidden_region = getattr(model, "last_hidden_region", nn.Identity())
-            self.tp_group = tp_group
-        self.counts: Optional[losses.GlobalTokenCounts] = None  # set by the runner per step
-        self.record = StageRecord()
-
-    # ---------------------------------------------------------------- pieces
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
-    def trunk(self, x: torch.Tensor, *, input_ids_BS: torch.Tensor, token_mask_BS: torch.Tensor,
-              position_ids_BS: Optional[torch.Tensor] = None):
-        """Embedding (first stage) and this stage's layers: -> (h_BSD, cos_BSP, sin_BSP, stats).
-
-        x: first stage the token ids, else the previous stage's output ([B, S/tp, D] under SP)."""
-        device = x.device
-        S = input_ids_BS.shape[1]
-        with self._autocast(device):
-            h_BSD = self.model.embed_tokens(x) if self.is_first else x
-            cos_BSP, sin_BSP = self.rotary_emb(position_ids_BS, seq_len=S, device=device, dtype=h_BSD.dtype)
-            checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
-            h_BSD, stats = run_decoder_layers(
-                self.model.layers.values(), h_BSD, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                token_mask_BS=token_mask_BS, checkpointed=checkpointed,
-            )
-        return h_BSD, cos_BSP, sin_BSP, stats
-
-    def heads(self, h_BSD: torch.Tensor, *, input_ids_BS: torch.Tensor, cos_BSP: torch.Tensor,
-              sin_BSP: torch.Tensor, with_mtp: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Last stage: (logits_BSV, mtp_logits_BSV or None) from the pre-norm h_BSD."""
-        assert self.is_last
-        with self._autocast(h_BSD.device):
-            logits_BSV = self.lm_head(self.model.norm(h_BSD))
-            mtp_logits_BSV = None
-            if with_mtp and self.model.mtp is not None:
-                checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
-                mtp_hidden_BSD = run_mtp(self.model.mtp, self.model.embed_tokens, h_BSD, input_ids_BS=input_ids_BS,
-                                         cos_BSP=cos_BSP, sin_BSP=sin_BSP, checkpointed=checkpointed)
-                mtp_logits_BSV = self.lm_head(mtp_hidden_BSD)
-        return logits_BSV, mtp_logits_BSV
-
-    def ce_sum(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        """Summed token cross-entropy (fp32 []), vocab-parallel when the LM head is TP-sharded."""
-        if self.logits_vocab_parallel:
-            from longcat.distributed.tensor_parallel import vocab_parallel_cross_entropy_sum
-
-            return vocab_parallel_cross_entropy_sum(logits_BSV, labels_BS, tp_group=self.tp_group)
-        return losses.cross_entropy_sum(logits_BSV, labels_BS)
-
-    def load_balance_loss(self, stats: list[MoEStats]) -> Optional[torch.Tensor]:
-        """This stage's layers' load-balance loss for one micro-batch, scaled as in the trainer."""
-        cfg = self.loss_cfg
-        if cfg.lb_loss_coef <= 0 or not stats:
-            return None
-        total = sum(
-            losses.load_balance_loss(
-                s.expert_counts_E, s.prob_sum_E, s.num_tokens, n_routed_experts=cfg.n_routed_experts,
-                moe_topk=cfg.moe_topk, expected_ffn_experts=cfg.expected_ffn_experts, num_groups=cfg.lb_num_groups)
-            for s in stats
-        )
-        return total * cfg.lb_scale
-
-    # ---------------------------------------------------------------- training forward
-    def forward(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h_BSD, cos_BSP, sin_BSP, stats = self.trunk(x, input_ids_BS=input_ids, token_mask_BS=token_mask,
-                                                    position_ids_BS=position_ids)
-        # Recorded here, outside any checkpointed region: a recompute in backward cannot add to them.
-        self.record.moe_stats.append([_detached(s) for s in stats])
-        lb = self.load_balance_loss(stats)
-        zero = h_BSD.new_zeros((), dtype=torch.float32)
-        if not self.is_last:
-            if h_BSD.dtype != self.activation_dtype:
-                raise RuntimeError(f"stage {self.stage_index} produced a {h_BSD.dtype} activation but the pipeline "
-                                   f"exchanges {self.activation_dtype} (the parameters' dtype)")
-            if lb is not None and torch.is_grad_enabled():
-                h_BSD = _AttachAuxLoss.apply(h_BSD, lb)
-            self._add_losses(zero, zero, zero, zero if lb is None else lb)
-            return h_BSD
-        cfg, counts = self.loss_cfg, self.counts
-        assert counts is not None, "PipelineRunner.step sets the global token counts before the schedule runs"
-        logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                                                with_mtp=cfg.mtp_weight > 0)
-        ce = self.ce_sum(logits_BSV, labels) / counts.num_labels
-        objective = ce
-        mtp = z = zero
-        if mtp_logits_BSV is not None:
-            mtp = cfg.mtp_weight * self.ce_sum(mtp_logits_BSV, losses.mtp_labels(labels)) / counts.num_mtp_labels
-            objective = objective + mtp
-        if cfg.z_loss_coef > 0:
-            last_hidden_BSD = self.last_hidden_region(h_BSD)  # full [B, S, D] (gathered under SP)
-            z = cfg.z_loss_coef * losses.hidden_z_loss_sum(last_hidden_BSD, token_mask) / counts.num_real
-            objective = objective + z
-        if lb is not None:
-            objective = objective + lb
-        self._add_losses(ce, mtp, z, zero if lb is None else lb)
-        return objective
-
-    def _add_losses(self, ce, mtp, z, lb) -> None:
-        parts_4 = torch.stack([ce, mtp, z, lb]).detach().to(torch.float64)
-        rec = self.record
-        rec.loss_sums_4 = parts_4 if rec.loss_sums_4 is None else rec.loss_sums_4 + parts_4
-
-
-def needs_embedding_on_last_stage(model: LongcatFlashForCausalLM) -> bool:
-    """The last stage reads the embedding table for the MTP head's input or a tied LM head."""
-    return model.model.mtp is not None or model.lm_head.weight is model.model.embed_tokens.weight
+def attach_aux_loss(h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """``h`` unchanged (a fresh tensor); in backward ``aux`` also gets a gradient of 1."""
+    return _AttachAuxLoss.apply(h, aux)

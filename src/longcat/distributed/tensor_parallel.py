@@ -1,58 +1,40 @@
-"""Tensor parallelism (TP) and sequence parallelism (SP) for LongCat-Flash, Megatron-style.
+"""Tensor parallelism (TP) and sequence parallelism (SP) building blocks, Megatron-style, model-agnostic.
 
-``apply_tensor_parallel`` slices a full model (the same weights on every rank) in place into this tp
-rank's shards, after Megatron-LM (Shoeybi et al. 2019, §3) and, for SP, Korthikanti et al. 2022.
-Parameters are plain tensors holding the local shard; names are unchanged.
+After Megatron-LM (Shoeybi et al. 2019, §3) and, for SP, Korthikanti et al. 2022. Each layer is built
+from a full one (``from_linear`` / ``from_embedding``, the same weights on every rank) and holds this
+tp rank's shard as a plain tensor under the same parameter names. Which layer of a model becomes
+which is the model's plan (LongCat-Flash: ``longcat.model.parallel.tensor_parallel``).
 
-The plan ("col" = ColumnParallelLinear, "row" = RowParallelLinear; X = A + R or A + O per head):
-
-    model.embed_tokens                        VocabParallelEmbedding  weight [V/tp, D]    Shard(0)
-    self_attn.*.q_b_proj, kv_b_proj           col, heads split        weight [H/tp*X, *]  Shard(0)
-    self_attn.*.o_proj                        row, heads split        weight [D, H/tp*O]  Shard(1)
-    mlps.{0,1}, mtp.mlp: gate_proj, up_proj   col                     weight [F/tp, D]    Shard(0)
-    mlps.{0,1}, mtp.mlp: down_proj            row                     weight [D, F/tp]    Shard(1)
-    lm_head (tied or not)                     col, vocab split        weight [V/tp, D]    Shard(0)
-    q_a_proj, kv_a_proj_with_mqa, eh_proj, every RMSNorm, o_proj bias: replicated
-    layers.*.mlp (the MoE): untouched here (see "The MoE interface")
+    ColumnParallelLinear     weight [F/tp, D]  Shard(0)   output features split
+    RowParallelLinear        weight [D, F/tp]  Shard(1)   input features split; bias replicated
+    VocabParallelEmbedding   weight [V/tp, D]  Shard(0)   vocabulary split
+    SequenceParallelLinear   replicated weight applied to a sequence shard (SP)
 
 Activations. Without SP the residual stream [B, S, D] is replicated over tp: activations enter the
-tensor-parallel region through Megatron's "f" (``copy_to_group``) and row-parallel partial sums leave
-it through "g" (``all_reduce_sum``). With SP the residual stream is [B, S/tp, D], chunk ``tp_rank``
-of the sequence (dim 1): "f" becomes an all-gather and "g" a reduce-scatter, so norms and residual
-adds run on 1/tp of the tokens; S must then be divisible by tp. In MLA the small down-projections
-and their norms run replicated (SP: on the sequence shard); the compressed q, the compressed KV and
-the rope key (``self_attn.k_rope_region``, shared by every head) enter the region before the
-per-head work. The SwiGLU enters once (``mlps.*.input_region``) for gate_proj and up_proj.
+tensor-parallel region through Megatron's "f" (``copy_to_group``, ``EnterParallelRegion``) and
+row-parallel partial sums leave it through "g" (``all_reduce_sum``). With SP the residual stream is
+[B, S/tp, D], chunk ``tp_rank`` of the sequence (dim 1): "f" becomes an all-gather and "g" a
+reduce-scatter, so norms and residual adds run on 1/tp of the tokens; S must then be divisible by
+tp. ``GatherSequence`` / ``ScatterSequence`` move a tensor between the sequence shard and the full,
+tp-replicated sequence for consumers that compute the same thing on every tp rank.
 
-Outputs. ``logits_BSV`` and ``mtp_logits_BSV`` are [B, S, V/tp], this rank's vocab shard of the whole
-sequence (``ModelOutput.logits_vocab_parallel`` True): take the loss with
-``vocab_parallel_cross_entropy_sum``. ``last_hidden_BSD`` is full [B, S, D] (gathered under SP).
+Gradient contract. Every tp rank computes the same losses from the outputs and backpropagates them.
+After backward, with no reduction by the caller, a sharded parameter's grad is its shard of the
+single-process grad, and a replicated one's is the full single-process grad, identical on every tp
+rank. Under SP a replicated weight applied to a sequence shard sees only that shard's tokens:
+``SequenceParallelLinear`` and the row-parallel bias pass the weight through ``copy_to_group``, which
+sums its grad over tp inside the backward (so gradient accumulation, activation checkpointing and
+parameter-swapping wrappers stay correct).
 
-Gradient contract. Every tp rank computes the same losses from these outputs (the vocab-parallel
-cross-entropy is the same on every tp rank) and backpropagates them. After backward, with no
-reduction by the caller, a sharded parameter's grad is its shard of the single-process grad, and a
-replicated one's (norms, q_a_proj, kv_a_proj_with_mqa, eh_proj, o_proj bias, the router) is the full
-single-process grad, identical on every tp rank. Under SP a replicated weight applied to a sequence
-shard sees only that shard's tokens: ``SequenceParallelRMSNorm``, ``SequenceParallelLinear`` and the
-row-parallel bias pass the weight through ``copy_to_group``, which sums its grad over tp inside the
-backward (so gradient accumulation, activation checkpointing and parameter-swapping wrappers stay
-correct). What remains for the caller: dense grads over dp; expert grads over edp.
+Loss. A column-parallel LM head emits vocab-sharded logits [B, S, V/tp]: take the loss with
+``vocab_parallel_cross_entropy_sum`` (the full [B, S, V] logits never exist on one rank).
 
-The MoE interface. The MoE block (made TP/EP-aware by ``longcat.distributed.expert_parallel``) always
-takes and returns the full [B, S, D], replicated over tp. The grad arriving at its output is the full
-one, identical on every tp rank; it returns the full, identical grad of its input and keeps the
-router's grad full (it routes every token on every rank). Each tp rank may run 1/tp of the tokens
-through the experts: expert grads are then partial per tp rank and summed over edp, which spans tp
-("MoE parallel folding"). Under SP the decoder layer's ``moe_input_region`` (``GatherSequence``)
-gathers the sequence-sharded input for it and ``moe_output_region`` (``ScatterSequence``) keeps this
-rank's sequence chunk of its output.
-
-Checkpoints. ``tp_param_global_info`` maps each non-expert name to ``TPShard(global_shape,
-shard_dim, offset)``: the local tensor is ``global.narrow(shard_dim, offset, local.shape[shard_dim])``,
-or the whole of it when shard_dim is None (replicated over tp). For torch.distributed.checkpoint,
+Checkpoints. ``describe_tp_shards`` maps each parameter name to ``TPShard(global_shape, shard_dim,
+offset)``: the local tensor is ``global.narrow(shard_dim, offset, local.shape[shard_dim])``, or the
+whole of it when shard_dim is None (replicated over tp). For torch.distributed.checkpoint,
 ``DTensor.from_local(local, groups.dense_mesh["tp"], [Shard(shard_dim)] or [Replicate()])`` is the
-global tensor. Optimizer states shaped like their parameter map the same way; experts are described
-by ``expert_param_global_info``. ``gather_tp_tensors`` assembles full tensors (export, tests).
+global tensor. Optimizer states shaped like their parameter map the same way. ``gather_tp_tensors``
+assembles full tensors (export, tests).
 
 Shape legend:
     B  batch
@@ -72,17 +54,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from longcat.config.schema import ModelConfig
 from longcat.distributed.collectives import (
-    all_gather_along, all_reduce_sum, copy_to_group, gather_from_group, reduce_scatter_along, split_to_group,
+    all_gather_along,
+    all_reduce_sum,
+    copy_to_group,
+    gather_from_group,
+    reduce_scatter_along,
+    split_to_group,
 )
-from longcat.distributed.groups import ProcessGroups
-from longcat.model.attention import MultiHeadLatentAttention
-from longcat.model.layer import DecoderLayer
-from longcat.model.mlp import SwiGLU
-from longcat.model.moe import GroupedExperts, MoE
-from longcat.model.mtp import MTPHead
-from longcat.model.norm import RMSNorm, rms_norm
 
 __all__ = [
     "ColumnParallelLinear",
@@ -91,18 +70,14 @@ __all__ = [
     "RowParallelLinear",
     "ScatterSequence",
     "SequenceParallelLinear",
-    "SequenceParallelRMSNorm",
     "TPShard",
     "VocabParallelEmbedding",
-    "apply_tensor_parallel",
-    "check_tensor_parallel",
+    "describe_tp_shards",
     "gather_tp_tensors",
-    "tp_param_global_info",
     "vocab_parallel_cross_entropy_sum",
 ]
 
 SEQ_DIM = 1  # activations are [B, S, ...]: SP shards dim 1
-IGNORE_INDEX = -100  # as longcat.train.losses.IGNORE_INDEX (not imported: distributed/ stays below train/)
 
 
 # ------------------------------------------------------------------------------- region boundaries
@@ -323,110 +298,6 @@ class SequenceParallelLinear(nn.Linear):
         return F.linear(x_BSD, weight, bias)
 
 
-class SequenceParallelRMSNorm(RMSNorm):
-    """``RMSNorm`` on a sequence shard (SP): its weight's gradient is summed over tp (as
-    ``SequenceParallelLinear``). Build with ``from_norm`` (shares the weight)."""
-
-    tp_group: dist.ProcessGroup
-
-    @classmethod
-    def from_norm(cls, norm: RMSNorm, *, tp_group: dist.ProcessGroup) -> "SequenceParallelRMSNorm":
-        module = cls(norm.weight.shape[0], eps=norm.eps)
-        module.weight, module.tp_group = norm.weight, tp_group
-        return module
-
-    def forward(self, x_xD: torch.Tensor) -> torch.Tensor:
-        # [D] weight -> identity; backward all_reduce(tp) of the sequence shards' grads
-        return rms_norm(x_xD, copy_to_group(self.weight, group=self.tp_group), eps=self.eps)
-
-
-# ------------------------------------------------------------------------------- the plan
-
-
-def check_tensor_parallel(cfg: ModelConfig, *, tp: int) -> None:
-    """Check that ``cfg`` splits evenly over ``tp`` ranks.
-
-    Raises:
-        ValueError: num_attention_heads, vocab_size or ffn_hidden_size not divisible by tp; the
-            message names the numbers and the valid tp degrees.
-    """
-    for name in ("num_attention_heads", "vocab_size", "ffn_hidden_size"):
-        value = getattr(cfg, name)
-        if value % tp:
-            valid = [d for d in range(1, min(value, 64) + 1) if value % d == 0]
-            raise ValueError(
-                f"model.{name}={value} is not divisible by tp={tp}: tensor parallelism splits it evenly "
-                f"over the tp ranks; choose tp in {valid} (or change {name})"
-            )
-
-
-def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name), attr, module)
-
-
-def _dense_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``named_modules`` without anything inside an MoE (its own code parallelises it)."""
-    moe_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MoE))
-    return [(name, m) for name, m in model.named_modules() if not name.startswith(moe_prefixes)]
-
-
-def apply_tensor_parallel(model: nn.Module, *, groups: ProcessGroups, sequence_parallel: bool) -> None:
-    """Shard a ``LongcatFlashForCausalLM`` over ``groups.tp_group`` in place (see the module docstring).
-
-    Call once, on a model holding the full weights, identical on every rank (same seed or the same
-    checkpoint), before building the optimizer (parameters are replaced by their shards) and before
-    any data-parallel wrapping. A tp group of size 1 leaves the math exactly single-process.
-
-    Args:
-        model: the LongcatFlashForCausalLM (unwrapped).
-        groups: supplies ``tp_group``.
-        sequence_parallel: shard the residual stream over the sequence (SP); S must then be
-            divisible by tp at every forward.
-
-    Raises:
-        ValueError: heads, vocab or FFN width not divisible by tp; the model already parallelised.
-    """
-    tp_group = groups.tp_group
-    check_tensor_parallel(model.cfg, tp=tp_group.size())
-    if model.logits_vocab_parallel:
-        raise ValueError("apply_tensor_parallel was already applied to this model; apply it once")
-    sp, memo = sequence_parallel, {}
-    col = dict(tp_group=tp_group, sequence_parallel=sp, memo=memo)
-
-    backbone = model.model
-    backbone.embed_tokens = VocabParallelEmbedding.from_embedding(backbone.embed_tokens, **col)
-    for _, module in _dense_modules(model):
-        if isinstance(module, MultiHeadLatentAttention):
-            module.q_b_proj = ColumnParallelLinear.from_linear(module.q_b_proj, **col)
-            module.kv_b_proj = ColumnParallelLinear.from_linear(module.kv_b_proj, **col)
-            module.o_proj = RowParallelLinear.from_linear(module.o_proj, **col)
-            module.k_rope_region = EnterParallelRegion(tp_group=tp_group, sequence_parallel=sp)
-            if sp:
-                module.q_a_proj = SequenceParallelLinear.from_linear(module.q_a_proj, tp_group=tp_group)
-                module.kv_a_proj_with_mqa = SequenceParallelLinear.from_linear(
-                    module.kv_a_proj_with_mqa, tp_group=tp_group
-                )
-        elif isinstance(module, SwiGLU):
-            module.input_region = EnterParallelRegion(tp_group=tp_group, sequence_parallel=sp)
-            module.gate_proj = ColumnParallelLinear.from_linear(module.gate_proj, input_is_parallel=True, **col)
-            module.up_proj = ColumnParallelLinear.from_linear(module.up_proj, input_is_parallel=True, **col)
-            module.down_proj = RowParallelLinear.from_linear(module.down_proj, **col)
-        elif isinstance(module, DecoderLayer) and sp:
-            module.moe_input_region = GatherSequence(tp_group=tp_group)
-            module.moe_output_region = ScatterSequence(tp_group=tp_group)
-        elif isinstance(module, MTPHead) and sp:
-            module.eh_proj = SequenceParallelLinear.from_linear(module.eh_proj, tp_group=tp_group)
-    if sp:
-        for name, module in _dense_modules(model):
-            if type(module) is RMSNorm:
-                _set_child(model, name, SequenceParallelRMSNorm.from_norm(module, tp_group=tp_group))
-        model.last_hidden_region = GatherSequence(tp_group=tp_group)
-    # A tied lm_head gets the embedding's shard (the same rows) through ``memo``.
-    model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, **col)
-    model.logits_vocab_parallel = True
-
-
 # ------------------------------------------------------------------------------- loss
 
 
@@ -442,7 +313,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             dist.all_reduce(max_T, op=dist.ReduceOp.MAX, group=group)
         shifted_TV = logits_TV - max_T[:, None]
         local_T = labels_T - group.rank() * V_local
-        owned_T = (local_T >= 0) & (local_T < V_local)  # IGNORE_INDEX is owned by no rank
+        owned_T = (local_T >= 0) & (local_T < V_local)  # a negative ignore_index is owned by no rank
         local_T = local_T.masked_fill(~owned_T, 0)
         label_logit_T = shifted_TV.gather(1, local_T[:, None]).squeeze(1).masked_fill(~owned_T, 0.0)
         exp_TV = shifted_TV.exp_()
@@ -464,20 +335,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy_sum(
-    logits_BSV_local: torch.Tensor, labels_BS: torch.Tensor, *, tp_group: dist.ProcessGroup
+    logits_BSV_local: torch.Tensor, labels_BS: torch.Tensor, *, tp_group: dist.ProcessGroup, ignore_index: int = -100
 ) -> torch.Tensor:
     """Sum over labelled tokens of the cross-entropy, from vocab-sharded logits, in fp32.
 
-    Equals ``longcat.train.losses.cross_entropy_sum`` of the gathered logits (Megatron-LM's
-    vocab-parallel cross-entropy: max, sum of exponentials and the label's logit are reduced over
-    tp; the full [B, S, V] logits never exist on one rank).
+    Equals ``F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")`` of
+    the gathered logits (Megatron-LM's vocab-parallel cross-entropy: max, sum of exponentials and the
+    label's logit are reduced over tp; the full [B, S, V] logits never exist on one rank).
 
     Args:
         logits_BSV_local: [B, S, V/tp], this rank's vocab shard (rank r holds ids
             ``[r * V/tp, (r + 1) * V/tp)``), any float dtype.
-        labels_BS: int64 [B, S] global token ids, ``-100`` = no label; identical on every tp rank.
-            Ids outside [0, V) are not checked (that would cost a host sync).
+        labels_BS: int64 [B, S] global token ids, ``ignore_index`` = no label; identical on every tp
+            rank. Ids outside [0, V) are not checked (that would cost a host sync).
         tp_group: the group the vocabulary is split over.
+        ignore_index: the label of unlabelled positions (negative: owned by no rank); torch's default.
 
     Returns:
         [] fp32, the same value on every tp rank; its backward gives each rank the gradient of its
@@ -485,7 +357,7 @@ def vocab_parallel_cross_entropy_sum(
     """
     labels_T = labels_BS.reshape(-1)
     loss_T = _VocabParallelCrossEntropy.apply(logits_BSV_local.float().flatten(0, 1), labels_T, tp_group)
-    return torch.where(labels_T != IGNORE_INDEX, loss_T, 0.0).sum()
+    return torch.where(labels_T != ignore_index, loss_T, 0.0).sum()
 
 
 # ------------------------------------------------------------------------------- global layout
@@ -500,26 +372,28 @@ class TPShard(NamedTuple):
     offset: int
 
 
-def tp_param_global_info(model: nn.Module, groups: ProcessGroups) -> dict[str, TPShard]:
-    """Every non-expert parameter of ``model`` (``named_parameters`` names, tied ones once) -> its
-    place in the global tensor over ``groups.tp_group``.
+def describe_tp_shards(model: nn.Module, *, tp_group: dist.ProcessGroup,
+                       skip_modules: tuple[type[nn.Module], ...] = ()) -> dict[str, TPShard]:
+    """Every parameter of ``model`` (``named_parameters`` names, tied ones once) -> its place in the
+    global tensor over ``tp_group``: the parallel layers' shards, everything else replicated.
 
-    Valid before ``apply_tensor_parallel`` too (everything replicated). Call on the unwrapped
-    model. Expert weights are left out: ``expert_param_global_info`` describes them (EP).
+    Call on the unwrapped model; valid before any layer is swapped too (everything replicated).
+    ``skip_modules``: module types whose parameters are left out (described by another plan, e.g.
+    expert weights sharded over ep).
     """
-    size, rank = groups.tp_group.size(), groups.tp_group.rank()
+    size, rank = tp_group.size(), tp_group.rank()
     shard_dims: dict[int, int] = {}
-    experts: set[int] = set()
+    skipped: set[int] = set()
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
             shard_dims.update({id(p): 0 for p in module.parameters(recurse=False)})
         elif isinstance(module, RowParallelLinear):
             shard_dims[id(module.weight)] = 1
-        elif isinstance(module, GroupedExperts):
-            experts.update(id(p) for p in module.parameters())
+        elif skip_modules and isinstance(module, skip_modules):
+            skipped.update(id(p) for p in module.parameters())
     info = {}
     for name, param in model.named_parameters():
-        if id(param) in experts:
+        if id(param) in skipped:
             continue
         dim = shard_dims.get(id(param))
         shape = tuple(param.shape)
@@ -541,7 +415,7 @@ def gather_tp_tensors(
 
     Args:
         tensors: name -> local tensor shaped like the parameter of that name.
-        info: from ``tp_param_global_info``.
+        info: from ``describe_tp_shards``.
 
     Returns:
         name -> the global tensor (replicated entries are returned as they are).

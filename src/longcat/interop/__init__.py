@@ -17,7 +17,12 @@ from longcat.interop.export_hf import (
     resolve_checkpoint,
     resolve_export_layout,
 )
-from longcat.interop.import_hf import ImportResult, expected_hf_shapes, import_hf, load_hf_checkpoint
+from longcat.interop.import_hf import (
+    ImportResult,
+    expected_hf_shapes,
+    import_hf,
+    load_hf_checkpoint,
+)
 from longcat.interop.transformers_compat import (
     TransformersLayout,
     TransformersLayoutError,

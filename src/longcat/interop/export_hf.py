@@ -44,7 +44,12 @@ from longcat.config.schema import ModelConfig
 from longcat.data.corpus import stdlib_cache_dir
 from longcat.data.tokenizer import EOD_TOKEN, PAD_TOKEN, load_tokenizer
 from longcat.interop.transformers_compat import transformers_layout
-from longcat.model.hf_mapping import HFLayout, hf_config_dict, meta_state_dict, to_hf_state_dict
+from longcat.model.hf_mapping import (
+    HFLayout,
+    hf_config_dict,
+    meta_state_dict,
+    to_hf_state_dict,
+)
 from longcat.train.checkpoint import TRAINER_STATE, latest_checkpoint
 
 logger = logging.getLogger(__name__)

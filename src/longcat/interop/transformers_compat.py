@@ -26,7 +26,12 @@ from typing import Mapping
 import torch
 
 from longcat.config.schema import ModelConfig
-from longcat.model.hf_mapping import HFLayout, hf_config_dict, meta_state_dict, to_hf_state_dict
+from longcat.model.hf_mapping import (
+    HFLayout,
+    hf_config_dict,
+    meta_state_dict,
+    to_hf_state_dict,
+)
 
 Shapes = Mapping[str, tuple[int, ...]]
 

@@ -4,7 +4,12 @@ from longcat.model.attention import MultiHeadLatentAttention
 from longcat.model.init import ParamGroup, init_weights, param_group, param_groups_names
 from longcat.model.layer import DecoderLayer
 from longcat.model.mlp import SwiGLU
-from longcat.model.model import BackboneOutput, LongcatFlashForCausalLM, LongcatFlashModel, ModelOutput
+from longcat.model.model import (
+    BackboneOutput,
+    LongcatFlashForCausalLM,
+    LongcatFlashModel,
+    ModelOutput,
+)
 from longcat.model.moe import (
     GroupedExperts,
     LocalTokenDispatcher,

@@ -8,7 +8,7 @@
 Padding is not masked inside attention: with right padding (or packed documents) causal attention
 never lets a real token see a later padding token.
 
-Under tensor parallelism (``longcat.distributed.tensor_parallel``) q_b_proj / kv_b_proj hold this
+Under tensor parallelism (``longcat.model.parallel.tensor_parallel``) q_b_proj / kv_b_proj hold this
 rank's heads and o_proj their input columns, so H below is the local head count; with sequence
 parallelism x_BSD is a sequence shard and the head projections gather the whole sequence. The
 forward therefore takes H and S from the projected tensors, not from the config or x_BSD.

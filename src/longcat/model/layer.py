@@ -24,7 +24,7 @@ same values, and every gradient that joins dense and MoE contributions is summed
 (``_branch``), so the two give bit-identical outputs and gradients.
 
 The MoE always sees and returns the full [B, S, D]. Under sequence parallelism (residual stream
-[B, S/tp, D], ``longcat.distributed.tensor_parallel``) ``moe_input_region`` gathers its input over
+[B, S/tp, D], ``longcat.model.parallel.tensor_parallel``) ``moe_input_region`` gathers its input over
 the sequence and ``moe_output_region`` keeps this rank's sequence shard of its output; both are
 identities otherwise.
 
@@ -73,8 +73,8 @@ class DecoderLayer(nn.Module):
     ``mlp``).
 
     ``overlap_moe_comm`` (attribute, default True; from ``ParallelConfig.overlap_moe_comm`` via
-    ``longcat.model.moe.chunked.apply_moe_overlap``): run the MoE's exchanges under the dense branch
-    (True) or the MoE whole before it (False). Same numbers either way.
+    ``longcat.model.parallel.expert_parallel.apply_moe_overlap``): run the MoE's exchanges under the
+    dense branch (True) or the MoE whole before it (False). Same numbers either way.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -27,7 +27,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         # Tensor parallelism swaps in its region entry here: one collective serves both
-        # column-parallel projections (``longcat.distributed.tensor_parallel``). Identity otherwise.
+        # column-parallel projections (``longcat.model.parallel.tensor_parallel``). Identity otherwise.
         self.input_region: nn.Module = nn.Identity()
 
     def forward(self, x_xD: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ def run_decoder_layers(
 ) -> tuple[torch.Tensor, list[MoEStats]]:
     """Run ``layers`` in order: h_BSD [B, S, D] -> (h_BSD [B, S, D], one MoEStats per layer).
 
-    Shared by ``LongcatFlashModel.forward`` and the pipeline stages (``longcat.distributed.pipeline``),
+    Shared by ``LongcatFlashModel.forward`` and the pipeline stages (``longcat.model.parallel.pipeline``),
     which run a contiguous slice of the layers. With ``checkpointed`` each layer is recomputed in
     backward; its stats are taken from the first forward only (the recompute's are discarded).
     """

@@ -21,7 +21,7 @@ import torch
 
 from longcat.config.schema import run_config_from_dict
 from longcat.model import LongcatFlashForCausalLM
-from longcat.train.checkpoint import CheckpointManager, TRAINER_STATE, latest_checkpoint
+from longcat.train.checkpoint import TRAINER_STATE, CheckpointManager, latest_checkpoint
 from longcat.train.optim import build_optimizer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -14,6 +14,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate as validate_run_config
+from longcat.train.trainer import Trainer
+
 
 @dataclasses.dataclass
 class SweepResult:
@@ -28,11 +32,8 @@ class SweepResult:
 
 
 def _final_loss(overrides: Sequence[str]) -> float:
-    from longcat.config.compose import compose_run_config
-    from longcat.train.trainer import Trainer
-
     cfg, cfg_dict = compose_run_config("pretrain", list(overrides))
-    cfg.validate(world_size=1)
+    validate_run_config(cfg, world_size=1)
     trainer = Trainer(cfg, config_dict=cfg_dict)
     losses = [trainer.train_step().loss.ce for _ in range(cfg.train.steps)]
     tail = losses[-max(1, len(losses) // 5):]

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from longcat.config.schema import DPMode, ParallelConfig, PipelineSchedule, RunConfig
+from longcat.config.validate import validate as validate_run_config
 from longcat.testing.distributed import run_distributed
 
 __all__ = ["Layout", "LayoutRun", "SINGLE", "Task", "max_relative_difference", "merged_params", "run_layouts",
@@ -150,7 +151,7 @@ def _run_task(cfg: Any, task: Task, batches: Optional[list[list[dict]]]) -> Layo
     layout = task.layout
     cfg = layout.apply(cfg)
     groups = _groups_for(layout)
-    cfg.validate(world_size=groups.world_size)
+    validate_run_config(cfg, world_size=groups.world_size)
     if (task.save or task.resume_from) and not task.out_dir and groups.world_size > 1:
         raise ValueError(f"Task(layout={layout.name!r}) saves or resumes a checkpoint on {groups.world_size} ranks: "
                          f"give it an out_dir shared by every rank (each rank's own temporary folder would "

@@ -48,7 +48,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from longcat.atomic_files import atomic_open
 from longcat.train.checkpoint_io import (  # noqa: F401 (CheckpointWriteError re-exported)
-    CheckpointWriteError, agree_written, damaged_checkpoint_message, discard)
+    CheckpointWriteError,
+    agree_written,
+    damaged_checkpoint_message,
+    discard,
+)
 from longcat.train.nonfinite import assert_finite_state, checkpoint_tensors
 
 logger = logging.getLogger(__name__)
@@ -189,7 +193,7 @@ class CheckpointManager:
     """Saves and loads checkpoints under ``root`` (all ranks of ``group`` call every method collectively).
 
     ``model`` arguments take a plain module (one process, whole tensors) or a
-    ``longcat.distributed.parallelize.ParallelModel`` (this rank's shards, described globally).
+    ``longcat.model.parallel.parallelize.ParallelModel`` (this rank's shards, described globally).
 
     Args:
         root: the folder holding the ``step_N`` checkpoints.

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from longcat.data.samples import (
+    IGNORE_INDEX,  # the data's label of "no target"; one definition
+)
+
+__all__ = ["IGNORE_INDEX", "GlobalTokenCounts", "cross_entropy_sum", "hidden_z_loss_sum", "load_balance_loss",
+           "mtp_labels"]
 
 
 @dataclass(frozen=True)

@@ -38,14 +38,22 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
 from longcat.config.schema import FaultInjection, SDCConfig, SDCPolicy
-from longcat.train.checkpoint import list_checkpoints
-from longcat.train.sdc import FaultInjector, Mismatch, checksums, compare_checksums, cross_replica_mismatches
+from longcat.distributed.groups import ProcessGroups
+from longcat.model.parallel.parallelize import ParallelModel
+from longcat.train.checkpoint import CheckpointManager, list_checkpoints
+from longcat.train.sdc import (
+    FaultInjector,
+    Mismatch,
+    checksums,
+    compare_checksums,
+    cross_replica_mismatches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +122,8 @@ class SDCMonitor:
     ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``): no replay under PP or DeepSpeed.
     """
 
-    def __init__(self, cfg: SDCConfig, *, parallel: Any, groups: Any, checkpoint_root: Optional[Path] = None):
+    def __init__(self, cfg: SDCConfig, *, parallel: ParallelModel, groups: ProcessGroups,
+                 checkpoint_root: Optional[Path] = None):
         self.cfg = cfg
         self.policy = SDCPolicy(cfg.policy)
         self.parallel = parallel
@@ -139,7 +148,8 @@ class SDCMonitor:
         self.injector = FaultInjector(fault, rank=self.rank)
 
     def _build_replica_sets(self) -> list[_ReplicaSet]:
-        dense, expert = [], []
+        dense: list[tuple[str, torch.Tensor]] = []
+        expert: list[tuple[str, torch.Tensor]] = []
         for p in self.parallel.placements:
             if p.is_expert and "edp" in p.replicated_over:
                 expert.append((p.name, p.param))
@@ -312,7 +322,17 @@ class SDCMonitor:
         return [path.name for path in newer]
 
 
-def rollback_to_good_checkpoint(trainer: Any, request: SDCRollback) -> Path:
+class RollbackTarget(Protocol):
+    """What ``rollback_to_good_checkpoint`` uses of the trainer (``longcat.train.trainer.Trainer``,
+    which imports this module)."""
+
+    checkpoints: CheckpointManager
+    sdc: SDCMonitor
+
+    def load_checkpoint(self, path: Path) -> None: ...
+
+
+def rollback_to_good_checkpoint(trainer: RollbackTarget, request: SDCRollback) -> Path:
     """Answer ``request`` on every rank: load the newest complete checkpoint of step <=
     ``request.max_step`` into ``trainer`` (``Trainer.load_checkpoint``) and set newer ones aside as
     ``step_N.suspect`` so that no later resume picks them. Returns the checkpoint loaded.
@@ -326,7 +346,7 @@ def rollback_to_good_checkpoint(trainer: Any, request: SDCRollback) -> Path:
         raise SDCHaltError(f"{request}, but there is no complete checkpoint of step <= {request.max_step} under "
                            f"{root} (train.checkpoint_interval / keep_last); halting", request.mismatches)
     step, path = good[-1]
-    monitor: SDCMonitor = trainer.sdc
+    monitor = trainer.sdc
     monitor.checkpoint_root = root
     monitor._set_aside_newer_than(step)
     trainer.load_checkpoint(path)

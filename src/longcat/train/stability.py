@@ -61,6 +61,7 @@ import torch.distributed as dist
 
 from longcat.config.schema import MoEConfig
 from longcat.model.moe import MoEStats
+from longcat.model.parallel.parallelize import ParallelModel
 from longcat.train import router_health
 
 logger = logging.getLogger(__name__)
@@ -279,8 +280,6 @@ def _full(weight: torch.Tensor) -> torch.Tensor:
     return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
-def local_routers(parallel) -> list[torch.nn.Module]:
+def local_routers(parallel: ParallelModel) -> list[torch.nn.Module]:
     """This rank's ``TopKRouter`` modules, one per local MoE layer, in the order of ``local_biases``."""
-    if parallel.pipeline is not None:
-        return [layer.mlp.router for layer in parallel.pipeline.local_layers()]
-    return [layer.mlp.router for layer in parallel.model.model.layers]
+    return [layer.mlp.router for layer in parallel.local_layers()]

@@ -15,7 +15,6 @@ this rank), E = N + Z experts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -32,8 +31,8 @@ from longcat.atomic_files import write_text_atomic
 from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
-from longcat.distributed.parallelize import parallelize
 from longcat.model import LongcatFlashForCausalLM, init_weights
+from longcat.model.parallel.parallelize import parallelize
 from longcat.train import losses
 from longcat.train.bias_controller import ExpertBiasController
 from longcat.train.callbacks import Callback, FitState, fit_callbacks
@@ -41,6 +40,7 @@ from longcat.train.checkpoint import CheckpointManager, latest_checkpoint
 from longcat.train.determinism import enable_determinism, seed_rank_streams
 from longcat.train.metrics import MetricsSink
 from longcat.train.nonfinite import NonFiniteGuard
+from longcat.train.objective import TrainingObjective
 from longcat.train.optim import build_optimizer, width_scale
 from longcat.train.schedule import build_scheduler, lr_multiplier
 from longcat.train.sdc_check import SDCMonitor, SDCRollback, rollback_to_good_checkpoint
@@ -112,9 +112,14 @@ class Trainer:
         init_weights(model, cfg.model, width_scale=width_scale(cfg.model, cfg.optim))
         if cfg.determinism.enabled:  # init drew the same numbers on every rank; from here each rank its own
             seed_rank_streams(cfg.train.seed, rank=self.groups.rank)
-        self.parallel = parallelize(
-            model, groups=self.groups, options=cfg.parallel, num_microbatches=self.accum,
-            loss_cfg=cfg.loss, moe_cfg=cfg.moe, autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None)
+        # One objective for the plain step and the pipeline stages; alpha is the stability monitor's
+        # (automatic under moe.auto_lb_coef), read at every micro-batch.
+        self.objective = TrainingObjective(
+            loss_cfg=cfg.loss, moe_cfg=cfg.moe, model_cfg=cfg.model, num_microbatches=self.accum,
+            dp_size=self.dp_size, ep_size=self.groups.ep_size, tp_group=self.groups.tp_group,
+            autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, lb_coef=lambda: self.stability.lb_coef)
+        self.parallel = parallelize(model, groups=self.groups, options=cfg.parallel,
+                                    num_microbatches=self.accum, objective=self.objective)
         self.model = self.parallel.model
         self.pipeline = self.parallel.pipeline
         self.optimizer = build_optimizer(self.parallel.model, optim_cfg=cfg.optim, model_cfg=cfg.model)
@@ -139,7 +144,6 @@ class Trainer:
                                              observers=self.extra_callbacks)
         self.step = 0
         self.tokens_seen = 0.0
-        self.lb_num_groups = cfg.moe.lb_num_groups or self.groups.ep_size
         self._restore()
         self.train_iter = iter(self.data.train)
 
@@ -214,11 +218,6 @@ class Trainer:
                                      trainer_state=self.trainer_state())
 
     # ----------------------------------------------------------------------------- step
-    def _autocast(self):
-        if not self.cfg.train.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
     def _global_counts(self, micro_batches: list[dict]) -> losses.GlobalTokenCounts:
         """Token counts of the global batch. TP and PP ranks hold the same micro-batches: sum over dp only."""
         counts = torch.zeros(3, dtype=torch.float64)
@@ -232,46 +231,26 @@ class Trainer:
             dist.all_reduce(counts, group=self.dp_group)
         return losses.GlobalTokenCounts(*(max(float(c), 1.0) for c in counts))
 
-    def _ce_sum(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor, *, vocab_parallel: bool) -> torch.Tensor:
-        if vocab_parallel:
-            from longcat.distributed.tensor_parallel import vocab_parallel_cross_entropy_sum
-
-            return vocab_parallel_cross_entropy_sum(logits_BSV, labels_BS, tp_group=self.groups.tp_group)
-        return losses.cross_entropy_sum(logits_BSV, labels_BS)
-
     def forward_backward(self, mb: dict, counts: losses.GlobalTokenCounts, parts: LossParts) -> list:
         """Forward one micro-batch, backward its share of the global objective; returns its MoE stats."""
-        cfg = self.cfg
         input_ids_BS = mb["input_ids"].to(self.device)
         labels_BS = mb["labels"].to(self.device)
         token_mask_BS = mb["token_mask"].to(self.device)
-        with self._autocast():
+        with self.objective.autocast(self.device):
             out = self.model(input_ids_BS, token_mask_BS=token_mask_BS)
-        vp = getattr(out, "logits_vocab_parallel", False)
-        ce = self._ce_sum(out.logits_BSV, labels_BS, vocab_parallel=vp) / counts.num_labels
-        objective = ce
-        parts.ce += ce.item()
-        if out.mtp_logits_BSV is not None and cfg.loss.mtp_weight > 0:
-            mtp = cfg.loss.mtp_weight * self._ce_sum(
-                out.mtp_logits_BSV, losses.mtp_labels(labels_BS), vocab_parallel=vp) / counts.num_mtp_labels
-            objective = objective + mtp
-            parts.mtp += mtp.item()
-        if cfg.loss.z_loss_coef > 0:
-            z = cfg.loss.z_loss_coef * losses.hidden_z_loss_sum(out.last_hidden_BSD, token_mask_BS) / counts.num_real
-            objective = objective + z
-            parts.z += z.item()
+        lm = self.objective.lm_terms(
+            logits_BSV=out.logits_BSV, mtp_logits_BSV=out.mtp_logits_BSV, last_hidden_BSD=out.last_hidden_BSD,
+            labels_BS=labels_BS, token_mask_BS=token_mask_BS, counts=counts, vocab_parallel=out.logits_vocab_parallel)
+        objective = lm.total
+        parts.ce += lm.ce.item()
+        if lm.mtp is not None:
+            parts.mtp += lm.mtp.item()
+        if lm.z is not None:
+            parts.z += lm.z.item()
         lb, lb_terms_L = None, None
-        if self.stability.lb_coef > 0:  # alpha: moe.lb_loss_coef, or the automatic one
-            lb_scale = self.stability.lb_coef / (self.accum * self.dp_size)
-            lb_terms_L = [
-                losses.load_balance_loss(
-                    s.expert_counts_E, s.prob_sum_E, s.num_tokens, n_routed_experts=cfg.model.n_routed_experts,
-                    moe_topk=cfg.model.moe_topk, expected_ffn_experts=cfg.moe.expected_ffn_experts,
-                    num_groups=self.lb_num_groups)
-                for s in out.moe_stats  # one term per MoE layer, never pooled over layers
-            ]
-            lb = sum(lb_terms_L) * lb_scale
-            lb_terms_L = [t * lb_scale for t in lb_terms_L]
+        lb_terms = self.objective.load_balance(out.moe_stats)  # None when alpha is 0
+        if lb_terms is not None:
+            lb, lb_terms_L = lb_terms.total(), lb_terms.per_layer()
             parts.stability.add_lb(lb_terms_L)
         if self.stability.wants_measurement:  # R_g (Eq. 9) before the real backward; see train/stability.py
             self.stability.measure(rest=objective, lb_terms_L=lb_terms_L, stats=out.moe_stats)
@@ -286,7 +265,8 @@ class Trainer:
         """Every micro-batch of this rank: (LossParts of this dp rank, per micro-batch the local layers' stats)."""
         if self.pipeline is not None:
             out = self.pipeline.step(micro_batches, counts)
-            return LossParts(out.loss.ce, out.loss.mtp, out.loss.z, out.loss.lb), out.moe_stats
+            ce, mtp, z, lb = out.loss_sums  # TrainingObjective.TERM_NAMES
+            return LossParts(ce=ce, mtp=mtp, z=z, lb=lb), out.per_microbatch
         parts, stats = LossParts(), []
         if self.sdc.replay_due(self.step + 1):  # SDC replay of one micro-batch (train/sdc_check.py)
             return parts, self.sdc.forward_backward_replayed(
@@ -353,11 +333,11 @@ class Trainer:
             total += torch.tensor(self.pipeline.eval_loss(batches), dtype=torch.float64)
         else:
             for mb in batches:
-                with self._autocast():
+                with self.objective.autocast(self.device):
                     out = self.model(mb["input_ids"].to(self.device), token_mask_BS=mb["token_mask"].to(self.device))
                 labels_BS = mb["labels"].to(self.device)
-                vp = getattr(out, "logits_vocab_parallel", False)
-                total[0] += self._ce_sum(out.logits_BSV, labels_BS, vocab_parallel=vp).item()
+                vp = out.logits_vocab_parallel
+                total[0] += self.objective.ce_sum(out.logits_BSV, labels_BS, vocab_parallel=vp).item()
                 total[1] += (labels_BS != losses.IGNORE_INDEX).sum().item()
         if self.dp_group is not None:
             dist.all_reduce(total, group=self.dp_group)  # [2] -> all_reduce(sum, dp) -> [2]

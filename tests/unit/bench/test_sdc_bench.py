@@ -1,4 +1,5 @@
 from conftest import tiny_overrides
+
 from longcat.bench.sdc import CANDIDATE_INTERVALS, SDCBenchSettings, run
 
 

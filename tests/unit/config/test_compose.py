@@ -4,6 +4,7 @@ import pytest
 
 from longcat.config.compose import available_recipes, compose_run_config, project_root
 from longcat.config.schema import DPMode, PipelineSchedule, RunConfig
+from longcat.config.validate import validate as validate_run_config
 
 
 def _recipe_world_size(recipe: str) -> int:
@@ -18,7 +19,7 @@ def _recipe_world_size(recipe: str) -> int:
 def test_every_recipe_composes_and_validates(recipe):
     cfg, as_dict = compose_run_config(recipe)
     assert isinstance(cfg, RunConfig)
-    cfg.validate(world_size=_recipe_world_size(recipe))
+    validate_run_config(cfg, world_size=_recipe_world_size(recipe))
     assert as_dict["model"]["hidden_size"] == cfg.model.hidden_size
 
 
@@ -66,4 +67,4 @@ def test_unknown_recipe_lists_the_choices():
 def test_validation_errors_name_the_fix():
     cfg, _ = compose_run_config("pretrain", ["data.global_batch_size=12", "data.micro_batch_size=8"])
     with pytest.raises(ValueError, match="global_batch_size=12"):
-        cfg.validate(world_size=1)
+        validate_run_config(cfg, world_size=1)

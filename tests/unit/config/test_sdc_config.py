@@ -1,6 +1,7 @@
 import pytest
 
 from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate as validate_run_config
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -14,10 +15,10 @@ from longcat.config.compose import compose_run_config
 def test_sdc_settings_fail_before_work(overrides, needle):
     cfg, _ = compose_run_config("pretrain", overrides)
     with pytest.raises(ValueError, match=needle):
-        cfg.validate(world_size=1)
+        validate_run_config(cfg, world_size=1)
 
 
 def test_checks_compose_with_determinism():
     cfg, _ = compose_run_config("pretrain", ["sdc.replay_interval=20", "sdc.replica_interval=10", "sdc.policy=halt",
                                              "determinism.enabled=true"])
-    cfg.validate(world_size=1)
+    validate_run_config(cfg, world_size=1)

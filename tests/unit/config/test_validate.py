@@ -22,7 +22,7 @@ def _cfg(*overrides: str):
     (3, ["parallel.tp=3"], r"model.num_attention_heads=4 is not divisible by parallel.tp=3: choose tp in \[1, 2, 4\]"),
     (3, ["parallel.ep=3"], r"model.n_routed_experts=8 is not divisible by parallel.ep=3"),
     (2, ["parallel=pp2", "parallel.pp_schedule=zbv"], r"model.num_layers=2 is not divisible by the 4 pipeline stages"),
-    # combinations parallelize refuses (distributed.parallelize.check_layout)
+    # combinations parallelize refuses (model.parallel.parallelize.check_layout)
     (4, ["parallel.tp=2", "parallel.pp=2"], r"parallel.pp=2 with parallel.tp=2 is not supported yet"),
     (4, ["parallel.pp=2", "parallel.dp_mode=fsdp", "data.global_batch_size=32"], r"pp=2 with parallel.dp_mode=fsdp"),
     (2, ["parallel.ep=2", "parallel.dp_mode=deepspeed"], r"dp_mode=deepspeed supports data parallelism only"),
@@ -69,7 +69,3 @@ def test_every_problem_is_reported_at_once():
     assert len(info.value.errors) == 3, info.value.errors
     assert str(info.value) == "\n".join(info.value.errors)
 
-
-def test_run_config_validate_is_the_same_function():
-    with pytest.raises(ConfigError, match="optim.lr"):
-        _cfg("optim.lr=-1").validate(world_size=1)

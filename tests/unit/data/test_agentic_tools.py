@@ -13,13 +13,32 @@ from fractions import Fraction
 import pytest
 
 from longcat.data.agentic_samples import (
-    DEFAULT_NUM_CONVERSATIONS, TEMPLATES, default_sft_records, generate_conversations, write_jsonl,
+    DEFAULT_NUM_CONVERSATIONS,
+    TEMPLATES,
+    default_sft_records,
+    generate_conversations,
+    write_jsonl,
 )
 from longcat.data.agentic_tools import (
-    MAX_LINE_CHARS, TOOLS, add_days, calculator, corpus_files, corpus_root, date_diff, read_file, run_tool,
-    search_files, search_text, weekday,
+    MAX_LINE_CHARS,
+    TOOLS,
+    add_days,
+    calculator,
+    corpus_files,
+    corpus_root,
+    date_diff,
+    read_file,
+    run_tool,
+    search_files,
+    search_text,
+    weekday,
 )
-from longcat.data.chat import Role, render_conversation, render_text, with_chat_special_tokens
+from longcat.data.chat import (
+    Role,
+    render_conversation,
+    render_text,
+    with_chat_special_tokens,
+)
 from longcat.data.corpus import stdlib_source_files, train_bpe_tokenizer
 from longcat.data.sft import load_conversations
 

@@ -9,8 +9,18 @@ from hypothesis import strategies as st
 
 from longcat.data.agentic_samples import default_sft_records
 from longcat.data.chat import (
-    CHAT_SPECIAL_TOKENS, END_OF_TURN, Conversation, Message, Role, TokenRole, add_chat_special_tokens,
-    has_chat_special_tokens, parse_conversation, render_conversation, render_text, with_chat_special_tokens,
+    CHAT_SPECIAL_TOKENS,
+    END_OF_TURN,
+    Conversation,
+    Message,
+    Role,
+    TokenRole,
+    add_chat_special_tokens,
+    has_chat_special_tokens,
+    parse_conversation,
+    render_conversation,
+    render_text,
+    with_chat_special_tokens,
 )
 from longcat.data.corpus import train_bpe_tokenizer
 from longcat.data.tokenizer import load_tokenizer

@@ -10,7 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longcat.data.indexed import (
-    DTYPE_CODES, IndexedDataset, IndexedDatasetWriter, optimal_dtype, write_indexed_dataset,
+    DTYPE_CODES,
+    IndexedDataset,
+    IndexedDatasetWriter,
+    optimal_dtype,
+    write_indexed_dataset,
 )
 
 DOCS = [[5, 6, 7], [8], [9, 10, 11, 12]]

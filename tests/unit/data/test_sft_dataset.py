@@ -11,8 +11,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longcat.data.agentic_samples import DEFAULT_NUM_CONVERSATIONS, default_sft_records, write_default_sft_jsonl
-from longcat.data.chat import parse_conversation, render_conversation, render_text, with_chat_special_tokens
+from longcat.data.agentic_samples import (
+    DEFAULT_NUM_CONVERSATIONS,
+    default_sft_records,
+    write_default_sft_jsonl,
+)
+from longcat.data.chat import (
+    parse_conversation,
+    render_conversation,
+    render_text,
+    with_chat_special_tokens,
+)
 from longcat.data.corpus import train_bpe_tokenizer
 from longcat.data.sampler import MicroBatchLoader
 from longcat.data.samples import IGNORE_INDEX, Split

@@ -6,7 +6,11 @@ import time
 
 import pytest
 
-from longcat.data.corpus import prepare_stdlib_corpus, stdlib_source_files, train_bpe_tokenizer
+from longcat.data.corpus import (
+    prepare_stdlib_corpus,
+    stdlib_source_files,
+    train_bpe_tokenizer,
+)
 from longcat.data.indexed import IndexedDataset
 from longcat.data.tokenizer import load_tokenizer
 

@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import TEST_CORPUS_BYTES, TEST_VOCAB
+
 from longcat.config.schema import DataConfig
 from longcat.data import build_pretrain_data
 from longcat.data.indexed import IndexedDataset

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from longcat.config.schema import ModelConfig
+from longcat.config.validate import validate as validate_run_config
 from longcat.data.corpus import train_bpe_tokenizer
 from longcat.data.tokenizer import EOD_TOKEN, PAD_TOKEN, load_tokenizer
 from longcat.interop import (
@@ -332,12 +333,13 @@ def test_tools(run, tmp_path, capsys):
 def test_trainer_init_from_imported_checkpoint(corpus_cache, tmp_path):
     """A trainer's checkpoint -> export (the run's own tokenizer found) -> import -> train.init_from."""
     from conftest import tiny_overrides
+
     from longcat.config.compose import compose_run_config
     from longcat.train.trainer import Trainer
 
     def trainer(out_dir: Path, **extra) -> Trainer:
         cfg, cfg_dict = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(out_dir), **extra))
-        cfg.validate(world_size=1)
+        validate_run_config(cfg, world_size=1)
         return Trainer(cfg, config_dict=cfg_dict)
 
     source = trainer(tmp_path / "a")

@@ -10,7 +10,12 @@ import torch
 from longcat.config.schema import ModelConfig
 from longcat.interop import to_transformers_state_dict, transformers_layout
 from longcat.model import LongcatFlashForCausalLM
-from longcat.model.hf_mapping import HFLayout, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from longcat.model.hf_mapping import (
+    HFLayout,
+    from_hf_state_dict,
+    hf_config_dict,
+    to_hf_state_dict,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from longcat.config.schema import ModelConfig
 from longcat.model import GroupedExperts, LongcatFlashForCausalLM, MoE, TopKRouter
-from longcat.model.moe.dispatcher import DispatchHandle, permute_tokens, unpermute_tokens
+from longcat.model.moe.dispatch import DispatchHandle, permute_tokens, unpermute_tokens
 
 CFG = ModelConfig(
     vocab_size=256, hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64, q_lora_rank=16,

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from longcat.config.schema import ModelConfig
-from longcat.model import LongcatFlashForCausalLM, count_parameters, init_weights, param_groups_names
+from longcat.model import (
+    LongcatFlashForCausalLM,
+    count_parameters,
+    init_weights,
+    param_groups_names,
+)
 
 CONF_DIR = pathlib.Path(__file__).resolve().parents[3] / "conf" / "model"
 TINY = ModelConfig(

@@ -15,7 +15,12 @@ from torch import nn
 from longcat.testing.checkpoints import check_checkpoint_folder
 from longcat.testing.faults import FaultInjection, FaultPlan
 from longcat.train import checkpoint_io
-from longcat.train.checkpoint import SAVE_PHASES, CheckpointManager, CheckpointWriteError, latest_checkpoint
+from longcat.train.checkpoint import (
+    SAVE_PHASES,
+    CheckpointManager,
+    CheckpointWriteError,
+    latest_checkpoint,
+)
 from longcat.train.preemption import PreemptionWatcher
 
 

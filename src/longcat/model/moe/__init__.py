@@ -1,6 +1,8 @@
 """Mixture of experts: router -> token dispatcher -> grouped-GEMM experts -> combine."""
 
-from longcat.model.moe.dispatcher import (
+from longcat.model.moe.dispatch import (
+    AllToAllTokenDispatcher,
+    ChunkedAllToAllTokenDispatcher,
     DispatchedTokens,
     DispatchHandle,
     LocalTokenDispatcher,
@@ -12,6 +14,8 @@ from longcat.model.moe.layer import MoE, MoEInFlight, MoEStats, router_stats
 from longcat.model.moe.router import RouterOutput, TopKRouter
 
 __all__ = [
+    "AllToAllTokenDispatcher",
+    "ChunkedAllToAllTokenDispatcher",
     "DispatchHandle",
     "DispatchedTokens",
     "GroupedExperts",

@@ -44,7 +44,11 @@ from torch import nn
 from longcat.config.schema import ModelConfig
 from longcat.distributed.collectives import gather_from_group, split_to_group
 from longcat.distributed.overlap import comm_label
-from longcat.model.moe.dispatcher import LocalTokenDispatcher, PendingCombine, TokenDispatcher
+from longcat.model.moe.dispatch import (
+    LocalTokenDispatcher,
+    PendingCombine,
+    TokenDispatcher,
+)
 from longcat.model.moe.experts import GroupedExperts
 from longcat.model.moe.router import RouterOutput, TopKRouter
 
@@ -121,7 +125,7 @@ class MoE(nn.Module):
     Args:
         cfg: model dims (n_routed_experts N, zero_expert_num Z, moe_topk K, ...).
         dispatcher: the token dispatcher; default ``LocalTokenDispatcher`` with all N experts local
-            (``longcat.distributed.expert_parallel.apply_expert_parallel`` swaps in the all-to-all one).
+            (``longcat.model.parallel.expert_parallel.apply_expert_parallel`` swaps in the all-to-all one).
         experts: the (local) FFN experts; default all N experts on this process.
         tp_group: the tp group over which the input is replicated; None (or size 1) = no split.
     """

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from longcat.plots import _layers, _save, _series
+from longcat.plots.metrics import layers_with, save_figure, series
+
+__all__ = ["budget_summary", "format_budget_summary", "plot_stability"]
 
 
 def _moe_config(metrics_path: Path) -> dict:
@@ -25,12 +27,12 @@ def _moe_config(metrics_path: Path) -> dict:
 
 def plot_stability(records: list[dict], out_dir: Path, *, metrics_path: Path) -> Optional[Path]:
     """Write ``out_dir/stability.png``; None when the records hold none of its metrics."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazily: plot_all selects the Agg backend first
 
-    rg_layers = _layers(records, "rg")
-    cos_layers = _layers(records, "router_cosine_similarity")
-    aux = [key for key in ("loss/lb", "loss/z") if _series(records, key)[0]]
-    hidden = _series(records, "hidden/last_l2_norm")
+    rg_layers = layers_with(records, "rg")
+    cos_layers = layers_with(records, "router_cosine_similarity")
+    aux = [key for key in ("loss/lb", "loss/z") if series(records, key)[0]]
+    hidden = series(records, "hidden/last_l2_norm")
     if not (rg_layers or cos_layers or hidden[0]):
         return None
     moe = _moe_config(metrics_path)
@@ -38,7 +40,7 @@ def plot_stability(records: list[dict], out_dir: Path, *, metrics_path: Path) ->
     ax_rg, ax_cos, ax_aux, ax_hidden = axes.flat
 
     for layer in rg_layers:
-        steps, values = _series(records, f"moe/layer{layer}/rg")
+        steps, values = series(records, f"moe/layer{layer}/rg")
         # Log scale: a measurement of exactly 0 (Eq. 4's groups exactly balanced) is left out.
         positive = [(s, v) for s, v in zip(steps, values) if v > 0]
         if positive:
@@ -49,7 +51,7 @@ def plot_stability(records: list[dict], out_dir: Path, *, metrics_path: Path) ->
     ax_rg.set_title("R_g = ||alpha dL_LB/dP|| / ||dL_LM/dP|| (Eq. 9)")
 
     for layer in cos_layers:
-        steps, values = _series(records, f"moe/layer{layer}/router_cosine_similarity")
+        steps, values = series(records, f"moe/layer{layer}/router_cosine_similarity")
         ax_cos.plot(steps, values, label=f"layer {layer}")
     if "router_collapse_threshold" in moe:
         ax_cos.axhline(moe["router_collapse_threshold"], color="r", ls=":",
@@ -57,13 +59,13 @@ def plot_stability(records: list[dict], out_dir: Path, *, metrics_path: Path) ->
     ax_cos.set_title("router rows: mean pairwise cosine similarity")
 
     for key in aux:
-        steps, values = _series(records, key)
+        steps, values = series(records, key)
         positive = [(s, v) for s, v in zip(steps, values) if v > 0]
         if positive:
             ax_aux.plot(*zip(*positive), label=key)
     ax_aux.set_yscale("log")
     ax_aux.set_title("auxiliary losses (in the objective)")
-    steps, alpha = _series(records, "moe/lb_coef")
+    steps, alpha = series(records, "moe/lb_coef")
     if steps and len(set(alpha)) > 1:
         twin = ax_aux.twinx()
         twin.plot(steps, alpha, "k--", lw=1, label="alpha (auto)")
@@ -81,7 +83,7 @@ def plot_stability(records: list[dict], out_dir: Path, *, metrics_path: Path) ->
     for ax in axes[1]:
         ax.set_xlabel("step")
     fig.suptitle("LongCat-Flash stability suite (§3.1.3)")
-    return _save(fig, Path(out_dir) / "stability.png")
+    return save_figure(fig, Path(out_dir) / "stability.png")
 
 
 def budget_summary(records: list[dict], *, target: float, tail_fraction: float = 0.2) -> list[dict]:
@@ -90,13 +92,13 @@ def budget_summary(records: list[dict], *, target: float, tail_fraction: float =
     step), ``within_2pct`` (fraction of steps within 2%), ``start`` (the first logged step's value)
     and ``load_max_over_mean`` (mean over the window of the per-step max/mean FFN-expert load)."""
     out = []
-    for layer in _layers(records, "ffn_experts_per_token"):
-        steps, values = _series(records, f"moe/layer{layer}/ffn_experts_per_token")
+    for layer in layers_with(records, "ffn_experts_per_token"):
+        steps, values = series(records, f"moe/layer{layer}/ffn_experts_per_token")
         if not values:
             continue
         tail = values[int(len(values) * (1 - tail_fraction)):] or values
         devs = [(v - target) / target * 100 for v in tail]
-        _, loads = _series(records, f"moe/layer{layer}/load_max_over_mean")
+        _, loads = series(records, f"moe/layer{layer}/load_max_over_mean")
         loads = loads[int(len(loads) * (1 - tail_fraction)):]
         out.append({
             "layer": layer, "window": (steps[len(values) - len(tail)], steps[-1]), "start": values[0],

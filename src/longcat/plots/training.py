@@ -6,71 +6,19 @@
 - ``expert_load.png``: a layer x expert heatmap of the expert load (assignments per token) averaged
   over the last 20% of steps;
 - ``stability.png`` (when logged): R_g, router cosine similarity, LB / z losses, last-hidden norm
-  (``longcat.plots_stability``).
+  (``longcat.plots.stability``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import re
 from pathlib import Path
 from typing import Optional
 
-logger = logging.getLogger(__name__)
-_LAYER_KEY = re.compile(r"^moe/layer(\d+)/(.+)$")
+from longcat.plots.metrics import layers_with, read_metrics, save_figure, series
+from longcat.plots.stability import plot_stability
 
-
-def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics JSONL file, one JSON object a line.
-
-    A last line that is not valid JSON (torn by a crash, or read while being written) is skipped
-    with a warning; a bad line anywhere else is an error.
-
-    Raises:
-        ValueError: naming FILE:LINE of a bad line (malformed JSON before the last line, or JSON that
-            is not an object), or when the file holds no records.
-    """
-    with open(path) as f:
-        lines = [(lineno, line) for lineno, line in enumerate(f, 1) if line.strip()]
-    records = []
-    for k, (lineno, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if k < len(lines) - 1:
-                raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
-            logger.warning("%s:%d: skipped the torn last line (%s), as a crash mid-write leaves it",
-                           path, lineno, exc.msg)
-            continue
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: not a metrics record: JSON {type(record).__name__}, "
-                             "expected an object")
-        if not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}:{lineno}: a metrics record needs an integer \"step\", got {record.get('step')!r}")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no metrics records; run training first")
-    return records
-
-
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
-    for r in records:
-        if isinstance(r.get(key), (int, float)):
-            steps.append(r["step"])
-            values.append(r[key])
-    return steps, values
-
-
-def _layers(records: list[dict], suffix: str) -> list[int]:
-    found = set()
-    for r in records:
-        for key in r:
-            m = _LAYER_KEY.match(key)
-            if m and m.group(2) == suffix:
-                found.add(int(m.group(1)))
-    return sorted(found)
+__all__ = ["plot_all"]
 
 
 def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[float] = None,
@@ -83,7 +31,7 @@ def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[
         ValueError: for a bad metrics file (``read_metrics``).
         OSError: when ``out_dir`` or a PNG cannot be written.
     """
-    import matplotlib
+    import matplotlib  # lazily: only drawing needs it, and Agg must be selected before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -100,7 +48,7 @@ def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key, style in (("loss", "-"), ("loss/ce", "--"), ("val/loss", "o-")):
-        steps, values = _series(records, key)
+        steps, values = series(records, key)
         if steps:
             ax.plot(steps, values, style, label=key, markersize=3)
     ax.set_xlabel("step")
@@ -108,11 +56,11 @@ def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[
     ax.set_title("LongCat-Flash training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, out_dir / "loss.png"))
+    written.append(save_figure(fig, out_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for layer in _layers(records, "ffn_experts_per_token"):
-        steps, values = _series(records, f"moe/layer{layer}/ffn_experts_per_token")
+    for layer in layers_with(records, "ffn_experts_per_token"):
+        steps, values = series(records, f"moe/layer{layer}/ffn_experts_per_token")
         ax.plot(steps, values, label=f"layer {layer}")
     if target_ffn_experts is not None:
         ax.axhline(target_ffn_experts, color="k", ls=":", label=f"target K_e={target_ffn_experts:g}")
@@ -122,9 +70,9 @@ def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[
     ax.set_title("Dynamic computation: average FFN experts per token")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, out_dir / "ffn_experts_per_token.png"))
+    written.append(save_figure(fig, out_dir / "ffn_experts_per_token.png"))
 
-    layers = _layers(records, "expert_load")
+    layers = layers_with(records, "expert_load")
     if layers:
         tail = records[int(len(records) * 0.8):] or records
         rows = []
@@ -139,19 +87,8 @@ def plot_all(metrics_path: Path, out_dir: Path, *, target_ffn_experts: Optional[
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_title("Expert load (last 20% of steps)")
-        written.append(_save(fig, out_dir / "expert_load.png"))
-    from longcat.plots_stability import plot_stability  # R_g, router cosine, aux losses, hidden norm
-
+        written.append(save_figure(fig, out_dir / "expert_load.png"))
     stability = plot_stability(records, out_dir, metrics_path=Path(metrics_path))
     if stability is not None:
         written.append(stability)
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -1,4 +1,4 @@
-"""ScMoE with chunks: the expert-parallel exchange in C pipelined chunks, and the overlap switch.
+"""ScMoE with chunks: the expert-parallel exchange in C pipelined chunks.
 
 ``ChunkedAllToAllTokenDispatcher`` splits one MoE's routed token copies into ``num_chunks`` chunks
 and pipelines them (the paper's "ScMoE with chunk", PAPER.md §5.3):
@@ -26,8 +26,8 @@ Layout of one dispatch with C chunks (G ep ranks, L local experts, L_c = L / C):
     [R_c, D] ─ sort by local expert ─> grouped GEMM over experts [c L_c, (c+1) L_c) ─> unsort
     [R_c, D] ─ all_to_all_uneven(ep, splits swapped, async) ─> [S_c, D];  cat -> [S, D] -> combine
 
-``apply_moe_overlap`` sets the decoder layers' schedule (``overlap_moe_comm``) and swaps in this
-dispatcher where ``num_chunks`` > 1.
+``longcat.model.parallel.expert_parallel.apply_moe_overlap`` swaps in this dispatcher where
+``parallel.moe_chunks`` > 1.
 
 Shape legend:
     G  ep group size; N FFN experts; L = N / G local experts; C chunks; L_c = L / C
@@ -42,24 +42,25 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from longcat.distributed.collectives import AllToAllHandle, all_to_all_uneven, exchange_counts
-from longcat.distributed.expert_parallel import AllToAllTokenDispatcher, _local_expert_order
-from longcat.model.moe.dispatcher import (
-    DispatchedTokens,
-    PendingCombine,
+from longcat.distributed.collectives import (
+    AllToAllHandle,
+    all_to_all_uneven,
+    exchange_counts,
+)
+from longcat.model.moe.dispatch.all_to_all import AllToAllTokenDispatcher, wait_rows
+from longcat.model.moe.dispatch.base import DispatchedTokens, PendingCombine
+from longcat.model.moe.dispatch.permute import (
     SourcePermutation,
     count_by_expert,
+    local_expert_order,
     permute_rows,
     permute_tokens,
     source_permutation,
     weight_and_unpermute,
 )
-from longcat.model.layer import DecoderLayer
-from longcat.model.moe.layer import MoE
 
-__all__ = ["ChunkedAllToAllTokenDispatcher", "apply_moe_overlap"]
+__all__ = ["ChunkedAllToAllTokenDispatcher"]
 
 
 @dataclass
@@ -130,10 +131,8 @@ class ChunkedAllToAllTokenDispatcher(AllToAllTokenDispatcher):
         )
         tokens_SD = permute_tokens(tokens_TD, handle=perm.handle)
 
-        self._dispatched_rows += num_sent
-        self._received_rows += sum(exchanged.output_splits)
-        self._num_dispatches += 1
-        self._zero_rows_sent = self._zero_rows_sent + (perm.sent_expert_ids_S >= N).sum()
+        self.row_counter.record(num_sent=num_sent, num_received=sum(exchanged.output_splits),
+                                sent_expert_ids_S=perm.sent_expert_ids_S, num_experts=N)
 
         rows = []
         for c, tokens_ScD in enumerate(tokens_SD.split([sum(s) for s in sent_CG])):
@@ -146,12 +145,11 @@ class ChunkedAllToAllTokenDispatcher(AllToAllTokenDispatcher):
 
     def _wait_chunk(self, pending: _ChunkedDispatch, chunk: int) -> tuple[torch.Tensor, torch.Tensor, _ChunkHandle]:
         """Chunk ``chunk``'s rows sorted by local expert [R_c, D], their counts [L_c], its handle."""
-        handle = pending.rows[chunk]
-        rows_RD = handle.wait() if isinstance(handle, AllToAllHandle) else handle
+        rows_RD = wait_rows(pending.rows[chunk])
         received_GL = pending.received_GCL[:, chunk]
         sort_R = unsort_R = None
         if received_GL.shape[0] > 1 and received_GL.shape[1] > 1:
-            sort_R, unsort_R = _local_expert_order(received_GL, rows_RD.shape[0])
+            sort_R, unsort_R = local_expert_order(received_GL, rows_RD.shape[0])
             rows_RD = permute_rows(rows_RD, perm_R=sort_R, inverse_R=unsort_R)
         return rows_RD, received_GL.sum(dim=0), _ChunkHandle(chunk, sort_R, unsort_R)
 
@@ -194,39 +192,9 @@ class ChunkedAllToAllTokenDispatcher(AllToAllTokenDispatcher):
         return PendingCombine(rows=combines, handle=pending)
 
     def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
-        chunks = [h.wait() if isinstance(h, AllToAllHandle) else h for h in pending.rows]
+        chunks = [wait_rows(rows) for rows in pending.rows]
         rows_SD = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
         dispatch: _ChunkedDispatch = pending.handle
         perm = dispatch.perm
         return weight_and_unpermute(rows_SD, gates_S=perm.gates_S, handle=perm.handle, out_dtype=dispatch.out_dtype)
 
-
-def apply_moe_overlap(model: nn.Module, *, overlap: bool, num_chunks: int = 1) -> None:
-    """Set the ScMoE schedule of every decoder layer of ``model`` (in place).
-
-    Args:
-        model: a model after ``apply_expert_parallel`` (dispatchers already chosen).
-        overlap: ``ParallelConfig.overlap_moe_comm``: the MoE's exchanges run under the dense branch
-            (True) or the MoE runs whole before it (False). Same numbers either way.
-        num_chunks: ``ParallelConfig.moe_chunks``: split each expert-parallel exchange into this
-            many pipelined chunks (``ChunkedAllToAllTokenDispatcher``); 1 = no split. MoEs without
-            expert parallelism (nothing to exchange) are left as they are.
-
-    Raises:
-        ValueError: ``num_chunks`` < 1 or not dividing the local expert count.
-    """
-    if num_chunks < 1:
-        raise ValueError(f"moe_chunks={num_chunks} must be >= 1")
-    for module in model.modules():
-        if isinstance(module, DecoderLayer):
-            module.overlap_moe_comm = overlap
-        if isinstance(module, MoE) and isinstance(module.dispatcher, AllToAllTokenDispatcher):
-            current = getattr(module.dispatcher, "num_chunks", 1)
-            if current != num_chunks:
-                module.dispatcher = (
-                    ChunkedAllToAllTokenDispatcher(
-                        module.num_ffn_experts, ep_group=module.dispatcher.ep_group, num_chunks=num_chunks
-                    )
-                    if num_chunks > 1
-                    else AllToAllTokenDispatcher(module.num_ffn_experts, ep_group=module.dispatcher.ep_group)
-                )

@@ -1,19 +1,10 @@
-"""Token dispatcher: routed token copies -> grouped by local expert -> back (PAPER.md §2.1, §5.3).
+"""Permutations shared by the token dispatchers (PAPER.md §2.1, §5.3): token copies into send order
+and back, rows into local-expert order and back.
 
-Only FFN-expert assignments (global id < N) pass through a dispatcher; zero-expert outputs are
-formed locally by the MoE layer. ``LocalTokenDispatcher`` is the single-process case (all N
-experts local); ``longcat.distributed.expert_parallel.AllToAllTokenDispatcher`` adds an
-all-to-all over the ep group between the permute and the experts (and its inverse in combine).
-
-Each direction is split in two so that the ScMoE layer can run dense work while the exchange is
-in flight: ``dispatch_start`` -> (dense work) -> ``run_experts`` (``dispatch_wait`` -> grouped GEMM
--> ``combine_start``) -> (dense work) -> ``combine_wait``. ``dispatch`` and ``combine`` are the
-synchronous paths (start, then wait at once). Overlap on or off gives the same bits. A dispatcher
-that splits its rows into chunks (``longcat.model.moe.chunked``) overrides ``run_experts`` to
-pipeline them.
-
-The gates are applied in ``combine``, on the rank that owns the token (after the return
-all-to-all under expert parallelism), so they never travel; the experts return un-weighted rows.
+The sender side (``source_permutation``) sorts this rank's FFN-expert slots by global expert id (so
+by destination rank, then local expert); ``permute_tokens`` gathers them, ``weight_and_unpermute``
+brings expert outputs home. The receiver side (``local_expert_order``, ``permute_rows``) turns rows
+grouped by (source rank, local expert) into rows grouped by local expert for the grouped GEMM.
 
 Both directions are deterministic: the permute's backward and the combine are an ``index_copy``
 into a [T*K, D] slot buffer (each slot written once) followed by a sum over K, never an
@@ -24,7 +15,7 @@ Shape legend:
     K  moe_topk (slots per token)
     D  hidden_size
     N  FFN experts in total (global ids 0..N-1; ids >= N are zero experts)
-    L  local FFN experts
+    G  ep group size; L local FFN experts
     S  routed rows sent by this rank: its token copies assigned to FFN experts, sorted by global
        expert id (= by destination rank, then local expert)
     R  routed rows for the local experts (sum of counts_L); R = S without expert parallelism
@@ -32,11 +23,21 @@ Shape legend:
 
 from __future__ import annotations
 
-import abc
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
+
+__all__ = [
+    "DispatchHandle",
+    "SourcePermutation",
+    "count_by_expert",
+    "local_expert_order",
+    "permute_rows",
+    "permute_tokens",
+    "source_permutation",
+    "unpermute_tokens",
+    "weight_and_unpermute",
+]
 
 
 @dataclass
@@ -51,65 +52,6 @@ class DispatchHandle:
     token_R: torch.Tensor
     num_tokens: int
     top_k: int
-
-
-@dataclass
-class DispatchedTokens:
-    """tokens_RD: routed copies sorted by local expert id (token order within an expert on one
-    source rank; source rank order across ranks). counts_L: int64 rows per local expert (sum = R).
-    handle: opaque, handed back to ``combine`` / ``combine_start``."""
-
-    tokens_RD: torch.Tensor
-    counts_L: torch.Tensor
-    handle: Any
-
-
-@dataclass
-class PendingCombine:
-    """A combine in flight (from ``combine_start``); pass it to ``combine_wait``."""
-
-    rows: Any
-    handle: Any
-
-
-class TokenDispatcher(abc.ABC):
-    """Moves token copies to their experts and the expert outputs back (gate-weighted at home)."""
-
-    @abc.abstractmethod
-    def dispatch_start(self, tokens_TD: torch.Tensor, *, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor) -> Any:
-        """Permute the FFN-expert copies of tokens_TD [T, D] and start sending them; returns a pending
-        handle for ``dispatch_wait``. expert_ids_TK: int64 global ids [T, K] (ids >= N, zero experts,
-        are dropped here); gates_TK: fp32 [T, K] with grad, kept on this rank for ``combine``."""
-
-    @abc.abstractmethod
-    def dispatch_wait(self, pending: Any) -> DispatchedTokens:
-        """Wait for the dispatch and return the rows for the local experts, sorted by local expert."""
-
-    @abc.abstractmethod
-    def combine_start(self, expert_out_RD: torch.Tensor, *, handle: Any) -> PendingCombine:
-        """Start sending the local experts' (un-weighted) outputs [R, D] back to their tokens' ranks."""
-
-    @abc.abstractmethod
-    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
-        """Wait for the combine; returns [T, D] in the tokens' dtype: per token, the gate-weighted sum
-        over its FFN slots (gate x row in fp32, then cast); tokens without FFN experts get zeros."""
-
-    def run_experts(self, pending: Any, *, experts: Callable[..., torch.Tensor]) -> PendingCombine:
-        """Wait for the dispatch, run ``experts(tokens_RD, counts_L=counts_L)`` (-> [R, D]) on the rows
-        received and start the combine; returns the combine in flight for ``combine_wait``."""
-        dispatched = self.dispatch_wait(pending)
-        expert_out_RD = experts(dispatched.tokens_RD, counts_L=dispatched.counts_L)
-        return self.combine_start(expert_out_RD, handle=dispatched.handle)
-
-    def dispatch(
-        self, tokens_TD: torch.Tensor, *, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor
-    ) -> DispatchedTokens:
-        """Synchronous ``dispatch_start`` + ``dispatch_wait``."""
-        return self.dispatch_wait(self.dispatch_start(tokens_TD, expert_ids_TK=expert_ids_TK, gates_TK=gates_TK))
-
-    def combine(self, expert_out_RD: torch.Tensor, *, handle: Any) -> torch.Tensor:
-        """Synchronous ``combine_start`` + ``combine_wait``."""
-        return self.combine_wait(self.combine_start(expert_out_RD, handle=handle))
 
 
 @dataclass
@@ -163,7 +105,7 @@ def source_permutation(
     With ``num_chunks`` > 1 the local experts of every rank (``num_local_experts`` L of them, L a
     multiple of ``num_chunks``) are cut into ``num_chunks`` consecutive groups, and the order is
     chunk-major: first every slot of chunk 0 (local experts ``[0, L/C)`` of each rank) by global id,
-    then chunk 1, ... (``longcat.model.moe.chunked``). Each expert's slots stay in token order.
+    then chunk 1, ... (``ChunkedAllToAllTokenDispatcher``). Each expert's slots stay in token order.
     """
     T, K = expert_ids_TK.shape
     N = num_experts
@@ -196,39 +138,6 @@ def weight_and_unpermute(
     sum -> [T, D]."""
     weighted_SD = (rows_SD * gates_S[:, None]).to(out_dtype)
     return unpermute_tokens(weighted_SD, handle=handle)
-
-
-@dataclass
-class _LocalState:
-    perm: SourcePermutation
-    out_dtype: torch.dtype
-
-
-class LocalTokenDispatcher(TokenDispatcher):
-    """Single process: every FFN expert is local (L = N, expert_offset 0); no communication.
-
-    Args:
-        num_experts: N, the FFN experts; ids >= N are zero experts and are not dispatched.
-    """
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-
-    def dispatch_start(self, tokens_TD: torch.Tensor, *, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor) -> Any:
-        perm = source_permutation(expert_ids_TK, gates_TK, num_experts=self.num_experts)
-        tokens_RD = permute_tokens(tokens_TD, handle=perm.handle)
-        return DispatchedTokens(tokens_RD=tokens_RD, counts_L=perm.counts_N, handle=_LocalState(perm, tokens_TD.dtype))
-
-    def dispatch_wait(self, pending: DispatchedTokens) -> DispatchedTokens:
-        return pending
-
-    def combine_start(self, expert_out_RD: torch.Tensor, *, handle: _LocalState) -> PendingCombine:
-        return PendingCombine(rows=expert_out_RD, handle=handle)
-
-    def combine_wait(self, pending: PendingCombine) -> torch.Tensor:
-        state: _LocalState = pending.handle
-        perm = state.perm
-        return weight_and_unpermute(pending.rows, gates_S=perm.gates_S, handle=perm.handle, out_dtype=state.out_dtype)
 
 
 def _sum_slots(rows_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -293,3 +202,22 @@ def permute_rows(rows_RD: torch.Tensor, *, perm_R: torch.Tensor, inverse_R: torc
     """``rows_RD[perm_R]`` for a permutation ``perm_R`` (int64 [R]) with ``inverse_R[perm_R] = arange(R)``;
     the backward gathers with ``inverse_R``, so it is deterministic (no accumulating scatter)."""
     return _PermuteRows.apply(rows_RD, perm_R, inverse_R)
+
+
+def local_expert_order(received_GL: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation taking rows grouped (source g, local expert l) to (l, g), and its inverse.
+
+    Rows arrive as chunks (g, l) of ``received_GL[g, l]`` rows in row-major order; the grouped GEMM
+    needs all of expert l's rows together. Returns (sort_R, unsort_R), int64 [R].
+    """
+    G, L = received_GL.shape
+    sizes_GxL = received_GL.reshape(-1)
+    starts_GL = (torch.cumsum(sizes_GxL, 0) - sizes_GxL).view(G, L)
+    sizes_LxG = received_GL.t().reshape(-1)
+    new_starts_LxG = torch.cumsum(sizes_LxG, 0) - sizes_LxG
+    arange_R = torch.arange(num_rows, device=received_GL.device)
+    within_R = arange_R - torch.repeat_interleave(new_starts_LxG, sizes_LxG, output_size=num_rows)
+    sort_R = torch.repeat_interleave(starts_GL.t().reshape(-1), sizes_LxG, output_size=num_rows) + within_R
+    unsort_R = torch.empty_like(sort_R)
+    unsort_R[sort_R] = arange_R  # a permutation: every index written once
+    return sort_R, unsort_R

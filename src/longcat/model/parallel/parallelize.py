@@ -1,11 +1,11 @@
-"""The parallel plan, applied in one place and in a fixed order.
+"""The parallel plan of LongCat-Flash, applied in one place and in a fixed order.
 
     full model, built identically on every rank (same seed) and initialised
-      -> TP: heads, FFNs, vocab split over tp, in place          (longcat.distributed.tensor_parallel)
-      -> EP: experts narrowed to this ep rank's ids, all-to-all dispatcher; MoE tokens split over tp
-                                                                  (longcat.distributed.expert_parallel)
+      -> TP: heads, FFNs, vocab split over tp, in place          (longcat.model.parallel.tensor_parallel)
+      -> EP: experts narrowed to this ep rank's ids, all-to-all dispatcher; MoE tokens split over tp;
+             the ScMoE overlap schedule and chunks                (longcat.model.parallel.expert_parallel)
       -> (activation checkpointing is a model flag, already set)
-      -> PP: this rank's pipeline stages of whole layers           (longcat.distributed.pipeline)
+      -> PP: this rank's pipeline stages of whole layers           (longcat.model.parallel.pipeline)
       -> DP: replicate (bucketed all-reduce) | fsdp (FSDP2) | deepspeed (ZeRO-1/2, built with the
              optimizer: ``ParallelModel.attach_optimizer``)        (longcat.distributed.data_parallel)
 
@@ -28,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from longcat.config.schema import ParallelConfig
 from longcat.distributed.data_parallel import (
@@ -44,6 +46,18 @@ from longcat.distributed.data_parallel import (
 from longcat.distributed.grad_norm import GradShard, clip_grads_, global_grad_norm
 from longcat.distributed.groups import ProcessGroups
 from longcat.distributed.parallel_dims import ParallelDims
+from longcat.distributed.pipeline import PipelineRunner
+from longcat.model.model import LongcatFlashForCausalLM
+from longcat.model.parallel.expert_parallel import (
+    apply_expert_parallel,
+    apply_moe_overlap,
+    expert_param_global_info,
+)
+from longcat.model.parallel.pipeline import StageObjective, build_pipeline
+from longcat.model.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    tp_param_global_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +105,7 @@ class ParallelModel:
     dp_mode: DPMode
     placements: list[ParamPlacement]
     grad_sync: Optional[ReplicatedGradSync] = None
-    pipeline: Any = None
+    pipeline: Optional[PipelineRunner] = None
     deepspeed: Optional[DeepSpeedDP] = None
     deepspeed_options: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
 
@@ -150,11 +164,16 @@ class ParallelModel:
         shards = [GradShard(p.param, p.replicated_over) for p in self.placements]
         return global_grad_norm(shards, coords=coords, world_group=g.world_group)
 
+    def local_layers(self) -> list[nn.Module]:
+        """This rank's decoder layers in global order (under PP: ``pipeline.local_layer_ids``)."""
+        layers = self.model.model.layers
+        if self.pipeline is not None:
+            return [layers[str(i)] for i in self.pipeline.local_layer_ids]
+        return list(layers)
+
     def local_biases(self) -> list[torch.Tensor]:
         """Per local MoE layer (global order) its [E] fp32 ``e_score_correction_bias`` buffer."""
-        if self.pipeline is not None:
-            return self.pipeline.local_biases()
-        return [layer.mlp.router.e_score_correction_bias for layer in self.model.model.layers]
+        return [layer.mlp.router.e_score_correction_bias for layer in self.local_layers()]
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -167,8 +186,8 @@ class ParallelModel:
 # ------------------------------------------------------------------------------- the plan
 
 
-def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelConfig, num_microbatches: int = 1,
-                loss_cfg: Any = None, moe_cfg: Any = None, autocast_dtype: Optional[torch.dtype] = None) -> ParallelModel:
+def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, options: ParallelConfig,
+                num_microbatches: int = 1, objective: Optional[StageObjective] = None) -> ParallelModel:
     """Apply TP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
 
     TP and EP go first, on the full model: ``apply_tensor_parallel`` swaps submodules, and the
@@ -179,36 +198,31 @@ def parallelize(model: nn.Module, *, groups: ProcessGroups, options: ParallelCon
         model: a ``LongcatFlashForCausalLM`` holding the full single-process weights.
         groups: this job's process groups (``ProcessGroups.single()`` for one process).
         options: the run's ``parallel`` section (its modes; the degrees are ``groups``').
-        num_microbatches, loss_cfg, moe_cfg, autocast_dtype: the pipeline's (``build_pipeline``),
-            used only when pp > 1.
+        num_microbatches, objective: the pipeline's (``build_pipeline``: micro-batches per step of
+            this dp rank, the training objective the stages compute), used only when pp > 1.
 
     Returns:
         The ``ParallelModel``; build the optimizer over its ``model`` afterwards, then call
         ``attach_optimizer``.
 
     Raises:
-        ValueError: an unsupported combination (``check_layout``).
+        ValueError: an unsupported combination (``check_layout``); pp > 1 without an objective.
     """
     dp_mode = check_layout(groups.dims, options)
     dims = groups.dims
+    if dims.pp > 1 and objective is None:
+        raise ValueError("parallelize with pp > 1 needs the training objective the pipeline stages compute")
     if dims.tp > 1:
-        from longcat.distributed.tensor_parallel import apply_tensor_parallel
-
         apply_tensor_parallel(model, groups=groups, sequence_parallel=options.sequence_parallel)
     if dims.ep > 1 or dims.tp > 1:  # under TP each tp rank dispatches its 1/tp of the MoE tokens
-        from longcat.distributed.expert_parallel import apply_expert_parallel
-
         apply_expert_parallel(model, groups=groups)
-    from longcat.model.moe.chunked import apply_moe_overlap
-
     apply_moe_overlap(model, overlap=options.overlap_moe_comm, num_chunks=options.moe_chunks)
-    pipeline, local = None, model
+    pipeline: Optional[PipelineRunner] = None
+    local: nn.Module = model
     if dims.pp > 1:
-        from longcat.distributed.pipeline import build_pipeline
-
+        assert objective is not None
         pipeline = build_pipeline(model, groups=groups, schedule=options.pp_schedule,
-                                  num_microbatches=num_microbatches, loss_cfg=loss_cfg, moe_cfg=moe_cfg,
-                                  autocast_dtype=autocast_dtype)
+                                  num_microbatches=num_microbatches, objective=objective)
         local = pipeline.local_model
     # Where each local tensor sits globally, recorded before FSDP turns params into DTensors.
     inner = _inner_shards(local, groups)
@@ -269,14 +283,10 @@ class _InnerShard:
 def _inner_shards(local: nn.Module, groups: ProcessGroups) -> dict[str, _InnerShard]:
     out: dict[str, _InnerShard] = {}
     if groups.tp_size > 1:
-        from longcat.distributed.tensor_parallel import tp_param_global_info
-
         for name, info in tp_param_global_info(local, groups).items():
             if info.shard_dim is not None:
                 out[name] = _InnerShard("tp", info.shard_dim, groups.tp_size, tuple(info.global_shape))
     if groups.ep_size > 1:
-        from longcat.distributed.expert_parallel import expert_param_global_info
-
         for name, info in expert_param_global_info(local, groups).items():
             out[name] = _InnerShard("ep", 0, groups.ep_size, tuple(info.global_shape))
     return out
@@ -297,8 +307,6 @@ def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *, 
 
 def _dtensor_sharded_dims(param: torch.Tensor) -> set[str]:
     """Mesh-dim names over which a DTensor is split (Shard / strided shard)."""
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(param, DTensor):
         return set()
     names = param.device_mesh.mesh_dim_names or ()
@@ -317,9 +325,6 @@ def _global_view(param: torch.Tensor, inner: _InnerShard, *, groups: ProcessGrou
     (dp, tp) or (edp, ep): ``[Shard(0), Shard(dim)]``, or, when both split dim 0, the piece is split
     first (right to left): ``[_StridedShard(0, split_factor=size), Shard(0)]``, as FSDP2 + TP does.
     """
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
     mesh_root = groups.dense_mesh if inner.group == "tp" else groups.expert_mesh
     outer_name = "dp" if inner.group == "tp" else "edp"
     shape = torch.Size(inner.global_shape)

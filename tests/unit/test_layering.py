@@ -1,0 +1,40 @@
+"""The package's layering holds: ``lint-imports`` passes on the contracts in ``.importlinter``
+(docs/architecture.md "Layers"), and the same harness reports a broken contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / ".importlinter"
+
+
+def _lint_imports(config: Path) -> subprocess.CompletedProcess:
+    """``lint-imports CONFIG`` on this checkout's ``src`` (the console script's own entry point)."""
+    paths = [str(ROOT / "src")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    command = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", command, "--no-cache", "--no-logo", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_import_contracts_are_kept():
+    result = _lint_imports(CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout, result.stdout
+
+
+def test_a_broken_contract_fails(tmp_path):
+    """The harness is not vacuous: a contract the code breaks (train imports model) is reported."""
+    config = tmp_path / "broken.ini"
+    config.write_text(
+        "[importlinter]\nroot_package = longcat\n\n"
+        "[importlinter:contract:broken]\nname = train without model\ntype = forbidden\n"
+        "source_modules =\n    longcat.train\nforbidden_modules =\n    longcat.model\n"
+    )
+    result = _lint_imports(config)
+    assert result.returncode != 0
+    assert "BROKEN" in result.stdout and "longcat.train" in result.stdout, result.stdout
