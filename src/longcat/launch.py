@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from longcat.config.schema import RunConfig
+from longcat.train.shared_dir import check_shared_out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def run_training(run_cfg: RunConfig, cfg_dict: dict) -> int:
     if run_cfg.determinism.enabled:
         enable_determinism()  # before CUDA and NCCL start: their environment variables are read once
     dims, groups = _init_distributed(run_cfg)
+    check_shared_out_dir(run_cfg.train.out_dir, group=groups.world_group, rank=groups.rank)
     run_cfg.validate(dp=dims.dp)
     try:
         trainer = Trainer(run_cfg, groups=groups, config_dict=cfg_dict)
