@@ -7,6 +7,8 @@ no other address is used) and runs ``torchrun --nnodes 2 --nproc-per-node 1 --rd
 
 - Node-local ``train.out_dir`` (each node its own folder) stops both nodes before any work, with the
   error that checkpoints need a folder shared by all nodes.
+- A node that vanishes without a goodbye (its cable cut, then its processes killed: no RST reaches
+  node 0) is declared lost by node 0's heartbeat watch, which ends node 0's job.
 - A shared folder: the losses equal the single-host 2-process run's bit for bit; SIGKILL of node 1's
   torchrun (a node loss) ends node 0's job by itself within 60 s with an error; relaunching both
   nodes resumes from the newest complete checkpoint and ends with the uninterrupted run's final
@@ -35,6 +37,7 @@ from longcat.testing.netns import VethLink, available
 
 ADDRESSES = ("10.201.0.1", "10.201.0.2")
 STEPS, INTERVAL, KILL_AFTER_STEP = 100, 10, 35
+LOST_AFTER_S = 5  # the node watch's silence limit in the cut-cable test (default 30)
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -148,3 +151,26 @@ def test_two_nodes_match_one_host_survive_a_node_loss_and_resume(link, corpus_ca
     trainer_state.pop("config"), ref_trainer_state.pop("config")
     assert_same_state(trainer_state, ref_trainer_state)
     print(f"node 0 ended {node0_ended_s:.1f} s after node 1's torchrun was SIGKILLed; resumed from {resume_step}")
+
+
+def test_a_node_that_vanishes_silently_is_declared_lost(link, corpus_cache, run_dir):
+    out = run_dir / "two-nodes"
+    overrides = tiny_overrides(corpus_cache, str(out), **{
+        "parallel.ep": 2, "train.steps": 100_000, "train.checkpoint_interval": 0, "train.eval_interval": 0})
+    nodes = TorchrunNodes.launch(link, [overrides] * 2, log_dir=run_dir / "logs", port=29403, rdzv_id="cut",
+                                 env={"LONGCAT_NODE_LOST_AFTER_S": str(LOST_AFTER_S)})
+    try:
+        _wait_for_step(nodes, out, 3)
+        link.set_up(1, False)  # packets to and from node 1 vanish: gloo on node 0 would wait 10 minutes
+        link.kill_all(1)
+        cut = time.monotonic()
+        codes = nodes.wait(timeout_s=60, nodes=[0])
+        node0_ended_s = time.monotonic() - cut
+    finally:
+        nodes.kill_all()
+        link.set_up(1, True)
+    log = nodes.log(0)
+    assert codes[0] not in (0, None) and "exitcode: 6" in log, log[-3000:]
+    assert "error: node 1 has not been heard from for" in log, log[-3000:]
+    assert LOST_AFTER_S <= node0_ended_s < LOST_AFTER_S + 15, node0_ended_s
+    print(f"node 0 ended {node0_ended_s:.1f} s after node 1 vanished")

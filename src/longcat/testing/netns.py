@@ -104,6 +104,10 @@ class VethLink:
         """The argv prefix that runs a command inside namespace ``end`` (environment kept)."""
         return ["ip", "netns", "exec", self.namespaces[end]]
 
+    def set_up(self, end: int, up: bool) -> None:
+        """Bring ``end``'s veth device down (a cut cable: packets vanish, no RST) or back up."""
+        _sh("ip", "-n", self.namespaces[end], "link", "set", self.devices[end], "up" if up else "down")
+
     def pids(self, end: int) -> list[int]:
         """Processes running inside namespace ``end`` (empty when it does not exist)."""
         out = subprocess.run(["ip", "netns", "pids", self.namespaces[end]], capture_output=True, text=True)
