@@ -25,10 +25,12 @@ from longcat.config.schema import Device, RunConfig
 from longcat.config.validate import validate, world_size_from_env
 from longcat.distributed import ParallelDims, ProcessGroups
 from longcat.distributed.elastic import restart_safe_store
+from longcat.distributed.node_watch import start_node_watch
 from longcat.train.callbacks import Callback
 from longcat.train.determinism import enable_determinism
 from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
 from longcat.train.sdc_check import SDCHaltError
+from longcat.train.shared_dir import check_shared_out_dir
 from longcat.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -62,11 +64,13 @@ def run_training(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Call
         ConfigError: ``run_cfg`` is not valid for this world size (``longcat.config.validate``), before any work.
         ValueError: bad data, tokenizer or checkpoint files (each naming the file and the fix).
     """
+    start_node_watch()  # under torchrun: stop when this node's agent or another node is lost, instead of hanging
     world_size = world_size_from_env()
     validate(run_cfg, world_size=world_size)  # every check the configuration allows, before any work
     if run_cfg.determinism.enabled:
         enable_determinism()  # before CUDA and NCCL start: their environment variables are read once
     dims, groups = _init_distributed(run_cfg, world_size=world_size)
+    check_shared_out_dir(run_cfg.train.out_dir, group=groups.world_group, rank=groups.rank)
     try:
         trainer = Trainer(run_cfg, groups=groups, config_dict=cfg_dict, callbacks=callbacks)
         summary = trainer.fit()

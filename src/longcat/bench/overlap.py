@@ -19,7 +19,7 @@ Derived: exposed fraction = blocked time with overlap / all-to-all time on its o
 backward); hideable time = sum over windows of min(comm, dense compute); saving = step time off - on
 (median of per-round differences), and its share of the hideable time.
 
-The link (``VethLink``): two network namespaces joined by a veth pair (10.200.x.1/30 and .2/30, on
+The link (``longcat.testing.netns.VethLink``): two network namespaces joined by a veth pair (10.200.x.1/30 and .2/30, on
 that pair only), each end shaped by ``tc tbf`` to ``rate_mbit``; rank r runs in namespace r
 (``ip netns exec``) with gloo bound to its veth end (GLOO_SOCKET_IFNAME, MASTER_ADDR = rank 0's
 end). The namespaces are deleted afterwards, also on failure or interruption. Where they cannot be
@@ -64,6 +64,7 @@ from longcat.model.parallel.expert_parallel import (
     apply_moe_overlap,
 )
 from longcat.testing.distributed import find_free_port
+from longcat.testing.netns import VethLink
 
 logger = logging.getLogger(__name__)
 
@@ -440,57 +441,6 @@ def summarise(ranks: list[dict[str, Any]], settings: OverlapBenchSettings, *, li
 
 
 # ----------------------------------------------------------------------------------- launcher
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-class VethLink:
-    """Two namespaces joined by a veth pair shaped to ``rate_mbit`` each way; a context manager that
-    deletes them on exit (and on SIGTERM, via ``run``).
-
-    Attributes: ``namespaces`` and ``devices`` (per rank), ``addresses`` (per rank, no prefix).
-
-    Raises:
-        PermissionError: the namespaces or the link cannot be made here (the partial setup is removed).
-    """
-
-    def __init__(self, rate_mbit: float, *, tag: Optional[str] = None) -> None:
-        tag = tag or str(os.getpid())
-        subnet = int(tag) % 64 if tag.isdigit() else 0
-        self.rate_mbit = rate_mbit
-        self.namespaces = (f"lcov{tag}_0", f"lcov{tag}_1")
-        self.devices = (f"lcv{tag}_0"[-15:], f"lcv{tag}_1"[-15:])
-        self.addresses = (f"10.200.{subnet}.1", f"10.200.{subnet}.2")
-
-    def __enter__(self) -> "VethLink":
-        burst_bytes = max(128 * 1024, int(self.rate_mbit * 1e6 / 8 / 500))  # >= 2 ms at the rate
-        try:
-            for ns in self.namespaces:
-                _sh("ip", "netns", "add", ns)
-            _sh("ip", "link", "add", self.devices[0], "type", "veth", "peer", "name", self.devices[1])
-            for ns, dev, addr in zip(self.namespaces, self.devices, self.addresses):
-                _sh("ip", "link", "set", dev, "netns", ns)
-                _sh("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
-                _sh("ip", "-n", ns, "link", "set", "lo", "up")
-                _sh("ip", "-n", ns, "link", "set", dev, "up")
-                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                    "rate", f"{self.rate_mbit}mbit", "burst", str(burst_bytes), "latency", "200ms")
-        except (subprocess.CalledProcessError, FileNotFoundError) as err:
-            self.close()
-            detail = getattr(err, "stderr", "") or str(err)
-            raise PermissionError(f"cannot build the veth link: {detail.strip()}") from err
-        return self
-
-    def close(self) -> None:
-        """Delete both namespaces (their veth ends go with them) and a veth left in this namespace."""
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.devices[0]], capture_output=True)
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _rank_commands(settings: OverlapBenchSettings, link: Optional[VethLink], outs: list[Path]) -> list[tuple]:
