@@ -23,7 +23,7 @@ from longcat.distributed.context_parallel import (
     cp_split,
 )
 from longcat.model import LongcatFlashForCausalLM
-from longcat.model.attention import MultiHeadLatentAttention
+from longcat.model.attention import ExpandedKV, MultiHeadLatentAttention
 from longcat.model.rope import RotaryEmbedding
 from longcat.testing import run_distributed
 from longcat.train.losses import IGNORE_INDEX, cross_entropy_sum, hidden_z_loss_sum, mtp_labels
@@ -62,14 +62,14 @@ def _sum_param_grads_over_cp(module, group):
 
 def _mla_body(cases):
     group, rank, cp = _cp()
-    for seed, B, S, attention_bias in cases:
+    for seed, B, S, attention_bias, expanded_kv in cases:
         cfg = dataclasses.replace(CFG, attention_bias=attention_bias)
         torch.manual_seed(seed)
         ref = MultiHeadLatentAttention(cfg)
         for param in ref.parameters():  # the default init leaves biases at 0 and kv_b_proj small
             torch.nn.init.normal_(param, std=0.3)
         mla = copy.deepcopy(ref)
-        mla.cp_group = group
+        mla.cp_group, mla.cp_expanded_kv = group, expanded_kv
         gen = torch.Generator().manual_seed(seed + 1)
         x_BSD = torch.randn(B, S, cfg.hidden_size, generator=gen, requires_grad=True)
         g_BSD = torch.randn(B, S, cfg.hidden_size, generator=gen)
@@ -86,7 +86,7 @@ def _mla_body(cases):
         assert out_BND.shape == (B, S // cp, cfg.hidden_size)
         (out_BND * cp_split(g_BSD, cp_rank=rank, cp=cp)).sum().backward()
 
-        case = f"seed={seed} B={B} S={S}"
+        case = f"seed={seed} B={B} S={S} {expanded_kv}"
         torch.testing.assert_close(_gather_global(out_BND, group), out_BSD.detach(), rtol=1e-5, atol=1e-6, msg=case)
         _assert_grad_close(x_BND.grad, cp_split(x_BSD.grad, cp_rank=rank, cp=cp), f"x grad {case}")
         _sum_param_grads_over_cp(mla, group)
@@ -98,7 +98,9 @@ def _mla_body(cases):
 
 
 def test_mla_cp2_matches_single_process():
-    cases = [(0, 1, 8, False), (1, 2, 12, True), (2, 3, 4, False), (3, 2, 32, True)]  # S=4: one token per chunk
+    recompute, keep = ExpandedKV.RECOMPUTE, ExpandedKV.KEEP
+    cases = [(0, 1, 8, False, recompute), (1, 2, 12, True, keep), (2, 3, 4, False, recompute),  # S=4: L=1
+             (3, 2, 32, True, recompute), (4, 1, 16, False, keep)]
     run_distributed(_mla_body, world_size=2, args=(cases,), timeout_s=TIMEOUT_S)
 
 
@@ -132,7 +134,7 @@ def _model_body(options):
     checkpointing = options.get("activation_checkpointing", False)
     torch.manual_seed(0)
     ref = LongcatFlashForCausalLM(CFG, activation_checkpointing=checkpointing)
-    model = apply_context_parallel(copy.deepcopy(ref), cp_group=group)
+    model = apply_context_parallel(copy.deepcopy(ref), cp_group=group, expanded_kv=options.get("expanded_kv"))
     input_ids_BS, labels_BS, token_mask_BS = _batch(B, S, CFG.vocab_size)
     position_ids_BS = options.get("position_offset")
     if position_ids_BS is not None:
@@ -177,9 +179,10 @@ def _model_body(options):
     "options",
     [
         {"B": 2, "S": 8},
-        {"B": 1, "S": 16, "position_offset": [5], "activation_checkpointing": True},
+        {"B": 1, "S": 8, "activation_checkpointing": True},  # CP's own recompute nested in the layer's
+        {"B": 1, "S": 16, "position_offset": [5], "activation_checkpointing": True, "expanded_kv": "keep"},
     ],
-    ids=["B2-S8", "B1-S16-positions-checkpointed"],
+    ids=["B2-S8", "B1-S8-checkpointed-recompute", "B1-S16-positions-checkpointed-keep"],
 )
 def test_model_cp2_matches_single_process(options):
     run_distributed(_model_body, world_size=2, args=(options,), timeout_s=TIMEOUT_S)

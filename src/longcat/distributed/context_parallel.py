@@ -42,13 +42,16 @@ Shape legend:
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from longcat.distributed.collectives import all_gather_along
+
+if TYPE_CHECKING:
+    from longcat.model.attention import ExpandedKV
 
 __all__ = [
     "apply_context_parallel",
@@ -196,11 +199,12 @@ def cp_next_token_ids(input_ids_BN: torch.Tensor, *, cp_group: dist.ProcessGroup
     return cp_split(torch.roll(global_BS, shifts=-1, dims=1), cp_rank=r, cp=G)
 
 
-def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup) -> nn.Module:
+def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup,
+                           expanded_kv: Union["ExpandedKV", str, None] = None) -> nn.Module:
     """The CP plan for LongCat-Flash: every MLA block (decoder layers and the MTP head) attends over
     the cp group, and the backbone takes the local tokens. In place; returns ``model``.
 
-    Sets ``MultiHeadLatentAttention.cp_group`` on every MLA block and ``LongcatFlashModel.cp_group``
+    Sets ``MultiHeadLatentAttention.cp_group`` (and ``cp_expanded_kv``) on every MLA block and ``LongcatFlashModel.cp_group``
     on the backbone (position ids default to the local tokens' global positions; the MTP head's
     next-token input is formed globally). Nothing else changes: norms, dense FFNs, the MoE, the LM
     head and the losses are per token and simply run on the local tokens. The MoE's router
@@ -213,6 +217,8 @@ def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup) -> 
     Args:
         model: ``LongcatFlashForCausalLM`` (or any module holding MLA blocks and a ``LongcatFlashModel``).
         cp_group: the cp group; the same group on every MLA block.
+        expanded_kv: ``longcat.model.attention.ExpandedKV``; None = RECOMPUTE (hold only the gathered
+            latent). Pass KEEP with layer-level activation checkpointing, which recomputes the block anyway.
 
     Returns:
         ``model``.
@@ -222,8 +228,10 @@ def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup) -> 
             tp=1, LongCat-Flash's layout: arXiv 2509.01322 §5.3 runs attention with CP=8 instead of TP).
     """
     # Imported here: longcat.model imports this module's collectives (a top-level import would be circular).
-    from longcat.model.attention import MultiHeadLatentAttention
+    from longcat.model.attention import ExpandedKV, MultiHeadLatentAttention
     from longcat.model.model import LongcatFlashModel
+
+    expanded_kv = ExpandedKV.RECOMPUTE if expanded_kv is None else ExpandedKV(expanded_kv)
 
     attentions = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
     backbones = [m for m in model.modules() if isinstance(m, LongcatFlashModel)]
@@ -238,4 +246,6 @@ def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup) -> 
             )
     for module in attentions + backbones:
         module.cp_group = cp_group
+    for attention in attentions:
+        attention.cp_expanded_kv = expanded_kv
     return model

@@ -17,8 +17,9 @@ values per token for LongCat-Flash, against H * (K + O) = 20,480 for expanded ke
 
     [c, k_rope] of the local tokens (RoPE at their global positions)
     -> all-gather over cp (backward: reduce-scatter of the grads) -> global order [B, S, Z]
-    per local query chunk c: kv_b_proj over the key prefix [0, (c+1)L) only (recomputed in backward),
-                             softmax(q k^T) v with the causal mask aligned to the chunk's global end
+    -> kv_b_proj over the key prefix the local queries can see, [0, (2cp-r)L) on rank r
+    -> per local query chunk c: softmax(q k^T) v over keys [0, (c+1)L), causal mask aligned to the
+       chunk's global end (by default the expansion and attention are recomputed in backward)
 
 The math is the single-device attention's (no approximation); only the summation order differs.
 Why this exchange rather than all-gathering expanded K/V or a K/V ring: ``_forward_context_parallel``.
@@ -48,6 +49,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import enum
 from typing import Optional
 
 import torch
@@ -67,6 +69,20 @@ from longcat.model.rope import apply_interleaved_rope
 LATENT_NORM_EPS = 1e-6
 
 
+class ExpandedKV(enum.Enum):
+    """What a cp rank does with the keys and values it expands from the gathered latent.
+
+    RECOMPUTE: drop them after the forward and recompute expansion and attention in backward
+        (``torch.utils.checkpoint``): only the gathered [B, S, C + R] latent is held. The default:
+        at long context the busiest rank's expanded prefix is S * H * (K + O) values per block.
+    KEEP: hold them for the backward like the single-device path (fewer FLOPs, more memory); the
+        right choice under layer-level activation checkpointing, which recomputes the block anyway.
+    """
+
+    RECOMPUTE = "recompute"
+    KEEP = "keep"
+
+
 class MultiHeadLatentAttention(nn.Module):
     """One MLA block; submodule names match the checkpoint (``self_attn.{0,1}.*``).
 
@@ -77,6 +93,7 @@ class MultiHeadLatentAttention(nn.Module):
         cp_group: the context-parallel group (set by ``apply_context_parallel``); None, or a size-1
             group, runs the single-device path, untouched. See the module docstring for what the
             caller passes under CP.
+        cp_expanded_kv: ``ExpandedKV`` (under CP only; set by ``apply_context_parallel``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -102,6 +119,7 @@ class MultiHeadLatentAttention(nn.Module):
         # gradient over the tp ranks' heads (and gathers the sequence under SP). Identity otherwise.
         self.k_rope_region: nn.Module = nn.Identity()
         self.cp_group: Optional[dist.ProcessGroup] = None
+        self.cp_expanded_kv = ExpandedKV.RECOMPUTE
 
     def forward(self, x_BSD: torch.Tensor, *, cos_BSP: torch.Tensor, sin_BSP: torch.Tensor) -> torch.Tensor:
         """Causal self-attention. x_BSD [B, S, D]; cos/sin [B or 1, S, P] -> [B, S, D].
@@ -153,27 +171,28 @@ class MultiHeadLatentAttention(nn.Module):
         The exchange (arXiv 2509.01322 §5.3: attention under CP=8, no TP; the long-context stage goes
         to 128k tokens). MLA's KV state before ``kv_b_proj`` is Z = C + R = 576 values per token; the
         expanded keys and values are H * (K + O) = 64 * (192 + 128) = 20,480. Per rank per MLA block,
-        S = 128k, cp = 8, bf16, B = 1, forward (backward the same again, as a reduce-scatter):
-          (i)   all-gather of [latent, rope key] (this):    7/8 * S * 576 * 2 B    =  132 MB;
-                extra ``kv_b_proj`` work: each rank expands its queries' key prefix, rank r
-                (2cp - r) * L keys instead of its own 2L (at most S: + (1 - 1/cp) S keys on rank 0),
-                recomputed in backward, ~1-2% of the block's attention FLOPs at 128k;
-          (ii)  all-gather of expanded K/V (Llama 3's CP):  7/8 * S * 20480 * 2 B  = 4.70 GB; no extra
-                ``kv_b_proj``, but the gathered K/V are held for the backward;
-          (iii) ring of K/V blocks (Megatron's CP): the same 4.70 GB forward in cp-1 overlappable
-                steps, and K/V plus their gradients around the ring in backward (2x).
-        The latent exchange moves 35.6x fewer bytes than either, small enough to leave exposed
-        (132 MB at ~400 GB/s NVLink-class bandwidth is ~0.3 ms against tens of ms of attention), and it
-        keeps only [B, S, Z] per block for the backward. Measured and tabulated by
-        ``longcat.bench.context_parallel`` (docs/benchmarks.md). The alternative of never expanding
-        (absorbing ``kv_b_proj`` into the queries, attention over 576-dim keys) costs 3-4x the attention
-        FLOPs at long S, so it suits decoding, not training.
+        cp = 8, bf16, one sequence, bytes sent forward (backward the same again as a reduce-scatter):
+          (i)   all-gather of [latent, rope key] (this):   7/8 * S * 576 * 2 B  =  31.5 MiB at 32k, 126 MiB at 128k;
+          (ii)  all-gather of expanded K/V (Llama 3's CP): 7/8 * S * 20480 * 2 B = 1120 MiB at 32k, 4480 MiB at 128k,
+                and the gathered K/V are held for the backward;
+          (iii) ring of K/V blocks (Megatron's CP): the bytes of (ii) in cp - 1 steps that overlap the
+                attention, and K/V plus their gradients around the ring in backward (2x).
+        (i) moves 35.6x fewer bytes. In LongCat-Flash the cp group sits inside the EP group, whose
+        links already carry the MoE all-to-all that ScMoE works to hide; (i) leaves them to it, and
+        needs no partial-softmax merging (stock SDPA, exact). Its price is ``kv_b_proj`` work: rank r
+        expands the (2cp - r) L keys its queries can see (rank 0: all S) instead of its own 2L;
+        with the default recompute, on the busiest rank that is 24% of the block's attention FLOPs at
+        32k and 6% at 128k (18% / 4.4% with ``ExpandedKV.KEEP``), a few percent of the layer, paid
+        in GEMMs rather than on the link. Never expanding (absorbing ``kv_b_proj`` into the queries,
+        attention over 576-dim keys and 512-dim values) would cost 3-4x the attention FLOPs. Tabulated
+        and measured by ``longcat.bench.context_parallel`` (docs/benchmarks.md).
 
         Compute: every local query chunk (global chunk c) attends only to its causal key prefix
         [0, (c+1)L) with the causal mask aligned to the prefix's end (``causal_lower_right``; the
         first chunk's is the plain square mask), so no rank computes scores it can never use. The
-        prefix's expansion and the attention run under ``torch.utils.checkpoint``: the expanded
-        [B, T, H, K + O] keys and values are recomputed in backward rather than stored.
+        prefix is expanded once for both chunks. With ``cp_expanded_kv`` RECOMPUTE (default) the
+        expansion and the attention run under ``torch.utils.checkpoint``: the expanded
+        [B, T, H, K + O] keys and values are recomputed in backward rather than held.
         """
         A, R, O, C = self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank
         G, r = self.cp_group.size(), self.cp_group.rank()
@@ -198,32 +217,36 @@ class MultiHeadLatentAttention(nn.Module):
         # order; backward: reduce_scatter(cp) of the [B, S, Z] grads -> [B, N, Z]
         kv_BSZ = cp_all_gather_sequence(torch.cat([latent_BNC, k_rope_BNR], dim=-1), seq_dim=1, cp_group=self.cp_group)
 
-        out_chunks = []
-        for slot, chunk in enumerate(cp_chunk_ids(cp_rank=r, cp=G)):
-            q_BLHK = q_BNHK[:, slot * L:(slot + 1) * L]
-            kv_BTZ = kv_BSZ[:, :(chunk + 1) * L]  # the keys this chunk can see
-            if torch.is_grad_enabled():
-                out_chunks.append(checkpoint(self._attend_prefix, q_BLHK, kv_BTZ, use_reentrant=False))
-            else:
-                out_chunks.append(self._attend_prefix(q_BLHK, kv_BTZ))
-        out_BNHO = torch.cat(out_chunks, dim=1)
+        low, high = cp_chunk_ids(cp_rank=r, cp=G)
+        # Only keys up to the high chunk's end are ever seen here: [0, (high + 1) L) = [0, (2cp - r) L).
+        kv_BTZ = kv_BSZ[:, :(high + 1) * L]
+        if torch.is_grad_enabled() and self.cp_expanded_kv is ExpandedKV.RECOMPUTE:
+            out_BNHO = checkpoint(self._attend_local_chunks, q_BNHK, kv_BTZ, (low + 1) * L, use_reentrant=False)
+        else:
+            out_BNHO = self._attend_local_chunks(q_BNHK, kv_BTZ, (low + 1) * L)
         return self.o_proj(out_BNHO.reshape(B, N, -1))
 
-    def _attend_prefix(self, q_BLHK: torch.Tensor, kv_BTZ: torch.Tensor) -> torch.Tensor:
-        """Queries of one chunk [B, L, H, K] (the last L positions of the prefix) against the compressed
-        key prefix [B, T, Z]: expand with ``kv_b_proj``, causal attention aligned bottom-right -> [B, L, H, O]."""
+    def _attend_local_chunks(self, q_BNHK: torch.Tensor, kv_BTZ: torch.Tensor, low_keys: int) -> torch.Tensor:
+        """The local queries [B, N, H, K] (two chunks of L) against the compressed key prefix [B, T, Z]
+        of the high chunk: expand it once with ``kv_b_proj``; the low chunk attends to its first
+        ``low_keys`` keys, the high chunk to all T; each chunk's queries are the last L positions of
+        its prefix (causal mask aligned bottom-right). Returns [B, N, H, O]."""
         A, R, O = self.nope_dim, self.rope_dim, self.v_dim
-        B, L, H = q_BLHK.shape[:3]
-        T = kv_BTZ.shape[1]
+        B, N, H = q_BNHK.shape[:3]
+        L, T = N // 2, kv_BTZ.shape[1]
         latent_BTC, k_rope_BTR = kv_BTZ.split([self.kv_lora_rank, R], dim=-1)
         k_nope_BTHA, v_BTHO = self.kv_b_proj(latent_BTC).view(B, T, H, A + O).split([A, O], dim=-1)
-        k_BTHK = torch.cat([k_nope_BTHA, k_rope_BTR.unsqueeze(2).expand(B, T, H, R)], dim=-1)
-        # Query i of the chunk sits at prefix position T - L + i and sees keys 0 .. T - L + i.
-        out_BHLO = F.scaled_dot_product_attention(
-            q_BLHK.transpose(1, 2),
-            k_BTHK.transpose(1, 2),
-            v_BTHO.transpose(1, 2),
-            attn_mask=causal_lower_right(L, T),
-            scale=self.softmax_scale,
-        )
-        return out_BHLO.transpose(1, 2)
+        k_BHTK = torch.cat([k_nope_BTHA, k_rope_BTR.unsqueeze(2).expand(B, T, H, R)], dim=-1).transpose(1, 2)
+        v_BHTO = v_BTHO.transpose(1, 2)
+        q_BHNK = q_BNHK.transpose(1, 2)
+        out_chunks = []
+        for slot, keys in enumerate((low_keys, T)):
+            # Query i of the chunk sits at prefix position keys - L + i and sees keys 0 .. keys - L + i.
+            out_chunks.append(F.scaled_dot_product_attention(
+                q_BHNK[:, :, slot * L:(slot + 1) * L],
+                k_BHTK[:, :, :keys],
+                v_BHTO[:, :, :keys],
+                attn_mask=causal_lower_right(L, keys),
+                scale=self.softmax_scale,
+            ))
+        return torch.cat(out_chunks, dim=2).transpose(1, 2)

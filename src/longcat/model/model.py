@@ -216,7 +216,9 @@ class LongcatFlashForCausalLM(nn.Module):
             token_mask_BS: bool [B, S], True = real token; None = all real. Padding tokens still flow
                 through the model (attention is causal and unmasked: pad on the right) but are left
                 out of the router statistics.
-            position_ids_BS: int [B, S] RoPE positions; None = 0..S-1.
+            position_ids_BS: int [B, S] RoPE positions; None = 0..S-1 (under context parallelism:
+                the local tokens' global positions, ``cp_local_positions``; pass ``cp_split`` of
+                custom global positions otherwise).
 
         Raises:
             ValueError: on a malformed input shape or dtype.
