@@ -107,6 +107,8 @@ class ExchangeCost:
     extra_kv_b_flops_max / _mean: ``kv_b_proj`` FLOPs beyond the single-device share (6 * N keys),
     on the busiest rank / averaged over ranks. held_kv_bytes: K/V state held for the backward on
     the busiest rank. attention_flops: causal attention model FLOPs per rank (6 * B * S^2 * H * (K + O) / 2 / cp).
+    layer_flops: model FLOPs of one ScMoE decoder layer per rank and step (its matmuls over the N local
+    tokens with ``ffn_experts_per_token`` FFN experts, plus its 2 blocks' attention), for scale.
     """
 
     scheme: str
@@ -117,16 +119,24 @@ class ExchangeCost:
     extra_kv_b_flops_mean: float
     held_kv_bytes: float
     attention_flops: float
+    layer_flops: float
 
 
-def exchange_costs(cfg: ModelConfig, *, seq_len: int, cp: int, batch_size: int = 1,
-                   bytes_per_value: int = 2) -> list[ExchangeCost]:
-    """The three schemes' ``ExchangeCost`` for MLA dims ``cfg`` at global length ``seq_len`` over ``cp`` ranks.
+# LongCat-Flash activates ~27B parameters per token on average: about 8 FFN experts of the top-12 per
+# layer (arXiv 2509.01322 §2.1 gives 18.6B-31.3B; the paper never prints the mean expert count).
+LONGCAT_FLASH_FFN_EXPERTS_PER_TOKEN = 8.0
+
+
+def exchange_costs(cfg: ModelConfig, *, seq_len: int, cp: int, batch_size: int = 1, bytes_per_value: int = 2,
+                   ffn_experts_per_token: float = LONGCAT_FLASH_FFN_EXPERTS_PER_TOKEN) -> list[ExchangeCost]:
+    """The ``SCHEMES``' ``ExchangeCost`` for MLA dims ``cfg`` at global length ``seq_len`` over ``cp`` ranks.
 
     Raises:
         ValueError: seq_len not divisible by 2 * cp (see ``check_cp_seq_len``).
     """
     from longcat.distributed.context_parallel import check_cp_seq_len
+
+    from longcat.bench.flops import matmul_params_per_token
 
     check_cp_seq_len(seq_len, cp)
     B, S, H, w = batch_size, seq_len, cfg.num_attention_heads, bytes_per_value
@@ -140,17 +150,21 @@ def exchange_costs(cfg: ModelConfig, *, seq_len: int, cp: int, batch_size: int =
     latent_flops = [8 * B * keys * kv_b_weight for keys in prefix_keys]  # + 2: recomputed in backward
     keep_flops = [6 * B * keys * kv_b_weight for keys in prefix_keys]
     attention = 6 * B * S * S * H * (K + O) / 2 / cp
+    one_layer = dataclasses.replace(cfg, num_layers=1, mtp_num_layers=0)
+    layer_params = (matmul_params_per_token(one_layer, ffn_experts_per_token=min(ffn_experts_per_token, cfg.moe_topk))
+                    - cfg.vocab_size * cfg.hidden_size)  # without the LM head
+    layer = 6 * B * N * layer_params + 2 * attention
     sent = (cp - 1) * B * N * w  # bytes per exchanged value per token, sent by each rank (ring collectives)
     return [
         ExchangeCost(SCHEMES[0], latent, sent * latent, sent * latent, max(latent_flops) - own_share,
-                     statistics.fmean(latent_flops) - own_share, B * S * latent * w, attention),
+                     statistics.fmean(latent_flops) - own_share, B * S * latent * w, attention, layer),
         ExchangeCost(SCHEMES[1], latent, sent * latent, sent * latent, max(keep_flops) - own_share,
                      statistics.fmean(keep_flops) - own_share, B * (S * latent + max(prefix_keys) * expanded) * w,
-                     attention),
+                     attention, layer),
         ExchangeCost(SCHEMES[2], expanded, sent * expanded, sent * expanded, 0.0, 0.0,
-                     B * max(prefix_keys) * expanded * w, attention),
+                     B * max(prefix_keys) * expanded * w, attention, layer),
         ExchangeCost(SCHEMES[3], expanded, sent * expanded, 2 * sent * expanded, 0.0, 0.0,
-                     B * N * expanded * w, attention),
+                     B * N * expanded * w, attention, layer),
     ]
 
 
@@ -166,6 +180,7 @@ def analytic_table(cfg: ModelConfig, settings: ContextParallelBenchSettings) -> 
                 round(cost.backward_bytes / MIB, 1), round(2 * (cost.forward_bytes + cost.backward_bytes) / MIB, 1),
                 round(cost.extra_kv_b_flops_max / 1e9, 1), round(cost.extra_kv_b_flops_mean / 1e9, 1),
                 f"{100 * cost.extra_kv_b_flops_max / cost.attention_flops:.1f}%",
+                f"{100 * 2 * cost.extra_kv_b_flops_max / cost.layer_flops:.1f}%",
                 round(cost.held_kv_bytes / MIB, 1), round(cost.attention_flops / 1e12, 1),
             ])
         ours, expanded = costs[0], costs[2]
@@ -175,12 +190,14 @@ def analytic_table(cfg: ModelConfig, settings: ContextParallelBenchSettings) -> 
         metrics[f"{key}_bytes_ratio_expanded_over_latent"] = expanded.forward_bytes / ours.forward_bytes
         metrics[f"{key}_latent_extra_kv_b_share_of_attention"] = ours.extra_kv_b_flops_max / ours.attention_flops
         metrics[f"{key}_keep_extra_kv_b_share_of_attention"] = costs[1].extra_kv_b_flops_max / ours.attention_flops
+        metrics[f"{key}_latent_extra_kv_b_share_of_layer"] = 2 * ours.extra_kv_b_flops_max / ours.layer_flops
     table = Table(
         title=(f"Exchange per cp rank, LongCat-Flash MLA (H={cfg.num_attention_heads}, C={cfg.kv_lora_rank}, "
                f"R={cfg.qk_rope_head_dim}, K={cfg.qk_head_dim}, O={cfg.v_head_dim}), cp={cp}, "
                f"{8 * w}-bit values, 1 sequence per step (analytic)"),
         columns=["S", "scheme", "values / token", "fwd MiB / block", "bwd MiB / block", "MiB / layer / step",
                  "extra kv_b GFLOP (busiest rank)", "extra kv_b GFLOP (mean rank)", "extra / attention FLOPs",
+                 "extra / layer FLOPs",
                  "K/V held for bwd MiB", "attention TFLOP / rank"],
         rows=rows,
     )
@@ -374,8 +391,9 @@ def run_with(settings: ContextParallelBenchSettings, *, timeout_s: float = 1800.
         "ranks on their halves; the variants rotate order every round. Held for backward = RSS after the "
         "forward minus before, less the output; peak = VmHWM (reset via /proc/self/clear_refs) minus the RSS at "
         "the step's start; glibc's mmap threshold is fixed at 1 MiB so freed tensors leave RSS. Step CPU ms "
-        "(process CPU time of the slower rank) is less disturbed than wall time by other jobs on a shared "
-        "machine; wall time includes waiting for the peer.",
+        "(process CPU time of the slower rank, gloo's threads included) is the work per rank; wall time also "
+        "counts waiting for the peer and, for cp=2, needs both cores at once, which a machine shared with "
+        "other jobs may not give (compare the two columns and the load average).",
         f"On CPU, SDPA runs its math kernel here (qk head dim {cfg.qk_head_dim} != v head dim {cfg.v_head_dim}), "
         "which materialises the [S_q, S_k] probabilities and holds them for the backward: the single-device "
         "block holds [S, S] of them, a cp rank [L, (r+1)L] + [L, (2cp-r)L] (KEEP) or none (RECOMPUTE). A GPU "

@@ -182,8 +182,9 @@ class MultiHeadLatentAttention(nn.Module):
         needs no partial-softmax merging (stock SDPA, exact). Its price is ``kv_b_proj`` work: rank r
         expands the (2cp - r) L keys its queries can see (rank 0: all S) instead of its own 2L;
         with the default recompute, on the busiest rank that is 24% of the block's attention FLOPs at
-        32k and 6% at 128k (18% / 4.4% with ``ExpandedKV.KEEP``), a few percent of the layer, paid
-        in GEMMs rather than on the link. Never expanding (absorbing ``kv_b_proj`` into the queries,
+        32k and 6% at 128k (18% / 4.4% with ``ExpandedKV.KEEP``), or 10% / 4.5% of a decoder layer's
+        FLOPs, paid in GEMMs rather than on the link (where a ring would hide its bytes behind ample
+        attention, at 128k, the ring is the alternative worth measuring on the real interconnect). Never expanding (absorbing ``kv_b_proj`` into the queries,
         attention over 576-dim keys and 512-dim values) would cost 3-4x the attention FLOPs. Tabulated
         and measured by ``longcat.bench.context_parallel`` (docs/benchmarks.md).
 

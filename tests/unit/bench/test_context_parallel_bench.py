@@ -27,6 +27,10 @@ def test_longcat_flash_exchange_costs_by_hand():
     assert latent.attention_flops == 6 * S * S * 64 * 320 / 2 / 8
     assert 0.05 < latent.extra_kv_b_flops_max / latent.attention_flops < 0.07  # ~6% at 128k
     assert latent.held_kv_bytes == S * 576 * 2 and ring.held_kv_bytes == (S // 8) * 20480 * 2
+    # For scale: a decoder layer per rank (its matmuls over S/cp tokens with 8 FFN experts, 2 blocks' attention).
+    short = exchange_costs(cfg, seq_len=32768, cp=cp)[0]
+    assert 0.09 < 2 * short.extra_kv_b_flops_max / short.layer_flops < 0.11
+    assert 0.04 < 2 * latent.extra_kv_b_flops_max / latent.layer_flops < 0.05
     with pytest.raises(ValueError, match="2\\*cp=16"):
         exchange_costs(cfg, seq_len=1000, cp=8)
 
