@@ -90,7 +90,7 @@ class ContextParallelBenchSettings:
         return cfg
 
 
-QUICK = {"seq_len": 512, "rounds": 1, "warmup": 1}
+QUICK: dict[str, Any] = {"seq_len": 512, "rounds": 1, "warmup": 1}
 VARIANTS = ("cp1", "cp2", "cp2_keep")
 VARIANT_LABELS = {"cp1": "single device (cp=1)", "cp2": "cp=2, expanded K/V recomputed (default), slowest rank",
                   "cp2_keep": "cp=2, expanded K/V kept, slowest rank"}
@@ -259,6 +259,7 @@ def _rank_main(settings: ContextParallelBenchSettings) -> dict[str, Any]:
     _return_freed_memory_to_os()
     torch.set_num_threads(settings.threads)
     group = dist.group.WORLD
+    assert group is not None  # run_distributed initialised the default group
     rank, cp = group.rank(), group.size()
     cfg = settings.model_config()
     B, S, D = settings.batch_size, settings.seq_len, cfg.hidden_size
@@ -345,7 +346,8 @@ def measured_tables(ranks: list[dict], settings: ContextParallelBenchSettings) -
     sent_fwd = max(r["all_gather_bytes"] for r in ranks)
     sent_bwd = max(r["reduce_scatter_bytes"] for r in ranks)
     metrics.update({"cp2_all_gather_bytes_per_rank": sent_fwd, "cp2_reduce_scatter_bytes_per_rank": sent_bwd,
-                    "cp2_bytes_match_formula": sent_fwd == formula[0].forward_bytes and sent_bwd == formula[0].backward_bytes})
+                    "cp2_bytes_match_formula": (sent_fwd, sent_bwd) == (formula[0].forward_bytes,
+                                                                        formula[0].backward_bytes)})
     exchange = Table(
         title="Bytes each rank sends per MLA block and step at the measured dims, cp=2, fp32",
         columns=["exchange", "forward bytes", "backward bytes", "source"],
@@ -374,13 +376,13 @@ def run_with(settings: ContextParallelBenchSettings, *, timeout_s: float = 1800.
     ratio = (longcat_flash.num_attention_heads * (longcat_flash.qk_head_dim + longcat_flash.v_head_dim)
              / (longcat_flash.kv_lora_rank + longcat_flash.qk_rope_head_dim))
     notes = [
-        f"Choice: (i), the all-gather of the compressed latent + rope key, exact, with stock SDPA. It sends {ratio:.1f}x "
-        "fewer bytes than (ii) or (iii), on links that LongCat-Flash already loads with the MoE all-to-all (CP=8 "
-        "sits inside the EP group of 32, arXiv 2509.01322 §5.3), and holds only [B, S, C + R] for the backward. "
-        "Its price is kv_b_proj work on the key prefix (busiest rank: all S keys; forward, recompute and "
-        "backward): the 'extra / attention FLOPs' column, GEMM work on the device rather than traffic on the "
-        "link. A ring (iii) can hide its bytes behind the attention at 128k, but sends them again in backward "
-        "and needs a log-sum-exp merge of partial attentions.",
+        "Choice: (i), the all-gather of the compressed latent + rope key, exact, with stock SDPA. It sends "
+        f"{ratio:.1f}x fewer bytes than (ii) or (iii), on links that LongCat-Flash already loads with the MoE "
+        "all-to-all (CP=8 sits inside the EP group of 32, arXiv 2509.01322 §5.3), and holds only [B, S, C + R] "
+        "for the backward. Its price is kv_b_proj work on the key prefix (busiest rank: all S keys; forward, "
+        "recompute and backward): the 'extra / attention FLOPs' and 'extra / layer FLOPs' columns, GEMM work "
+        "on the device rather than traffic on the link. A ring (iii) can hide its bytes behind the attention "
+        "at 128k, but sends them again in backward and needs a log-sum-exp merge of partial attentions.",
         "Analytic: bytes each rank sends with ring collectives ((cp-1)/cp of the gathered tensor); per layer = 2 "
         "MLA blocks, forward + backward. (ii) and (iii) count 20,480 values per token for the expanded K and V "
         "(16,448 if the shared rope key travelled once). K/V held for backward: (i) the gathered latent, plus "
@@ -426,7 +428,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[ContextParallelBenchSe
                         help="markdown report regenerated from every JSON in --output (default: docs/benchmarks.md)")
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate the markdown report")
     args = parser.parse_args(argv)
-    values = dict(QUICK) if args.quick else {}
+    values: dict[str, Any] = dict(QUICK) if args.quick else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(ContextParallelBenchSettings)
                    if getattr(args, f.name) is not None})
     return ContextParallelBenchSettings(**values), args

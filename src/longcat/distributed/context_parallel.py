@@ -140,7 +140,8 @@ def cp_split(x: torch.Tensor, *, cp_rank: int, cp: int, seq_dim: int = 1) -> tor
 
 
 def cp_split_batch(batch: Mapping[str, torch.Tensor], *, cp_rank: int, cp: int) -> dict[str, torch.Tensor]:
-    """``cp_split`` of every [B, S, ...] tensor of a micro-batch (dim 1); other values are passed on.
+    """``cp_split`` of every tensor with 2 or more dims (taken as [B, S, ...], split along dim 1) of a
+    micro-batch; 0-/1-dim tensors and other values are passed on unchanged.
 
     Shift labels (``mtp_labels``) on the global batch *before* splitting: a local chunk's last
     token's target lives in the next chunk, usually on another rank.
@@ -204,10 +205,10 @@ def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup,
     """The CP plan for LongCat-Flash: every MLA block (decoder layers and the MTP head) attends over
     the cp group, and the backbone takes the local tokens. In place; returns ``model``.
 
-    Sets ``MultiHeadLatentAttention.cp_group`` (and ``cp_expanded_kv``) on every MLA block and ``LongcatFlashModel.cp_group``
-    on the backbone (position ids default to the local tokens' global positions; the MTP head's
-    next-token input is formed globally). Nothing else changes: norms, dense FFNs, the MoE, the LM
-    head and the losses are per token and simply run on the local tokens. The MoE's router
+    Sets ``MultiHeadLatentAttention.cp_group`` (and ``cp_expanded_kv``) on every MLA block and
+    ``LongcatFlashModel.cp_group`` on the backbone (position ids default to the local tokens' global
+    positions; the MTP head's next-token input is formed globally). Nothing else changes: norms,
+    dense FFNs, the MoE, the LM head and the losses are per token and simply run on the local tokens. The MoE's router
     statistics (``MoEStats``) are then local to this cp rank: the trainer must sum them over cp
     (as it sums them over dp) for the expert-bias update and the load-balance loss.
 

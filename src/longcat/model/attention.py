@@ -172,8 +172,8 @@ class MultiHeadLatentAttention(nn.Module):
         to 128k tokens). MLA's KV state before ``kv_b_proj`` is Z = C + R = 576 values per token; the
         expanded keys and values are H * (K + O) = 64 * (192 + 128) = 20,480. Per rank per MLA block,
         cp = 8, bf16, one sequence, bytes sent forward (backward the same again as a reduce-scatter):
-          (i)   all-gather of [latent, rope key] (this):   7/8 * S * 576 * 2 B  =  31.5 MiB at 32k, 126 MiB at 128k;
-          (ii)  all-gather of expanded K/V (Llama 3's CP): 7/8 * S * 20480 * 2 B = 1120 MiB at 32k, 4480 MiB at 128k,
+          (i)   all-gather of [latent, rope key] (this):   7/8 * S * 576 * 2 B:   31.5 MiB (32k), 126 MiB (128k);
+          (ii)  all-gather of expanded K/V (Llama 3's CP): 7/8 * S * 20480 * 2 B: 1120 MiB (32k), 4480 MiB (128k),
                 and the gathered K/V are held for the backward;
           (iii) ring of K/V blocks (Megatron's CP): the bytes of (ii) in cp - 1 steps that overlap the
                 attention, and K/V plus their gradients around the ring in backward (2x).
@@ -183,10 +183,11 @@ class MultiHeadLatentAttention(nn.Module):
         expands the (2cp - r) L keys its queries can see (rank 0: all S) instead of its own 2L;
         with the default recompute, on the busiest rank that is 24% of the block's attention FLOPs at
         32k and 6% at 128k (18% / 4.4% with ``ExpandedKV.KEEP``), or 10% / 4.5% of a decoder layer's
-        FLOPs, paid in GEMMs rather than on the link (where a ring would hide its bytes behind ample
-        attention, at 128k, the ring is the alternative worth measuring on the real interconnect). Never expanding (absorbing ``kv_b_proj`` into the queries,
-        attention over 576-dim keys and 512-dim values) would cost 3-4x the attention FLOPs. Tabulated
-        and measured by ``longcat.bench.context_parallel`` (docs/benchmarks.md).
+        FLOPs, paid in GEMMs rather than on the link. Where the link has headroom and attention is
+        long enough to hide a ring's bytes (128k), (iii) is the alternative to measure on the real
+        interconnect. Never expanding (absorbing ``kv_b_proj`` into the queries, attention over
+        576-dim keys and 512-dim values) would cost 3-4x the attention FLOPs. Tabulated and measured
+        by ``longcat.bench.context_parallel`` (docs/benchmarks.md).
 
         Compute: every local query chunk (global chunk c) attends only to its causal key prefix
         [0, (c+1)L) with the causal mask aligned to the prefix's end (``causal_lower_right``; the
@@ -195,8 +196,10 @@ class MultiHeadLatentAttention(nn.Module):
         expansion and the attention run under ``torch.utils.checkpoint``: the expanded
         [B, T, H, K + O] keys and values are recomputed in backward rather than held.
         """
-        A, R, O, C = self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank
-        G, r = self.cp_group.size(), self.cp_group.rank()
+        A, R, C = self.nope_dim, self.rope_dim, self.kv_lora_rank
+        cp_group = self.cp_group
+        assert cp_group is not None
+        G, r = cp_group.size(), cp_group.rank()
         B, N = x_BND.shape[:2]
         if N % 2:
             raise ValueError(
@@ -216,7 +219,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope_BNR = apply_interleaved_rope(k_rope_BNR.unsqueeze(2), cos_BSP=cos_BNP, sin_BSP=sin_BNP).squeeze(2)
         # [B, N, Z] local, chunks (r, 2cp-1-r) -> all_gather(cp, dim 1) + reorder -> [B, S, Z] global
         # order; backward: reduce_scatter(cp) of the [B, S, Z] grads -> [B, N, Z]
-        kv_BSZ = cp_all_gather_sequence(torch.cat([latent_BNC, k_rope_BNR], dim=-1), seq_dim=1, cp_group=self.cp_group)
+        kv_BSZ = cp_all_gather_sequence(torch.cat([latent_BNC, k_rope_BNR], dim=-1), seq_dim=1, cp_group=cp_group)
 
         low, high = cp_chunk_ids(cp_rank=r, cp=G)
         # Only keys up to the high chunk's end are ever seen here: [0, (high + 1) L) = [0, (2cp - r) L).
