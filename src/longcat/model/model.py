@@ -18,13 +18,15 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longcat.config.schema import ModelConfig
+from longcat.distributed.context_parallel import cp_local_positions, cp_next_token_ids
 from longcat.model.init import init_weights
 from longcat.model.layer import DecoderLayer
 from longcat.model.moe import MoEStats
@@ -63,7 +65,13 @@ class BackboneOutput:
 
 
 class LongcatFlashModel(nn.Module):
-    """``model``: embeddings, decoder layers, final norm and the optional MTP head."""
+    """``model``: embeddings, decoder layers, final norm and the optional MTP head.
+
+    ``cp_group`` (attribute, set by ``longcat.model.parallel.context_parallel.apply_context_parallel``):
+    under context parallelism the inputs are this cp rank's S/cp tokens (``cp_split``); position ids
+    None then means their global positions (``cp_local_positions``) and the MTP head's next-token
+    input is taken from the global sequence (``cp_next_token_ids``). None or size 1: single device.
+    """
 
     def __init__(self, cfg: ModelConfig, *, activation_checkpointing: bool = False) -> None:
         super().__init__()
@@ -73,6 +81,7 @@ class LongcatFlashModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.qk_rope_head_dim, theta=cfg.rope_theta)
         self.mtp = MTPHead(cfg) if cfg.mtp_num_layers == 1 else None
+        self.cp_group: Optional[dist.ProcessGroup] = None
 
     def forward(
         self,
@@ -85,6 +94,10 @@ class LongcatFlashModel(nn.Module):
         ``roll(input_ids, -1)[t]`` = tok_{t+1}; at the last position it wraps to tok_0 (its loss is
         masked by the trainer, which has no tok_{S+1} either)."""
         B, S = input_ids_BS.shape
+        cp_group = self.cp_group if self.cp_group is not None and self.cp_group.size() > 1 else None
+        if cp_group is not None and position_ids_BS is None:
+            G = cp_group.size()
+            position_ids_BS = cp_local_positions(S * G, cp_rank=cp_group.rank(), cp=G, device=input_ids_BS.device)[None]
         h_BSD = self.embed_tokens(input_ids_BS)
         cos_BSP, sin_BSP = self.rotary_emb(position_ids_BS, seq_len=S, device=h_BSD.device, dtype=h_BSD.dtype)
         use_checkpoint = self.activation_checkpointing and torch.is_grad_enabled()
@@ -95,9 +108,10 @@ class LongcatFlashModel(nn.Module):
         )
         mtp_hidden_BSD = None
         if self.mtp is not None:
+            next_input_ids_BS = None if cp_group is None else cp_next_token_ids(input_ids_BS, cp_group=cp_group)
             mtp_hidden_BSD = run_mtp(
                 self.mtp, self.embed_tokens, h_BSD, input_ids_BS=input_ids_BS, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                checkpointed=use_checkpoint,
+                checkpointed=use_checkpoint, next_input_ids_BS=next_input_ids_BS,
             )
         return BackboneOutput(
             last_hidden_BSD=h_BSD, normed_BSD=self.norm(h_BSD), mtp_hidden_BSD=mtp_hidden_BSD, moe_stats=moe_stats
@@ -139,10 +153,14 @@ def run_mtp(
     cos_BSP: torch.Tensor,
     sin_BSP: torch.Tensor,
     checkpointed: bool,
+    next_input_ids_BS: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The MTP head on the last layer's pre-norm output h_BSD [B, S, D]; returns its normed hidden
-    [B, S, D]. Its input token at t is ``roll(input_ids, -1)[t]`` = tok_{t+1} (wrapping at the end)."""
-    next_embeds_BSD = embed_tokens(torch.roll(input_ids_BS, shifts=-1, dims=1))
+    [B, S, D]. Its input token at t is ``roll(input_ids, -1)[t]`` = tok_{t+1} (wrapping at the end),
+    or ``next_input_ids_BS`` when given (context parallelism: ``cp_next_token_ids``)."""
+    if next_input_ids_BS is None:
+        next_input_ids_BS = torch.roll(input_ids_BS, shifts=-1, dims=1)
+    next_embeds_BSD = embed_tokens(next_input_ids_BS)
     kwargs = dict(next_embeds_BSD=next_embeds_BSD, cos_BSP=cos_BSP, sin_BSP=sin_BSP)
     if checkpointed:
         return checkpoint(mtp, h_BSD, use_reentrant=False, **kwargs)
@@ -198,7 +216,9 @@ class LongcatFlashForCausalLM(nn.Module):
             token_mask_BS: bool [B, S], True = real token; None = all real. Padding tokens still flow
                 through the model (attention is causal and unmasked: pad on the right) but are left
                 out of the router statistics.
-            position_ids_BS: int [B, S] RoPE positions; None = 0..S-1.
+            position_ids_BS: int [B, S] RoPE positions; None = 0..S-1 (under context parallelism:
+                the local tokens' global positions, ``cp_local_positions``; pass ``cp_split`` of
+                custom global positions otherwise).
 
         Raises:
             ValueError: on a malformed input shape or dtype.
