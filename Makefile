@@ -12,11 +12,12 @@ PYTEST_ARGS ?=
 
 BENCH_ARGS ?=
 
-.PHONY: venv lock corpus train test bench bench-gpu pipeline plots clean help
+.PHONY: venv lock lint corpus train test bench bench-gpu pipeline plots clean help
 
 help:
 	@echo "make train   - install into $(VENV), prepare the corpus, train the tiny model on CPU"
 	@echo "make test    - install into $(VENV) and run the test suite"
+	@echo "make lint    - ruff, the import-layer contract (import-linter) and mypy on src/"
 	@echo "make bench   - run the benchmark suite (writes benchmarks/results/*.json and docs/benchmarks.md)"
 	@echo "make bench-gpu - bf16 MFU of a ~1B-active training step on one CUDA GPU (needs a CUDA torch)"
 	@echo "make pipeline - pre-train -> mid-train -> long context -> agentic SFT on the embedded default"
@@ -60,6 +61,11 @@ plots: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: venv
+	$(VENV)/bin/ruff check src tools tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy --config-file mypy.ini src/longcat
 
 bench: venv
 	$(PY) tools/bench.py $(BENCH_ARGS)

@@ -22,7 +22,11 @@ import os
 import sys
 
 from longcat.data.agentic_samples import (
-    DEFAULT_NUM_CONVERSATIONS, DEFAULT_SEED, GeneratedConversation, generate_conversations, write_jsonl,
+    DEFAULT_NUM_CONVERSATIONS,
+    DEFAULT_SEED,
+    GeneratedConversation,
+    generate_conversations,
+    write_jsonl,
 )
 from longcat.tool_args import positive_int
 

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from longcat.distributed.node_watch import ENV_LOST_AFTER_S
 from longcat.testing.checkpoints import assert_same_state, check_checkpoint_folder, load_checkpoint
 from longcat.testing.jobs import ForkedJob

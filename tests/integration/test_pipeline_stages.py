@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_overrides
 
 from longcat.stages import (

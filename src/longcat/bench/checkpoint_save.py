@@ -45,7 +45,7 @@ class CheckpointSettings:
     seed: int = 0
 
     @classmethod
-    def for_mode(cls, *, quick: bool) -> "CheckpointSettings":
+    def for_mode(cls, *, quick: bool) -> CheckpointSettings:
         return cls(preset="tiny", batch_size=2, seq_len=64, repeats=1, max_steps_during_async=5) if quick else cls()
 
 

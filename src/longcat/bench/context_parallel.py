@@ -134,9 +134,8 @@ def exchange_costs(cfg: ModelConfig, *, seq_len: int, cp: int, batch_size: int =
     Raises:
         ValueError: seq_len not divisible by 2 * cp (see ``check_cp_seq_len``).
     """
-    from longcat.distributed.context_parallel import check_cp_seq_len
-
     from longcat.bench.flops import matmul_params_per_token
+    from longcat.distributed.context_parallel import check_cp_seq_len
 
     check_cp_seq_len(seq_len, cp)
     B, S, H, w = batch_size, seq_len, cfg.num_attention_heads, bytes_per_value

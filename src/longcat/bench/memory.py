@@ -42,7 +42,7 @@ class MemorySettings:
     seed: int = 0
 
     @classmethod
-    def for_mode(cls, *, quick: bool) -> "MemorySettings":
+    def for_mode(cls, *, quick: bool) -> MemorySettings:
         return cls(batch_size=2, seq_len=64, steps=1, warmup=1) if quick else cls()
 
 

@@ -41,7 +41,7 @@ class ProfileSettings:
     seed: int = 0
 
     @classmethod
-    def for_mode(cls, *, quick: bool) -> "ProfileSettings":
+    def for_mode(cls, *, quick: bool) -> ProfileSettings:
         return cls(batch_size=2, seq_len=64, rounds=1, top=8) if quick else cls()
 
 

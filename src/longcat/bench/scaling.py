@@ -35,7 +35,7 @@ class ScalingSettings:
     overrides: dict = field(default_factory=dict)
 
     @classmethod
-    def for_mode(cls, *, quick: bool) -> "ScalingSettings":
+    def for_mode(cls, *, quick: bool) -> ScalingSettings:
         if quick:
             return cls(batch_size=2, seq_lens=(32, 64, 128), n_routed_experts=(4, 8, 16), num_layers=(1, 2, 4),
                        base_seq_len=64, steps=1, warmup=1, overrides={"vocab_size": 2048})

@@ -51,7 +51,7 @@ class SDCBenchSettings:
     threads: int = 1
 
     @classmethod
-    def for_mode(cls, *, quick: bool) -> "SDCBenchSettings":
+    def for_mode(cls, *, quick: bool) -> SDCBenchSettings:
         return cls(rounds=1, steps_per_block=1, interval_blocks=0, checksum_repeats=1) if quick else cls()
 
 

@@ -50,7 +50,7 @@ class ThroughputSettings:
     seed: int = 0
 
     @classmethod
-    def for_mode(cls, *, quick: bool) -> "ThroughputSettings":
+    def for_mode(cls, *, quick: bool) -> ThroughputSettings:
         return cls(batch_size=2, seq_len=64, rounds=2, steps_per_round=1) if quick else cls()
 
 

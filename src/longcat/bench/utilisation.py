@@ -37,7 +37,7 @@ class UtilisationSettings:
     seed: int = 0
 
     @classmethod
-    def for_mode(cls, *, quick: bool) -> "UtilisationSettings":
+    def for_mode(cls, *, quick: bool) -> UtilisationSettings:
         if quick:
             return cls(batch_size=2, seq_len=64, rounds=1, steps_per_round=1, matmul_min_time_s=0.005, matmul_trials=1)
         return cls()

@@ -18,7 +18,6 @@ import functools
 import math
 import operator
 import posixpath
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from longcat.data.corpus import read_source, stdlib_root, stdlib_source_files

@@ -256,7 +256,7 @@ class IndexedDatasetWriter:
         self._idx_tmp = f"{idx_path(path_prefix)}.tmp{os.getpid()}"
         self._bin_file: Optional[BinaryIO] = None
 
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         os.makedirs(os.path.dirname(os.path.abspath(self.path_prefix)), exist_ok=True)
         self._bin_file = open(self._bin_tmp, "wb")
         return self

@@ -64,7 +64,7 @@ class MicroBatchLoader:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         return np.arange(start, start + self.micro_batch_size, dtype=np.int64)
 
-    def __iter__(self) -> "MicroBatchLoader":
+    def __iter__(self) -> MicroBatchLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -120,7 +120,7 @@ class ProcessGroups:
     edp_group: dist.ProcessGroup
 
     @classmethod
-    def build(cls, dims: ParallelDims, *, device_type: Optional[str] = None) -> "ProcessGroups":
+    def build(cls, dims: ParallelDims, *, device_type: Optional[str] = None) -> ProcessGroups:
         """Build both meshes over the initialised default process group. Collective: call on every rank.
 
         The one place outside the entry point that takes hold of the default group (as
@@ -170,7 +170,7 @@ class ProcessGroups:
         return groups
 
     @classmethod
-    def single(cls) -> "ProcessGroups":
+    def single(cls) -> ProcessGroups:
         """One process, every degree 1: size-1 groups, no ``init_process_group``, no meshes."""
         dims = ParallelDims(1)
         group = _local_group()

@@ -63,7 +63,7 @@ class NodeWatchSettings:
     store_timeout_s: float = 5.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "NodeWatchSettings":
+    def from_env(cls, env: Mapping[str, str]) -> NodeWatchSettings:
         """Defaults, with ``lost_after_s`` from ``LONGCAT_NODE_LOST_AFTER_S`` when set.
 
         Raises:

@@ -43,9 +43,9 @@ __all__ = [
     "record_comm_waits",
 ]
 
-_RECORDER: contextvars.ContextVar[Optional["CommWaitRecorder"]] = contextvars.ContextVar("comm_recorder", default=None)
+_RECORDER: contextvars.ContextVar[Optional[CommWaitRecorder]] = contextvars.ContextVar("comm_recorder", default=None)
 _LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("comm_label", default="comm")
-_COMM_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+_COMM_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 @dataclass
@@ -66,14 +66,14 @@ class CommWaitRecorder:
 
     def __init__(self) -> None:
         self._totals: dict[str, CommWaitTotals] = defaultdict(CommWaitTotals)
-        self._pending_events: list[tuple[str, "torch.cuda.Event", "torch.cuda.Event"]] = []
+        self._pending_events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def add_host(self, key: str, seconds: float) -> None:
         entry = self._totals[key]
         entry.blocked_s += seconds
         entry.num_waits += 1
 
-    def add_cuda(self, key: str, reached: "torch.cuda.Event", done: "torch.cuda.Event") -> None:
+    def add_cuda(self, key: str, reached: torch.cuda.Event, done: torch.cuda.Event) -> None:
         self._pending_events.append((key, reached, done))
 
     def totals(self) -> dict[str, CommWaitTotals]:
@@ -118,7 +118,7 @@ def current_comm_label() -> str:
     return _LABEL.get()
 
 
-def comm_stream(device: torch.device) -> Optional["torch.cuda.Stream"]:
+def comm_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
     """The side stream that carries this process's collectives on a CUDA ``device``; None on CPU
     (gloo's threads carry them there). One stream per device, created on first use."""
     if device.type != "cuda":
@@ -140,7 +140,7 @@ class InFlight:
         work: Optional[dist.Work],
         *,
         keepalive: Sequence[torch.Tensor],
-        stream: Optional["torch.cuda.Stream"],
+        stream: Optional[torch.cuda.Stream],
         key: str,
         recorder: Optional[CommWaitRecorder],
     ) -> None:

@@ -73,7 +73,7 @@ class ParallelDims:
                           num_layers=num_layers, num_stages=num_stages)
 
     @classmethod
-    def from_config(cls, parallel: Any, *, world_size: int) -> "ParallelDims":
+    def from_config(cls, parallel: Any, *, world_size: int) -> ParallelDims:
         """Build from any object with ``tp, pp, dp, ep`` attributes (e.g. ``config.ParallelConfig``)."""
         return cls(world_size, tp=parallel.tp, pp=parallel.pp, dp=parallel.dp, ep=parallel.ep)
 

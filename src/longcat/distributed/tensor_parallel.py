@@ -183,7 +183,7 @@ class ColumnParallelLinear(_ShardRepr, nn.Linear):
     def from_linear(
         cls, linear: nn.Linear, *, tp_group: dist.ProcessGroup, sequence_parallel: bool,
         input_is_parallel: bool = False, memo: Optional[dict] = None,
-    ) -> "ColumnParallelLinear":
+    ) -> ColumnParallelLinear:
         memo = {} if memo is None else memo
         module = cls(linear.in_features, linear.out_features // tp_group.size(), bias=linear.bias is not None,
                      device="meta")
@@ -215,7 +215,7 @@ class RowParallelLinear(_ShardRepr, nn.Linear):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, *, tp_group: dist.ProcessGroup, sequence_parallel: bool, memo: Optional[dict] = None
-    ) -> "RowParallelLinear":
+    ) -> RowParallelLinear:
         memo = {} if memo is None else memo
         module = cls(linear.in_features // tp_group.size(), linear.out_features, bias=linear.bias is not None,
                      device="meta")
@@ -254,7 +254,7 @@ class VocabParallelEmbedding(_ShardRepr, nn.Embedding):
     def from_embedding(
         cls, embedding: nn.Embedding, *, tp_group: dist.ProcessGroup, sequence_parallel: bool,
         memo: Optional[dict] = None,
-    ) -> "VocabParallelEmbedding":
+    ) -> VocabParallelEmbedding:
         memo = {} if memo is None else memo
         assert embedding.padding_idx is None and embedding.max_norm is None, "not used by the model"
         local_rows = embedding.num_embeddings // tp_group.size()
@@ -286,7 +286,7 @@ class SequenceParallelLinear(nn.Linear):
     tp_group: dist.ProcessGroup
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, tp_group: dist.ProcessGroup) -> "SequenceParallelLinear":
+    def from_linear(cls, linear: nn.Linear, *, tp_group: dist.ProcessGroup) -> SequenceParallelLinear:
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         module.weight, module.bias, module.tp_group = linear.weight, linear.bias, tp_group
         return module

@@ -103,7 +103,7 @@ class TorchrunJob(_Job):
     @classmethod
     def launch(cls, overrides: Sequence[str], *, log_path: Path, nproc: int = 2, max_restarts: int = 0,
                env: Optional[Mapping[str, str]] = None, torchrun_args: Sequence[str] = (),
-               faults: Optional[FaultPlan] = None) -> "TorchrunJob":
+               faults: Optional[FaultPlan] = None) -> TorchrunJob:
         torchrun = Path(sys.executable).with_name("torchrun")
         entry = ["longcat.testing.fault_train", *faults.to_args()] if faults else ["longcat.train"]
         cmd = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
@@ -203,7 +203,7 @@ class ForkedJob(_Job):
     @classmethod
     def launch(cls, overrides: Sequence[str], *, log_dir: Path, nproc: int = 2,
                env: Optional[Mapping[str, str]] = None, shutdown_timeout_s: float = 3.0,
-               failure_grace_s: float = 1.0, faults: Optional[FaultPlan] = None) -> "ForkedJob":
+               failure_grace_s: float = 1.0, faults: Optional[FaultPlan] = None) -> ForkedJob:
         log_dir = Path(log_dir)
         argv = [*(faults.to_args() if faults else ()), *overrides]
         log_dir.mkdir(parents=True, exist_ok=True)

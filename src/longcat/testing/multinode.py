@@ -54,7 +54,7 @@ class TorchrunNodes:
     @classmethod
     def launch(cls, link: VethLink, overrides: Sequence[Sequence[str]], *, log_dir: Path, port: int,
                rdzv_id: str = "longcat-test", nproc_per_node: int = 1,
-               env: Optional[Mapping[str, str]] = None) -> "TorchrunNodes":
+               env: Optional[Mapping[str, str]] = None) -> TorchrunNodes:
         """Start node ``i`` with ``overrides[i]`` (one list per namespace of ``link``)."""
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ class VethLink:
         if len(self.addresses) != 2:
             raise ValueError(f"addresses={addresses!r}: give exactly two, one per end")
 
-    def __enter__(self) -> "VethLink":
+    def __enter__(self) -> VethLink:
         try:
             for ns in self.namespaces:
                 _sh("ip", "netns", "add", ns)

@@ -3,7 +3,6 @@ from conftest import TEST_CORPUS_BYTES, TEST_VOCAB
 
 from longcat.config.schema import DataConfig
 from longcat.data import build_pretrain_data
-from longcat.data.indexed import IndexedDataset
 
 
 def _cfg(cache, sources):

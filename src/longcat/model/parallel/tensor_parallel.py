@@ -84,7 +84,7 @@ class SequenceParallelRMSNorm(RMSNorm):
     tp_group: dist.ProcessGroup
 
     @classmethod
-    def from_norm(cls, norm: RMSNorm, *, tp_group: dist.ProcessGroup) -> "SequenceParallelRMSNorm":
+    def from_norm(cls, norm: RMSNorm, *, tp_group: dist.ProcessGroup) -> SequenceParallelRMSNorm:
         module = cls(norm.weight.shape[0], eps=norm.eps)
         module.weight, module.tp_group = norm.weight, tp_group
         return module
