@@ -39,6 +39,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -257,9 +258,11 @@ def _rank_main(settings: ContextParallelBenchSettings) -> dict[str, Any]:
 
     _return_freed_memory_to_os()
     torch.set_num_threads(settings.threads)
-    group = dist.group.WORLD
-    assert group is not None  # run_distributed initialised the default group
-    rank, cp = group.rank(), group.size()
+    from longcat.distributed import ParallelDims, ProcessGroups
+
+    groups = ProcessGroups.build(ParallelDims(int(os.environ["WORLD_SIZE"])))  # every rank in one cp group
+    group = groups.world_group
+    rank, cp = groups.rank, groups.world_size
     cfg = settings.model_config()
     B, S, D = settings.batch_size, settings.seq_len, cfg.hidden_size
     torch.manual_seed(0)
@@ -300,11 +303,11 @@ def _rank_main(settings: ContextParallelBenchSettings) -> dict[str, Any]:
     for round_idx in range(settings.warmup + settings.rounds):
         shift = round_idx % len(VARIANTS)  # rotate the order: a slow spell hits every variant
         for variant in VARIANTS[shift:] + VARIANTS[:shift]:
-            dist.barrier()
+            dist.barrier(group=group)
             counter.enabled = variant == "cp2" and round_idx == 0
             measured = step(variant)
             counter.enabled = False
-            dist.barrier()
+            dist.barrier(group=group)
             if round_idx >= settings.warmup and measured is not None:
                 results[variant].append(measured)
     return {"rank": rank, "results": results, "all_gather_bytes": counter.all_gather_bytes,
