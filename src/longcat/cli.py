@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 from longcat.config.compose import available_recipes, compose_run_config, project_root
@@ -67,9 +68,9 @@ def _parse_args(argv: Sequence[str]) -> Args:
     return Args(recipe, overrides, flags, world_size)
 
 
-def _print_errors(exc: Exception) -> None:
+def _print_errors(exc: Exception, *, prefix: str = "") -> None:
     for line in getattr(exc, "errors", None) or [str(exc)]:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {prefix}{line}", file=sys.stderr, flush=True)
 
 
 def _setup_logging(rank: int) -> None:
@@ -129,12 +130,18 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Callback] 
     from longcat.launch import run_training
     from longcat.train.checkpoint_io import CheckpointWriteError
 
-    _setup_logging(int(os.environ.get("RANK", "0")))
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank)
+    prefix = f"rank {rank}: " if world_size_from_env() > 1 else ""
     try:
         return run_training(run_cfg, cfg_dict, callbacks=callbacks)
     except ValueError as exc:
-        _print_errors(exc)
+        _print_errors(exc, prefix=prefix)
         return 2
     except CheckpointWriteError as exc:  # e.g. a full disk: the previous checkpoint is intact
-        _print_errors(exc)
+        _print_errors(exc, prefix=prefix)
+        return 1
+    except Exception as exc:  # anything else: its traceback, then one error line; exiting lets torchrun
+        traceback.print_exc()  # stop the other ranks (run_training waits on no peer after a failure)
+        _print_errors(RuntimeError(f"{type(exc).__name__}: {exc}"), prefix=prefix)
         return 1

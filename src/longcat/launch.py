@@ -67,35 +67,81 @@ def run_training(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Call
     start_node_watch()  # under torchrun: stop when this node's agent or another node is lost, instead of hanging
     world_size = world_size_from_env()
     validate(run_cfg, world_size=world_size)  # every check the configuration allows, before any work
+    preflight(run_cfg)
     if run_cfg.determinism.enabled:
         enable_determinism()  # before CUDA and NCCL start: their environment variables are read once
     dims, groups = _init_distributed(run_cfg, world_size=world_size)
-    check_shared_out_dir(run_cfg.train.out_dir, group=groups.world_group, rank=groups.rank)
     try:
+        check_shared_out_dir(run_cfg.train.out_dir, group=groups.world_group, rank=groups.rank)
         trainer = Trainer(run_cfg, groups=groups, config_dict=cfg_dict, callbacks=callbacks)
         summary = trainer.fit()
         if trainer.is_rank0:
-            out = Path(run_cfg.train.out_dir).resolve()
-            if "preempted_at_step" in summary:  # SIGTERM: checkpointed and stopping cleanly (exit 0)
-                print(f"\n== longcat run preempted at step {summary['preempted_at_step']} of {run_cfg.train.steps}; "
-                      f"checkpoint {summary.get('checkpoint')}; relaunch with train.resume=auto to continue ==")
-            print("\n== longcat run finished ==")
-            for key in ("initial_val_loss", "final_val_loss"):
-                if key in summary:
-                    print(f"{key}: {summary[key]:.4f}")
-            print(f"steps: {summary.get('final_step')}")
-            print(f"checkpoints: {out / 'checkpoints'}")
-            print(f"metrics: {summary.get('metrics_file')}")
-            print(f"plots: python tools/plot_metrics.py --metrics {summary.get('metrics_file')} "
-                  f"--output {out / 'plots'}")
-            if summary.get("wandb_dir"):
-                print(f"wandb run ({run_cfg.logging.wandb.mode}): {summary['wandb_dir']}"
-                      + ("  (upload: wandb sync <dir>)" if run_cfg.logging.wandb.mode == "offline" else ""))
+            _print_summary(run_cfg, summary)
     except (SDCHaltError, NonFiniteError, NonFiniteCheckpointError) as exc:  # raised on every rank alike
         logger.error("stopping: %s", exc)
+        _close_process_groups()
         return exc.exit_code
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    # Any other exception propagates without a barrier or any collective: a peer may be dead or stuck in
+    # one, and waiting for it would hang this rank too. Exiting lets torchrun stop the job.
+    _close_process_groups()
     return 0
+
+
+def preflight(run_cfg: RunConfig) -> None:
+    """The run's environment, checked on every rank before anything is built: the output folder can be
+    written, wandb online has credentials, the device exists. Each failure is one clear ``ValueError``.
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    out = Path(run_cfg.train.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"train.out_dir={str(out)!r} cannot be written ({exc.strerror or exc}); choose a writable "
+                         "folder (every rank writes checkpoints there)") from None
+    if str(run_cfg.logging.wandb.mode) == "online" and not _wandb_has_credentials():
+        raise ValueError("logging.wandb.mode=online but wandb has no API key (no WANDB_API_KEY and no `wandb login` "
+                         "in ~/.netrc); run `wandb login`, or use logging.wandb.mode=offline (sync later) or disabled")
+    if run_cfg.train.device == Device.cuda and not torch.cuda.is_available():
+        raise ValueError(f"train.device=cuda but this torch ({torch.__version__}) sees no CUDA device; use "
+                         "train.device=cpu, or install a CUDA build of torch on a machine with a GPU")
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _close_process_groups() -> None:
+    """After a run every rank finished alike: wait for the others, then release the groups."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _print_summary(run_cfg: RunConfig, summary: dict) -> None:
+    out = Path(run_cfg.train.out_dir).resolve()
+    if "preempted_at_step" in summary:  # SIGTERM: checkpointed and stopping cleanly (exit 0)
+        print(f"\n== longcat run preempted at step {summary['preempted_at_step']} of {run_cfg.train.steps}; "
+              f"checkpoint {summary.get('checkpoint')}; relaunch with train.resume=auto to continue ==")
+        return
+    print("\n== longcat run finished ==")
+    for key in ("initial_val_loss", "final_val_loss"):
+        if key in summary:
+            print(f"{key}: {summary[key]:.4f}")
+    print(f"steps: {summary.get('final_step')}")
+    print(f"checkpoints: {out / 'checkpoints'}")
+    print(f"metrics: {summary.get('metrics_file')}")
+    print(f"plots: python tools/plot_metrics.py --metrics {summary.get('metrics_file')} --output {out / 'plots'}")
+    if summary.get("wandb_dir"):
+        print(f"wandb run ({run_cfg.logging.wandb.mode}): {summary['wandb_dir']}"
+              + ("  (upload: wandb sync <dir>)" if run_cfg.logging.wandb.mode == "offline" else ""))

@@ -168,8 +168,8 @@ class OptimConfig:
             raise ValueError(f"optim.eps={self.eps} must be positive")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
-        if self.warmup_steps < 0 or self.warmup_steps > steps:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must lie in [0, train.steps={steps}]")
+        if self.warmup_steps < 0:  # longer than train.steps: shortened to fit, with a warning (train.schedule)
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"optim.decay_fraction={self.decay_fraction} must lie in [0, 1]")
 

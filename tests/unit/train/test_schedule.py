@@ -17,3 +17,21 @@ def test_wsd_holds_then_decays():
     m = [lr_multiplier(s, cfg=cfg, total_steps=100) for s in range(101)]
     assert all(x == 1.0 for x in m[:80])
     assert m[90] == pytest.approx(0.5) and m[100] == pytest.approx(0.0)
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
+    """The default warmup (20 steps) with train.steps=10: a tenth of the run, so the peak LR is reached."""
+    import logging
+
+    import torch
+
+    from longcat.train.schedule import build_scheduler, effective_warmup_steps
+
+    cfg = OptimConfig(warmup_steps=20, min_lr_ratio=0.1, schedule="warmup_cosine")
+    assert effective_warmup_steps(cfg, total_steps=10) == 1
+    assert effective_warmup_steps(cfg, total_steps=20) == 20  # fits: kept
+    assert lr_multiplier(0, cfg=cfg, total_steps=10) == 1.0  # after 1 warmup step: the peak
+    assert lr_multiplier(9, cfg=cfg, total_steps=10) < 1.0
+    with caplog.at_level(logging.WARNING, logger="longcat.train.schedule"):
+        build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg=cfg, total_steps=10)
+    assert "optim.warmup_steps=20 exceeds train.steps=10: warming up over 1 steps" in caplog.text
