@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Grow a checkpoint: stack its L layers r times into an r x L model (PAPER.md §3.1.2)."""
+"""Grow a checkpoint: stack its L layers r times into an r x L model (arXiv 2509.01322 §3.1.2)."""
 
 import argparse
 import sys

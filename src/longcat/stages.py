@@ -1,6 +1,6 @@
 """Multi-stage runs: the LongCat-Flash training pipeline and model growth, as chains of recipes.
 
-PAPER.md §3 trains in stages, each starting from the previous stage's final checkpoint:
+arXiv 2509.01322 §3 trains in stages, each starting from the previous stage's final checkpoint:
 pre-training -> mid-training -> long-context extension -> agentic SFT. A new stage loads only the
 weights (``train.init_from=``): a fresh optimizer, LR schedule and data position, as its recipe says.
 ``pretrain_growth`` trains a half-depth model, stacks it twice (§3.1.2, ``tools/grow_model.py``) and

@@ -1,4 +1,4 @@
-"""Model growth (PAPER.md §3.1.2): a grown checkpoint holds the source layers in order, twice."""
+"""Model growth (arXiv 2509.01322 §3.1.2): a grown checkpoint holds the source layers in order, twice."""
 
 from __future__ import annotations
 

@@ -38,3 +38,18 @@ def test_a_broken_contract_fails(tmp_path):
     result = _lint_imports(config)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "longcat.train" in result.stdout, result.stdout
+
+
+def test_docs_cite_the_paper_not_files_users_do_not_have():
+    """Docstrings and docs cite arXiv 2509.01322 (section, equation), not the team's private notes."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    private = re.compile(r"\b(PAPER|STYLE|DESIGN)\.md\b")
+    found = [f"{p.relative_to(root)}:{n}" for folder in ("src", "docs", "recipes", "conf", "tools")
+             for p in sorted((root / folder).rglob("*")) if p.suffix in (".py", ".md", ".yaml")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    found += [f"README.md:{n}" for n, line in enumerate((root / "README.md").read_text().splitlines(), 1)
+              if private.search(line)]
+    assert not found, found

@@ -1,4 +1,4 @@
-"""No library code uses the default process group implicitly (STYLE.md: no process-group globals).
+"""No library code uses the default process group implicitly (house style: no process-group globals).
 
 An AST walk over ``src/longcat``: a call to ``torch.distributed``'s rank / size / backend queries,
 barriers or collectives must name its group (``group=...``, or positionally), and that group may not

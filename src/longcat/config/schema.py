@@ -36,7 +36,7 @@ from longcat.config.modes import (  # noqa: F401  (the modes are part of the sch
 
 @dataclass
 class ModelConfig:
-    """LongCat-Flash dimensions (PAPER.md §2; names as in HF ``LongcatFlashConfig``)."""
+    """LongCat-Flash dimensions (arXiv 2509.01322 §2; names as in HF ``LongcatFlashConfig``)."""
 
     vocab_size: int = 8192
     hidden_size: int = 128
@@ -369,7 +369,7 @@ class FaultInjection:
 
 @dataclass
 class SDCConfig:
-    """Silent-data-corruption detection by deterministic replay (PAPER.md §5.1)."""
+    """Silent-data-corruption detection by deterministic replay (arXiv 2509.01322 §5.1)."""
 
     replay_interval: int = 0  # every N steps re-run a micro-batch's forward+backward and compare bits; 0 = off
     replay_microbatch: int = 0  # which micro-batch of the global batch to replay

@@ -1,7 +1,7 @@
 """The embedded agentic SFT set: multi-turn tool-use dialogues whose tools really ran on this machine.
 
-PAPER.md "Data pipeline" lists synthetic multi-turn tool dialogues among the post-training data; this
-is a stand-in of that shape, small enough to run the SFT recipe offline on CPU. Every tool message is
+The LongCat-Flash report (arXiv 2509.01322, data pipeline) lists synthetic multi-turn tool dialogues
+among the post-training data; this is a stand-in of that shape, small enough to run the SFT recipe offline on CPU. Every tool message is
 the string ``agentic_tools.run_tool`` returned for the call's arguments (searching and reading the
 default corpus's stdlib files, a calculator, date arithmetic), and every final answer is computed
 from those results, so the data holds no invented fact. ``tools/make_agentic_sft.py`` writes the set

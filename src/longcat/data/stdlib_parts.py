@@ -1,4 +1,4 @@
-"""Named parts of the embedded stdlib corpus, for stage mixtures (PAPER.md §3: the mixture shifts
+"""Named parts of the embedded stdlib corpus, for stage mixtures (arXiv 2509.01322 §3: the mixture shifts
 toward code in mid-training; long-context extension mixes in long documents).
 
 A data source path ``stdlib:<part>`` names one part, tokenized with the stdlib corpus's tokenizer:

@@ -1,5 +1,5 @@
-"""Where asynchronous collectives run, and how long their waits block (DESIGN.md "The ScMoE layer
-and its overlap").
+"""Where asynchronous collectives run, and how long their waits block (docs/architecture.md, the ScMoE
+overlap).
 
 One code path serves CPU and GPU:
 

@@ -15,7 +15,7 @@ and MTP head), so peak memory is about one layer plus one shard, not the model.
 
 The router (``mlp.router.classifier.weight``, ``mlp.router.e_score_correction_bias``) stays fp32 in
 every export dtype: routing runs in fp32 and a bf16 expert bias would round away the small updates of
-the budget controller (PAPER.md §2.1.1).
+the budget controller (arXiv 2509.01322 §2.1.1).
 
 Shape legend: see ``longcat.model.hf_mapping``.
 """

@@ -1,4 +1,4 @@
-"""The LongCat-Flash model (PAPER.md §2), numerically equal to HF ``LongcatFlashForCausalLM``."""
+"""The LongCat-Flash model (arXiv 2509.01322 §2), numerically equal to HF ``LongcatFlashForCausalLM``."""
 
 from longcat.model.attention import MultiHeadLatentAttention
 from longcat.model.init import ParamGroup, init_weights, param_group, param_groups_names

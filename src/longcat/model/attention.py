@@ -1,4 +1,4 @@
-"""Multi-head latent attention, MLA (PAPER.md §2.3.1, Eq. 6-7; DeepSeek-V2/V3 with a q LoRA).
+"""Multi-head latent attention, MLA (arXiv 2509.01322 §2.3.1, Eq. 6-7; DeepSeek-V2/V3 with a q LoRA).
 
     q  = q_b_proj(q_a_layernorm(q_a_proj(x))) * sqrt(D / Q)            (both q parts scaled)
     [c, k_rope] = kv_a_proj_with_mqa(x)                                 (c: the compressed KV latent)

@@ -1,4 +1,4 @@
-"""Weight initialisation and parameter groups (PAPER.md §3.1.1 hyperparameter transfer).
+"""Weight initialisation and parameter groups (arXiv 2509.01322 §3.1.1 hyperparameter transfer).
 
 Per group (std of a zero-mean normal unless stated), with width factor s = ``width_scale``
 (hidden_target / hidden_proxy; Table 1: hidden and unembedding init *variance* / s):

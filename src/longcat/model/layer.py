@@ -1,4 +1,4 @@
-"""The shortcut-connected MoE (ScMoE) decoder layer (PAPER.md §2, reference ``LongcatFlashDecoderLayer``).
+"""The shortcut-connected MoE (ScMoE) decoder layer (arXiv 2509.01322 §2, reference ``LongcatFlashDecoderLayer``).
 
     h   = h + MLA0(n_in0(h))
     u   = n_post0(h);   moe = MoE(u);   h = h + FFN0(u)
@@ -6,7 +6,7 @@
     h   = h + FFN1(n_post1(h)) + moe
 
 The MoE reads the same normed input as FFN0; its output joins at the very end of the layer, which
-lets its dispatch/combine overlap the dense half (§5.3; DESIGN.md "The ScMoE layer and its overlap").
+lets its dispatch/combine overlap the dense half (§5.3; docs/architecture.md).
 With ``overlap_moe_comm`` (the default) the layer runs
 
     h += MLA0(n_in0(h));  u = n_post0(h)

@@ -1,4 +1,4 @@
-"""LongCat-Flash causal LM (PAPER.md §2); numerically equal to HF ``LongcatFlashForCausalLM``.
+"""LongCat-Flash causal LM (arXiv 2509.01322 §2); numerically equal to HF ``LongcatFlashForCausalLM``.
 
     h    = embed_tokens(input_ids)
     h, stats_l = DecoderLayer_l(h)           l = 0..num_layers-1 (ScMoE layers, see layer.py)

@@ -1,4 +1,4 @@
-"""Multi-token prediction head (PAPER.md §2.4; DeepSeek-V3 style, one dense layer, no MoE).
+"""Multi-token prediction head (arXiv 2509.01322 §2.4; DeepSeek-V3 style, one dense layer, no MoE).
 
     x   = eh_proj([enorm(embed(tok_{t+1})) ; hnorm(h_t)])        (Linear 2D -> D)
     x   = x + MLA(n_in(x));   x = x + FFN(n_post(x))

@@ -1,4 +1,4 @@
-"""RMSNorm with fp32 statistics (PAPER.md §2: pre-RMSNorm everywhere, eps 1e-5).
+"""RMSNorm with fp32 statistics (arXiv 2509.01322 §2: pre-RMSNorm everywhere, eps 1e-5).
 
 Shape legend:
     *  any leading dims

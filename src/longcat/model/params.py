@@ -1,4 +1,4 @@
-"""Analytic parameter counts (PAPER.md §2: 560B total; 18.6B active with 0 FFN experts per token,
+"""Analytic parameter counts (arXiv 2509.01322 §2: 560B total; 18.6B active with 0 FFN experts per token,
 31.3B with 12).
 
 Convention, which reproduces the paper's figures: *total* counts every parameter of the module

@@ -1,4 +1,4 @@
-"""Interleaved (DeepSeek) rotary position embedding for the MLA rope dims (PAPER.md §2.3.1).
+"""Interleaved (DeepSeek) rotary position embedding for the MLA rope dims (arXiv 2509.01322 §2.3.1).
 
 The released checkpoint rotates *adjacent* pairs ``(x0, x1), (x2, x3), ...``, pair j by the angle
 ``pos * theta^(-2j/R)``. The rotated output is written de-interleaved, ``[rotated evens | rotated

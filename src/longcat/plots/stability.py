@@ -1,4 +1,4 @@
-"""``stability.png``: the stability suite's curves from a run's ``metrics.jsonl`` (PAPER.md §3.1.3).
+"""``stability.png``: the stability suite's curves from a run's ``metrics.jsonl`` (arXiv 2509.01322 §3.1.3).
 
 Four panels over steps, each drawn when its metrics are present (``longcat.train.stability`` names):
 R_g per MoE layer (Eq. 9, log scale, with ``moe.rg_threshold``; dots, it is measured every

@@ -1,4 +1,4 @@
-"""Model growth: initialise a deep model by stacking a shallower trained one (PAPER.md §3.1.2).
+"""Model growth: initialise a deep model by stacking a shallower trained one (arXiv 2509.01322 §3.1.2).
 
 A checkpoint with L layers becomes one with r x L layers: target layer ``k*L + i`` is a copy of source
 layer ``i`` (the whole stack repeated r times, in order). Everything else (embedding, final norm, LM

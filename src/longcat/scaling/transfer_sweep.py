@@ -1,4 +1,4 @@
-"""A small learning-rate sweep that checks hyperparameter transfer by width (PAPER.md §3.1.1).
+"""A small learning-rate sweep that checks hyperparameter transfer by width (arXiv 2509.01322 §3.1.1).
 
 Sweep the LR of a proxy model (width ``proxy_hidden``) and of a target model ``factor`` x wider, on the
 default corpus, with everything else fixed (depth, experts, batch, steps). The transferred LR for the

@@ -1,4 +1,4 @@
-"""The expert-bias controller that holds the computation budget on target (PAPER.md §2.1.1, Eq. 2).
+"""The expert-bias controller that holds the computation budget on target (arXiv 2509.01322 §2.1.1, Eq. 2).
 
 Once per optimizer step, from the counts of the whole global batch (all micro-batches, all DP ranks;
 TP ranks see the same tokens and are not counted twice; padding never counted):

@@ -1,4 +1,4 @@
-"""Deterministic computation (PAPER.md §5: every step re-runs to the same bits).
+"""Deterministic computation (arXiv 2509.01322 §5: every step re-runs to the same bits).
 
 ``enable_determinism()`` turns on PyTorch's deterministic mode and sets what it does not cover:
 the cuBLAS workspace variable (needed for deterministic GEMMs on CUDA), one fixed NCCL algorithm

@@ -3,7 +3,7 @@
 Shapes: B micro-batch size, S sequence length, V vocabulary, D hidden size, E = N + Z experts
 (N FFN experts, Z zero-computation experts).
 
-Normalisation (DESIGN.md "Loss normalisation"): cross-entropy, MTP and hidden z-loss are sums over the
+Normalisation (docs/architecture.md): cross-entropy, MTP and hidden z-loss are sums over the
 micro-batch divided by global-batch counts (all micro-batches, all DP ranks) that the trainer computes
 before the first forward, so a split into micro-batches holding 2, 5, 9 and 16 labelled tokens gives
 the loss and gradients of the unsplit batch. The load-balance loss is defined per micro-batch (Eq. 3-5,
@@ -52,7 +52,7 @@ def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torc
 
 
 def hidden_z_loss_sum(hidden_BSD: torch.Tensor, token_mask_BS: torch.Tensor) -> torch.Tensor:
-    """Sum over real tokens of ``(logsumexp_i |z_t,i|)^2`` (PAPER.md Eq. 10, before lambda / T).
+    """Sum over real tokens of ``(logsumexp_i |z_t,i|)^2`` (arXiv 2509.01322 Eq. 10, before lambda / T).
 
     ``hidden_BSD`` is the last layer's output before the final norm. Returns [] fp32.
     """

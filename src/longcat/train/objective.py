@@ -3,7 +3,7 @@
     objective = CE / N_labels + w_mtp * CE_mtp / N_mtp + lambda * z / N_real        (LM terms)
               + alpha / (A * dp) * sum_layers LB_layer                              (load balance)
 
-CE, MTP and the hidden z-loss (PAPER.md Eq. 10) are sums over the micro-batch divided by the global
+CE, MTP and the hidden z-loss (arXiv 2509.01322 Eq. 10) are sums over the micro-batch divided by the global
 batch's ``GlobalTokenCounts`` (all micro-batches, all dp ranks), so any split of the global batch
 gives the same objective. The load-balance loss (Eq. 3-5) is defined per micro-batch and MoE layer
 and averaged over the global batch's micro-batches (A per dp rank); its FFN-expert groups D are

@@ -3,7 +3,7 @@
 Parameter groups (names from ``longcat.model.init.param_groups_names``):
 - no weight decay on norms, biases (incl. the expert bias, which is a buffer and never optimised) and
   embeddings;
-- hyperparameter transfer (PAPER.md §3.1.1, Table 1): with width factor
+- hyperparameter transfer (arXiv 2509.01322 §3.1.1, Table 1): with width factor
   ``s = hidden_size / proxy_hidden_size`` the hidden and unembedding LRs are divided by ``s``; the
   embedding LR is unchanged. Router and norm parameters follow the hidden rule (documented choice).
 """

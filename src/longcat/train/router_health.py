@@ -1,4 +1,4 @@
-"""Router health: the gradient-norm ratio R_g (PAPER.md §3.1.3, Eq. 9) and router-weight similarity.
+"""Router health: the gradient-norm ratio R_g (arXiv 2509.01322 §3.1.3, Eq. 9) and router-weight similarity.
 
 R_g compares, per MoE layer, how hard the load-balance loss pushes the router's probabilities with how
 hard the language-modelling loss does:

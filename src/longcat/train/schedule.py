@@ -3,8 +3,8 @@
 Warmup is linear from 0 (step 0 trains at lr / warmup_steps); a warmup longer than the run is shortened
 to a tenth of it (``effective_warmup_steps``), with a warning. ``warmup_cosine`` decays by a half cosine
 to ``min_lr_ratio``; ``wsd`` (warmup-stable-decay) holds the peak and decays linearly over the last
-``decay_fraction`` of the steps. PAPER.md gives no schedule (§3.1.3 "not given"): these are the common
-choices, configurable.
+``decay_fraction`` of the steps. The LongCat-Flash report (arXiv 2509.01322) gives no schedule (§3.1.3
+"not given"): these are the common choices, configurable.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Silent-data-corruption (SDC) detection by deterministic replay and cross-replica checksums.
 
-PAPER.md §5.1: because every kernel is deterministic, recomputing the same work must give the same
+arXiv 2509.01322 §5.1: because every kernel is deterministic, recomputing the same work must give the same
 bits; a difference means the hardware corrupted something. Two checks:
 
 - replay: every ``sdc.replay_interval`` steps the trainer re-runs one micro-batch's forward and

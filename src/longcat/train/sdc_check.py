@@ -1,7 +1,7 @@
 """The trainer's SDC checks: replay, cross-replica hashes, the mismatch policy and rollback.
 
 Steps are numbered from 1 (``StepResult.step``; ``sdc.inject.step`` uses the same numbers). On a step
-``s`` with ``s % sdc.replay_interval == 0`` (PAPER.md §5.1, ``train/sdc.py``):
+``s`` with ``s % sdc.replay_interval == 0`` (arXiv 2509.01322 §5.1, ``train/sdc.py``):
 
     micro-batches 0 .. m-1           normal forward + backward, grads accumulate
     micro-batch m (the chosen one)   grads so far stashed -> forward + backward in isolation

@@ -1,4 +1,4 @@
-"""The stability suite's per-step monitors (PAPER.md §3.1.3) and the per-layer router dashboard values.
+"""The stability suite's per-step monitors (arXiv 2509.01322 §3.1.3) and the per-layer router dashboard values.
 
 ``StabilityMonitor`` is driven by the trainer once per optimizer step::
 

@@ -1,6 +1,6 @@
 """The training loop, split into named steps.
 
-One optimizer step (DESIGN.md "One training step"):
+One optimizer step (docs/architecture.md):
 fetch this DP rank's micro-batches -> count the global batch's labelled / real tokens over DP -> per
 micro-batch forward, losses, backward (or the pipeline schedule over all of them) -> grad sum over
 dp / edp -> global grad norm and clip -> optimizer -> expert-bias controller (once, global counts) ->
@@ -149,7 +149,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- state
     # A new stage (train.init_from) may change these: the long-context stage raises the RoPE base and
-    # the position limit (PAPER.md §3); no weight depends on them.
+    # the position limit (arXiv 2509.01322 §3); no weight depends on them.
     STAGE_CHANGEABLE = ("rope_theta", "max_position_embeddings")
 
     def _check_model_config(self, saved: dict, *, new_stage: bool = False) -> None:

@@ -8,7 +8,7 @@ from longcat.config.validate import validate as validate_run_config
 
 
 def _recipe_world_size(recipe: str) -> int:
-    """The world size a recipe's header comment states (STYLE.md: every recipe opens with it)."""
+    """The world size a recipe's header comment states (house style: every recipe opens with it)."""
     header = (project_root() / "recipes" / f"{recipe}.yaml").read_text()
     found = re.search(r"World size: (\d+)", header)
     assert found, f"recipes/{recipe}.yaml does not state its world size in its opening comment"

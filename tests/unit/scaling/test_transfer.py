@@ -1,4 +1,4 @@
-"""Hyperparameter transfer (PAPER.md §3.1.1, Table 1): every parameter group gets the rule's values."""
+"""Hyperparameter transfer (arXiv 2509.01322 §3.1.1, Table 1): every parameter group gets the rule's values."""
 
 import math
 

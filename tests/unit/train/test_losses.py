@@ -6,7 +6,7 @@ from longcat.train import losses
 
 
 def _explicit_lb(probs_TE, topk_TK, *, n, k, k_e, d):
-    """Eq. 3-5 written out token by token, as PAPER.md states them."""
+    """Eq. 3-5 written out token by token, as the LongCat-Flash report (arXiv 2509.01322) states them."""
     t, e = probs_TE.shape
     group_of = [i * d // n if i < n else d for i in range(e)]
     f = [0.0] * (d + 1)

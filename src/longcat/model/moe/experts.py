@@ -1,4 +1,4 @@
-"""FFN experts as stacked weights run with one grouped GEMM per projection (PAPER.md §2.1).
+"""FFN experts as stacked weights run with one grouped GEMM per projection (arXiv 2509.01322 §2.1).
 
 Weights are stacked per local expert; row l is global expert ``expert_offset + l`` and equals the
 released ``mlp.experts.{i}.{gate,up,down}_proj.weight``.

@@ -1,5 +1,5 @@
 """The MoE block ``mlp`` of a decoder layer: router -> token dispatcher -> experts -> combine
-(PAPER.md §2.1, Eq. 1).
+(arXiv 2509.01322 §2.1, Eq. 1).
 
     MoE(u_t) = sum_{i in topK} g_i * E_i(u_t),   E_i(u) = u for a zero expert (id >= N)
 
@@ -7,7 +7,7 @@ Router statistics are *returned* (``MoEStats``), never stored on the module, so 
 activation checkpointing cannot count a micro-batch twice.
 
 The forward runs in three steps so that the ScMoE layer can overlap the token exchange with its
-dense branch (DESIGN.md "The ScMoE layer and its overlap"): ``start`` (router, statistics, tp
+dense branch (docs/architecture.md): ``start`` (router, statistics, tp
 split, dispatch started) -> ``run_experts`` (wait for the dispatch, grouped GEMM, combine started)
 -> ``finish`` (wait for the combine, zero experts, tp gather). ``forward`` runs the three in a row.
 The exchanges are labelled "dispatch" and "combine" for ``longcat.distributed.overlap``'s wait

@@ -1,4 +1,4 @@
-"""Top-K router with zero-computation experts and an expert bias (PAPER.md §2.1, Eq. 1-2).
+"""Top-K router with zero-computation experts and an expert bias (arXiv 2509.01322 §2.1, Eq. 1-2).
 
     logits = u W^T (fp32)          probs = softmax(logits) over all N + Z experts
     ids    = top-K(probs + b)      (b: e_score_correction_bias, used for selection only)

@@ -1,7 +1,7 @@
 """Expert parallelism for LongCat-Flash: the in-place EP (and MoE-under-TP) plan, the ScMoE overlap
 switch, and the global description of expert shards for checkpoints.
 
-Layout (DESIGN.md "Parallel layout"): the N FFN experts of every MoE are sharded over the ep group
+Layout (docs/architecture.md): the N FFN experts of every MoE are sharded over the ep group
 by global id, ep rank r holding ``[r * N/ep, (r + 1) * N/ep)``, and replicated over edp. Zero
 experts are never sharded or sent. The exchange itself is the token dispatcher's
 (``longcat.model.moe.dispatch``: ``AllToAllTokenDispatcher``, or ``ChunkedAllToAllTokenDispatcher``

@@ -19,7 +19,7 @@ Each parameter is then described by a ``ParamPlacement``: its global name, wheth
 expert weight, the groups over which an identical copy lives (for the grad norm) and how to view a
 local tensor shaped like it as the global tensor (a ``DTensor`` for checkpoints; DCP then reshards).
 
-Gradient groups (DESIGN.md "Parallel layout"): dense params sum over dp; expert params over edp
+Gradient groups (docs/architecture.md): dense params sum over dp; expert params over edp
 (= dp x tp / ep: under TP each tp rank runs its own 1/tp slice of the MoE tokens).
 """
 

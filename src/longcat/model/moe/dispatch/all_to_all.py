@@ -1,6 +1,6 @@
 """The expert-parallel token dispatcher: uneven all-to-alls over the ep group.
 
-Layout (DESIGN.md "Parallel layout"): the N FFN experts of every MoE are sharded over the ep group
+Layout (docs/architecture.md): the N FFN experts of every MoE are sharded over the ep group
 by global id, ep rank r holding ``[r * N/ep, (r + 1) * N/ep)``. Zero experts are never sent: only
 FFN-expert assignments enter the all-to-all.
 

@@ -1,7 +1,7 @@
 """ScMoE with chunks: the expert-parallel exchange in C pipelined chunks.
 
 ``ChunkedAllToAllTokenDispatcher`` splits one MoE's routed token copies into ``num_chunks`` chunks
-and pipelines them (the paper's "ScMoE with chunk", PAPER.md §5.3):
+and pipelines them (the paper's "ScMoE with chunk", arXiv 2509.01322 §5.3):
 
     dispatch chunk 0, chunk 1 launched  (under FFN0 + MLA1)
     wait 0 -> GEMM 0 -> combine 0 launched;  wait 1 -> GEMM 1 (under combine 0) -> combine 1 launched

@@ -1,4 +1,4 @@
-"""Permutations shared by the token dispatchers (PAPER.md §2.1, §5.3): token copies into send order
+"""Permutations shared by the token dispatchers (arXiv 2509.01322 §2.1, §5.3): token copies into send order
 and back, rows into local-expert order and back.
 
 The sender side (``source_permutation``) sorts this rank's FFN-expert slots by global expert id (so
