@@ -70,7 +70,7 @@ def test_launch_enables_determinism_before_distributed_init(monkeypatch, corpus_
     torch.use_deterministic_algorithms(False)
     seen = {}
 
-    def fake_init(run_cfg):
+    def fake_init(run_cfg, **_):
         seen["deterministic"] = torch.are_deterministic_algorithms_enabled()
         raise RuntimeError("stop here")
 
