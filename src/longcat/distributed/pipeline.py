@@ -317,7 +317,8 @@ class PipelineRunner:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global L2 norm of the gradients over the pipeline group (each parameter counted once),
         and ``torch.nn.utils.clip_grad_norm_``'s scaling by ``max_norm / (norm + 1e-6)`` when above
-        ``max_norm`` (``0`` or ``inf`` = measure only, as ``optim.grad_clip=0``). Call after ``sync_tied_embedding_grads`` and the DP sync.
+        ``max_norm`` (``0`` or ``inf`` = measure only, as ``optim.grad_clip=0``). Call after
+        ``sync_tied_embedding_grads`` and the DP sync.
         For unsharded parameters only: with TP / EP / FSDP shards use ``longcat.distributed.grad_norm``
         and leave out ``tied_embedding_copy``."""
         grads = [p.grad for p in self.grad_norm_parameters() if p.grad is not None]

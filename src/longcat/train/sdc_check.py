@@ -194,7 +194,7 @@ class SDCMonitor:
         for i, mb in enumerate(micro_batches):
             if i == chosen:
                 before = copy.deepcopy(parts)
-                stats.append(self._first_pass(lambda: run(mb, parts), parts, step=step))
+                stats.append(self._first_pass(lambda mb=mb: run(mb, parts), parts, step=step))
             else:
                 stats.append(run(mb, parts))
         stash = self._stash_grads()

@@ -296,7 +296,8 @@ def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *, groups: ProcessGroups) -> ParamPlacement:
+def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *,
+               groups: ProcessGroups) -> ParamPlacement:
     is_expert = _is_expert(name)
     family = ("edp", "ep") if is_expert else ("dp", "tp")
     sharded = _dtensor_sharded_dims(param) | ({inner.group} if inner is not None else set())
@@ -317,7 +318,8 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _global_view(param: torch.Tensor, inner: _InnerShard, *, groups: ProcessGroups) -> Callable[[torch.Tensor], torch.Tensor]:
+def _global_view(param: torch.Tensor, inner: _InnerShard, *,
+                 groups: ProcessGroups) -> Callable[[torch.Tensor], torch.Tensor]:
     """A map from a local tensor shaped like ``param`` to a ``DTensor`` of the global tensor.
 
     Without FSDP the local tensor is the tp/ep piece: ``[Shard(dim)]`` on that 1-D mesh. Under FSDP
