@@ -262,7 +262,9 @@ class PipelineRunner:
                     buf = torch.empty(B, S // self.seq_divisor, self.hidden_size, dtype=self.activation_dtype,
                                       device=device)
                     # [B, S/sp, D] <- irecv(pp, from the previous stage's rank)
-                    recvs.append((buf, dist.irecv(buf, group=self.pp_group, group_src=ranks[s - 1])))
+                    recv = dist.irecv(buf, group=self.pp_group, group_src=ranks[s - 1])
+                    assert recv is not None  # None only on a rank outside pp_group
+                    recvs.append((buf, recv))
             for m, mb in enumerate(micro_batches):
                 if stage.is_first:
                     x = mb["input_ids"].to(device)
@@ -278,7 +280,9 @@ class PipelineRunner:
                     local_out[m] = out
                 else:
                     # [B, S/sp, D] -> isend(pp, to the next stage's rank); waited at the round's end
-                    sends.append(dist.isend(out.contiguous(), group=self.pp_group, group_dst=ranks[s + 1]))
+                    send = dist.isend(out.contiguous(), group=self.pp_group, group_dst=ranks[s + 1])
+                    assert send is not None  # None only on a rank outside pp_group
+                    sends.append(send)
         for work in sends:
             work.wait()
 
