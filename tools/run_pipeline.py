@@ -29,9 +29,11 @@ def main() -> int:
     parser.add_argument("--pipeline", default="pipeline",
                         help=f"a pipeline recipe: one of {available_pipelines()} (recipes/pipelines/) or a path "
                         f"to such a .yaml file (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="root folder of the stages' runs (default runs/<pipeline>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="root folder of the stages' runs (default runs/<pipeline>)")
     parser.add_argument("--stages", default="", help="comma-separated subset of stages to run")
-    parser.add_argument("--dry-run", action="store_true", help="validate every stage and print the stages; train nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate every stage and print the stages; train nothing")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args()
     out = args.out or Path("runs") / Path(args.pipeline).stem
@@ -41,7 +43,8 @@ def main() -> int:
             for stage, stage_args, _, previous_dir, _ in plan_pipeline(args.pipeline, out_root=out,
                                                                        overrides=args.overrides, stages=stages):
                 if stage.grow_factor > 1:
-                    start = f"  (after: tools/grow_model.py --factor {stage.grow_factor} of the final checkpoint in {previous_dir})"
+                    start = (f"  (after: tools/grow_model.py --factor {stage.grow_factor} "
+                             f"of the final checkpoint in {previous_dir})")
                 elif stage.init_from_previous and previous_dir is not None:
                     start = f"  train.init_from=<the final checkpoint in {previous_dir}>"
                 else:

@@ -50,8 +50,11 @@ def _init_distributed(run_cfg: RunConfig, *, world_size: int):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = timedelta(minutes=10)
         store = restart_safe_store(timeout=timeout)  # a fresh key space per torchrun restart
-        rendezvous = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]), "world_size": world_size}
-        dist.init_process_group(backend=backend, timeout=timeout, **rendezvous)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=world_size)
     return dims, ProcessGroups.build(dims, device_type=str(run_cfg.train.device))
 
 

@@ -76,7 +76,8 @@ def load_pipeline(name: str) -> tuple[Stage, ...]:
             raise ValueError(f"{path}: stage {i} needs at least `name:` and `recipe:`")
         unknown = sorted(set(entry) - _STAGE_KEYS)
         if unknown:
-            raise ValueError(f"{path}: stage {entry['name']!r} has unknown key(s) {unknown}; allowed: {sorted(_STAGE_KEYS)}")
+            raise ValueError(f"{path}: stage {entry['name']!r} has unknown key(s) {unknown}; "
+                             f"allowed: {sorted(_STAGE_KEYS)}")
         stages.append(Stage(name=str(entry["name"]), recipe=str(entry["recipe"]),
                             overrides=tuple(str(o) for o in entry.get("overrides", ())),
                             init_from_previous=bool(entry.get("init_from_previous", True)),
@@ -135,7 +136,8 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list[RunConfi
     for stage in load_pipeline(name):
         try:
             cfg, _ = compose_run_config(stage.recipe, [*overrides, *stage.overrides])
-            validate_run_config(cfg, world_size=world_size_from_env())  # each stage is a `python -m longcat.train` process
+            # each stage is a `python -m longcat.train` process
+            validate_run_config(cfg, world_size=world_size_from_env())
         except ValueError as exc:
             raise ValueError(f"pipeline {name!r}, stage {stage.name!r}: {exc}") from None
         if stage.grow_factor > 1 and configs and cfg.train.steps <= configs[-1].train.steps:

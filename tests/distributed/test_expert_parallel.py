@@ -235,7 +235,7 @@ def _model_body(checkpoint_dir):
         got = _global_expert_grad(params[name], groups) if name in info else _dp_sum(params[name].grad, groups)
         # 1e-5 relative to the tensor's scale: fp32 sums run in another order through two layers.
         atol = max(ATOL, RTOL * float(want.abs().max()))
-        torch.testing.assert_close(got, want, rtol=RTOL, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
     counters = [layer.mlp.dispatcher.counters() for layer in model.model.layers]
     assert all(c.zero_expert_rows_sent == 0 and c.dispatched_rows > 0 for c in counters)
 

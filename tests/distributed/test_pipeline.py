@@ -159,7 +159,7 @@ def _parity_body(schedule: str, tie: bool, checkpointing: bool, ckpt_dir: str | 
     layer_ids = {int(n.split(".")[2]) for n in local_names if n.startswith("model.layers.")}
     assert layer_ids == set(runner.local_layer_ids)
 
-    for step, seed in enumerate((1, 2)):  # a second step reuses the built schedule
+    for seed in (1, 2):  # a second step reuses the built schedule
         runner.local_model.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
         micro_batches = _micro_batches(NUM_MICROBATCHES, seed=seed)

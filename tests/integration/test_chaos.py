@@ -6,8 +6,9 @@ callback pauses the save there, see ``longcat.testing.faults``); one rank, the o
 kill the checkpoint folder is checked (every ``step_N`` whole, the newest complete one never lost) and
 the run is relaunched with ``train.resume=auto``; the relaunch must resume from that newest complete
 checkpoint. Workers are forked from a preloaded server (``longcat.testing.jobs.ForkedJob``: a launch
-costs a fork, not three torch imports); tests/integration/test_restart.py covers real torchrun. The finished run's final checkpoint (parameters, AdamW moments, trainer state) and every
-logged step's loss and grad norm equal those of an uninterrupted run bit for bit.
+costs a fork, not three torch imports); tests/integration/test_restart.py covers real torchrun. The
+finished run's final checkpoint (parameters, AdamW moments, trainer state) and every logged step's
+loss and grad norm equal those of an uninterrupted run bit for bit.
 
 Determinism relied on: ``determinism.enabled=true`` (deterministic kernels, per-rank seeded streams),
 fp32 on CPU with one intra-op thread per process (``OMP_NUM_THREADS=1``), and gloo, whose 2-rank

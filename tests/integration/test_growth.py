@@ -37,7 +37,8 @@ def test_grown_model_stacks_source_layers_and_keeps_training_state(corpus_cache,
     for name, tensor in tgt_sd.items():
         assert torch.equal(tensor, src_sd[source_name(name, source_layers=2)]), name
     # layer 2 is a copy of layer 0 and layer 3 of layer 1, not of each other
-    assert not torch.equal(tgt_sd["model.layers.2.mlps.0.up_proj.weight"], tgt_sd["model.layers.3.mlps.0.up_proj.weight"])
+    assert not torch.equal(tgt_sd["model.layers.2.mlps.0.up_proj.weight"],
+                           tgt_sd["model.layers.3.mlps.0.up_proj.weight"])
     moments = {id(p): s for p, s in grown.optimizer.state.items()}
     assert moments, "optimizer moments were not carried over"
     result = grown.train_step()

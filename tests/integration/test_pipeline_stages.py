@@ -24,8 +24,9 @@ def load_pipeline_text(name):
 
 
 def _overrides(cache, **extra):
-    base = tiny_overrides(cache, "unused", **{"train.steps": 2, "train.eval_interval": 2, "train.checkpoint_interval": 2,
-                                              "optim.warmup_steps": 1, "data.seq_length": 512, **extra})
+    base = tiny_overrides(cache, "unused", **{"train.steps": 2, "train.eval_interval": 2,
+                                              "train.checkpoint_interval": 2, "optim.warmup_steps": 1,
+                                              "data.seq_length": 512, **extra})
     return [o for o in base if not o.startswith("train.out_dir")]
 
 
@@ -107,7 +108,8 @@ def test_a_growth_stage_must_train_past_the_stage_it_grows(tmp_path):
     with pytest.raises(ValueError, match="stage 'grown'.*would train nothing"):
         plan_pipeline(str(copy), out_root=tmp_path)
     ok = tmp_path / "growth_ok.yaml"
-    ok.write_text(load_pipeline_text("pretrain_growth").replace("train.steps=300", "train.steps=4, optim.warmup_steps=1")
+    ok.write_text(load_pipeline_text("pretrain_growth")
+                  .replace("train.steps=300", "train.steps=4, optim.warmup_steps=1")
                   .replace("[model.num_layers=2]", "[model.num_layers=2, train.steps=6, optim.warmup_steps=1]"))
     assert [p.stage.name for p in plan_pipeline(str(ok), out_root=tmp_path)] == ["half_depth", "grown"]
     with pytest.raises(ValueError, match=f"change it in {ok}"):
@@ -125,7 +127,8 @@ def test_pretrain_growth_pipeline_grows_and_continues_then_resumes(corpus_cache,
     recipe = tmp_path / "growth.yaml"
     recipe.write_text(load_pipeline_text("pretrain_growth").replace("train.steps=300", "train.steps=2")
                       .replace("[model.num_layers=2]", "[model.num_layers=2, train.steps=4]"))
-    overrides = [o for o in _overrides(corpus_cache, **{"data.seq_length": 64}) if not o.startswith(("train.steps", "model.num_layers"))]
+    overrides = [o for o in _overrides(corpus_cache, **{"data.seq_length": 64})
+                 if not o.startswith(("train.steps", "model.num_layers"))]
     half, grown = run_pipeline(str(recipe), out_root=tmp_path / "runs", overrides=overrides)
     assert half.final_checkpoint.endswith("step_00000002") and grown.final_checkpoint.endswith("step_00000004")
     grown_cfg = json.loads((tmp_path / "runs" / "grown" / "config.json").read_text())

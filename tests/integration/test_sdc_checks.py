@@ -139,7 +139,8 @@ def test_rollback_reloads_the_last_good_checkpoint(corpus_cache, tmp_path):
 def test_steps_trained_again_after_a_rollback_are_logged_once(corpus_cache, tmp_path):
     """A fault at step 4 rolls back to step 2's checkpoint: step 3, already logged, is trained and
     logged again; metrics.jsonl must hold it once (the second time)."""
-    rolled = _run_fit(corpus_cache, tmp_path, **FIT, **{**GRAD_FAULT, "sdc.inject.step": 4}, **{"sdc.policy": "rollback"})
+    rolled = _run_fit(corpus_cache, tmp_path, **FIT, **{**GRAD_FAULT, "sdc.inject.step": 4},
+                      **{"sdc.policy": "rollback"})
     assert [m.step for m in rolled.sdc.mismatches] == [4]
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6], logged

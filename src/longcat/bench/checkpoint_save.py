@@ -15,6 +15,7 @@ the checkpoint holds the weights as of the save call, not the ones the later ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import tempfile
 import time
@@ -87,8 +88,8 @@ def run(*, quick: bool = False, settings: CheckpointSettings | None = None) -> B
         manager = CheckpointManager(root / "sync", keep_last=1)
         sync_s, size_mib = [], 0.0
         for i in range(s.repeats):
-            path, t = timed(lambda: manager.save(i + 1, model=step.model, optimizer=step.optimizer,
-                                                 trainer_state={"step": i + 1}))
+            path, t = timed(functools.partial(manager.save, i + 1, model=step.model, optimizer=step.optimizer,
+                                              trainer_state={"step": i + 1}))
             sync_s.append(t.wall_s)
             size_mib = _dir_mib(path)
         rounds = [_async_round(step, root / f"async_{i}", max_steps=s.max_steps_during_async) for i in range(s.repeats)]

@@ -360,7 +360,7 @@ def _window_metrics(ranks, what: str, *, num_layers: int) -> tuple[dict[str, flo
     }
     rows = []
     for name in ("on", "on_chunks2"):
-        sample = {key: mean(lambda r, k=key: r["samples"][f"{what}.{name}"][k]) for key in ("step_s", *KEYS)}
+        sample = {key: mean(lambda r, k=key, n=name: r["samples"][f"{what}.{n}"][k]) for key in ("step_s", *KEYS)}
         fwd, bwd = sum(sample[k] for k in fwd_keys), sum(sample[k] for k in bwd_keys)
         min_s = mean(lambda r, n=name: min(r["step_s_per_round"][f"{what}.{n}"]))
         saving = off_min_s - min_s  # other jobs only add time: the fastest round is the step's own time

@@ -438,6 +438,8 @@ def run_config_from_dict(values: dict) -> RunConfig:
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), values)
-        return OmegaConf.to_object(merged)
+        run_config = OmegaConf.to_object(merged)
     except Exception as exc:
         raise ValueError(f"not a valid longcat run config: {exc}") from None
+    assert isinstance(run_config, RunConfig)  # a structured RunConfig node converts to a RunConfig
+    return run_config

@@ -44,6 +44,12 @@ class _Bucket:
     group: dist.ProcessGroup
 
 
+def _grad(param: nn.Parameter) -> torch.Tensor:
+    """``param.grad`` of a bucketed parameter (buckets hold only parameters with a gradient)."""
+    assert param.grad is not None
+    return param.grad
+
+
 class ReplicatedGradSync:
     """Sums gradients over each parameter's data-parallel group with bucketed flat all-reduces.
 
@@ -72,9 +78,9 @@ class ReplicatedGradSync:
             g = p.grad
             if g is None:
                 continue
-            last = buckets[-1] if buckets else None
+            last = _grad(buckets[-1].params[0]) if buckets else None
             if (last is None or size + g.numel() * g.element_size() > self.bucket_bytes
-                    or last.params[0].grad.dtype != g.dtype or last.params[0].grad.device != g.device):
+                    or last.dtype != g.dtype or last.device != g.device):
                 buckets.append(_Bucket([], group))
                 size = 0
             buckets[-1].params.append(p)
@@ -97,15 +103,16 @@ class ReplicatedGradSync:
             self._agree_on_grads(group, params)
             in_flight = []
             for bucket in self._buckets(group, params):
-                flat_P = torch.cat([p.grad.reshape(-1) for p in bucket.params])
+                flat_P = torch.cat([_grad(p).reshape(-1) for p in bucket.params])
                 # [P] local grads -> all_reduce(sum, dp or edp) -> [P] summed grads
                 in_flight.append((bucket, flat_P, dist.all_reduce(flat_P, group=group, async_op=True)))
             for bucket, flat_P, work in in_flight:
                 work.wait()
                 offset = 0
                 for p in bucket.params:
-                    n = p.grad.numel()
-                    p.grad.copy_(flat_P[offset: offset + n].view_as(p.grad))
+                    grad = _grad(p)
+                    n = grad.numel()
+                    grad.copy_(flat_P[offset: offset + n].view_as(grad))
                     offset += n
 
 

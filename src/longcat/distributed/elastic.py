@@ -76,6 +76,7 @@ def restart_safe_store(*, timeout: timedelta, connect_timeout: timedelta = timed
 
 def _resolve(host: str) -> set[str]:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+        # an IPv4 / IPv6 sockaddr's first item is the address string (typeshed allows int for other families)
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
     except (OSError, UnicodeError):
         return set()

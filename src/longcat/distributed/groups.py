@@ -86,7 +86,7 @@ def _local_group() -> dist.ProcessGroup:
     """
     store = dist.HashStore()
     group = dist.ProcessGroup(store, 0, 1)
-    backend = dist.ProcessGroupGloo(store, 0, 1)
+    backend = dist.ProcessGroupGloo(store, 0, 1)  # type: ignore[call-arg]  # stub omits timeout's default (30 min)
     for device_type in ("cpu", "cuda"):
         group._register_backend(torch.device(device_type), dist.ProcessGroup.BackendType.GLOO, backend)
     group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
@@ -142,6 +142,7 @@ class ProcessGroups:
                 "init_process_group first), or use ProcessGroups.single() for one process"
             )
         world_group = dist.group.WORLD  # the default group, created by init_process_group
+        assert world_group is not None  # torch.distributed is initialised (checked above)
         world_size = dist.get_world_size(world_group)
         if world_size != dims.world_size:
             raise ValueError(

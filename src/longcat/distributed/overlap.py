@@ -165,15 +165,16 @@ class InFlight:
                 self._recorder.add_host(self.key, time.perf_counter() - start)
         else:
             compute = torch.cuda.current_stream(self.output.device)
-            reached = done = None
+            timing = None  # (recorder, reached, done) when recorded
             if self._recorder is not None:
-                reached, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                compute.record_event(reached)
+                timing = (self._recorder, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                compute.record_event(timing[1])
             with torch.cuda.stream(self._stream):
                 work.wait()  # the comm stream waits for the collective
-            if done is not None:
+            if timing is not None:
+                recorder, reached, done = timing
                 self._stream.record_event(done)
-                self._recorder.add_cuda(self.key, reached, done)
+                recorder.add_cuda(self.key, reached, done)
             compute.wait_stream(self._stream)
         self._keepalive = ()
         return self.output

@@ -262,7 +262,9 @@ class PipelineRunner:
                     buf = torch.empty(B, S // self.seq_divisor, self.hidden_size, dtype=self.activation_dtype,
                                       device=device)
                     # [B, S/sp, D] <- irecv(pp, from the previous stage's rank)
-                    recvs.append((buf, dist.irecv(buf, group=self.pp_group, group_src=ranks[s - 1])))
+                    recv = dist.irecv(buf, group=self.pp_group, group_src=ranks[s - 1])
+                    assert recv is not None  # None only on a rank outside pp_group
+                    recvs.append((buf, recv))
             for m, mb in enumerate(micro_batches):
                 if stage.is_first:
                     x = mb["input_ids"].to(device)
@@ -278,7 +280,9 @@ class PipelineRunner:
                     local_out[m] = out
                 else:
                     # [B, S/sp, D] -> isend(pp, to the next stage's rank); waited at the round's end
-                    sends.append(dist.isend(out.contiguous(), group=self.pp_group, group_dst=ranks[s + 1]))
+                    send = dist.isend(out.contiguous(), group=self.pp_group, group_dst=ranks[s + 1])
+                    assert send is not None  # None only on a rank outside pp_group
+                    sends.append(send)
         for work in sends:
             work.wait()
 
@@ -317,7 +321,8 @@ class PipelineRunner:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global L2 norm of the gradients over the pipeline group (each parameter counted once),
         and ``torch.nn.utils.clip_grad_norm_``'s scaling by ``max_norm / (norm + 1e-6)`` when above
-        ``max_norm`` (``0`` or ``inf`` = measure only, as ``optim.grad_clip=0``). Call after ``sync_tied_embedding_grads`` and the DP sync.
+        ``max_norm`` (``0`` or ``inf`` = measure only, as ``optim.grad_clip=0``). Call after
+        ``sync_tied_embedding_grads`` and the DP sync.
         For unsharded parameters only: with TP / EP / FSDP shards use ``longcat.distributed.grad_norm``
         and leave out ``tied_embedding_copy``."""
         grads = [p.grad for p in self.grad_norm_parameters() if p.grad is not None]

@@ -146,7 +146,7 @@ class ScatterSequence(nn.Module):
 # ------------------------------------------------------------------------------- layers
 
 
-def _shard(param: nn.Parameter, *, dim: int, group: dist.ProcessGroup, memo: dict) -> nn.Parameter:
+def _shard(param: torch.Tensor, *, dim: int, group: dist.ProcessGroup, memo: dict) -> nn.Parameter:
     """This rank's contiguous chunk of ``param`` along ``dim`` as a new Parameter; a parameter shared
     by two modules (tied embeddings) is sharded once and stays shared."""
     if id(param) in memo:
@@ -160,7 +160,12 @@ def _shard(param: nn.Parameter, *, dim: int, group: dist.ProcessGroup, memo: dic
     return shard
 
 
-class _ShardRepr:
+class _ShardRepr(nn.Module):
+    """Mixed in before ``nn.Linear`` / ``nn.Embedding``: their repr plus the tp shard."""
+
+    tp_group: dist.ProcessGroup
+    sequence_parallel: bool
+
     def extra_repr(self) -> str:
         tp, sp = self.tp_group.size(), self.sequence_parallel
         return f"{super().extra_repr()} (local shard), tp={tp}, sequence_parallel={sp}"

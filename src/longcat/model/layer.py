@@ -37,6 +37,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -121,4 +123,15 @@ class DecoderLayer(nn.Module):
         if not self.overlap_moe_comm:
             for step in dense_steps:
                 step()
+        assert ffn1_BSD is not None  # ffn1 ran, inside the MoE or just above
         return h_BSD + ffn1_BSD + self.moe_output_region(moe_BSD), stats
+
+
+def as_decoder_layers(modules: Iterable[nn.Module]) -> list[DecoderLayer]:
+    """``modules`` (a model's ``layers`` container, or a selection of it) as the ``DecoderLayer`` s they
+    are (FSDP2 subclasses a module's class, so a sharded layer still is one)."""
+    layers = []
+    for module in modules:
+        assert isinstance(module, DecoderLayer), type(module)
+        layers.append(module)
+    return layers

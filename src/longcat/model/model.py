@@ -135,11 +135,11 @@ def run_decoder_layers(
     """
     moe_stats = []
     for layer in layers:
-        kwargs = dict(cos_BSP=cos_BSP, sin_BSP=sin_BSP, token_mask_BS=token_mask_BS)
         if checkpointed:
-            h_BSD, stats = checkpoint(layer, h_BSD, use_reentrant=False, **kwargs)
+            h_BSD, stats = checkpoint(layer, h_BSD, use_reentrant=False, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
+                                      token_mask_BS=token_mask_BS)
         else:
-            h_BSD, stats = layer(h_BSD, **kwargs)
+            h_BSD, stats = layer(h_BSD, cos_BSP=cos_BSP, sin_BSP=sin_BSP, token_mask_BS=token_mask_BS)
         moe_stats.append(stats)
     return h_BSD, moe_stats
 

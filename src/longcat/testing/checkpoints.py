@@ -57,7 +57,7 @@ def _check_whole(path: Path, *, world_size: int) -> None:
     required = [path / ".metadata", path / TRAINER_STATE, *(path / "rng" / f"rank{r}.pt" for r in range(world_size))]
     missing = [p.name for p in required if not p.is_file() or p.stat().st_size == 0]
     assert not missing, f"complete-looking checkpoint {path} lacks {missing}"
-    end_of = {}
+    end_of: dict[str, int] = {}
     for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
         end_of[info.relative_path] = max(end_of.get(info.relative_path, 0), info.offset + info.length)
     for name, end in end_of.items():

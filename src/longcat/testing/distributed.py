@@ -145,6 +145,7 @@ def _worker(rank: int, spec: _WorkerSpec, fn: Callable[..., Any], args: tuple, o
     )
     os.environ.update(spec.env)
     torch.set_num_threads(spec.num_threads)
+    message: tuple[int, str, bytes | str, float]  # (rank, kind, pickled result | traceback, time)
     try:
         dist.init_process_group(
             backend="gloo",

@@ -44,7 +44,7 @@ __all__ = ["ForkedJob", "TorchrunJob", "run_cli", "worker_env"]
 
 _PRELOAD = ["torch", "torch.distributed.checkpoint", "hydra", "longcat.config.compose",
             "longcat.testing.fault_train", "longcat.launch", "longcat.train.trainer"]
-_CONTEXT: Optional[mp.context.BaseContext] = None
+_CONTEXT: Optional[mp.context.ForkServerContext] = None
 
 
 def worker_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -161,7 +161,7 @@ class TorchrunJob(_Job):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def _context() -> mp.context.BaseContext:
+def _context() -> mp.context.ForkServerContext:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
@@ -254,7 +254,8 @@ class ForkedJob(_Job):
             process.join()
         self.exit_codes = [p.exitcode for p in self.processes]
         if first_failure is None:
-            first_failure = next((c for c in self.exit_codes if c != 0), 0)
+            # every code is set once joined
+            first_failure = next((c for c in self.exit_codes if c is not None and c != 0), 0)
         return first_failure
 
     def _stop_survivors(self) -> None:

@@ -126,6 +126,7 @@ class Preemption(Callback):
         self.watcher.install()
 
     def on_step_end(self, trainer: Trainer, state: FitState) -> None:
+        assert self.watcher is not None  # made by setup, before the first step
         if not self.watcher.should_stop():  # collective: SIGTERM on any rank stops every rank at this step
             return
         if trainer.checkpoints.last_saved_step != trainer.step:

@@ -30,6 +30,7 @@ step_N``), ``retention`` (rank 0, after the rename, before old checkpoints are d
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -62,6 +63,8 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+# (global name, param, to_global): a parameter of a CheckpointTarget
+ParamEntry = tuple[str, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]
 SAVE_PHASES = ("shards", "state", "rename", "retention", "discard")  # in the order a save reaches them
 
 
@@ -112,7 +115,7 @@ class CheckpointTarget:
             saved in the model state as ``state_dict()`` has them, no optimizer state of their own.
     """
 
-    params: list[tuple[str, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]
+    params: list[ParamEntry]
     buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     deepspeed: Any = None
     aliases: list[tuple[str, nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]] = field(default_factory=list)
@@ -147,7 +150,7 @@ def _aliases(modules: list[nn.Module], params: list) -> list:
 def checkpoint_target(model: Union[nn.Module, Any]) -> CheckpointTarget:
     """The target for a plain module (whole tensors, one process) or a ``ParallelModel``."""
     if isinstance(model, nn.Module):
-        params = [(name, p, _identity) for name, p in model.named_parameters()]
+        params: list[ParamEntry] = [(name, p, _identity) for name, p in model.named_parameters()]
         return CheckpointTarget(params=params, buffers=_persistent_buffers([model]), aliases=_aliases([model], params))
     params = [(p.name, p.param, p.to_global) for p in model.placements]
     return CheckpointTarget(params=params, buffers=_persistent_buffers(model.modules), deepspeed=model.deepspeed,
@@ -171,13 +174,14 @@ def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _optim_state(target: CheckpointTarget, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+def _optim_state(target: CheckpointTarget,
+                 optimizer: torch.optim.Optimizer) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """``{name: {exp_avg, exp_avg_sq, step}}`` as global tensors; params never stepped get zeros."""
     if target.deepspeed is not None:
         full = target.deepspeed.full_optimizer_state([(n, p) for n, p, _ in target.params])
         return {"state": full}
     _init_adam_state(optimizer)
-    out = {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for name, p, to_global in target.params:
         state = optimizer.state.get(p)
         if not state:
@@ -266,8 +270,9 @@ class CheckpointManager:
             self._notify("shards", step=step, path=tmp)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             failure = e  # any error: agreed on below, or the other ranks would wait in the barrier
-        agree = dict(group=self._collective_group, rank=self.rank, final=final, tmp=tmp, previous=previous)
-        agree_written(failure, **agree)  # a barrier that fails on every rank
+        agree = functools.partial(agree_written, group=self._collective_group, rank=self.rank, final=final, tmp=tmp,
+                                  previous=previous)
+        agree(failure)  # a barrier that fails on every rank
         if self.rank == 0:
             try:
                 self._notify("state", step=step, path=tmp)
@@ -282,7 +287,7 @@ class CheckpointManager:
                     _fsync_dir(self.root)
                 except OSError as e:  # the rename happened; only its durability across a power cut is in doubt
                     logger.warning("could not fsync %s after writing %s: %s", self.root, final, e)
-        agree_written(failure, **agree)
+        agree(failure)
         if self.rank == 0:
             self._notify("retention", step=step, path=final)
             self._apply_retention()
@@ -367,7 +372,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -27,7 +27,8 @@ class CheckpointWriteError(OSError):
 def _describe(failure: BaseException) -> str:
     failures = getattr(failure, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
     if isinstance(failures, dict) and failures:
-        return "; ".join(f"rank {r}: {_describe(f[0] if isinstance(f, tuple) else f)}" for r, f in sorted(failures.items()))
+        return "; ".join(f"rank {r}: {_describe(f[0] if isinstance(f, tuple) else f)}"
+                         for r, f in sorted(failures.items()))
     return f"{type(failure).__name__}: {failure}" if not isinstance(failure, OSError) else str(failure)
 
 

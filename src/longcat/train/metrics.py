@@ -18,9 +18,10 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from longcat.atomic_files import write_text_atomic
+from longcat.config.modes import WandbMode
 from longcat.config.schema import LoggingConfig
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ WANDB_ID_FILE = "wandb_run_id"
 TENSORBOARD_DIR = "tensorboard"
 PER_EXPERT_SCALARS_MAX = 64
 HEATMAP_EVERY_STEPS = 100
+# wandb.init types its mode as string literals
+_WANDB_INIT_MODE: dict[WandbMode, Literal["online", "offline", "disabled"]] = {
+    WandbMode.online: "online", WandbMode.offline: "offline", WandbMode.disabled: "disabled",
+}
 # (metric, label, format) of the console line, in order; a metric absent from the step is left out.
 CONSOLE_FIELDS = (
     ("loss", "loss", "{:.4f}"),
@@ -203,7 +208,7 @@ def _init_wandb(cfg: LoggingConfig, *, out_dir: Path, run_config: Optional[dict]
         run_id = uuid.uuid4().hex[:16]  # wandb ids: lowercase letters and digits
         write_text_atomic(id_file, run_id + "\n")
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or None, mode=cfg.wandb.mode,
+    return wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or None, mode=_WANDB_INIT_MODE[cfg.wandb.mode],
                       dir=str(wandb_dir), config=run_config, id=run_id, resume="allow")
 
 

@@ -57,7 +57,9 @@ class LoadBalanceTerms:
     scale: float
 
     def total(self) -> torch.Tensor:
-        return sum(self.raw_L) * self.scale
+        total = sum(self.raw_L)
+        assert isinstance(total, torch.Tensor)  # raw_L has one term per MoE layer, never none
+        return total * self.scale
 
     def per_layer(self) -> list[torch.Tensor]:
         return [t * self.scale for t in self.raw_L]
@@ -120,6 +122,7 @@ class TrainingObjective:
         """Summed token cross-entropy over labelled positions (fp32 []), vocab-parallel when the logits
         are this tp rank's vocab shard [B, S, V/tp]."""
         if vocab_parallel:
+            assert self.tp_group is not None  # vocab-parallel logits come from a TP model
             return vocab_parallel_cross_entropy_sum(logits_BSV, labels_BS, tp_group=self.tp_group,
                                                     ignore_index=losses.IGNORE_INDEX)
         return losses.cross_entropy_sum(logits_BSV, labels_BS)

@@ -28,7 +28,8 @@ import signal
 import socket
 import sys
 import threading
-from typing import Optional
+from types import FrameType
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,8 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 EXIT_PREEMPT_TIMEOUT = 128 + signal.SIGTERM  # 143, as if SIGTERM had killed the process
+# what signal.signal takes and returns (typeshed's private signal._HANDLER)
+_SignalHandler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # SIGINT: Ctrl-C stops gracefully; a second Ctrl-C aborts
 
 
@@ -61,7 +64,7 @@ class PreemptionWatcher:
         self._checkpointed = False
         self._lock = threading.RLock()
         self._timer: Optional[threading.Timer] = None
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, _SignalHandler] = {}
         self._old_wakeup_fd: Optional[int] = None
         self._sockets: Optional[tuple[socket.socket, socket.socket]] = None
 

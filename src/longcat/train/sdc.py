@@ -75,18 +75,20 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
 
 def checksums(named: Iterable[tuple[str, Optional[torch.Tensor]]]) -> dict[str, int]:
     """Checksums of every named tensor that is not None (DTensors: the local shard), one host sync."""
-    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named if t is not None]
-    if not named:
+    present: list[tuple[str, torch.Tensor]] = [
+        (name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named if t is not None
+    ]
+    if not present:
         return {}
     by_device: dict[torch.device, list[int]] = {}
-    for i, (_, t) in enumerate(named):
+    for i, (_, t) in enumerate(present):
         by_device.setdefault(t.device, []).append(i)
-    sums: list[list[int]] = [[] for _ in named]
+    sums: list[list[int]] = [[] for _ in present]
     for indices in by_device.values():
-        stacked = torch.stack([_word_sums(named[i][1]) for i in indices]).tolist()
+        stacked = torch.stack([_word_sums(present[i][1]) for i in indices]).tolist()
         for i, row in zip(indices, stacked):
             sums[i] = row
-    return {name: _combine(row, t.numel()) for (name, t), row in zip(named, sums)}
+    return {name: _combine(row, t.numel()) for (name, t), row in zip(present, sums)}
 
 
 @dataclass(frozen=True)

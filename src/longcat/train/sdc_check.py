@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,7 +195,7 @@ class SDCMonitor:
         for i, mb in enumerate(micro_batches):
             if i == chosen:
                 before = copy.deepcopy(parts)
-                stats.append(self._first_pass(lambda: run(mb, parts), parts, step=step))
+                stats.append(self._first_pass(functools.partial(run, mb, parts), parts, step=step))
             else:
                 stats.append(run(mb, parts))
         stash = self._stash_grads()

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from longcat.config.schema import MoEConfig
-from longcat.model.moe import MoEStats
+from longcat.model.moe import MoEStats, TopKRouter
 from longcat.model.parallel.parallelize import ParallelModel
 from longcat.train import router_health
 
@@ -159,9 +159,9 @@ class StabilityMonitor:
             stats: the micro-batch's MoEStats, with ``probs_TE`` (and ``token_mask_T``).
         """
         self._pending = False
-        if not stats or any(s.probs_TE is None for s in stats):
+        probs_LTE = [s.probs_TE for s in stats if s.probs_TE is not None]
+        if not stats or len(probs_LTE) < len(stats):  # a layer without probs_TE: nothing to measure
             return
-        probs_LTE = [s.probs_TE for s in stats]
         masks_LT = [s.token_mask_T for s in stats]
         grads_2LE = torch.zeros(2, len(stats), probs_LTE[0].shape[-1], dtype=torch.float64)
         if rest.requires_grad:
@@ -175,7 +175,7 @@ class StabilityMonitor:
         self._grads_2LE = grads_2LE
 
     def end_step(self, sums: StabilitySums, stats: Sequence[Sequence[MoEStats]], *,
-                 routers: Sequence[torch.nn.Module], dp_group: Optional[dist.ProcessGroup]) -> StabilityStep:
+                 routers: Sequence[TopKRouter], dp_group: Optional[dist.ProcessGroup]) -> StabilityStep:
         """Reduce this step's sums over dp, update the automatic alpha; returns the step's metrics.
 
         Args:
@@ -280,6 +280,6 @@ def _full(weight: torch.Tensor) -> torch.Tensor:
     return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
-def local_routers(parallel: ParallelModel) -> list[torch.nn.Module]:
+def local_routers(parallel: ParallelModel) -> list[TopKRouter]:
     """This rank's ``TopKRouter`` modules, one per local MoE layer, in the order of ``local_biases``."""
     return [layer.mlp.router for layer in parallel.local_layers()]

@@ -32,6 +32,7 @@ from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
 from longcat.distributed.groups import ProcessGroups
 from longcat.model import LongcatFlashForCausalLM, init_weights
+from longcat.model.moe import AllToAllTokenDispatcher, MoE
 from longcat.model.parallel.parallelize import parallelize
 from longcat.train import losses
 from longcat.train.bias_controller import ExpertBiasController
@@ -130,7 +131,7 @@ class Trainer:
                               checkpoint_root=self.out_dir / "checkpoints")
         self.guard = NonFiniteGuard(cfg.train.nonfinite_policy, world_group=self.groups.world_group)
         self._ep_dispatchers = [m.dispatcher for m in self.model.modules()
-                                if hasattr(getattr(m, "dispatcher", None), "counters")]
+                                if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllTokenDispatcher)]
         self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
                                                total_steps=cfg.train.steps)
         self.stability = StabilityMonitor(cfg.moe, num_layers=len(self.biases_L),

@@ -20,7 +20,8 @@ def files_config(tmp_path):
         write_indexed_dataset(str(tmp_path / name), docs, vocab_size=300)
     return DataConfig(
         corpus="files", tokenizer=tokenizer, seq_length=16, micro_batch_size=2, global_batch_size=4,
-        valid_fraction=0.1, sources=[DataSource(str(tmp_path / "a"), 3.0), {"path": str(tmp_path / "b"), "weight": 1.0}],
+        valid_fraction=0.1,
+        sources=[DataSource(str(tmp_path / "a"), 3.0), {"path": str(tmp_path / "b"), "weight": 1.0}],
     )
 
 

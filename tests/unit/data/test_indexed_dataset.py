@@ -51,7 +51,8 @@ def test_writer_bytes_match_hand_built_megatron_index(tmp_path):
         assert f.read() == np.array(sum(DOCS, []), dtype="<u2").tobytes()
 
 
-@pytest.mark.parametrize("vocab_size,dtype", [(100, np.uint16), (65499, np.uint16), (65500, np.int32), (200000, np.int32)])
+@pytest.mark.parametrize("vocab_size,dtype",
+                         [(100, np.uint16), (65499, np.uint16), (65500, np.int32), (200000, np.int32)])
 def test_roundtrip_and_smallest_dtype(tmp_path, vocab_size, dtype):
     assert optimal_dtype(vocab_size) == np.dtype(dtype)
     docs = [[vocab_size - 1, 0, 3], [], [1, 2]]

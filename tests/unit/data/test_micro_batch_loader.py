@@ -28,7 +28,7 @@ def test_dp_shards_are_disjoint_and_complete(dp_size, micro_batch_size):
     seen = []
     for rank in range(dp_size):
         loader = MicroBatchLoader(Indexed(), micro_batch_size=micro_batch_size, dp_rank=rank, dp_size=dp_size, seed=0)
-        for step in range(steps):
+        for _ in range(steps):
             batch = next(loader)
             assert batch["input_ids"].shape == (micro_batch_size, 4)
             ids = batch["input_ids"][:, 0].tolist()
@@ -50,7 +50,9 @@ def test_resume_sees_exactly_the_uninterrupted_batches(tmp_path):
     ds = gpt_dataset(tmp_path)
     steps = 3 * len(ds) // 4 + 2  # crosses epoch boundaries
     for rank in range(2):
-        make = lambda: MicroBatchLoader(ds, micro_batch_size=2, dp_rank=rank, dp_size=2, seed=5)
+        def make(rank: int = rank) -> MicroBatchLoader:
+            return MicroBatchLoader(ds, micro_batch_size=2, dp_rank=rank, dp_size=2, seed=5)
+
         reference = list(itertools.islice(make(), steps))
         first = make()
         head = list(itertools.islice(first, steps // 2))

@@ -82,7 +82,9 @@ def test_bad_inputs(tmp_path, tokenizer_path):
 
 def test_cli(tmp_path, tokenizer_path):
     jsonl = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"text": "alpha"}), "nope"])
-    run = lambda *args: subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=120)
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=120)
+
     assert "--skip-bad-lines" in run("--help").stdout
     base = ["--input", jsonl, "--tokenizer", tokenizer_path, "--output-prefix", str(tmp_path / "o"), "--no-progress"]
     failed = run(*base)

@@ -44,5 +44,6 @@ def test_a_loopback_master_addr_on_another_node_fails_fast_with_the_fix(monkeypa
 
 def test_an_unreachable_store_fails_after_the_connect_timeout(monkeypatch):
     _torchrun_env(monkeypatch, port=find_free_port(), node=0)
-    with pytest.raises(ValueError, match=r"node 0: cannot reach torchrun's store at MASTER_ADDR='127.0.0.1'.* within 1 s"):
+    message = r"node 0: cannot reach torchrun's store at MASTER_ADDR='127.0.0.1'.* within 1 s"
+    with pytest.raises(ValueError, match=message):
         restart_safe_store(timeout=timedelta(minutes=10), connect_timeout=timedelta(seconds=1))

@@ -185,7 +185,8 @@ def test_meta_build_then_init_keeps_tied_embeddings_tied():
     model.to_empty(device="cpu")
     init_weights(model, cfg)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert model.lm_head.weight.untyped_storage().data_ptr() == model.model.embed_tokens.weight.untyped_storage().data_ptr()
+    assert (model.lm_head.weight.untyped_storage().data_ptr()
+            == model.model.embed_tokens.weight.untyped_storage().data_ptr())
     assert len(list(model.parameters())) == len({id(p) for p in model.parameters()})
     assert model.lm_head.weight.std() > 0  # initialised, not left empty
     with torch.device("meta"):

@@ -98,7 +98,7 @@ class GroupedExperts(nn.Module):
                 f"counts_L has shape {tuple(counts_L.shape)} at first_expert={first_expert}, expected [L'] with "
                 f"first_expert + L' <= {L}"
             )
-        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        weights: tuple[torch.Tensor, ...] = (self.gate_proj, self.up_proj, self.down_proj)
         if num != L:
             weights = tuple(w.narrow(0, first_expert, num) for w in weights)
         gate_LID, up_LID, down_LDI = weights

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Placement, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from longcat.config.schema import ParallelConfig
@@ -47,6 +47,7 @@ from longcat.distributed.grad_norm import GradShard, clip_grads_, global_grad_no
 from longcat.distributed.groups import ProcessGroups
 from longcat.distributed.parallel_dims import ParallelDims
 from longcat.distributed.pipeline import PipelineRunner
+from longcat.model.layer import DecoderLayer, as_decoder_layers
 from longcat.model.model import LongcatFlashForCausalLM
 from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
@@ -164,12 +165,14 @@ class ParallelModel:
         shards = [GradShard(p.param, p.replicated_over) for p in self.placements]
         return global_grad_norm(shards, coords=coords, world_group=g.world_group)
 
-    def local_layers(self) -> list[nn.Module]:
+    def local_layers(self) -> list[DecoderLayer]:
         """This rank's decoder layers in global order (under PP: ``pipeline.local_layer_ids``)."""
-        layers = self.model.model.layers
+        layers = self.model.get_submodule("model.layers")
         if self.pipeline is not None:
-            return [layers[str(i)] for i in self.pipeline.local_layer_ids]
-        return list(layers)
+            assert isinstance(layers, nn.ModuleDict)  # the pipeline's local model keys them by global index
+            return as_decoder_layers(layers[str(i)] for i in self.pipeline.local_layer_ids)
+        assert isinstance(layers, nn.ModuleList)
+        return as_decoder_layers(layers)
 
     def local_biases(self) -> list[torch.Tensor]:
         """Per local MoE layer (global order) its [E] fp32 ``e_score_correction_bias`` buffer."""
@@ -231,9 +234,12 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     if dp_mode is DPMode.fsdp and dims.dp > 1:
         # Experts are their own FSDP units over edp (their grads sum over edp, which under TP spans the
         # tp ranks too); with edp = 1 they stay whole.
-        experts = [layer.mlp.experts for layer in local.model.layers]
+        layers = local.get_submodule("model.layers")
+        assert isinstance(layers, nn.ModuleList)  # FSDP excludes PP (check_layout): local is the full model
+        assert groups.dense_mesh is not None and groups.expert_mesh is not None  # ProcessGroups.build's, dp > 1
+        experts: list[nn.Module] = [layer.mlp.experts for layer in as_decoder_layers(layers)]
         mtp = getattr(local.model, "mtp", None)
-        blocks = list(local.model.layers) + ([mtp] if mtp is not None else [])
+        blocks = list(layers) + ([mtp] if mtp is not None else [])
         fsdp_ignored = apply_fsdp(local, blocks=blocks, dp_mesh=groups.dense_mesh["dp"], expert_modules=experts,
                                   expert_mesh=groups.expert_mesh["edp"])
 
@@ -283,12 +289,12 @@ class _InnerShard:
 def _inner_shards(local: nn.Module, groups: ProcessGroups) -> dict[str, _InnerShard]:
     out: dict[str, _InnerShard] = {}
     if groups.tp_size > 1:
-        for name, info in tp_param_global_info(local, groups).items():
-            if info.shard_dim is not None:
-                out[name] = _InnerShard("tp", info.shard_dim, groups.tp_size, tuple(info.global_shape))
+        for name, tp_info in tp_param_global_info(local, groups).items():
+            if tp_info.shard_dim is not None:
+                out[name] = _InnerShard("tp", tp_info.shard_dim, groups.tp_size, tuple(tp_info.global_shape))
     if groups.ep_size > 1:
-        for name, info in expert_param_global_info(local, groups).items():
-            out[name] = _InnerShard("ep", 0, groups.ep_size, tuple(info.global_shape))
+        for name, ep_info in expert_param_global_info(local, groups).items():
+            out[name] = _InnerShard("ep", 0, groups.ep_size, tuple(ep_info.global_shape))
     return out
 
 
@@ -296,7 +302,8 @@ def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *, groups: ProcessGroups) -> ParamPlacement:
+def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *,
+               groups: ProcessGroups) -> ParamPlacement:
     is_expert = _is_expert(name)
     family = ("edp", "ep") if is_expert else ("dp", "tp")
     sharded = _dtensor_sharded_dims(param) | ({inner.group} if inner is not None else set())
@@ -317,7 +324,8 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _global_view(param: torch.Tensor, inner: _InnerShard, *, groups: ProcessGroups) -> Callable[[torch.Tensor], torch.Tensor]:
+def _global_view(param: torch.Tensor, inner: _InnerShard, *,
+                 groups: ProcessGroups) -> Callable[[torch.Tensor], torch.Tensor]:
     """A map from a local tensor shaped like ``param`` to a ``DTensor`` of the global tensor.
 
     Without FSDP the local tensor is the tp/ep piece: ``[Shard(dim)]`` on that 1-D mesh. Under FSDP
@@ -326,9 +334,11 @@ def _global_view(param: torch.Tensor, inner: _InnerShard, *, groups: ProcessGrou
     first (right to left): ``[_StridedShard(0, split_factor=size), Shard(0)]``, as FSDP2 + TP does.
     """
     mesh_root = groups.dense_mesh if inner.group == "tp" else groups.expert_mesh
+    assert mesh_root is not None  # tp / ep > 1: ProcessGroups.build made the meshes
     outer_name = "dp" if inner.group == "tp" else "edp"
     shape = torch.Size(inner.global_shape)
     stride = torch.empty(shape, device="meta").stride()
+    placements: list[Placement]
     if not isinstance(param, DTensor):
         mesh, placements = mesh_root[inner.group], [Shard(inner.dim)]
     else:

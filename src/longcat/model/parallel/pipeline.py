@@ -50,6 +50,7 @@ from longcat.distributed.pipeline_stage import (
 )
 from longcat.model.model import LongcatFlashForCausalLM, run_decoder_layers, run_mtp
 from longcat.model.moe import MoEStats
+from longcat.model.mtp import MTPHead
 
 __all__ = ["PipelineStageModule", "StageObjective", "build_pipeline", "needs_embedding_on_last_stage"]
 
@@ -85,6 +86,16 @@ def _detached(stats: MoEStats) -> MoEStats:
                     num_tokens=stats.num_tokens.detach(), ffn_per_token_T=stats.ffn_per_token_T.detach())
 
 
+class _StageModules(nn.Module):
+    """A stage's share of ``LongcatFlashModel``, under its names: ``embed_tokens`` (first stage; last
+    stage when it reads the table), ``layers`` (by global index), ``norm`` and ``mtp`` (last stage)."""
+
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleDict
+    norm: nn.Module
+    mtp: Optional[MTPHead]
+
+
 class PipelineStageModule(StageModule):
     """One pipeline stage of a ``LongcatFlashForCausalLM`` (see the module docstring).
 
@@ -110,7 +121,7 @@ class PipelineStageModule(StageModule):
         self.activation_checkpointing = model.model.activation_checkpointing
         self.activation_dtype = model.model.embed_tokens.weight.dtype  # what travels between stages
         self.rotary_emb = model.model.rotary_emb  # no parameters or buffers
-        self.model = nn.Module()
+        self.model = _StageModules()
         if self.is_first or (self.is_last and needs_embedding_on_last_stage(model)):
             self.model.embed_tokens = model.model.embed_tokens
         self.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layer_ids})
@@ -208,7 +219,7 @@ def _local_model(stages: list[PipelineStageModule]) -> nn.Module:
         local.model.embed_tokens = children["embed_tokens"]
     local.model.layers = nn.ModuleDict()
     for stage in stages:
-        local.model.layers.update(stage.model.layers)
+        local.model.layers.update(dict(stage.model.layers.items()))  # the annotation takes a Mapping only
     for name in ("norm", "mtp"):
         if name in children:
             setattr(local.model, name, children[name])

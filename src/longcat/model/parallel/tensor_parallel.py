@@ -49,6 +49,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -70,6 +72,7 @@ from longcat.distributed.tensor_parallel import (
 from longcat.model.attention import MultiHeadLatentAttention
 from longcat.model.layer import DecoderLayer
 from longcat.model.mlp import SwiGLU
+from longcat.model.model import LongcatFlashForCausalLM
 from longcat.model.moe import GroupedExperts, MoE
 from longcat.model.mtp import MTPHead
 from longcat.model.norm import RMSNorm, rms_norm
@@ -125,7 +128,15 @@ def _dense_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if not name.startswith(moe_prefixes)]
 
 
-def apply_tensor_parallel(model: nn.Module, *, groups: ProcessGroups, sequence_parallel: bool) -> None:
+class _ShardKwargs(TypedDict):
+    """The keywords every ``from_linear`` / ``from_embedding`` call of ``apply_tensor_parallel`` shares."""
+
+    tp_group: dist.ProcessGroup
+    sequence_parallel: bool
+    memo: dict  # shared, so a tied lm_head gets the embedding's shard
+
+
+def apply_tensor_parallel(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, sequence_parallel: bool) -> None:
     """Shard a ``LongcatFlashForCausalLM`` over ``groups.tp_group`` in place (see the module docstring).
 
     Call once, on a model holding the full weights, identical on every rank (same seed or the same
@@ -145,8 +156,8 @@ def apply_tensor_parallel(model: nn.Module, *, groups: ProcessGroups, sequence_p
     check_tensor_parallel(model.cfg, tp=tp_group.size())
     if model.logits_vocab_parallel:
         raise ValueError("apply_tensor_parallel was already applied to this model; apply it once")
-    sp, memo = sequence_parallel, {}
-    col = dict(tp_group=tp_group, sequence_parallel=sp, memo=memo)
+    sp = sequence_parallel
+    col = _ShardKwargs(tp_group=tp_group, sequence_parallel=sp, memo={})
 
     backbone = model.model
     backbone.embed_tokens = VocabParallelEmbedding.from_embedding(backbone.embed_tokens, **col)

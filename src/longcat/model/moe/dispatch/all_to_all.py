@@ -183,6 +183,7 @@ class AllToAllTokenDispatcher(TokenDispatcher):
     def combine_start(self, expert_out_RD: torch.Tensor, *, handle: _EPHandle) -> PendingCombine:
         rows_RD = expert_out_RD
         if handle.sort_R is not None:
+            assert handle.unsort_R is not None  # set together with sort_R
             rows_RD = permute_rows(rows_RD, perm_R=handle.unsort_R, inverse_R=handle.sort_R)
         # [R, D] rows by source rank -> all_to_all(ep, splits swapped, async) -> [S, D] in send order
         rows = all_to_all_uneven(

@@ -38,7 +38,7 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -114,9 +114,12 @@ class ChunkedAllToAllTokenDispatcher(AllToAllTokenDispatcher):
         self.num_chunks = num_chunks
 
     # ------------------------------------------------------------------ dispatch
+    # The pending dispatch is a _ChunkedDispatch, not the parent's _PendingDispatch: dispatch_start and
+    # dispatch_wait keep TokenDispatcher's opaque (Any) handle, which only this dispatcher's own
+    # dispatch_wait / run_experts consume.
     def dispatch_start(
         self, tokens_TD: torch.Tensor, *, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor
-    ) -> _ChunkedDispatch:
+    ) -> Any:
         N, G, L, C = self.num_experts, self.ep_group.size(), self.num_local_experts, self.num_chunks
         counts_N = count_by_expert(expert_ids_TK, num_experts=N)
         # [N] rows per global expert -> all_to_all(ep) -> [G, L] rows per (source, local expert)
@@ -156,6 +159,7 @@ class ChunkedAllToAllTokenDispatcher(AllToAllTokenDispatcher):
     def _combine_chunk(self, expert_out_RD: torch.Tensor, pending: _ChunkedDispatch, handle: _ChunkHandle):
         rows_RD = expert_out_RD
         if handle.sort_R is not None:
+            assert handle.unsort_R is not None  # set together with sort_R
             rows_RD = permute_rows(rows_RD, perm_R=handle.unsort_R, inverse_R=handle.sort_R)
         c = handle.chunk
         # [R_c, D] by source -> all_to_all(ep, splits swapped, async) -> [S_c, D] chunk c in send order
@@ -175,7 +179,7 @@ class ChunkedAllToAllTokenDispatcher(AllToAllTokenDispatcher):
             combines.append(self._combine_chunk(expert_out_RD, pending, handle))
         return PendingCombine(rows=combines, handle=pending)
 
-    def dispatch_wait(self, pending: _ChunkedDispatch) -> DispatchedTokens:
+    def dispatch_wait(self, pending: Any) -> DispatchedTokens:
         chunks = [self._wait_chunk(pending, c) for c in range(self.num_chunks)]
         # Chunk-major rows sorted by local expert within each chunk = sorted by local expert.
         tokens_RD = torch.cat([rows for rows, _, _ in chunks])
