@@ -1,12 +1,12 @@
 """The embedded agentic SFT set: multi-turn tool-use dialogues whose tools really ran on this machine.
 
-The LongCat-Flash report (arXiv 2509.01322, data pipeline) lists synthetic multi-turn tool dialogues
-among the post-training data; this is a stand-in of that shape, small enough to run the SFT recipe offline on CPU. Every tool message is
-the string ``agentic_tools.run_tool`` returned for the call's arguments (searching and reading the
-default corpus's stdlib files, a calculator, date arithmetic), and every final answer is computed
-from those results, so the data holds no invented fact. ``tools/make_agentic_sft.py`` writes the set
-as ``messages`` JSONL (read by ``longcat.data.sft``); ``default_sft_records()`` is the set of the
-default size and seed, used by ``data.sft_path=builtin``.
+The LongCat-Flash report (arXiv 2509.01322, data pipeline) lists synthetic multi-turn tool dialogues among the
+post-training data; this is a stand-in of that shape, small enough to run the SFT recipe offline on CPU. Every
+tool message is the string ``agentic_tools.run_tool`` returned for the call's arguments (searching and reading
+the default corpus's stdlib files, a calculator, date arithmetic), and every final answer is computed from
+those results, so the data holds no invented fact. ``tools/make_agentic_sft.py`` writes the set as
+``messages`` JSONL (read by ``longcat.data.sft``); ``default_sft_records()`` is the set of the default size
+and seed, used by ``data.sft_path=builtin``.
 
 Templates (one per conversation, taken in turn in the order listed, so their shares are as equal as
 the count allows: fewer conversations than templates use only the first ones; the conversations are

@@ -1,7 +1,8 @@
 r"""The LongCat-Flash chat format: conversations with tool use -> token ids and a per-token loss mask.
 
 Source: the LongCat-Flash report (arXiv 2509.01322, data pipeline; the released model's format). The
-exact template, with ``{...}`` the message texts and ``N`` the round index (0, 1, ...; one round per user or tool-result slot)::
+exact template, with ``{...}`` the message texts and ``N`` the round index (0, 1, ...; one round per
+user or tool-result slot)::
 
     SYSTEM:{system}{tools_block} [Round 0] USER:{user} ASSISTANT:{assistant}</longcat_s>[Round 1] USER:...
 
