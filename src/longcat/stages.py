@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
+from longcat.config.compose import compose_run_config, project_root
 from longcat.config.validate import validate as validate_run_config
 from longcat.config.validate import world_size_from_env
 from longcat.plots import read_metrics
@@ -45,7 +46,6 @@ _STAGE_KEYS = {"name", "recipe", "overrides", "init_from_previous", "grow_factor
 
 
 def _pipeline_dir() -> Path:
-    from longcat.config.compose import project_root
 
     return project_root() / PIPELINE_DIR
 
@@ -129,7 +129,6 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list[RunConfi
         ValueError: an unknown pipeline, an override a stage sets itself, a stage whose configuration
             is bad, or a growth stage whose schedule does not go past the stage it grows (naming it).
     """
-    from longcat.config.compose import compose_run_config
 
     check_overrides(name, overrides)
     configs: list[RunConfig] = []

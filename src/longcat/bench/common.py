@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from longcat.config.compose import project_root
 from longcat.config.schema import ModelConfig
 
 RESULT_VERSION = 1
@@ -123,7 +124,6 @@ def load_preset(name: str, **overrides: Any) -> ModelConfig:
     """
     from omegaconf import OmegaConf
 
-    from longcat.config.compose import project_root
 
     path = project_root() / "conf" / "model" / f"{name}.yaml"
     if not path.is_file():

@@ -50,8 +50,15 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from longcat.bench.common import BenchResult, Table, current_rss_mib, load_preset, peak_rss_mib
+from longcat.bench.common import BenchResult, Table, current_rss_mib, load_preset, peak_rss_mib, write_result
+from longcat.bench.flops import matmul_params_per_token
+from longcat.bench.report import write_report
 from longcat.config.schema import ModelConfig
+from longcat.distributed import ParallelDims, ProcessGroups, collectives
+from longcat.distributed.context_parallel import check_cp_seq_len, cp_local_positions, cp_split
+from longcat.model.attention import ExpandedKV, MultiHeadLatentAttention
+from longcat.model.rope import RotaryEmbedding
+from longcat.testing.distributed import run_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +142,6 @@ def exchange_costs(cfg: ModelConfig, *, seq_len: int, cp: int, batch_size: int =
     Raises:
         ValueError: seq_len not divisible by 2 * cp (see ``check_cp_seq_len``).
     """
-    from longcat.bench.flops import matmul_params_per_token
-    from longcat.distributed.context_parallel import check_cp_seq_len
 
     check_cp_seq_len(seq_len, cp)
     B, S, H, w = batch_size, seq_len, cfg.num_attention_heads, bytes_per_value
@@ -233,7 +238,6 @@ class _ByteCounter:
         self.enabled = False
 
     def install(self, group_size: int) -> None:
-        from longcat.distributed import collectives
 
         gather, scatter = collectives._all_gather_single, collectives._reduce_scatter_single
 
@@ -252,13 +256,9 @@ class _ByteCounter:
 
 def _rank_main(settings: ContextParallelBenchSettings) -> dict[str, Any]:
     """One rank of the measurement (under ``run_distributed``): alternating single-device and cp steps."""
-    from longcat.distributed.context_parallel import cp_local_positions, cp_split
-    from longcat.model.attention import ExpandedKV, MultiHeadLatentAttention
-    from longcat.model.rope import RotaryEmbedding
 
     _return_freed_memory_to_os()
     torch.set_num_threads(settings.threads)
-    from longcat.distributed import ParallelDims, ProcessGroups
 
     groups = ProcessGroups.build(ParallelDims(int(os.environ["WORLD_SIZE"])))  # every rank in one cp group
     group = groups.world_group
@@ -366,7 +366,6 @@ def measured_tables(ranks: list[dict], settings: ContextParallelBenchSettings) -
 
 def run_with(settings: ContextParallelBenchSettings, *, timeout_s: float = 1800.0) -> BenchResult:
     """The analytic tables and the 2-process measurement as one ``BenchResult`` (name ``context_parallel``)."""
-    from longcat.testing.distributed import run_distributed
 
     started = time.monotonic()
     longcat_flash = load_preset("longcat_flash")
@@ -438,8 +437,6 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[ContextParallelBenchSe
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``tools/bench_context_parallel.py``: run, write the JSON, regenerate the report."""
-    from longcat.bench.common import write_result
-    from longcat.bench.report import write_report
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings, args = parse_args(argv)

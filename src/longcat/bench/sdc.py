@@ -32,7 +32,10 @@ from typing import Any
 import torch
 
 from longcat.bench.common import BenchResult, Table, median
+from longcat.config.compose import compose_run_config, project_root
 from longcat.config.validate import validate as validate_run_config
+from longcat.train.sdc import checksums
+from longcat.train.trainer import Trainer
 
 CANDIDATE_INTERVALS = (1, 2, 5, 10, 20, 25, 50, 100, 200)
 TARGET_OVERHEAD = 0.05
@@ -56,8 +59,6 @@ class SDCBenchSettings:
 
 
 def _trainer(s: SDCBenchSettings, out_dir: str):
-    from longcat.config.compose import compose_run_config, project_root
-    from longcat.train.trainer import Trainer
 
     overrides = [f"train.out_dir={out_dir}", "train.eval_interval=0", "train.checkpoint_interval=0",
                  "determinism.enabled=true", "logging.wandb.mode=disabled", "logging.progress_bar=false",
@@ -82,7 +83,6 @@ def _timed_steps(trainer, n: int, *, replay_interval: int, deterministic: bool) 
 
 
 def _checksum_ms(named: list[tuple[str, torch.Tensor]], repeats: int) -> float:
-    from longcat.train.sdc import checksums
 
     checksums(named)
     times = []

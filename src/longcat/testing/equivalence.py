@@ -29,7 +29,9 @@ import torch.distributed as dist
 
 from longcat.config.schema import DPMode, ParallelConfig, PipelineSchedule, RunConfig
 from longcat.config.validate import validate as validate_run_config
+from longcat.distributed import ParallelDims, ProcessGroups
 from longcat.testing.distributed import run_distributed
+from longcat.train.trainer import Trainer
 
 __all__ = ["Layout", "LayoutRun", "SINGLE", "Task", "max_relative_difference", "merged_params", "run_layouts",
            "run_single", "run_tasks"]
@@ -131,7 +133,6 @@ class Task:
 
 
 def _groups_for(layout: Layout):
-    from longcat.distributed import ParallelDims, ProcessGroups
 
     if not dist.is_initialized():
         if layout.world_size != 1:
@@ -146,7 +147,6 @@ def _barrier() -> None:
 
 
 def _run_task(cfg: Any, task: Task, batches: Optional[list[list[dict]]]) -> LayoutRun:
-    from longcat.train.trainer import Trainer
 
     layout = task.layout
     cfg = layout.apply(cfg)
