@@ -98,13 +98,17 @@ def preflight(run_cfg: RunConfig) -> None:
         ValueError: naming the setting and the fix.
     """
     out = Path(run_cfg.train.out_dir)
+    existing = out
+    while not existing.exists() and existing != existing.parent:  # created later: test where it will be
+        existing = existing.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        probe = existing / f".longcat-write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"train.out_dir={str(out)!r} cannot be written ({exc.strerror or exc}); choose a writable "
+        raise ValueError(f"train.out_dir={str(out)!r} cannot be written ({exc}); choose a writable "
                          "folder (every rank writes checkpoints there)") from None
     if str(run_cfg.logging.wandb.mode) == "online" and not _wandb_has_credentials():
         raise ValueError("logging.wandb.mode=online but wandb has no API key (no WANDB_API_KEY and no `wandb login` "
