@@ -9,7 +9,7 @@ zero experts, top-8, expert FFN 1024, dense FFN 4096, vocab 32768. ``count_param
 take 78 GB of the H200's 141 GB (12 layers would take 94 GB and leave too little for the foreach
 AdamW temporaries and activations). Batch 4 x 4096 tokens. A step is forward, loss, backward and
 AdamW, under bf16 autocast with fp32 master weights (``train.bf16``); if that fails the script falls
-back to a model cast to bf16 and says so. MFU = model FLOPs (``longcat.bench.flops``, measured k_e)
+back to a model cast to bf16 and says so. MFU = model FLOPs (``longcat.model.flops``, measured k_e)
 / median step time, divided by the GPU's bf16 matmul throughput measured at the step's own GEMM
 shapes (``longcat.bench.matmul``), and also by the datasheet dense bf16 peak (H200 SXM: 989
 TFLOP/s). Out of memory: the batch is halved once and the step retried. Whatever happens, the JSON
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from longcat.bench.common import BenchResult, Table, machine_info, median, write_result
-from longcat.bench.flops import gemm_shapes, step_flops
 from longcat.bench.matmul import measure_matmul_throughput
 from longcat.bench.training import OursStep, make_batch
 from longcat.config.schema import ModelConfig
 from longcat.model import LongcatFlashForCausalLM, count_parameters, init_weights
+from longcat.model.flops import gemm_shapes, step_flops
 from longcat.tool_args import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]

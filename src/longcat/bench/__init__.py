@@ -7,15 +7,15 @@ fresh process for peak RSS), the benchmarks ``throughput``, ``utilisation``, ``m
 """
 
 from longcat.bench.common import BenchResult, Table, machine_info, write_result
-from longcat.bench.flops import (
+from longcat.bench.report import write_report
+from longcat.bench.suite import BENCHMARKS, run_suite, select
+from longcat.model.flops import (
     Gemm,
     StepFlops,
     gemm_shapes,
     matmul_params_per_token,
     step_flops,
 )
-from longcat.bench.report import write_report
-from longcat.bench.suite import BENCHMARKS, run_suite, select
 
 __all__ = [
     "BENCHMARKS",

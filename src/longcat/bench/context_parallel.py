@@ -51,12 +51,12 @@ import torch
 import torch.distributed as dist
 
 from longcat.bench.common import BenchResult, Table, current_rss_mib, load_preset, peak_rss_mib, write_result
-from longcat.bench.flops import matmul_params_per_token
 from longcat.bench.report import write_report
 from longcat.config.schema import ModelConfig
 from longcat.distributed import ParallelDims, ProcessGroups, collectives
 from longcat.distributed.context_parallel import check_cp_seq_len, cp_local_positions, cp_split
 from longcat.model.attention import ExpandedKV, MultiHeadLatentAttention
+from longcat.model.flops import matmul_params_per_token
 from longcat.model.rope import RotaryEmbedding
 from longcat.testing.distributed import run_distributed
 

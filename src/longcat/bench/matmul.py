@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from longcat.bench.common import median
-from longcat.bench.flops import Gemm
+from longcat.model.flops import Gemm
 
 
 @dataclass(frozen=True)

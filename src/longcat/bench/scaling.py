@@ -17,8 +17,8 @@ import torch
 
 from longcat.bench.child import ChildSpec, run_in_child
 from longcat.bench.common import BenchResult, Table, load_preset, median
-from longcat.bench.flops import step_flops
 from longcat.model import count_parameters
+from longcat.model.flops import step_flops
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from longcat.bench.common import (
     rel_diff,
     timed,
 )
-from longcat.bench.flops import gemm_shapes, step_flops
 from longcat.bench.matmul import measure_matmul_throughput
 from longcat.bench.training import OursStep, ReferenceStep, build_pair, make_batch
+from longcat.model.flops import gemm_shapes, step_flops
 
 LOSS_MATCH_RTOL = 1e-5
 TARGET_SPEEDUP = 3.0

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from longcat.bench.common import BenchResult, Table, load_preset, median, timed
-from longcat.bench.flops import gemm_shapes, step_flops
 from longcat.bench.matmul import MatmulThroughput, measure_matmul_throughput
 from longcat.bench.training import OursStep, build_ours, make_batch
+from longcat.model.flops import gemm_shapes, step_flops
 
 TARGET_FRACTION = 0.5
 
@@ -92,7 +92,7 @@ def _breakdown_table(cfg, s: UtilisationSettings, k_e: float) -> Table:
              ("LM head", f.lm_head_flops), ("attention scores + values (causal)", f.attention_flops)]
     rows = [[name, f"{v / 1e9:.3f}", f"{100 * v / f.total_flops:.1f}%"] for name, v in parts]
     rows.append(["total", f"{f.total_flops / 1e9:.3f}", "100%"])
-    return Table("Model FLOPs per step (forward + backward; see longcat/bench/flops.py)",
+    return Table("Model FLOPs per step (forward + backward; see longcat/model/flops.py)",
                  ["component", "GFLOP", "share"], rows)
 
 

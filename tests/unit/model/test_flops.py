@@ -1,4 +1,4 @@
-"""The model-FLOP formula of longcat.bench.flops against a hand count, and a smoke run of one benchmark."""
+"""The model-FLOP formula of longcat.model.flops against a hand count, and a smoke run of one benchmark."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from longcat.bench import flops
 from longcat.config.schema import ModelConfig
-from longcat.model import count_parameters
+from longcat.model import count_parameters, flops
 
 # D=8 H=2 Q=4 C=4 A=2 R=2 (K=4) O=2 F=16 N=4 Z=2 top-2 I=4 V=32, one ScMoE layer.
 TINY = ModelConfig(
