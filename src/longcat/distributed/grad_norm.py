@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 __all__ = ["GradShard", "clip_grads_", "global_grad_norm"]
 
-GROUP_NAMES = ("pp", "dp", "tp", "edp", "ep")
+GROUP_NAMES = ("pp", "dp", "cp", "tp", "edp", "ep")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ _SCHEDULES = {
     PipelineSchedule.zbv: ScheduleZBVZeroBubble,
 }
 _MICRO_BATCH_KEYS = ("input_ids", "labels", "token_mask")
+_OPTIONAL_KEYS = ("position_ids", "mtp_labels", "mtp_input_ids")  # [B, S] each, passed on when present
 
 
 @dataclass
@@ -156,7 +157,7 @@ class PipelineRunner:
 
         Collective over the pipeline group. Every rank of the group passes the same micro-batches
         (dicts of [B, S] ``input_ids`` int64, ``labels`` int64, ``token_mask`` bool, optional
-        ``position_ids``), all of one shape. ``step_input`` reaches every stage for this step
+        ``position_ids``, ``mtp_labels``, ``mtp_input_ids``), all of one shape. ``step_input`` reaches every stage for this step
         (``StageModule.step_input``; e.g. the global batch's token counts).
 
         Raises:
@@ -351,8 +352,9 @@ def _objective_passthrough(output: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def _stage_inputs(mb: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """The [B, S] tensors every stage receives: input_ids, token_mask, labels (and position_ids)."""
-    keys = _MICRO_BATCH_KEYS + (("position_ids",) if "position_ids" in mb else ())
+    """The [B, S] tensors every stage receives: input_ids, token_mask, labels (and those of
+    ``_OPTIONAL_KEYS`` the micro-batch has)."""
+    keys = _MICRO_BATCH_KEYS + tuple(k for k in _OPTIONAL_KEYS if k in mb)
     return {k: mb[k].to(device) for k in keys}
 
 

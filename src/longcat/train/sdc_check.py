@@ -154,12 +154,13 @@ class SDCMonitor:
         for p in self.parallel.placements:
             if p.is_expert and "edp" in p.replicated_over:
                 expert.append((p.name, p.param))
-            elif not p.is_expert and "dp" in p.replicated_over:
+            elif not p.is_expert and ("dp" in p.replicated_over or "cp" in p.replicated_over):
                 dense.append((p.name, p.param))
         dense += [(name, buf) for name, buf in self.parallel.model.named_buffers()
                   if name.endswith("e_score_correction_bias")]
-        sets = [_ReplicaSet(self.groups.dp_group, dense), _ReplicaSet(self.groups.edp_group, expert)]
-        # The same groups on every rank, dp first: collectives pair up in one global order.
+        # Dense replicas live over dp x cp (context parallelism keeps a whole copy on each cp rank).
+        sets = [_ReplicaSet(self.groups.dp_cp_group, dense), _ReplicaSet(self.groups.edp_group, expert)]
+        # The same groups on every rank, dp x cp first: collectives pair up in one global order.
         return [s for s in sets if _size(s.group) > 1]
 
     @property

@@ -2,6 +2,7 @@
 
     full model, built identically on every rank (same seed) and initialised
       -> TP: heads, FFNs, vocab split over tp, in place          (longcat.model.parallel.tensor_parallel)
+      -> CP: every MLA block attends over the cp group           (longcat.model.parallel.context_parallel)
       -> EP: experts narrowed to this ep rank's ids, all-to-all dispatcher; MoE tokens split over tp;
              the ScMoE overlap schedule and chunks                (longcat.model.parallel.expert_parallel)
       -> (activation checkpointing is a model flag, already set)
@@ -19,8 +20,9 @@ Each parameter is then described by a ``ParamPlacement``: its global name, wheth
 expert weight, the groups over which an identical copy lives (for the grad norm) and how to view a
 local tensor shaped like it as the global tensor (a ``DTensor`` for checkpoints; DCP then reshards).
 
-Gradient groups (docs/architecture.md): dense params sum over dp; expert params over edp
-(= dp x tp / ep: under TP each tp rank runs its own 1/tp slice of the MoE tokens).
+Gradient groups (docs/architecture.md): dense params sum over dp x cp (each cp rank saw S/cp tokens of
+the same sequences); expert params over edp (= dp x cp x tp / ep: under TP each tp rank runs its own
+1/tp slice of the MoE tokens).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from longcat.distributed.parallel_dims import ParallelDims
 from longcat.distributed.pipeline import PipelineRunner
 from longcat.model.layer import DecoderLayer, as_decoder_layers
 from longcat.model.model import LongcatFlashForCausalLM
+from longcat.model.parallel.context_parallel import apply_context_parallel
 from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
     apply_moe_overlap,
@@ -161,7 +164,8 @@ class ParallelModel:
     def grad_norm(self) -> float:
         """The global L2 norm of the gradient, every parameter counted once, identical on every rank."""
         g = self.groups
-        coords = {"pp": g.pp_rank, "dp": g.dp_rank, "tp": g.tp_rank, "edp": g.edp_rank, "ep": g.ep_rank}
+        coords = {"pp": g.pp_rank, "dp": g.dp_rank, "cp": g.cp_rank, "tp": g.tp_rank, "edp": g.edp_rank,
+                  "ep": g.ep_rank}
         shards = [GradShard(p.param, p.replicated_over) for p in self.placements]
         return global_grad_norm(shards, coords=coords, world_group=g.world_group)
 
@@ -191,7 +195,7 @@ class ParallelModel:
 
 def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, options: ParallelConfig,
                 num_microbatches: int = 1, objective: Optional[StageObjective] = None) -> ParallelModel:
-    """Apply TP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
+    """Apply TP -> CP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
 
     TP and EP go first, on the full model: ``apply_tensor_parallel`` swaps submodules, and the
     pipeline stages hold references to the modules they run. The non-local layers then simply go
@@ -217,6 +221,8 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
         raise ValueError("parallelize with pp > 1 needs the training objective the pipeline stages compute")
     if dims.tp > 1:
         apply_tensor_parallel(model, groups=groups, sequence_parallel=options.sequence_parallel)
+    if dims.cp > 1:
+        apply_context_parallel(model, cp_group=groups.cp_group)
     if dims.ep > 1 or dims.tp > 1:  # under TP each tp rank dispatches its 1/tp of the MoE tokens
         apply_expert_parallel(model, groups=groups)
     apply_moe_overlap(model, overlap=options.overlap_moe_comm, num_chunks=options.moe_chunks)
@@ -254,7 +260,7 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     grad_sync = None
     if dp_mode is DPMode.replicate or fsdp_ignored:
         only = set(map(id, fsdp_ignored)) if dp_mode is DPMode.fsdp else None
-        pairs = [(p.param, groups.edp_group if p.is_expert else groups.dp_group) for p in placements
+        pairs = [(p.param, groups.edp_group if p.is_expert else groups.dp_cp_group) for p in placements
                  if p.param.requires_grad and (only is None or id(p.param) in only)]
         grad_sync = ReplicatedGradSync(pairs)
     return ParallelModel(
@@ -270,7 +276,7 @@ def check_layout(dims: ParallelDims, options: ParallelConfig) -> DPMode:
     Raises:
         ValueError: DeepSpeed with tp/ep/pp; pp with tp; pp with FSDP (see ``ParallelConfig.validate``).
     """
-    on_dims = dataclasses.replace(options, tp=dims.tp, pp=dims.pp, ep=dims.ep, dp=dims.dp)
+    on_dims = dataclasses.replace(options, tp=dims.tp, pp=dims.pp, ep=dims.ep, dp=dims.dp, cp=dims.cp)
     on_dims.validate(world_size=dims.world_size)
     return DPMode(options.dp_mode)
 
@@ -305,7 +311,7 @@ def _is_expert(name: str) -> bool:
 def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *,
                groups: ProcessGroups) -> ParamPlacement:
     is_expert = _is_expert(name)
-    family = ("edp", "ep") if is_expert else ("dp", "tp")
+    family = ("edp", "ep") if is_expert else ("dp", "cp", "tp")
     sharded = _dtensor_sharded_dims(param) | ({inner.group} if inner is not None else set())
     replicated_over = tuple(d for d in family if d not in sharded)
     to_global = _identity if inner is None else _global_view(param, inner, groups=groups)
