@@ -15,6 +15,8 @@ position) and trains step 4:
     fsdp-dp4xep2->tp2             FSDP2 dp4 x ep2 (4 ranks)   tp2          experts FSDP-sharded over edp=2
     deepspeed-z2->dp1             DeepSpeed ZeRO-2 dp2        one process  optimizer state from partitions
     dp1->deepspeed-z2             one process                 DeepSpeed ZeRO-2 dp2
+    cp2xep2->cp1                  cp2 x ep2 (2 ranks)         one process  experts folded over cp
+    cp1->cp2                      one process                 cp2
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ PP2 = Layout("pp2", pp=2)
 TP2XEP2 = Layout("tp2xep2", tp=2, dp=2, ep=2)
 FSDP_DP4XEP2 = Layout("fsdp-dp4xep2", dp=4, ep=2, dp_mode="fsdp")
 DEEPSPEED = Layout("deepspeed-z2", dp=2, dp_mode="deepspeed", zero_stage=2)
+CP2 = Layout("cp2", cp=2)
+CP2XEP2 = Layout("cp2xep2", cp=2, ep=2)
 SOURCES = {"ep1": SINGLE, "ep2": EP2, "tp2": TP2, "pp2": PP2, "tp2xep2": TP2XEP2, "fsdp-dp4xep2": FSDP_DP4XEP2,
-           "deepspeed-z2": DEEPSPEED}
+           "deepspeed-z2": DEEPSPEED, "cp2xep2": CP2XEP2}
 def reshard_config(corpus_cache: str, out_dir: str):
     """As test_layouts' config with 2 layers: seq 16, 4 micro-batches of 1, MTP, z-loss, fixed LB groups."""
     overrides = {"model.num_layers": 2, "data.seq_length": 16, "data.micro_batch_size": 1,
@@ -62,6 +66,9 @@ CASES = {  # id: (source, target)
     "pp2->pp1": ("pp2", SINGLE),
     "tp2xep2->pp2": ("tp2xep2", PP2),
     "fsdp-dp4xep2->tp2": ("fsdp-dp4xep2", TP2),
+    "cp2xep2->cp1": ("cp2xep2", SINGLE),
+    "cp1->cp2": ("ep1", CP2),
+    # DeepSpeed last in each world size: its engine sets process-wide state of its own.
     "deepspeed-z2->dp1": ("deepspeed-z2", SINGLE),
     "dp1->deepspeed-z2": ("ep1", DEEPSPEED),
 }
@@ -88,7 +95,7 @@ def resumed(corpus_cache, tmp_path_factory):
     # Grouped by world size: one start-up of the processes per group.
     sources = {}
     for tasks in ([save("ep1")], [save("tp2xep2"), save("fsdp-dp4xep2")],
-                  [save("ep2"), save("tp2"), save("pp2"), save("deepspeed-z2")]):
+                  [save("ep2"), save("tp2"), save("pp2"), save("cp2xep2"), save("deepspeed-z2")]):
         for task, ranks in zip(tasks, run_tasks(cfg, tasks, timeout_s=300)):
             sources[task.layout.name] = ranks[0]
     out = {}

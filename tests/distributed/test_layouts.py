@@ -8,7 +8,7 @@ final parameters, gathered to global tensors, match the reference.
 
 The layouts of one world size run in one set of processes (start-up dominates on CPU):
 
-    id                        ranks  tp  pp  ep  dp  dp_mode     notes
+    id                        ranks  tp  pp  ep  dp  dp_mode     notes (cp: context parallel degree)
     dp2-replicate               2     1   1   1   2  replicate   bucketed all-reduce (sum)
     dp2-fsdp                    2     1   1   1   2  fsdp        FSDP2, experts their own units
     dp2-deepspeed-z2            2     1   1   1   2  deepspeed   ZeRO-2
@@ -19,9 +19,12 @@ The layouts of one world size run in one set of processes (start-up dominates on
     pp2-1f1b                    2     1   2   1   1  replicate
     pp2-interleaved_1f1b        2     1   2   1   1  replicate   2 stages per rank
     pp2-zbv                     2     1   2   1   1  replicate   V placement, split backward
+    cp2xep2                     2     1   1   2   1  replicate   cp=2, experts folded over cp
     tp2xep2                     4     2   1   2   2  replicate   edp = 2
     pp2xep2                     4     1   2   2   2  replicate
     pp2xdp2                     4     1   2   1   2  replicate
+    cp2xtp2                     4     2   1   1   1  replicate   cp=2, heads over tp in each cp rank
+    pp2xcp2-zbv                 4     1   2   1   1  replicate   cp=2, ZB-V pipeline of cp stages
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ LAYOUTS_2 = [
     Layout("pp2-1f1b", pp=2),
     Layout("pp2-interleaved_1f1b", pp=2, pp_schedule="interleaved_1f1b"),
     Layout("pp2-zbv", pp=2, pp_schedule="zbv"),
+    Layout("cp2xep2", cp=2, ep=2),
     # DeepSpeed last: its engine sets process-wide state of its own.
     Layout("dp2-deepspeed-z2", dp=2, dp_mode="deepspeed", zero_stage=2),
     Layout("dp2-deepspeed-z1-offload", dp=2, dp_mode="deepspeed", zero_stage=1, offload_optimizer=True),
@@ -60,6 +64,8 @@ LAYOUTS_4 = [
     Layout("tp2xep2", tp=2, dp=2, ep=2),
     Layout("pp2xep2", pp=2, dp=2, ep=2),
     Layout("pp2xdp2", pp=2, dp=2),
+    Layout("cp2xtp2", cp=2, tp=2),
+    Layout("pp2xcp2-zbv", pp=2, cp=2, pp_schedule="zbv"),
 ]
 ALL = LAYOUTS_2 + LAYOUTS_4
 
