@@ -239,8 +239,8 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         start = time.perf_counter()
         launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={stage.nproc}"] \
             if stage.nproc > 1 else [python]
-        print(f"== stage {stage.name}: {'torchrun --nproc-per-node ' + str(stage.nproc) + ' ' if stage.nproc > 1 else ''}"
-              f"longcat-train {' '.join(args)}", flush=True)
+        how = f"torchrun --nproc-per-node {stage.nproc} " if stage.nproc > 1 else ""
+        print(f"== stage {stage.name}: {how}longcat-train {' '.join(args)}", flush=True)
         proc = subprocess.run([*launcher, "-m", "longcat.train", *args])
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage.name!r} failed with exit code {proc.returncode}; see its output above")

@@ -56,7 +56,8 @@ def resolve_dp(world_size: int, *, tp: int, pp: int, dp: int, ep: int, cp: int =
         raise ValueError(f"world_size={world_size} != {factors} = {product}: {hint}")
     stage_size = dp * cp * tp
     if stage_size % ep != 0:
-        ranks = f"dp*cp*tp={stage_size} (dp={dp}, cp={cp}, tp={tp}" if cp > 1 else f"dp*tp={stage_size} (dp={dp}, tp={tp}"
+        ranks = (f"dp*cp*tp={stage_size} (dp={dp}, cp={cp}, tp={tp}" if cp > 1
+                 else f"dp*tp={stage_size} (dp={dp}, tp={tp}")
         raise ValueError(
             f"parallel.ep={ep} must divide {ranks}: the ranks of one pipeline stage, "
             f"re-factored as edp x ep): choose ep in {divisors(stage_size)}"

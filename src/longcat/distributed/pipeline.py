@@ -157,8 +157,9 @@ class PipelineRunner:
 
         Collective over the pipeline group. Every rank of the group passes the same micro-batches
         (dicts of [B, S] ``input_ids`` int64, ``labels`` int64, ``token_mask`` bool, optional
-        ``position_ids``, ``mtp_labels``, ``mtp_input_ids``), all of one shape. ``step_input`` reaches every stage for this step
-        (``StageModule.step_input``; e.g. the global batch's token counts).
+        ``position_ids``, ``mtp_labels``, ``mtp_input_ids``), all of one shape. ``step_input``
+        reaches every stage for this step (``StageModule.step_input``; e.g. the global batch's token
+        counts).
 
         Raises:
             ValueError: the wrong number of micro-batches, or micro-batches of different shapes or

@@ -125,7 +125,8 @@ class Trainer:
         self.objective = TrainingObjective(
             loss_cfg=cfg.loss, moe_cfg=cfg.moe, model_cfg=cfg.model, num_microbatches=self.accum,
             dp_size=self.dp_size, ep_size=self.groups.ep_size, tp_group=self.groups.tp_group,
-            cp_group=self.groups.cp_group if self.cp_size > 1 else None, autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, lb_coef=lambda: self.stability.lb_coef)
+            cp_group=self.groups.cp_group if self.cp_size > 1 else None,
+            autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, lb_coef=lambda: self.stability.lb_coef)
         self.parallel = parallelize(model, groups=self.groups, options=cfg.parallel,
                                     num_microbatches=self.accum, objective=self.objective)
         self.model = self.parallel.model
