@@ -2,7 +2,7 @@
 """Dry-run a training configuration at production scale: build one rank's real shards, count and model.
 
     python tools/dry_run.py [recipe=NAME] KEY=VALUE ... --world-size N [--rank R] [--device NAME]
-                            [--json PATH] [--memory-limit-gib G] [--sweep]
+                            [--json PATH] [--memory-limit-gib G] [--assume-cp C] [--sweep]
 
 The KEY=VALUE overrides are exactly a training run's (``longcat-train``): the configuration is composed
 and validated by the same code. Rank R's process groups come from PyTorch's fake backend (collectives
@@ -13,11 +13,12 @@ estimate for the micro-batches in flight under the pipeline schedule, peak memor
 bytes per step per group, model FLOPs per step and, for ``--device``, the modelled step time,
 tokens/s per device and MFU; and the whole model's total and activated parameters.
 
-Example (the paper's layout: EP 32 groups, ZB-V pipeline, DP for the rest; see docs/planning.md):
+Example (the paper's layout: EP groups of 32 folding CP 8, ZB-V pipeline, DP for the rest; see
+docs/planning.md):
     python tools/dry_run.py model=longcat_flash moe.expected_ffn_experts=8 parallel.ep=32 \\
         parallel.pp=14 parallel.pp_schedule=zbv data.seq_length=8192 data.micro_batch_size=1 \\
-        data.global_batch_size=3584 train.bf16=true train.activation_checkpointing=true \\
-        --world-size 1792 --rank 0 --device H800 --memory-limit-gib 60
+        data.global_batch_size=1024 train.bf16=true train.activation_checkpointing=true \\
+        --world-size 1792 --rank 0 --device H800 --memory-limit-gib 60 --assume-cp 8
 
 Exit status: 0 the layout fits; 2 invalid configuration or layout (each problem named); 3 it does not
 fit the device's HBM or --memory-limit-gib (the numbers printed). With --sweep: 0 when some candidate fits.
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--inter-node-gbs", type=positive_float, help="override the inter-node bandwidth, GB/s")
     parser.add_argument("--memory-limit-gib", type=positive_float,
                         help="also check the peak against this budget (e.g. 60, the paper's peak)")
+    parser.add_argument("--assume-cp", type=positive_int, default=None,
+                        help="plan with this context-parallel degree while the configuration has no parallel.cp: "
+                             "the dp ranks fold cp (dp = replicas x cp); activations and KV exchange per cp rank")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this path")
     parser.add_argument("--sweep", action="store_true",
                         help="dry-run candidate layouts of --world-size (needs --device) and rank them")
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                  inter_node_gbs=args.inter_node_gbs)
         if args.sweep:
             assert device is not None  # parse_args requires it
-            rows = sweep(run_cfg, world_size=args.world_size, device=device, memory_limit_gib=args.memory_limit_gib)
+            rows = sweep(run_cfg, world_size=args.world_size, device=device, memory_limit_gib=args.memory_limit_gib,
+                         assume_cp=args.assume_cp)
             print(format_sweep(rows))
             if args.json:
                 args.json.write_text(json.dumps([{"overrides": r.overrides, "error": r.error,
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  for r in rows], indent=2))
             return 0 if any(r.report is not None and r.report.fits for r in rows) else 3
         report = dry_run(run_cfg, world_size=args.world_size, rank=args.rank, device=device,
-                         memory_limit_gib=args.memory_limit_gib)
+                         memory_limit_gib=args.memory_limit_gib, assume_cp=args.assume_cp)
     except LayoutError as exc:
         for line in exc.errors:
             print(f"error: {line}", file=sys.stderr)

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longcat.config.schema import PipelineSchedule, RunConfig
-from longcat.planning.memory import FP32, cp_degree
+from longcat.planning.memory import FP32, PlanView
 from longcat.planning.shard import RankShard
 
 __all__ = ["GroupTraffic", "StepTraffic", "step_traffic"]
@@ -64,14 +64,14 @@ def _frac(n: int) -> float:
     return (n - 1) / n if n > 1 else 0.0
 
 
-def step_traffic(run_cfg: RunConfig, shard: RankShard, *, k_e: float) -> StepTraffic:
+def step_traffic(run_cfg: RunConfig, shard: RankShard, *, k_e: float, view: PlanView) -> StepTraffic:
     """Bytes per group this rank sends in one optimizer step (module doc)."""
     cfg, dims, par = run_cfg.model, shard.dims, run_cfg.parallel
-    cp = cp_degree(run_cfg)
+    cp = view.cp
     b = 2 if run_cfg.train.bf16 else 4
     D = cfg.hidden_size
     T = run_cfg.data.micro_batch_size * run_cfg.data.seq_length / cp
-    M, L = shard.num_microbatches, len(shard.local_layers)
+    M, L = view.num_microbatches, len(shard.local_layers)
     recompute = run_cfg.train.activation_checkpointing
     out: list[GroupTraffic] = []
 
@@ -89,7 +89,7 @@ def step_traffic(run_cfg: RunConfig, shard: RankShard, *, k_e: float) -> StepTra
 
     dense = shard.params.total - shard.params.experts
     experts = shard.params.experts
-    dp_n, edp_n = dims.dp * cp, dims.edp
+    dp_n, edp_n = view.dense_grad_group, dims.edp
     if shard.sharded_over_dp:  # local counts are shards: the full units are n times larger
         dp_bytes = 3 * _frac(dp_n) * dense * dp_n * FP32 * M
         edp_bytes = 3 * _frac(edp_n) * experts * edp_n * FP32 * M

@@ -23,7 +23,10 @@ from longcat.model.flops import step_flops
 from longcat.model.params import count_parameters
 from longcat.planning.comm import StepTraffic, step_traffic
 from longcat.planning.memory import (
+    ADAM_MOMENTS,
+    FP32,
     ActivationEstimate,
+    PlanView,
     StateBytes,
     activation_estimate,
     cp_degree,
@@ -32,7 +35,10 @@ from longcat.planning.memory import (
 from longcat.planning.shard import RankShard, build_rank_shard
 from longcat.planning.timing import GIB, DeviceSpec, StepTime, modelled_step_time
 
-__all__ = ["DryRunReport", "LayoutError", "ModelTotals", "SweepRow", "candidate_layouts", "dry_run", "model_totals", "sweep"]
+__all__ = [
+    "DryRunReport", "LayoutError", "ModelTotals", "SweepRow", "candidate_layouts", "distributed_optimizer_bytes",
+    "dry_run", "model_totals", "plan_view", "sweep",
+]
 
 
 class LayoutError(ValueError):
@@ -74,6 +80,9 @@ class DryRunReport:
     device: Optional[DeviceSpec]
     time: Optional[StepTime]
     peak_bytes: float
+    view: PlanView
+    cp_assumed: bool = False
+    distributed_optimizer_bytes: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -97,7 +106,10 @@ class DryRunReport:
                       "activations_peak": self.activations.peak,
                       "in_flight_layer_passes": self.activations.in_flight_layer_passes,
                       "reserved": (self.device.reserved_gib * GIB) if self.device else 0.0,
-                      "peak": self.peak_bytes},
+                      "peak": self.peak_bytes,
+                      "optimizer_if_distributed": self.distributed_optimizer_bytes},
+            "cp": {"degree": self.view.cp, "assumed": self.cp_assumed,
+                   "dense_grad_group": self.view.dense_grad_group},
             "comm_bytes_per_step": {g.group: {"size": g.size, "bytes": g.bytes, "overlappable": g.overlappable}
                                     for g in self.traffic.groups},
             "model_flops_per_step": self.step_model_flops,
@@ -116,9 +128,9 @@ def model_totals(run_cfg: RunConfig) -> ModelTotals:
                        active_max=counts.active_max, k_e=k_e)
 
 
-def _layout(run_cfg: RunConfig, shard: RankShard) -> dict[str, Any]:
+def _layout(run_cfg: RunConfig, shard: RankShard, view: PlanView) -> dict[str, Any]:
     d, p = shard.dims, run_cfg.parallel
-    return {"pp": d.pp, "dp": d.dp, "tp": d.tp, "cp": cp_degree(run_cfg), "ep": d.ep, "edp": d.edp,
+    return {"pp": d.pp, "dp": view.dense_grad_group // view.cp, "tp": d.tp, "cp": view.cp, "ep": d.ep, "edp": d.edp,
             "dp_mode": str(p.dp_mode), "pp_schedule": str(p.pp_schedule) if d.pp > 1 else None,
             "sequence_parallel": bool(p.sequence_parallel), "activation_checkpointing":
             bool(run_cfg.train.activation_checkpointing), "bf16": bool(run_cfg.train.bf16),
@@ -126,8 +138,49 @@ def _layout(run_cfg: RunConfig, shard: RankShard) -> dict[str, Any]:
             "global_batch_size": run_cfg.data.global_batch_size}
 
 
+def plan_view(run_cfg: RunConfig, shard: RankShard, *, assume_cp: Optional[int] = None) -> tuple[PlanView, bool]:
+    """The CP degree and what follows from it; ``assume_cp``: plan with CP while the configuration has
+    no ``parallel.cp`` (the built layout's dp ranks then fold cp: dp = replicas x cp; parameters are
+    replicated over cp, so the shards are the same). Returns the view and whether cp was assumed.
+
+    Raises:
+        LayoutError: ``assume_cp`` that contradicts ``parallel.cp``, does not divide dp, the global
+            batch or the sequence (2 cp chunks).
+    """
+    dims, data = shard.dims, run_cfg.data
+    configured = cp_degree(run_cfg)
+    if assume_cp is None or assume_cp == 1 or (configured > 1 and assume_cp == configured):
+        return PlanView(cp=configured, dense_grad_group=dims.dp * configured,
+                        num_microbatches=shard.num_microbatches), False
+    if configured > 1:
+        raise LayoutError([f"--assume-cp {assume_cp} contradicts parallel.cp={configured}; drop --assume-cp"])
+    errors = []
+    if dims.dp % assume_cp:
+        errors.append(f"--assume-cp {assume_cp} must divide dp={dims.dp} (the ranks of a stage that fold cp)")
+    if data.seq_length % (2 * assume_cp):
+        errors.append(f"--assume-cp {assume_cp}: data.seq_length={data.seq_length} must divide by 2 x cp = "
+                      f"{2 * assume_cp} (the load-balanced causal split)")
+    replicas = max(1, dims.dp // assume_cp)
+    if data.global_batch_size % (data.micro_batch_size * replicas):
+        errors.append(f"--assume-cp {assume_cp}: data.global_batch_size={data.global_batch_size} must be a "
+                      f"multiple of micro_batch_size x dp/cp = {data.micro_batch_size * replicas}")
+    if errors:
+        raise LayoutError(errors)
+    return PlanView(cp=assume_cp, dense_grad_group=dims.dp,
+                    num_microbatches=data.global_batch_size // (data.micro_batch_size * replicas)), True
+
+
+def distributed_optimizer_bytes(shard: RankShard, view: PlanView) -> float:
+    """AdamW's moments if they were sharded over the gradient groups (ZeRO-1: dense over dp x cp,
+    experts over edp), for comparison with what the configured DP mode holds."""
+    if shard.sharded_over_dp:
+        return float(ADAM_MOMENTS * FP32 * shard.params.total)
+    dense = shard.params.total - shard.params.experts
+    return ADAM_MOMENTS * FP32 * (dense / view.dense_grad_group + shard.params.experts / shard.dims.edp)
+
+
 def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optional[DeviceSpec] = None,
-            memory_limit_gib: Optional[float] = None) -> DryRunReport:
+            memory_limit_gib: Optional[float] = None, assume_cp: Optional[int] = None) -> DryRunReport:
     """Build rank ``rank`` of ``run_cfg`` on ``world_size`` ranks and model its step.
 
     Args:
@@ -135,6 +188,7 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
         world_size, rank: the job's size and the rank to build.
         device: the accelerator (timing, HBM check); None skips both.
         memory_limit_gib: a budget below the HBM to check against (e.g. the paper's 60 GB).
+        assume_cp: plan with this CP degree while the configuration has no ``parallel.cp`` (``plan_view``).
 
     Returns:
         The report; ``problems`` lists why the layout does not fit (peak above HBM or the limit).
@@ -150,10 +204,11 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
     if not 0 <= rank < world_size:
         raise LayoutError([f"--rank {rank} is outside [0, world_size={world_size})"])
     shard = build_rank_shard(run_cfg, world_size=world_size, rank=rank)
+    view, cp_assumed = plan_view(run_cfg, shard, assume_cp=assume_cp)
     k_e = run_cfg.moe.expected_ffn_experts
     state = state_bytes(shard)
-    acts = activation_estimate(run_cfg, shard, k_e=k_e)
-    traffic = step_traffic(run_cfg, shard, k_e=k_e)
+    acts = activation_estimate(run_cfg, shard, k_e=k_e, view=view)
+    traffic = step_traffic(run_cfg, shard, k_e=k_e, view=view)
     flops = step_flops(run_cfg.model, batch_size=run_cfg.data.global_batch_size, seq_len=run_cfg.data.seq_length,
                        ffn_experts_per_token=k_e)
     reserved = device.reserved_gib * GIB if device else 0.0
@@ -164,16 +219,23 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
         dense_fraction = (flops.dense_matmul_flops + flops.attention_flops) / flops.total_flops
         timing = modelled_step_time(run_cfg, traffic=traffic, step_model_flops=flops.total_flops,
                                     dense_flops_fraction=dense_fraction, world_size=world_size, tp=shard.dims.tp,
-                                    pp=shard.dims.pp, num_microbatches=shard.num_microbatches, device=device)
+                                    pp=shard.dims.pp, num_microbatches=view.num_microbatches, device=device)
         problems += _memory_problems(peak, limit_gib=device.hbm_gib, what=f"{device.name} HBM", state=state,
                                      acts=acts, reserved=reserved)
     if memory_limit_gib is not None:
         problems += _memory_problems(peak, limit_gib=memory_limit_gib, what="--memory-limit-gib", state=state,
                                      acts=acts, reserved=reserved)
-    return DryRunReport(world_size=world_size, layout=_layout(run_cfg, shard), shard=shard,
+    zero1 = distributed_optimizer_bytes(shard, view)
+    if problems and zero1 < state.optimizer:
+        problems.append(f"why: parallel.dp_mode={run_cfg.parallel.dp_mode} keeps the whole AdamW state of this "
+                        f"rank's shards ({state.optimizer / GIB:.1f} GiB); sharded over the gradient groups "
+                        f"(dense over {view.dense_grad_group}, experts over edp {shard.dims.edp}) it would be "
+                        f"{zero1 / GIB:.1f} GiB, peak {(peak - state.optimizer + zero1) / GIB:.1f} GiB"
+                        + (" (FSDP with PP is not supported yet)" if shard.dims.pp > 1 else " (parallel.dp_mode=fsdp)"))
+    return DryRunReport(world_size=world_size, layout=_layout(run_cfg, shard, view), shard=shard,
                         model=model_totals(run_cfg), state=state, activations=acts, traffic=traffic,
-                        step_model_flops=flops.total_flops, device=device, time=timing, peak_bytes=peak,
-                        problems=problems)
+                        step_model_flops=flops.total_flops, device=device, time=timing, peak_bytes=peak, view=view,
+                        cp_assumed=cp_assumed, distributed_optimizer_bytes=zero1, problems=problems)
 
 
 def _memory_problems(peak: float, *, limit_gib: float, what: str, state: StateBytes, acts: ActivationEstimate,
@@ -226,7 +288,7 @@ def candidate_layouts(run_cfg: RunConfig, *, world_size: int) -> list[dict[str, 
 
 
 def sweep(run_cfg: RunConfig, *, world_size: int, device: DeviceSpec, memory_limit_gib: Optional[float] = None,
-          layouts: Optional[list[dict[str, Any]]] = None) -> list[SweepRow]:
+          layouts: Optional[list[dict[str, Any]]] = None, assume_cp: Optional[int] = None) -> list[SweepRow]:
     """Dry-run each candidate layout (``candidate_layouts`` unless given) at its first rank of the first
     and of the last pipeline stage (the ends of the pipeline hold the embedding, the head and the most
     micro-batches in flight) and keep the worse by peak memory. Rows that fit come first, fastest
@@ -237,8 +299,8 @@ def sweep(run_cfg: RunConfig, *, world_size: int, device: DeviceSpec, memory_lim
         try:
             stage_size = world_size // (overrides["pp"])
             ranks = sorted({0, (overrides["pp"] - 1) * stage_size})
-            reports = [dry_run(cfg, world_size=world_size, rank=r, device=device, memory_limit_gib=memory_limit_gib)
-                       for r in ranks]
+            reports = [dry_run(cfg, world_size=world_size, rank=r, device=device, memory_limit_gib=memory_limit_gib,
+                               assume_cp=assume_cp) for r in ranks]
         except LayoutError as exc:
             rows.append(SweepRow(overrides, None, exc.errors[0]))
             continue

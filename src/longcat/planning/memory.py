@@ -19,9 +19,11 @@ experts per token (Eq. 2's target, ``moe.expected_ffn_experts``)::
     layer = 2 MLA + 2 FFN + MoE
 
 Tokens per rank per micro-batch: ``B * S / cp``; the MoE's share under TP is 1/tp of them. Bytes per
-element: 2 under bf16 autocast, else 4. The last stage adds the head (``head_activation_bytes_per_token``). With activation checkpointing
-(``train.activation_checkpointing``: every layer recomputed in backward) a layer keeps only its input
-(``D`` per token) and one layer at a time is materialised again.
+element: 2 under bf16 autocast, else 4. The last stage adds the head (``head_activation_bytes_per_token``).
+With activation checkpointing (``train.activation_checkpointing``: every layer recomputed in
+backward) a layer keeps only its input (``D`` per token) and one layer at a time is materialised again.
+Under CP each rank also holds, per MLA block, the all-gathered latent of the sequence (``(C + R) S``
+per sequence, arXiv 2509.01322 §5.3's exchange, ``ExpandedKV.RECOMPUTE``).
 
 Micro-batches in flight, each holding the activations of this rank's layers that it has run forward
 but not yet backward (``in_flight_layer_passes``): 1 without PP (gradient accumulation runs them one
@@ -46,6 +48,7 @@ __all__ = [
     "ActivationEstimate",
     "StateBytes",
     "activation_estimate",
+    "PlanView",
     "cp_degree",
     "head_activation_bytes_per_token",
     "in_flight_layer_passes",
@@ -60,6 +63,20 @@ ADAM_MOMENTS = 2
 def cp_degree(run_cfg: RunConfig) -> int:
     """The context-parallel degree of ``run_cfg`` (1 until ``parallel.cp`` exists in the schema)."""
     return int(getattr(run_cfg.parallel, "cp", 1))
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """The degrees the memory and communication models read, beyond the built shard.
+
+    cp: context-parallel degree (``parallel.cp``, or a planning assumption while the schema lacks it).
+    dense_grad_group: ranks that sum dense gradients (dp x cp).
+    num_microbatches: micro-batches of B sequences (each split over cp) per step on this rank.
+    """
+
+    cp: int
+    dense_grad_group: int
+    num_microbatches: int
 
 
 @dataclass(frozen=True)
@@ -155,17 +172,20 @@ class ActivationEstimate:
     tokens_per_microbatch: float
 
 
-def activation_estimate(run_cfg: RunConfig, shard: RankShard, *, k_e: float) -> ActivationEstimate:
+def activation_estimate(run_cfg: RunConfig, shard: RankShard, *, k_e: float, view: PlanView) -> ActivationEstimate:
     """Activation memory of ``shard``'s rank for ``run_cfg``'s micro-batch, sequence, recompute policy
     and pipeline schedule (module doc)."""
     cfg, dims = run_cfg.model, shard.dims
     bytes_per = 2 if run_cfg.train.bf16 else 4
-    tokens = run_cfg.data.micro_batch_size * run_cfg.data.seq_length / cp_degree(run_cfg)
+    tokens = run_cfg.data.micro_batch_size * run_cfg.data.seq_length / view.cp
     layer = layer_activation_elements_per_token(cfg, tp=dims.tp, k_e=k_e) * tokens * bytes_per
     head = head_activation_bytes_per_token(cfg, tp=dims.tp, bytes_per=bytes_per) * tokens if shard.last_stage else 0.0
     L = len(shard.local_layers)
     passes = in_flight_layer_passes(schedule=run_cfg.parallel.pp_schedule, pp=dims.pp, pp_rank=shard.pp_rank,
-                                    num_microbatches=shard.num_microbatches, num_local_layers=L)
+                                    num_microbatches=view.num_microbatches, num_local_layers=L)
+    if view.cp > 1:  # the gathered latent of the whole sequence, per MLA block
+        gathered = 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * tokens * view.cp * bytes_per
+        layer += gathered
     if run_cfg.train.activation_checkpointing:
         kept = cfg.hidden_size * tokens * bytes_per
         peak = passes * kept + layer + head

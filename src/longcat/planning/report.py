@@ -23,10 +23,13 @@ def format_report(r: DryRunReport) -> str:
         ("layout", f"world {r.world_size} = pp {lay['pp']} x dp {lay['dp']} x cp {lay['cp']} x tp {lay['tp']}; "
                    f"experts: ep {lay['ep']} x edp {lay['edp']}; dp_mode {lay['dp_mode']}"
                    + (f"; schedule {lay['pp_schedule']}" if lay["pp_schedule"] else "")),
+        *([("cp", f"{r.view.cp} assumed (--assume-cp; parallel.cp is not in this configuration): the dp ranks "
+                  f"fold it, parameters are replicated over it, dense grads sum over {r.view.dense_grad_group}")]
+          if r.cp_assumed else []),
         ("rank", f"{s.rank} (pp {s.pp_rank}, tp {s.tp_rank}, ep {s.ep_rank}); layers {list(s.local_layers)}"
                  + ("; first stage" if s.first_stage and s.dims.pp > 1 else "")
                  + ("; last stage" if s.last_stage and s.dims.pp > 1 else "")),
-        ("micro-batch", f"{lay['micro_batch_size']} x {lay['seq_length']} tokens; {s.num_microbatches} per step; "
+        ("micro-batch", f"{lay['micro_batch_size']} x {lay['seq_length']} tokens; {r.view.num_microbatches} per step; "
                         f"global batch {lay['global_batch_size']}; recompute "
                         f"{'every layer' if lay['activation_checkpointing'] else 'off'}; "
                         f"{'bf16 autocast' if lay['bf16'] else 'fp32'}"),
@@ -46,8 +49,8 @@ def format_report(r: DryRunReport) -> str:
     ]
     for g in r.traffic.groups:
         if g.size > 1:
-            t = f"; {r.time.comm_s_by_group[g.group] * 1e3:.1f} ms" if r.time else ""
-            rows.append((f"comm {g.group} (size {g.size})", f"{_gib(g.bytes)} / step{t}"))
+            ms = f"; {r.time.comm_s_by_group[g.group] * 1e3:.1f} ms" if r.time else ""
+            rows.append((f"comm {g.group} (size {g.size})", f"{_gib(g.bytes)} / step{ms}"))
     rows.append(("model FLOPs / step", f"{r.step_model_flops:.4g}"))
     if r.time is not None:
         t = r.time

@@ -102,3 +102,30 @@ def test_cli_full_model_json_and_exit_codes(tmp_path):
     bad = _cli("model=tiny", "parallel.ep=3", "--world-size", "6")
     assert bad.returncode == 2 and "error:" in bad.stderr
     assert _cli("--help").returncode == 0
+
+
+def test_assumed_cp_splits_the_activations_and_adds_the_latent_exchange():
+    base = ["model=tiny", "data.seq_length=64", "data.global_batch_size=16", "data.micro_batch_size=2"]
+    plain = dry_run(_cfg(*base), world_size=8, rank=0)
+    with_cp = dry_run(_cfg(*base), world_size=8, rank=0, assume_cp=4)
+    assert with_cp.cp_assumed and with_cp.view.cp == 4 and with_cp.layout["dp"] == 2
+    assert with_cp.view.num_microbatches == 16 // (2 * 2)
+    assert with_cp.state == plain.state  # parameters are replicated over cp
+    assert with_cp.activations.tokens_per_microbatch == plain.activations.tokens_per_microbatch / 4
+    assert with_cp.traffic.by_group()["cp"].bytes > 0 == plain.traffic.by_group()["cp"].bytes
+    with pytest.raises(LayoutError, match="must divide dp=8"):
+        dry_run(_cfg(*base), world_size=8, rank=0, assume_cp=3)
+    with pytest.raises(LayoutError, match="seq_length=40 must divide by 2 x cp = 16"):
+        dry_run(_cfg(*base, "data.seq_length=40"), world_size=8, rank=0, assume_cp=8)
+
+
+def test_paper_layout_with_cp_fits_once_the_optimizer_state_is_sharded():
+    """The report's why-line: the configured replicate DP holds the whole AdamW state; sharded over the
+    gradient groups the paper's layout is under 60 GiB."""
+    overrides = [o.replace("data.global_batch_size=3584", "data.global_batch_size=1024") for o in PAPER_LAYOUT]
+    report = dry_run(_cfg(*overrides), world_size=1792, rank=0, device=load_device("H800"), memory_limit_gib=60,
+                     assume_cp=8)
+    assert not report.fits
+    with_zero1 = report.peak_bytes - report.state.optimizer + report.distributed_optimizer_bytes
+    assert with_zero1 < 60 * 2**30
+    assert any(p.startswith("why: parallel.dp_mode=replicate") for p in report.problems)
