@@ -261,15 +261,16 @@ class SweepRow:
 
 
 def candidate_layouts(run_cfg: RunConfig, *, world_size: int) -> list[dict[str, Any]]:
-    """A few layouts of ``world_size`` ranks for ``run_cfg.model``: pp over the divisors of the layer
-    count (with tp = 1: PP x TP is not supported yet), tp in 1/2/4/8 without PP, ep over powers of two
-    from 8 (or the configured ep) up; the configured schedule, falling back to 1F1B where it does not
-    split the layers; FSDP only without PP."""
+    """A few layouts of ``world_size`` ranks for ``run_cfg.model`` around the configured one: pp over the
+    divisors of the layer count (tp = 1 with PP: PP x TP is not supported yet), tp 1/2/4/8 without PP,
+    ep at half, once and twice the configured degree (8 when it is 1); the configured schedule, falling
+    back to 1F1B where it does not split the layers; the configured DP mode (replicate with PP when it
+    is FSDP)."""
     cfg = run_cfg.model
-    eps = sorted({e for e in (1, 2, 4, 8, 16, 32, 64, 128) if cfg.n_routed_experts % e == 0 and e >= min(
-        8, run_cfg.parallel.ep, cfg.n_routed_experts)} | {run_cfg.parallel.ep})
+    centre = run_cfg.parallel.ep if run_cfg.parallel.ep > 1 else min(8, cfg.n_routed_experts)
+    eps = sorted({e for e in (centre // 2, centre, centre * 2) if e >= 1 and cfg.n_routed_experts % e == 0})
     out = []
-    for pp in [p for p in divisors(cfg.num_layers) if world_size % p == 0 and p <= 32]:
+    for pp in [p for p in divisors(cfg.num_layers) if world_size % p == 0]:
         for tp in ([1, 2, 4, 8] if pp == 1 else [1]):
             if world_size % (pp * tp) or cfg.num_attention_heads % tp:
                 continue
