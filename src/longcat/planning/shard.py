@@ -148,13 +148,16 @@ def build_rank_shard(run_cfg: RunConfig, *, world_size: int, rank: int) -> RankS
             param = placement.param
             local = param.to_local() if isinstance(param, DTensor) else param
             split = split.add(param_kind(placement.name), local.numel())
+        first_stage = last_stage = True
+        local_layers = tuple(range(run_cfg.model.num_layers))
         if parallel.pipeline is not None:
+            plan = parallel.pipeline.plan
             local_layers = tuple(parallel.pipeline.local_layer_ids)
-        else:
-            local_layers = tuple(range(run_cfg.model.num_layers))
+            stages = plan.local_stages(groups.pp_rank)
+            first_stage, last_stage = 0 in stages, plan.num_stages - 1 in stages
         return RankShard(
             rank=rank, dims=dims, pp_rank=groups.pp_rank, tp_rank=groups.tp_rank, ep_rank=groups.ep_rank,
-            local_layers=local_layers, first_stage=groups.pp_rank == 0,
-            last_stage=split.head > 0, params=split, num_param_tensors=len(parallel.placements),
+            local_layers=local_layers, first_stage=first_stage, last_stage=last_stage, params=split,
+            num_param_tensors=len(parallel.placements),
             sharded_over_dp=DPMode(run_cfg.parallel.dp_mode) is DPMode.fsdp and dims.dp > 1,
             model_params=model_params, num_microbatches=accum)
