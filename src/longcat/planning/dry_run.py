@@ -206,7 +206,7 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
     shard = build_rank_shard(run_cfg, world_size=world_size, rank=rank)
     view, cp_assumed = plan_view(run_cfg, shard, assume_cp=assume_cp)
     k_e = run_cfg.moe.expected_ffn_experts
-    state = state_bytes(shard)
+    state = state_bytes(shard, dp_mode=DPMode(run_cfg.parallel.dp_mode), zero_stage=run_cfg.parallel.zero_stage)
     acts = activation_estimate(run_cfg, shard, k_e=k_e, view=view)
     traffic = step_traffic(run_cfg, shard, k_e=k_e, view=view)
     flops = step_flops(run_cfg.model, batch_size=run_cfg.data.global_batch_size, seq_len=run_cfg.data.seq_length,

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longcat.config.schema import ModelConfig, PipelineSchedule, RunConfig
+from longcat.config.schema import DPMode, ModelConfig, PipelineSchedule, RunConfig
 from longcat.planning.shard import RankShard
 
 __all__ = [
@@ -97,9 +97,18 @@ class StateBytes:
         return self.weights + self.grads + self.optimizer + self.master
 
 
-def state_bytes(shard: RankShard) -> StateBytes:
-    """Weights, gradients and optimizer state of ``shard``'s rank (see the module doc)."""
+def state_bytes(shard: RankShard, *, dp_mode: DPMode = DPMode.replicate, zero_stage: int = 2) -> StateBytes:
+    """Weights, gradients and optimizer state of ``shard``'s rank (see the module doc).
+
+    ``dp_mode=deepspeed`` (modelled, not measured): ZeRO keeps fp32 master partitions and the AdamW
+    moments of 1/dp of the parameters (two step tensors per partition group are ignored), and under
+    stage 2 also only 1/dp of the gradients; the module's own fp32 weights stay whole.
+    """
     n = shard.params.total
+    if DPMode(dp_mode) is DPMode.deepspeed:
+        dp = shard.dims.dp
+        return StateBytes(weights=FP32 * n, grads=FP32 * n // (dp if zero_stage == 2 else 1),
+                          optimizer=ADAM_MOMENTS * FP32 * n // dp, master=FP32 * n // dp)
     return StateBytes(weights=FP32 * n, grads=FP32 * n,
                       optimizer=ADAM_MOMENTS * FP32 * n + FP32 * shard.num_param_tensors)
 

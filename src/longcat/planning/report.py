@@ -19,6 +19,7 @@ def _gib(n: float) -> str:
 def format_report(r: DryRunReport) -> str:
     """The report as an aligned two-column table."""
     s, lay = r.shard, r.layout
+    passes = r.activations.in_flight_layer_passes
     rows: list[tuple[str, str]] = [
         ("layout", f"world {r.world_size} = pp {lay['pp']} x dp {lay['dp']} x cp {lay['cp']} x tp {lay['tp']}; "
                    f"experts: ep {lay['ep']} x edp {lay['edp']}; dp_mode {lay['dp_mode']}"
@@ -41,9 +42,10 @@ def format_report(r: DryRunReport) -> str:
         ("weights (fp32, = master)", _gib(r.state.weights)),
         ("gradients (fp32)", _gib(r.state.grads)),
         ("optimizer (AdamW fp32)", _gib(r.state.optimizer)),
+        *([("master partition (DeepSpeed)", _gib(r.state.master))] if r.state.master else []),
         ("activations / micro-batch", _gib(r.activations.per_microbatch)),
-        ("activations at peak", f"{_gib(r.activations.peak)} ({r.activations.in_flight_layer_passes:g} "
-                                "layer-passes in flight)"),
+        ("activations at peak", f"{_gib(r.activations.peak)} ({passes:g} layer-passes in flight = "
+                                f"{passes / len(s.local_layers):g} micro-batches through this rank's layers)"),
         ("peak memory / device", _gib(r.peak_bytes)
          + (f" (incl. {r.device.reserved_gib:g} GiB reserved) of {r.device.hbm_gib:g} GiB" if r.device else "")),
     ]

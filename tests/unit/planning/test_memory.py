@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from longcat.config.compose import compose_run_config
-from longcat.config.schema import PipelineSchedule
+from longcat.config.schema import DPMode, PipelineSchedule
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.planning import build_rank_shard
 from longcat.planning.memory import in_flight_layer_passes, layer_activation_elements_per_token, state_bytes
@@ -74,3 +74,13 @@ def test_in_flight_is_capped_by_the_micro_batches_and_one_without_pp():
     with pytest.raises(ValueError, match="num_microbatches"):
         in_flight_layer_passes(schedule=PipelineSchedule("zbv"), pp=2, pp_rank=0, num_microbatches=0,
                                num_local_layers=2)
+
+
+def test_deepspeed_partitions_the_optimizer_and_zero2_the_grads():
+    cfg, _ = compose_run_config("pretrain", ["model=tiny", "parallel.dp_mode=deepspeed"])
+    shard = build_rank_shard(cfg, world_size=2, rank=0)
+    n = shard.params.total
+    z2 = state_bytes(shard, dp_mode=DPMode.deepspeed, zero_stage=2)
+    z1 = state_bytes(shard, dp_mode=DPMode.deepspeed, zero_stage=1)
+    assert z2.weights == 4 * n and z2.grads == 4 * n // 2 and z2.optimizer == 8 * n // 2 and z2.master == 4 * n // 2
+    assert z1.grads == 4 * n
