@@ -121,6 +121,18 @@ def test_assumed_cp_splits_the_activations_and_adds_the_latent_exchange():
         dry_run(_cfg(*base, "data.seq_length=40"), world_size=8, rank=0, assume_cp=8)
 
 
+def test_configured_cp_is_planned_as_the_run_applies_it():
+    """``parallel.cp`` builds the real cp groups (the plan applies CP to the meta model) and gives the
+    figures ``--assume-cp`` models for a configuration without it."""
+    base = ["model=tiny", "data.seq_length=64", "data.global_batch_size=16", "data.micro_batch_size=2"]
+    assumed = dry_run(_cfg(*base), world_size=8, rank=0, assume_cp=4)
+    real = dry_run(_cfg(*base, "parallel.cp=4"), world_size=8, rank=0)
+    assert not real.cp_assumed and real.view.cp == 4 and real.layout["dp"] == 2 and real.layout["cp"] == 4
+    assert real.state == assumed.state and real.view.num_microbatches == assumed.view.num_microbatches
+    assert real.activations.tokens_per_microbatch == assumed.activations.tokens_per_microbatch
+    assert real.traffic.by_group()["cp"].bytes == assumed.traffic.by_group()["cp"].bytes > 0
+
+
 def test_paper_layout_with_cp_fits_once_the_optimizer_state_is_sharded():
     """The report's why-line: the configured replicate DP holds the whole AdamW state; sharded over the
     gradient groups the paper's layout is under 60 GiB."""
