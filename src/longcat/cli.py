@@ -229,8 +229,8 @@ def _train(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Callback])
 class _Task:
     """Hydra's task function: the composed job config -> ``RunConfig`` in the job's folder -> a run."""
 
-    def __init__(self, *, multirun: bool, callbacks: Sequence[Callback], new_dirs: set[str]):
-        self.multirun, self.callbacks, self.new_dirs = multirun, callbacks, new_dirs
+    def __init__(self, *, multirun: bool, swept: set[str], callbacks: Sequence[Callback], new_dirs: set[str]):
+        self.multirun, self.swept, self.callbacks, self.new_dirs = multirun, swept, callbacks, new_dirs
         self.codes: list[int] = []
 
     def __call__(self, cfg: Any) -> int:
@@ -241,7 +241,8 @@ class _Task:
         run_cfg, cfg_dict = to_run_config(cfg)
         run_cfg.train.out_dir = cfg_dict["train"]["out_dir"] = out_dir
         if self.multirun:
-            print(f"== job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)} -> {out_dir}", flush=True)
+            swept = [o for o in hydra_cfg.overrides.task if _override_key(o) in self.swept]
+            print(f"== job {hydra_cfg.job.num}: {' '.join(swept)} -> {out_dir}", flush=True)
         code = _train(run_cfg, cfg_dict, callbacks=self.callbacks)
         if code == 2 and out_dir in self.new_dirs:  # bad input: leave no folder behind, not even .hydra/
             shutil.rmtree(Path(out_dir) / str(hydra_cfg.output_subdir or ".hydra"), ignore_errors=True)
@@ -293,7 +294,9 @@ def _run_app(args: Args, *, rank: int, new_dirs: set[str], callbacks: Sequence[C
     parser = get_args_parser()
     hydra_args = parser.parse_args([*args.hydra_flags, *_with_hydra_defaults(args.overrides, rank=rank)])
     hydra_args.config_path = hydra_args.config_name = None  # the recipe, resolved above
-    task = _Task(multirun=args.multirun, callbacks=callbacks, new_dirs={str(d) for d in new_dirs})
+    jobs = _job_overrides(args)
+    swept = {_override_key(o) for job in jobs for o in job if any(o not in other for other in jobs)}
+    task = _Task(multirun=args.multirun, swept=swept, callbacks=callbacks, new_dirs={str(d) for d in new_dirs})
     try:
         _run_hydra(args=hydra_args, args_parser=parser, task_function=task, config_path=str(recipe_dir),
                    config_name=recipe_name)
