@@ -46,6 +46,7 @@ from longcat.train.optim import build_optimizer, width_scale
 from longcat.train.schedule import build_scheduler, lr_multiplier
 from longcat.train.sdc_check import SDCMonitor, SDCRollback, rollback_to_good_checkpoint
 from longcat.train.stability import StabilityMonitor, StabilitySums, local_routers
+from longcat.train.throughput import ThroughputMeter, max_memory_bytes, peak_tflops_per_device
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,10 @@ class Trainer:
         self.sdc = SDCMonitor(cfg.sdc, parallel=self.parallel, groups=self.groups,
                               checkpoint_root=self.out_dir / "checkpoints")
         self.guard = NonFiniteGuard(cfg.train.nonfinite_policy, world_group=self.groups.world_group)
+        self.throughput = ThroughputMeter(
+            cfg.model, global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_length,
+            world_size=self.groups.dims.world_size,
+            peak_tflops=peak_tflops_per_device(cfg.logging.peak_tflops, device=self.device, bf16=cfg.train.bf16))
         self._ep_dispatchers = [m.dispatcher for m in self.model.modules()
                                 if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllTokenDispatcher)]
         self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
@@ -369,9 +374,21 @@ class Trainer:
             metrics[f"moe/layer{layer}/load_max_over_mean"] = float(load_N.max() / load_N.mean().clamp(min=1e-9))
             metrics[f"moe/layer{layer}/expert_load"] = (load_N / tokens).tolist()
         metrics.update(result.stability)
+        ffn_per_token = [metrics[f"moe/layer{layer}/ffn_experts_per_token"] for layer in range(counts_LE.shape[0])]
+        metrics.update(self.throughput.metrics(
+            elapsed_s=elapsed_s, ffn_experts_per_token=sum(ffn_per_token) / max(len(ffn_per_token), 1)))
+        metrics["memory/max_gb"] = self._max_memory_bytes() / 1e9
         metrics.update(self.sdc.metrics())
         metrics["nonfinite/skipped_steps"] = self.guard.num_skipped
         return metrics
+
+    def _max_memory_bytes(self) -> float:
+        """The largest peak memory of any rank (CUDA allocator peak, or peak RSS on CPU), bytes."""
+        peak = torch.tensor([float(max_memory_bytes(self.device))], dtype=torch.float64)
+        if self.groups.dims.world_size > 1:
+            # [1] float64 -> all_reduce(max, world) -> [1]
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.groups.world_group)
+        return float(peak[0])
 
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``: each optimizer step, then the callbacks in their fixed order
