@@ -178,6 +178,7 @@ class Trainer:
                              "or choose a fresh train.out_dir")
         if latest is not None:
             self.load_checkpoint(latest)
+            self.sdc.after_resume(step=self.step)  # with SDC checks on: replicas compared after the first step
             logger.info("resumed from %s at step %d", latest, self.step)
         elif cfg.init_from:
             self.checkpoints.load(Path(cfg.init_from), model=self.parallel, optimizer=None,
@@ -219,7 +220,18 @@ class Trainer:
             "config": self.config_dict,
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write the checkpoint of this step; with SDC checks on, only from agreeing replicas
+        (``SDCMonitor.before_checkpoint``). Returns its folder, or None when ``sdc.policy=warn`` found the
+        replicas disagreeing (nothing written).
+
+        Raises:
+            SDCHaltError / SDCRollback: the replicas disagree under ``sdc.policy=halt`` / ``rollback``.
+        """
+        if not self.sdc.before_checkpoint(step=self.step):
+            logger.error("checkpoint of step %d not written: the replicas disagree (see the SDC report above)",
+                         self.step)
+            return None
         return self.checkpoints.save(self.step, model=self.parallel, optimizer=self.optimizer,
                                      trainer_state=self.trainer_state())
 
@@ -407,8 +419,11 @@ class Trainer:
             self.parallel.train(True)
             while self.step < self.cfg.train.steps and not state.stop:
                 if self._train_step_or_rollback(state):
-                    for callback in callbacks:
-                        callback.on_step_end(self, state)
+                    try:
+                        for callback in callbacks:
+                            callback.on_step_end(self, state)
+                    except SDCRollback as request:  # the replicas disagreed right before a checkpoint
+                        self._rollback(request, state)
             state.summary["final_step"] = self.step
             state.summary["metrics_file"] = str(state.sink.jsonl_path)
             state.summary["wandb_dir"] = str(state.sink.wandb_dir) if state.sink.wandb_dir else None
@@ -438,8 +453,12 @@ class Trainer:
         try:
             result = self.train_step()
         except SDCRollback as request:
-            rollback_to_good_checkpoint(self, request)
-            state.sink.rewind(self.step)
+            self._rollback(request, state)
             return False
         state.metrics = self.step_metrics(result, time.perf_counter() - start)
         return True
+
+    def _rollback(self, request: SDCRollback, state: FitState) -> None:
+        """Every rank reloads the last good checkpoint; metrics.jsonl is rewound to it."""
+        rollback_to_good_checkpoint(self, request)
+        state.sink.rewind(self.step)
