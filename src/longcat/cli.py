@@ -232,6 +232,7 @@ class _Task:
     def __init__(self, *, multirun: bool, swept: set[str], callbacks: Sequence[Callback], new_dirs: set[str]):
         self.multirun, self.swept, self.callbacks, self.new_dirs = multirun, swept, callbacks, new_dirs
         self.codes: list[int] = []
+        self.stopped_in: Optional[int] = None  # the sweep job a SIGTERM / Ctrl-C stopped
 
     def __call__(self, cfg: Any) -> int:
         from hydra.core.hydra_config import HydraConfig
@@ -242,13 +243,28 @@ class _Task:
         run_cfg.train.out_dir = cfg_dict["train"]["out_dir"] = out_dir
         if self.multirun:
             swept = [o for o in hydra_cfg.overrides.task if _override_key(o) in self.swept]
+            if self.stopped_in is not None:  # Hydra's launcher has no stop: pass over the remaining jobs
+                print(f"== job {hydra_cfg.job.num} skipped: the sweep was stopped in job {self.stopped_in}; "
+                      "rerun the same command to continue it (each job resumes)", flush=True)
+                return 0
             print(f"== job {hydra_cfg.job.num}: {' '.join(swept)} -> {out_dir}", flush=True)
         code = _train(run_cfg, cfg_dict, callbacks=self.callbacks)
+        if self.multirun and code == 0 and _stopped_early(Path(out_dir), steps=run_cfg.train.steps):
+            self.stopped_in = int(hydra_cfg.job.num)  # SIGTERM / Ctrl-C: checkpointed, stop the sweep too
         if code == 2 and out_dir in self.new_dirs:  # bad input: leave no folder behind, not even .hydra/
             shutil.rmtree(Path(out_dir) / str(hydra_cfg.output_subdir or ".hydra"), ignore_errors=True)
             _remove_if_empty(Path(out_dir))
         self.codes.append(code)
         return code
+
+
+def _stopped_early(out_dir: Path, *, steps: int) -> bool:
+    """A run that returned 0 with its newest checkpoint short of ``steps`` was preempted (the stop always
+    writes one)."""
+    from longcat.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(out_dir / "checkpoints")
+    return bool(found) and found[-1][0] < steps
 
 
 def _remove_if_empty(folder: Path) -> None:

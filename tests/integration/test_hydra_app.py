@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 
 import pytest
 import yaml
+from conftest import tiny_overrides
 
 import longcat.cli
 from longcat.cli import main
-from tests.conftest import tiny_overrides
+from longcat.train.callbacks import Callback
 
 
 @pytest.fixture
@@ -108,3 +111,25 @@ def test_multirun_under_torchrun_is_refused(quiet, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["-m", "optim.lr=0.001,0.003"]) == 2
     assert "--multirun under torchrun" in capsys.readouterr().err
+
+
+class _CtrlCOnce(Callback):
+    """Ctrl-C (SIGINT to this process) after the first step of the first job only."""
+
+    def __init__(self):
+        self.sent = False
+
+    def on_step_end(self, trainer, state):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_in_a_sweep_stops_the_sweep_with_the_job_checkpointed(corpus_cache, tmp_path, quiet, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *_short(corpus_cache, sweep, **{"train.steps": 3, "train.checkpoint_interval": 0}),
+            "optim.lr=0.001,0.003"]
+    assert main(args, callbacks=[_CtrlCOnce()]) == 0
+    out = capsys.readouterr().out
+    assert "preempted at step 1 of 3" in out and "== job 1 skipped: the sweep was stopped in job 0" in out, out
+    assert (sweep / "0" / "checkpoints" / "step_00000001").is_dir() and not (sweep / "1" / "checkpoints").exists()

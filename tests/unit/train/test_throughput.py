@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from longcat.config.schema import ModelConfig
 from longcat.model.flops import step_flops
 from longcat.train.metrics import console_line
 from longcat.train.throughput import ThroughputMeter, max_memory_bytes, peak_tflops_per_device
-from tests.conftest import tiny_overrides
 
 
 def _meter(peak: float, world_size: int = 2) -> ThroughputMeter:
