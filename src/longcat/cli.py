@@ -112,6 +112,8 @@ def _parse_args(argv: Sequence[str]) -> Args:
     try:
         parsed, unknown = parser.parse_known_intermixed_args(rest)
     except SystemExit as exc:  # argparse printed its message (e.g. --cfg with a wrong type)
+        if not exc.code:  # --version printed Hydra's version
+            raise
         raise ValueError(f"bad Hydra flags {' '.join(rest)} (see longcat-train --hydra-help)") from exc
     if unknown:
         flags = [*OWN_FLAGS, "--cfg", "-m/--multirun", "--info", "--config-name", "--config-dir", "--config-path",
@@ -329,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Callback] 
     except ValueError as exc:
         _print_errors(exc)
         return 2
+    except SystemExit:  # Hydra's --version, printed
+        return 0
     if args.help:
         _print_help()
         return 0

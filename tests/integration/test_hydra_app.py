@@ -80,16 +80,20 @@ def test_config_dir_and_config_name_choose_the_recipe(corpus_cache, tmp_path, qu
     assert "give one" in capsys.readouterr().err
 
 
-def test_hydra_flags(quiet, capsys):
+def test_hydra_flags(quiet, capsys, monkeypatch):
     assert main(["--cfg", "hydra"]) == 0
     hydra = yaml.safe_load(capsys.readouterr().out)["hydra"]
     assert hydra["run"]["dir"] == hydra["sweep"]["dir"] == "${train.out_dir}"
     assert main(["--cfg", "job", "train.steps=7"]) == 0
     assert "steps: 7" in capsys.readouterr().out
-    assert main(["--info", "searchpath"]) == 0
-    assert "/conf" in capsys.readouterr().out
     assert main(["-sc", "install=bash"]) == 0
     assert "hydra_bash_completion" in capsys.readouterr().out
+    monkeypatch.setenv("COMP_LINE", "longcat-train train.ste")
+    assert main(["-sc", "query=bash"]) == 0
+    assert capsys.readouterr().out.split() == ["train.steps="]
+    assert main(["--version"]) == 0
+    assert main(["--info", "searchpath"]) == 0  # last: Hydra's --info leaves a stdout log handler behind
+    assert "/conf" in capsys.readouterr().out
     assert main(["~logging", "--validate"]) == 0  # dropping a group's choice: the schema's defaults
 
 
