@@ -328,10 +328,16 @@ class LoggingConfig:
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False  # event files under <train.out_dir>/tensorboard (same metric names as wandb)
+    # TFLOP/s per device that MFU is measured against; 0 = the bf16 peak of a known CUDA GPU when
+    # train.bf16=true (longcat.train.throughput), else no MFU (TFLOP/s per device is always reported).
+    peak_tflops: float = 0.0
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise ValueError(f"logging.log_interval={self.log_interval} must be >= 1 (log every N steps)")
+        if self.peak_tflops < 0:
+            raise ValueError(f"logging.peak_tflops={self.peak_tflops} must be >= 0 (the device's peak TFLOP/s; "
+                             "0 = look the GPU up, or no MFU)")
 
 
 @dataclass

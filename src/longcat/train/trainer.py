@@ -48,6 +48,7 @@ from longcat.train.optim import build_optimizer, width_scale
 from longcat.train.schedule import build_scheduler, lr_multiplier
 from longcat.train.sdc_check import SDCMonitor, SDCRollback, rollback_to_good_checkpoint
 from longcat.train.stability import StabilityMonitor, StabilitySums, local_routers
+from longcat.train.throughput import ThroughputMeter, max_memory_bytes, peak_tflops_per_device
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ class Trainer:
         self.sdc = SDCMonitor(cfg.sdc, parallel=self.parallel, groups=self.groups,
                               checkpoint_root=self.out_dir / "checkpoints")
         self.guard = NonFiniteGuard(cfg.train.nonfinite_policy, world_group=self.groups.world_group)
+        self.throughput = ThroughputMeter(
+            cfg.model, global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_length,
+            world_size=self.groups.dims.world_size,
+            peak_tflops=peak_tflops_per_device(cfg.logging.peak_tflops, device=self.device, bf16=cfg.train.bf16))
         self._ep_dispatchers = [m.dispatcher for m in self.model.modules()
                                 if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllTokenDispatcher)]
         self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
@@ -181,6 +186,7 @@ class Trainer:
                              "or choose a fresh train.out_dir")
         if latest is not None:
             self.load_checkpoint(latest)
+            self.sdc.after_resume(step=self.step)  # with SDC checks on: replicas compared after the first step
             logger.info("resumed from %s at step %d", latest, self.step)
         elif cfg.init_from:
             self.checkpoints.load(Path(cfg.init_from), model=self.parallel, optimizer=None,
@@ -222,7 +228,18 @@ class Trainer:
             "config": self.config_dict,
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write the checkpoint of this step; with SDC checks on, only from agreeing replicas
+        (``SDCMonitor.before_checkpoint``). Returns its folder, or None when ``sdc.policy=warn`` found the
+        replicas disagreeing (nothing written).
+
+        Raises:
+            SDCHaltError / SDCRollback: the replicas disagree under ``sdc.policy=halt`` / ``rollback``.
+        """
+        if not self.sdc.before_checkpoint(step=self.step):
+            logger.error("checkpoint of step %d not written: the replicas disagree (see the SDC report above)",
+                         self.step)
+            return None
         return self.checkpoints.save(self.step, model=self.parallel, optimizer=self.optimizer,
                                      trainer_state=self.trainer_state())
 
@@ -408,9 +425,21 @@ class Trainer:
             metrics[f"moe/layer{layer}/load_max_over_mean"] = float(load_N.max() / load_N.mean().clamp(min=1e-9))
             metrics[f"moe/layer{layer}/expert_load"] = (load_N / tokens).tolist()
         metrics.update(result.stability)
+        ffn_per_token = [metrics[f"moe/layer{layer}/ffn_experts_per_token"] for layer in range(counts_LE.shape[0])]
+        metrics.update(self.throughput.metrics(
+            elapsed_s=elapsed_s, ffn_experts_per_token=sum(ffn_per_token) / max(len(ffn_per_token), 1)))
+        metrics["memory/max_gb"] = self._max_memory_bytes() / 1e9
         metrics.update(self.sdc.metrics())
         metrics["nonfinite/skipped_steps"] = self.guard.num_skipped
         return metrics
+
+    def _max_memory_bytes(self) -> float:
+        """The largest peak memory of any rank (CUDA allocator peak, or peak RSS on CPU), bytes."""
+        peak = torch.tensor([float(max_memory_bytes(self.device))], dtype=torch.float64)
+        if self.groups.dims.world_size > 1:
+            # [1] float64 -> all_reduce(max, world) -> [1]
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.groups.world_group)
+        return float(peak[0])
 
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``: each optimizer step, then the callbacks in their fixed order
@@ -429,8 +458,11 @@ class Trainer:
             self.parallel.train(True)
             while self.step < self.cfg.train.steps and not state.stop:
                 if self._train_step_or_rollback(state):
-                    for callback in callbacks:
-                        callback.on_step_end(self, state)
+                    try:
+                        for callback in callbacks:
+                            callback.on_step_end(self, state)
+                    except SDCRollback as request:  # the replicas disagreed right before a checkpoint
+                        self._rollback(request, state)
             state.summary["final_step"] = self.step
             state.summary["metrics_file"] = str(state.sink.jsonl_path)
             state.summary["wandb_dir"] = str(state.sink.wandb_dir) if state.sink.wandb_dir else None
@@ -460,8 +492,12 @@ class Trainer:
         try:
             result = self.train_step()
         except SDCRollback as request:
-            rollback_to_good_checkpoint(self, request)
-            state.sink.rewind(self.step)
+            self._rollback(request, state)
             return False
         state.metrics = self.step_metrics(result, time.perf_counter() - start)
         return True
+
+    def _rollback(self, request: SDCRollback, state: FitState) -> None:
+        """Every rank reloads the last good checkpoint; metrics.jsonl is rewound to it."""
+        rollback_to_good_checkpoint(self, request)
+        state.sink.rewind(self.step)
