@@ -22,13 +22,14 @@ The layouts of one world size run in one set of processes (start-up dominates on
     tp2xep2                     4     2   1   2   2  replicate   edp = 2
     pp2xep2                     4     1   2   2   2  replicate
     pp2xdp2                     4     1   2   1   2  replicate
+    tp2xdp2-fsdp                4     2   1   1   2  fsdp        FSDP2 shards of TP shards
     pp2xtp2-1f1b                4     2   2   1   1  replicate   vocab-parallel CE on the last stage
     pp2xtp2-sp-zbv              4     2   2   1   1  replicate   SP: stages exchange [B, S/tp, D]
     pp2xdp2-fsdp-interleaved    4     1   2   1   2  fsdp        each virtual stage its own FSDP root
     pp2xdp2xep2-fsdp-zbv        4     1   2   2   2  fsdp        the embedding both V ends share kept whole
 
 PP with TP (+SP) and with FSDP under the remaining schedules, with tied embeddings, run through the
-command line in test_pipeline_layouts.py.
+command line in test_pipeline_layouts.py, and all three together (8 ranks) there too.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ LAYOUTS_4 = [
     Layout("tp2xep2", tp=2, dp=2, ep=2),
     Layout("pp2xep2", pp=2, dp=2, ep=2),
     Layout("pp2xdp2", pp=2, dp=2),
+    Layout("tp2xdp2-fsdp", tp=2, dp=2, dp_mode="fsdp"),
     Layout("pp2xtp2-1f1b", pp=2, tp=2),
     Layout("pp2xtp2-sp-zbv", pp=2, tp=2, sequence_parallel=True, pp_schedule="zbv"),
     Layout("pp2xdp2-fsdp-interleaved", pp=2, dp=2, dp_mode="fsdp", pp_schedule="interleaved_1f1b"),

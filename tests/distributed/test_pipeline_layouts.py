@@ -12,6 +12,11 @@ relative:
 
 The other schedules of both combinations run (untied, through the trainer) in test_layouts.py;
 checkpoints saved under them resume under other layouts in test_checkpoint_reshard.py.
+
+All three at once, through the trainer (``longcat.testing.equivalence``) on 8 ranks, the same
+config with a global batch of 8:
+
+    pp2xtp2-sp-xdp2-fsdp-zbv  8     2   2   2  fsdp       zbv               FSDP2 over TP shards per stage
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 
-from longcat.testing.equivalence import max_relative_difference
+from longcat.config.compose import compose_run_config
+from longcat.testing.equivalence import Layout, max_relative_difference, merged_params, run_layouts, run_single
 from longcat.testing.jobs import run_cli
 
 RTOL = 1e-5
@@ -85,3 +92,19 @@ def test_cli_run_matches_single_process(name, corpus_cache, tmp_path, reference)
         print(f"{name}: {key} max relative difference {diff:.2e}")
         assert diff <= RTOL, (key, got, want)
     assert max_relative_difference([val[s] for s in sorted(val)], [ref_val[s] for s in sorted(ref_val)]) <= RTOL
+
+
+def test_pp_tp_sp_fsdp_on_8_ranks_matches_single_process(corpus_cache, tmp_path):
+    cfg, _ = compose_run_config("pretrain", _overrides(corpus_cache, tmp_path, **{"data.global_batch_size": 8}))
+    reference = run_single(cfg, num_steps=NUM_STEPS)
+    layout = Layout("pp2xtp2-sp-xdp2-fsdp-zbv", pp=2, tp=2, dp=2, dp_mode="fsdp", sequence_parallel=True,
+                    pp_schedule="zbv")
+    ranks = run_layouts(cfg, [layout], num_steps=NUM_STEPS, timeout_s=500)[layout.name]
+    for run in ranks:
+        assert run.losses == ranks[0].losses and run.grad_norms == ranks[0].grad_norms, f"rank {run.rank} differs"
+    assert max_relative_difference(ranks[0].losses, reference.losses) <= RTOL, (ranks[0].losses, reference.losses)
+    assert max_relative_difference(ranks[0].grad_norms, reference.grad_norms) <= RTOL
+    params = merged_params(ranks)
+    assert params.keys() == reference.params.keys()
+    for name, expected in reference.params.items():
+        torch.testing.assert_close(params[name], expected, rtol=0, atol=1e-4, msg=name)
