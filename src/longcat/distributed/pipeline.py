@@ -23,6 +23,12 @@ What the trainer does each step:
     grad norm over runner.grad_norm_parameters()      # the tied copy counted once
     optimizer.step()
 
+Under FSDP2 each stage module is its own ``fully_shard`` root (``PipelineStage`` sees an
+``FSDPModule``): the schedule then holds back the gradient reduce-scatter until a stage's last
+micro-batch backward and runs it once (no DP all-reduce for those parameters). ``eval_loss`` calls
+each stage module (``forward(..., evaluate=True)``) so its FSDP hooks gather the weights, and
+reshards every FSDP unit of the stages afterwards.
+
 Shape legend:
     B  micro-batch size
     S  sequence (S/tp between stages under sequence parallelism)

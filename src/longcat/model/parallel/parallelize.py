@@ -6,8 +6,9 @@
              the ScMoE overlap schedule and chunks                (longcat.model.parallel.expert_parallel)
       -> (activation checkpointing is a model flag, already set)
       -> PP: this rank's pipeline stages of whole layers           (longcat.model.parallel.pipeline)
-      -> DP: replicate (bucketed all-reduce) | fsdp (FSDP2) | deepspeed (ZeRO-1/2, built with the
-             optimizer: ``ParallelModel.attach_optimizer``)        (longcat.distributed.data_parallel)
+      -> DP: replicate (bucketed all-reduce) | fsdp (FSDP2; under PP one root per pipeline stage) |
+             deepspeed (ZeRO-1/2, built with the optimizer: ``ParallelModel.attach_optimizer``)
+                                                                   (longcat.distributed.data_parallel)
 
 The stages are cut after TP and EP because a stage keeps references to the modules it runs and TP
 replaces modules; cutting first would leave the stages with the unsharded ones.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -234,7 +235,9 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     fsdp_ignored: list[nn.Parameter] = []
     if dp_mode is DPMode.fsdp and dims.dp > 1:
         if pipeline is None:
-            fsdp_ignored = _apply_fsdp_to(local, layers=local.get_submodule("model.layers"), groups=groups)
+            layers = local.get_submodule("model.layers")
+            assert isinstance(layers, nn.ModuleList)  # the full model's
+            fsdp_ignored = _apply_fsdp_to(local, layers=layers, groups=groups)
         else:
             fsdp_ignored = _apply_fsdp_to_stages(pipeline, groups=groups)
 
@@ -258,14 +261,14 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     )
 
 
-def _apply_fsdp_to(root: nn.Module, *, layers: nn.Module, groups: ProcessGroups, reshard_after_forward: bool = True,
-                   keep_whole: Sequence[nn.Parameter] = ()) -> list[nn.Parameter]:
+def _apply_fsdp_to(root: nn.Module, *, layers: Iterable[nn.Module], groups: ProcessGroups,
+                   reshard_after_forward: bool = True, keep_whole: Sequence[nn.Parameter] = ()) -> list[nn.Parameter]:
     """FSDP2 over dp for ``root`` (the whole model, or one pipeline stage): each decoder layer of
     ``layers`` and the MTP head one unit, the rest the root unit. Experts are their own units over
     edp (their grads sum over edp, which under TP spans the tp ranks too); with edp = 1 they stay
     whole. Returns the parameters left unsharded (``apply_fsdp``)."""
     assert groups.dense_mesh is not None and groups.expert_mesh is not None  # ProcessGroups.build's, dp > 1
-    decoder_layers = as_decoder_layers(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+    decoder_layers = as_decoder_layers(layers)
     experts: list[nn.Module] = [layer.mlp.experts for layer in decoder_layers]
     mtp = getattr(root.get_submodule("model"), "mtp", None)
     blocks: list[nn.Module] = list(decoder_layers) + ([mtp] if mtp is not None else [])
@@ -296,8 +299,10 @@ def _apply_fsdp_to_stages(pipeline: PipelineRunner, *, groups: ProcessGroups) ->
             seen.add(id(param))
     ignored: list[nn.Parameter] = []
     for stage in pipeline.stages:
-        ignored += _apply_fsdp_to(stage, layers=stage.get_submodule("model.layers"), groups=groups,
-                                  reshard_after_forward=False, keep_whole=shared)
+        stage_layers = stage.get_submodule("model.layers")
+        assert isinstance(stage_layers, nn.ModuleDict)  # keyed by global layer index
+        ignored += _apply_fsdp_to(stage, layers=stage_layers.values(), groups=groups, reshard_after_forward=False,
+                                  keep_whole=shared)
     unique = {id(p): p for p in ignored}
     return list(unique.values())
 
