@@ -23,8 +23,15 @@ The layouts of one world size run in one set of processes (start-up dominates on
     tp2xep2                     4     2   1   2   2  replicate   edp = 2
     pp2xep2                     4     1   2   2   2  replicate
     pp2xdp2                     4     1   2   1   2  replicate
-    cp2xtp2                     4     2   1   1   1  replicate   cp=2, heads over tp in each cp rank
+    tp2xdp2-fsdp                4     2   1   1   2  fsdp        FSDP2 shards of TP shards
+    pp2xtp2-1f1b                4     2   2   1   1  replicate   vocab-parallel CE on the last stage
+    pp2xtp2-sp-zbv              4     2   2   1   1  replicate   SP: stages exchange [B, S/tp, D]
+    pp2xdp2-fsdp-interleaved    4     1   2   1   2  fsdp        each virtual stage its own FSDP root
+    pp2xdp2xep2-fsdp-zbv        4     1   2   2   2  fsdp        the embedding both V ends share kept whole
     pp2xcp2-zbv                 4     1   2   1   1  replicate   cp=2, ZB-V pipeline of cp stages
+
+PP with TP (+SP) and with FSDP under the remaining schedules, with tied embeddings, run through the
+command line in test_pipeline_layouts.py, and all three together (8 ranks) there too.
 """
 
 from __future__ import annotations
@@ -64,7 +71,11 @@ LAYOUTS_4 = [
     Layout("tp2xep2", tp=2, dp=2, ep=2),
     Layout("pp2xep2", pp=2, dp=2, ep=2),
     Layout("pp2xdp2", pp=2, dp=2),
-    Layout("cp2xtp2", cp=2, tp=2),
+    Layout("tp2xdp2-fsdp", tp=2, dp=2, dp_mode="fsdp"),
+    Layout("pp2xtp2-1f1b", pp=2, tp=2),
+    Layout("pp2xtp2-sp-zbv", pp=2, tp=2, sequence_parallel=True, pp_schedule="zbv"),
+    Layout("pp2xdp2-fsdp-interleaved", pp=2, dp=2, dp_mode="fsdp", pp_schedule="interleaved_1f1b"),
+    Layout("pp2xdp2xep2-fsdp-zbv", pp=2, dp=2, ep=2, dp_mode="fsdp", pp_schedule="zbv"),
     Layout("pp2xcp2-zbv", pp=2, cp=2, pp_schedule="zbv"),
 ]
 ALL = LAYOUTS_2 + LAYOUTS_4
@@ -92,7 +103,7 @@ def reference(cfg):
 @pytest.fixture(scope="module")
 def runs(cfg, reference):
     out = run_layouts(cfg, LAYOUTS_2, num_steps=NUM_STEPS, timeout_s=400)
-    out.update(run_layouts(cfg, LAYOUTS_4, num_steps=NUM_STEPS, timeout_s=300))
+    out.update(run_layouts(cfg, LAYOUTS_4, num_steps=NUM_STEPS, timeout_s=500))
     return out
 
 

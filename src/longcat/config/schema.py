@@ -279,10 +279,9 @@ class ParallelConfig:
 
         Raises:
             ValueError: see ``config.layout.resolve_dp``; DeepSpeed with tp/ep/pp/cp or a ZeRO stage other
-                than 1 or 2; pp with tp; pp with FSDP; cp with FSDP or with sequence parallelism;
-                moe_chunks < 1; pp_microbatches < 0.
+                than 1 or 2; cp with FSDP or with sequence parallelism; moe_chunks < 1; pp_microbatches < 0.
         """
-        dp = self.resolved_dp(world_size)
+        self.resolved_dp(world_size)  # raises on degrees that do not fit
         dp_mode = DPMode(self.dp_mode)
         if self.cp > 1 and dp_mode is not DPMode.replicate:
             raise ValueError(
@@ -303,15 +302,6 @@ class ParallelConfig:
         if dp_mode is DPMode.deepspeed and self.zero_stage not in (1, 2):
             raise ValueError(f"parallel.zero_stage={self.zero_stage}: use 1 or 2 with dp_mode=deepspeed (stage 3 "
                              "shards parameters; use parallel.dp_mode=fsdp for that)")
-        if self.pp > 1 and self.tp > 1:
-            raise ValueError(
-                f"parallel.pp={self.pp} with parallel.tp={self.tp} is not supported yet: the pipeline's last stage "
-                "takes a plain cross-entropy of the LM head, which is vocab-sharded under TP; use pp with ep/dp, or "
-                "tp without pp")
-        if self.pp > 1 and dp_mode is DPMode.fsdp and dp > 1:
-            raise ValueError(
-                f"parallel.pp={self.pp} with parallel.dp_mode=fsdp is not supported yet (the stages would need their "
-                "own FSDP roots); use parallel.dp_mode=replicate with pp")
 
 
 @dataclass

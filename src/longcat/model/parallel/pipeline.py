@@ -100,8 +100,9 @@ class _StageModules(nn.Module):
 class PipelineStageModule(StageModule):
     """One pipeline stage of a ``LongcatFlashForCausalLM`` (see the module docstring).
 
-    forward(x, *, input_ids, token_mask, labels[, position_ids, mtp_labels, mtp_input_ids]):
-        x: first stage int64 [B, S] token ids; other stages the previous stage's output [B, S, D].
+    forward(x, *, input_ids, token_mask, labels[, position_ids, mtp_labels, mtp_input_ids][, evaluate]):
+        x: first stage int64 [B, S] token ids; other stages the previous stage's output [B, S, D]
+        ([B, S/tp, D] under sequence parallelism). ``evaluate=True``: ``evaluate``'s result instead.
         Returns [B, S, D] (non-last stage, with this stage's load-balance loss attached for backward)
         or the micro-batch's fp32 [] objective (last stage).
     The keyword tensors ([B, S] each) reach every stage: token_mask (MoE statistics, z-loss),
@@ -136,6 +137,9 @@ class PipelineStageModule(StageModule):
             # Under TP: vocab-sharded logits, and (SP) the gather of the sequence-sharded last hidden.
             self.logits_vocab_parallel = model.logits_vocab_parallel
             self.last_hidden_region = model.last_hidden_region
+            # A tied LM head whose table also embeds the MTP head's input: see StageModule.split_backward.
+            self.split_backward = not (model.model.mtp is not None
+                                       and model.lm_head.weight is model.model.embed_tokens.weight)
 
     # ---------------------------------------------------------------- pieces
     def trunk(self, x: torch.Tensor, *, input_ids_BS: torch.Tensor, token_mask_BS: torch.Tensor,
@@ -175,7 +179,10 @@ class PipelineStageModule(StageModule):
     # ---------------------------------------------------------------- training forward
     def forward(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None, mtp_labels: Optional[torch.Tensor] = None,
-                mtp_input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mtp_input_ids: Optional[torch.Tensor] = None, evaluate: bool = False) -> torch.Tensor:
+        if evaluate:
+            return self.evaluate(x, input_ids=input_ids, token_mask=token_mask, labels=labels,
+                                 position_ids=position_ids)
         h_BSD, cos_BSP, sin_BSP, stats = self.trunk(x, input_ids_BS=input_ids, token_mask_BS=token_mask,
                                                     position_ids_BS=position_ids)
         # Recorded here, outside any checkpointed region: a recompute in backward cannot add to them.
