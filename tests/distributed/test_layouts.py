@@ -20,6 +20,7 @@ The layouts of one world size run in one set of processes (start-up dominates on
     pp2-interleaved_1f1b        2     1   2   1   1  replicate   2 stages per rank
     pp2-zbv                     2     1   2   1   1  replicate   V placement, split backward
     cp2xep2                     2     1   1   2   1  replicate   cp=2, experts folded over cp
+    cp2-fsdp                    2     1   1   1   1  fsdp        cp=2, FSDP2 shards over the cp ranks
     tp2xep2                     4     2   1   2   2  replicate   edp = 2
     pp2xep2                     4     1   2   2   2  replicate
     pp2xdp2                     4     1   2   1   2  replicate
@@ -63,6 +64,7 @@ LAYOUTS_2 = [
     Layout("pp2-interleaved_1f1b", pp=2, pp_schedule="interleaved_1f1b"),
     Layout("pp2-zbv", pp=2, pp_schedule="zbv"),
     Layout("cp2xep2", cp=2, ep=2),
+    Layout("cp2-fsdp", cp=2, dp_mode="fsdp"),
     # DeepSpeed last: its engine sets process-wide state of its own.
     Layout("dp2-deepspeed-z2", dp=2, dp_mode="deepspeed", zero_stage=2),
     Layout("dp2-deepspeed-z1-offload", dp=2, dp_mode="deepspeed", zero_stage=1, offload_optimizer=True),

@@ -279,14 +279,14 @@ class ParallelConfig:
 
         Raises:
             ValueError: see ``config.layout.resolve_dp``; DeepSpeed with tp/ep/pp/cp or a ZeRO stage other
-                than 1 or 2; cp with FSDP or with sequence parallelism; moe_chunks < 1; pp_microbatches < 0.
+                than 1 or 2; cp with DeepSpeed or with sequence parallelism; moe_chunks < 1; pp_microbatches < 0.
         """
         self.resolved_dp(world_size)  # raises on degrees that do not fit
         dp_mode = DPMode(self.dp_mode)
-        if self.cp > 1 and dp_mode is not DPMode.replicate:
+        if self.cp > 1 and dp_mode is DPMode.deepspeed:
             raise ValueError(
-                f"parallel.cp={self.cp} with parallel.dp_mode={dp_mode.value} is not supported yet (FSDP / ZeRO "
-                "would shard over dp x cp); use parallel.dp_mode=replicate with context parallelism")
+                f"parallel.cp={self.cp} with parallel.dp_mode=deepspeed is not supported (DeepSpeed partitions over "
+                "its own dp group only); use parallel.dp_mode=fsdp (shards over dp x cp) or replicate")
         if self.cp > 1 and self.sequence_parallel and self.tp > 1:
             raise ValueError(
                 f"parallel.cp={self.cp} with parallel.sequence_parallel=true is not supported: context parallelism "

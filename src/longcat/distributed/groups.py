@@ -126,6 +126,8 @@ class ProcessGroups:
         dp_cp_group: dp x cp together (the ``dp_group`` itself when cp = 1): the ranks whose tokens make
             up one step of a model replica, over which dense gradients, token counts and router
             statistics are summed.
+        dp_cp_mesh: the 1-D ``DeviceMesh`` of ``dp_cp_group`` (dim ``"dp"``, ``"cp"`` or the flattened
+            ``"dp_cp"``), over which FSDP2 shards the dense parameters; None from ``single()``.
     """
 
     dims: ParallelDims
@@ -140,6 +142,7 @@ class ProcessGroups:
     edp_group: dist.ProcessGroup
     cp_group: dist.ProcessGroup
     dp_cp_group: dist.ProcessGroup
+    dp_cp_mesh: Optional[DeviceMesh] = None
 
     @classmethod
     def build(cls, dims: ParallelDims, *, device_type: Optional[str] = None) -> ProcessGroups:
@@ -178,11 +181,12 @@ class ProcessGroups:
         dense_mesh = init_device_mesh(device_type, dims.dense_mesh_shape, mesh_dim_names=("pp", "dp", "cp", "tp"))
         expert_mesh = init_device_mesh(device_type, dims.expert_mesh_shape, mesh_dim_names=("pp", "edp", "ep"))
         if dims.cp == 1:
-            dp_cp_group = dense_mesh.get_group("dp")
+            dp_cp_mesh = dense_mesh["dp"]
         elif dims.dp == 1:
-            dp_cp_group = dense_mesh.get_group("cp")
+            dp_cp_mesh = dense_mesh["cp"]
         else:  # a collective over the world, like the meshes
-            dp_cp_group = dense_mesh["dp", "cp"]._flatten("dp_cp").get_group()
+            dp_cp_mesh = dense_mesh["dp", "cp"]._flatten("dp_cp")
+        dp_cp_group = dp_cp_mesh.get_group()
         groups = cls(
             dims=dims,
             layout=rank_layout(dims, dist.get_rank(world_group)),
@@ -196,6 +200,7 @@ class ProcessGroups:
             edp_group=expert_mesh.get_group("edp"),
             cp_group=dense_mesh.get_group("cp"),
             dp_cp_group=dp_cp_group,
+            dp_cp_mesh=dp_cp_mesh,
         )
         groups._check_against_layout()
         return groups

@@ -19,7 +19,8 @@ micro-batches per step on this rank, ``L`` its decoder layers.
 - DP (``dp`` group; ``dp x cp`` once CP exists) and EDP (``edp``): replicate sums the fp32 grads
   once per step (an all-reduce of the dense / expert shard); FSDP all-gathers the fp32 weights in
   forward and again in backward and reduce-scatters the grads (per micro-batch: FSDP2 reshards after
-  each forward).
+  each forward); under PP the units stay gathered for the whole step (one all-gather and one
+  reduce-scatter per unit and step); parameters FSDP leaves whole are all-reduced as under replicate.
 - PP (``pp`` group): every stage boundary sends ``[B, S/cp, D]`` (activation dtype) forward and its
   gradient back, per micro-batch and per stage this rank holds that is not the pipeline's end.
 """
@@ -91,8 +92,11 @@ def step_traffic(run_cfg: RunConfig, shard: RankShard, *, k_e: float, view: Plan
     experts = shard.params.experts
     dp_n, edp_n = view.dense_grad_group, dims.edp
     if shard.sharded_over_dp:  # local counts are shards: the full units are n times larger
-        dp_bytes = 3 * _frac(dp_n) * dense * dp_n * FP32 * M
-        edp_bytes = 3 * _frac(edp_n) * experts * edp_n * FP32 * M
+        ops, rounds = (2, 1) if dims.pp > 1 else (3, M)  # under PP: gathered once per step (reshard_after_forward off)
+        sharded_dense = max(0, dense - shard.whole_params)
+        dp_bytes = (ops * _frac(dp_n) * sharded_dense * dp_n * FP32 * rounds
+                    + 2 * _frac(dp_n) * shard.whole_params * FP32)
+        edp_bytes = ops * _frac(edp_n) * experts * edp_n * FP32 * rounds
         out.append(GroupTraffic("dp", dp_n, dp_bytes, dp_bytes * 2 / 3))
         out.append(GroupTraffic("edp", edp_n, edp_bytes, edp_bytes * 2 / 3))
     else:

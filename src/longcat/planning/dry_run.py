@@ -212,7 +212,10 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
     flops = step_flops(run_cfg.model, batch_size=run_cfg.data.global_batch_size, seq_len=run_cfg.data.seq_length,
                        ffn_experts_per_token=k_e)
     reserved = device.reserved_gib * GIB if device else 0.0
-    peak = state.total + acts.peak + reserved
+    # FSDP under PP keeps every unit of this rank's stages gathered for the step (fp32 weights)
+    gathered = FP32 * max(0, shard.gathered_params - (shard.params.total - shard.whole_params)) \
+        if shard.sharded_over_dp and shard.dims.pp > 1 else 0
+    peak = state.total + acts.peak + reserved + gathered
     timing = None
     problems: list[str] = []
     if device is not None:
@@ -231,7 +234,7 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
                         f"rank's shards ({state.optimizer / GIB:.1f} GiB); sharded over the gradient groups "
                         f"(dense over {view.dense_grad_group}, experts over edp {shard.dims.edp}) it would be "
                         f"{zero1 / GIB:.1f} GiB, peak {(peak - state.optimizer + zero1) / GIB:.1f} GiB"
-                        + (" (FSDP with PP is not supported yet)" if shard.dims.pp > 1 else " (parallel.dp_mode=fsdp)"))
+                        + " (parallel.dp_mode=fsdp)")
     return DryRunReport(world_size=world_size, layout=_layout(run_cfg, shard, view), shard=shard,
                         model=model_totals(run_cfg), state=state, activations=acts, traffic=traffic,
                         step_model_flops=flops.total_flops, device=device, time=timing, peak_bytes=peak, view=view,

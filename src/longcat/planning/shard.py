@@ -77,9 +77,13 @@ class RankShard:
         first_stage, last_stage: it holds the embedding lookup / the LM head, loss and MTP head.
         params: local parameter scalars by kind (shards: what this rank stores).
         num_param_tensors: local parameter tensors (AdamW keeps one 0-d step tensor per tensor).
-        sharded_over_dp: ``dp_mode=fsdp`` with dp > 1 (FSDP2 shards weights, grads and optimizer state).
+        sharded_over_dp: ``dp_mode=fsdp`` with dp x cp > 1 (FSDP2 shards weights, grads and optimizer state).
         model_params: parameters of the whole, unsharded model.
         num_microbatches: micro-batches per optimizer step on this dp rank.
+        whole_params: under FSDP, local scalars FSDP left unsharded (e.g. ZB-V's shared embedding;
+            their grads are all-reduced).
+        gathered_params: under FSDP, scalars of this rank's FSDP units once all-gathered (each unit's
+            full size before the dp / edp split): what a rank holds while a unit is gathered.
     """
 
     rank: int
@@ -95,6 +99,8 @@ class RankShard:
     sharded_over_dp: bool
     model_params: int
     num_microbatches: int
+    whole_params: int = 0
+    gathered_params: int = 0
 
 
 @contextlib.contextmanager
@@ -144,10 +150,15 @@ def build_rank_shard(run_cfg: RunConfig, *, world_size: int, rank: int) -> RankS
         parallel = parallelize(model, groups=groups, options=run_cfg.parallel, num_microbatches=accum,
                                objective=objective)
         split = ParamSplit()
+        whole = gathered = 0
         for placement in parallel.placements:
             param = placement.param
             local = param.to_local() if isinstance(param, DTensor) else param
             split = split.add(param_kind(placement.name), local.numel())
+            if isinstance(param, DTensor):
+                gathered += param.numel()  # the unit's size before FSDP's split
+            else:
+                whole += local.numel()
         first_stage = last_stage = True
         local_layers = tuple(range(run_cfg.model.num_layers))
         if parallel.pipeline is not None:
@@ -159,5 +170,5 @@ def build_rank_shard(run_cfg: RunConfig, *, world_size: int, rank: int) -> RankS
             rank=rank, dims=dims, pp_rank=groups.pp_rank, tp_rank=groups.tp_rank, ep_rank=groups.ep_rank,
             local_layers=local_layers, first_stage=first_stage, last_stage=last_stage, params=split,
             num_param_tensors=len(parallel.placements),
-            sharded_over_dp=DPMode(run_cfg.parallel.dp_mode) is DPMode.fsdp and dims.dp > 1,
-            model_params=model_params, num_microbatches=accum)
+            sharded_over_dp=DPMode(run_cfg.parallel.dp_mode) is DPMode.fsdp and dims.dp * dims.cp > 1,
+            model_params=model_params, num_microbatches=accum, whole_params=whole, gathered_params=gathered)

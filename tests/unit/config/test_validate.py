@@ -24,7 +24,6 @@ def _cfg(*overrides: str):
     (4, ["parallel.cp=3"], r"world_size=4 is not divisible by pp\*cp\*tp=3"),
     (2, ["parallel=cp2", "data.seq_length=126"], r"data.seq_length=126 is not divisible by 2\*parallel.cp=4: .*"
                                                   r"data.seq_length=124 or 128"),
-    (2, ["parallel=cp2", "parallel.dp_mode=fsdp"], r"parallel.cp=2 with parallel.dp_mode=fsdp is not supported yet"),
     (2, ["parallel=cp2", "parallel.dp_mode=deepspeed"], r"parallel.cp=2 with parallel.dp_mode=deepspeed"),
     (4, ["parallel=cp2", "parallel.tp=2", "parallel.sequence_parallel=true"],
      r"parallel.cp=2 with parallel.sequence_parallel=true is not supported"),
@@ -66,6 +65,7 @@ def test_each_check_names_the_value_and_the_fix(world_size, overrides, needle):
     (2, ["parallel=tp2"]), (2, ["parallel=deepspeed2"]), (4, ["parallel=tp2_ep2"]),
     (4, ["parallel=pp2_ep2", "data.global_batch_size=32"]), (2, ["parallel=cp2"]), (2, ["parallel=cp2_ep2"]),
     (4, ["parallel=cp2", "parallel.tp=2"]), (4, ["parallel=cp2_ep2", "parallel.pp=2", "data.global_batch_size=32"]),
+    (2, ["parallel=cp2", "parallel.dp_mode=fsdp"]), (4, ["parallel=cp2", "parallel.dp=2", "parallel.dp_mode=fsdp"]),
     (4, ["parallel=pp2_tp2"]), (4, ["parallel=pp2_fsdp2", "data.global_batch_size=32"]),
     (8, ["parallel=pp2_tp2", "parallel.dp=2", "parallel.dp_mode=fsdp", "parallel.ep=2", "data.global_batch_size=32"]),
 ])

@@ -143,3 +143,21 @@ def test_paper_layout_with_cp_fits_once_the_optimizer_state_is_sharded():
     with_zero1 = report.peak_bytes - report.state.optimizer + report.distributed_optimizer_bytes
     assert with_zero1 < 60 * 2**30
     assert any(p.startswith("why: parallel.dp_mode=replicate") for p in report.problems)
+
+
+def test_paper_layout_fits_60_gib_with_cp_and_fsdp():
+    """The paper's layout as the stack runs it: CP=8 inside EP=32, ZB-V, FSDP2 over dp x cp. It fits
+    under 60 GiB with the stage's units gathered for the whole step (FSDP under PP), and FSDP's traffic
+    is one all-gather + one reduce-scatter per unit and step, not per micro-batch."""
+    overrides = [o.replace("data.global_batch_size=3584", "data.global_batch_size=1024") for o in PAPER_LAYOUT]
+    replicate = dry_run(_cfg(*overrides, "parallel.cp=8"), world_size=1792, rank=0, device=load_device("H800"),
+                        memory_limit_gib=60)
+    fsdp = dry_run(_cfg(*overrides, "parallel.cp=8", "parallel.dp_mode=fsdp"), world_size=1792, rank=0,
+                   device=load_device("H800"), memory_limit_gib=60)
+    assert not replicate.fits and fsdp.fits, fsdp.problems
+    assert fsdp.shard.sharded_over_dp and fsdp.shard.whole_params > 0  # ZB-V's shared embedding stays whole
+    gathered = 4 * (fsdp.shard.gathered_params + fsdp.shard.whole_params)
+    assert fsdp.peak_bytes > fsdp.state.total + fsdp.activations.peak  # the gathered units are counted
+    assert gathered <= replicate.state.weights + 4 * fsdp.shard.whole_params
+    dp = fsdp.traffic.by_group()["dp"].bytes
+    assert dp < 2 * replicate.traffic.by_group()["dp"].bytes, dp

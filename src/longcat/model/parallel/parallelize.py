@@ -239,7 +239,7 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     inner = _inner_shards(local, groups)
 
     fsdp_ignored: list[nn.Parameter] = []
-    if dp_mode is DPMode.fsdp and dims.dp > 1:
+    if dp_mode is DPMode.fsdp and dims.dp * dims.cp > 1:
         if pipeline is None:
             layers = local.get_submodule("model.layers")
             assert isinstance(layers, nn.ModuleList)  # the full model's
@@ -269,7 +269,7 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
 
 def _apply_fsdp_to(root: nn.Module, *, layers: Iterable[nn.Module], groups: ProcessGroups,
                    reshard_after_forward: bool = True, keep_whole: Sequence[nn.Parameter] = ()) -> list[nn.Parameter]:
-    """FSDP2 over dp for ``root`` (the whole model, or one pipeline stage): each decoder layer of
+    """FSDP2 over dp (x cp) for ``root`` (the whole model, or one pipeline stage): each decoder layer of
     ``layers`` and the MTP head one unit, the rest the root unit. Experts are their own units over
     edp (their grads sum over edp, which under TP spans the tp ranks too); with edp = 1 they stay
     whole. Returns the parameters left unsharded (``apply_fsdp``)."""
@@ -278,7 +278,8 @@ def _apply_fsdp_to(root: nn.Module, *, layers: Iterable[nn.Module], groups: Proc
     experts: list[nn.Module] = [layer.mlp.experts for layer in decoder_layers]
     mtp = getattr(root.get_submodule("model"), "mtp", None)
     blocks: list[nn.Module] = list(decoder_layers) + ([mtp] if mtp is not None else [])
-    return apply_fsdp(root, blocks=blocks, dp_mesh=groups.dense_mesh["dp"], expert_modules=experts,
+    assert groups.dp_cp_mesh is not None
+    return apply_fsdp(root, blocks=blocks, dp_mesh=groups.dp_cp_mesh, expert_modules=experts,
                       expert_mesh=groups.expert_mesh["edp"], reshard_after_forward=reshard_after_forward,
                       keep_whole=keep_whole)
 
@@ -367,7 +368,10 @@ def _dtensor_sharded_dims(param: torch.Tensor) -> set[str]:
     if not isinstance(param, DTensor):
         return set()
     names = param.device_mesh.mesh_dim_names or ()
-    return {name for name, pl in zip(names, param.placements) if pl.is_shard()}
+    sharded = {name for name, pl in zip(names, param.placements) if pl.is_shard()}
+    if "dp_cp" in sharded:  # FSDP over the flattened dp x cp mesh
+        sharded |= {"dp", "cp"}
+    return sharded
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -385,15 +389,17 @@ def _global_view(param: torch.Tensor, inner: _InnerShard, *,
     """
     mesh_root = groups.dense_mesh if inner.group == "tp" else groups.expert_mesh
     assert mesh_root is not None  # tp / ep > 1: ProcessGroups.build made the meshes
-    outer_name = "dp" if inner.group == "tp" else "edp"
     shape = torch.Size(inner.global_shape)
     stride = torch.empty(shape, device="meta").stride()
     placements: list[Placement]
     if not isinstance(param, DTensor):
         mesh, placements = mesh_root[inner.group], [Shard(inner.dim)]
     else:
-        assert param.device_mesh.mesh_dim_names == (outer_name,) and param.placements == (Shard(0),), (
-            param.device_mesh, param.placements)
+        # FSDP's 1-D mesh: dp (or cp, or the flattened dp_cp, under CP) for dense params, edp for experts
+        outer_names = param.device_mesh.mesh_dim_names or ()
+        outer_name = outer_names[0] if len(outer_names) == 1 else ""
+        expected = ("dp", "cp", "dp_cp") if inner.group == "tp" else ("edp",)
+        assert outer_name in expected and param.placements == (Shard(0),), (param.device_mesh, param.placements)
         mesh = mesh_root[outer_name, inner.group]
         outer = _StridedShard(0, split_factor=inner.size) if inner.dim == 0 else Shard(0)
         placements = [outer, Shard(inner.dim)]
