@@ -41,7 +41,7 @@ corpus: venv
 
 # The default run on $(NPROC) processes, experts split over them (ep = NPROC; the README has the command).
 train: corpus
-	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m longcat.train recipe=pretrain parallel.ep=$(NPROC) $(TRAIN_ARGS)
+	$(PY) -m longcat.torchrun --nproc-per-node $(NPROC) -m longcat.train recipe=pretrain parallel.ep=$(NPROC) $(TRAIN_ARGS)
 	$(PY) tools/plot_metrics.py --metrics runs/pretrain/metrics.jsonl --output runs/pretrain/plots
 
 # Re-resolve the lock in a scratch venv: newest versions within setup.py's ranges (torch stays at

@@ -31,5 +31,5 @@ setup(
                  "transformers>=5.0,<6", "deepspeed>=0.19,<0.20"],
         "dev": ["ruff>=0.15,<1", "mypy>=1.10,<3", "import-linter>=2.1,<3"],
     },
-    entry_points={"console_scripts": ["longcat-train=longcat.cli:main"]},
+    entry_points={"console_scripts": ["longcat-train=longcat.cli:main", "longcat-torchrun=longcat.torchrun:main"]},
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -179,5 +180,21 @@ def test_ctrl_c_under_torchrun_stops_every_rank_once_with_one_preempted_message(
     assert len(PREEMPTED.findall(log)) == 1, log[-3000:]
     assert log.count("received SIGINT") == WORLD and "KeyboardInterrupt" not in log, log[-3000:]
     assert log.count("Traceback") == 1 and "failed (exitcode" not in log, log[-3000:]  # torchrun's own only
+    stop_step = int(PREEMPTED.search(log).group(1))
+    assert check_checkpoint_folder(out / "checkpoints", world_size=WORLD).complete_steps == (stop_step,)
+
+
+def test_ctrl_c_under_longcat_torchrun_exits_0_with_one_preempted_message(corpus_cache, tmp_path):
+    """The same Ctrl-C under ``longcat-torchrun`` (torchrun's own ``run`` with the workers' exit codes
+    recorded): every worker checkpointed and exited 0, so the job exits 0, without torchrun's traceback."""
+    out = tmp_path / "run"
+    overrides = _overrides(corpus_cache, out, **{"train.steps": 100_000, "train.checkpoint_interval": 1000,
+                                                 "train.preempt_timeout_s": 20})
+    job = TorchrunJob.launch(overrides, log_path=tmp_path / "run.log", nproc=WORLD,
+                             launcher=[sys.executable, "-m", "longcat.torchrun"])
+    rc, log, _ = _signal_after_steps(job, out, 2, lambda: os.killpg(job.proc.pid, signal.SIGINT))
+    assert rc == 0, log[-3000:]
+    assert len(PREEMPTED.findall(log)) == 1 and "Traceback" not in log, log[-3000:]
+    assert f"stopped by SIGINT: all {WORLD} local worker(s) checkpointed and exited 0" in log, log[-3000:]
     stop_step = int(PREEMPTED.search(log).group(1))
     assert check_checkpoint_folder(out / "checkpoints", world_size=WORLD).complete_steps == (stop_step,)

@@ -103,10 +103,12 @@ class TorchrunJob(_Job):
     @classmethod
     def launch(cls, overrides: Sequence[str], *, log_path: Path, nproc: int = 2, max_restarts: int = 0,
                env: Optional[Mapping[str, str]] = None, torchrun_args: Sequence[str] = (),
-               faults: Optional[FaultPlan] = None) -> TorchrunJob:
-        torchrun = Path(sys.executable).with_name("torchrun")
+               faults: Optional[FaultPlan] = None, launcher: Optional[Sequence[str]] = None) -> TorchrunJob:
+        """``launcher``: the command before torchrun's arguments (default: this interpreter's
+        ``torchrun``; e.g. ``[sys.executable, "-m", "longcat.torchrun"]``)."""
+        torchrun = list(launcher) if launcher else [str(Path(sys.executable).with_name("torchrun"))]
         entry = ["longcat.testing.fault_train", *faults.to_args()] if faults else ["longcat.train"]
-        cmd = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        cmd = [*torchrun, "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
                "--monitor-interval=0.1", *torchrun_args, "-m", *entry, *overrides]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker_env(env),
