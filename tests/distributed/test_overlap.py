@@ -2,7 +2,9 @@
 
 Distributed (gloo, ep=2 on 2 ranks, a tiny 2-layer ``LongcatFlashForCausalLM``): forward + backward
 of the whole model with overlap off / on and 1 / 2 chunks (and activation checkpointing) give
-bit-identical losses, logits and gradients; the forward and the backward really put the dense
+bit-identical losses, logits and gradients; 2 chunks split by token (the paper's split) agree to
+rounding and are bit-identical across schedules; the all-gather dispatcher is bit-identical with overlap
+on and off; the forward and the backward really put the dense
 branch between each exchange's launch and its wait; the wait recorder books every wait.
 Single process: the chunked dispatcher on a size-1 group equals the local one bit for bit.
 
@@ -46,6 +48,10 @@ SCHEDULES = [  # (overlap_moe_comm, moe_chunks, activation_checkpointing); the f
     (False, 2, False),
     (True, 2, True),
 ]
+# Token chunks (the paper's split): each chunk's grouped GEMM has fewer rows, and a GEMM kernel's row
+# depends on the row count on CPU, so they agree with no chunks to rounding (see ``token_chunked``);
+# among themselves the schedule never changes the bits.
+TOKEN_SCHEDULES = [(True, 2, False), (False, 2, False), (True, 2, True)]
 
 
 def _gen(seed):
@@ -74,11 +80,12 @@ def _batch(rank):
     return ids_BS, labels_BS, w_E, mask_BS
 
 
-def _train_step(model, groups, *, overlap_on, chunks, checkpointing, recorder=None):
+def _train_step(model, groups, *, overlap_on, chunks, checkpointing, recorder=None, chunk_dim="expert",
+                dispatcher="alltoall"):
     """One forward + backward of ``model`` (parallelised here, in place) on this dp rank's batch."""
     model.model.activation_checkpointing = checkpointing
-    apply_expert_parallel(model, groups=groups)
-    apply_moe_overlap(model, overlap=overlap_on, num_chunks=chunks)
+    apply_expert_parallel(model, groups=groups, dispatcher=dispatcher)
+    apply_moe_overlap(model, overlap=overlap_on, num_chunks=chunks, chunk_dim=chunk_dim)
     ids_BS, labels_BS, w_E, mask_BS = _batch(groups.dp_rank)
     recorder = overlap.CommWaitRecorder() if recorder is None else recorder
     with overlap.record_comm_waits(recorder):
@@ -102,8 +109,30 @@ def _check_bits_identical(groups):
         assert torch.equal(logits, want_logits), schedule
         for name, want in want_grads.items():
             assert torch.equal(grads[name], want), (schedule, name)
+    # Token chunks: agree with no chunks to rounding; overlap and recomputation change no bits.
+    token_results = [
+        _train_step(copy.deepcopy(ref), groups, overlap_on=o, chunks=c, checkpointing=ckpt, chunk_dim="token")
+        for o, c, ckpt in TOKEN_SCHEDULES
+    ]
+    loss, logits, grads, _ = token_results[0]
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    for loss, logits, grads, _ in token_results[1:]:  # the schedule never changes the bits
+        assert torch.equal(loss, token_results[0][0]) and torch.equal(logits, token_results[0][1])
+        assert all(torch.equal(grads[name], token_results[0][2][name]) for name in grads)
+    # The all-gather dispatcher: overlap on / off give the same bits, and agree with the all-to-all.
+    gather_results = [_train_step(copy.deepcopy(ref), groups, overlap_on=o, chunks=1, checkpointing=False,
+                                  dispatcher="allgather") for o in (False, True)]
+    (loss0, logits0, grads0, _), (loss1, logits1, grads1, _) = gather_results
+    assert torch.equal(loss0, loss1) and torch.equal(logits0, logits1)
+    assert all(torch.equal(grads0[name], grads1[name]) for name in grads0)
+    torch.testing.assert_close(logits0, want_logits, rtol=1e-5, atol=1e-6)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads0[name], want, rtol=1e-5, atol=1e-6, msg=name)
     # Every exchange's wait is booked, forward and backward: layers x chunks of each kind.
-    for (_, chunks, ckpt), (_, _, _, totals) in zip(SCHEDULES, results):
+    for (_, chunks, ckpt), (_, _, _, totals) in zip(SCHEDULES + TOKEN_SCHEDULES, results + token_results):
         expected = CFG.num_layers * chunks
         forward = expected * (2 if ckpt else 1)  # recomputation repeats the forward's exchanges
         assert totals["dispatch.forward"].num_waits == totals["combine.forward"].num_waits == forward, totals
