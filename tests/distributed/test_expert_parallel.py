@@ -147,6 +147,9 @@ def _check_moe_case(case, groups, dispatcher, B=2, S=4):
         counters = moe.dispatcher.counters()
         assert counters.zero_expert_rows_sent == 0
         assert counters.dispatched_rows == expected_rows and counters.num_dispatches == 1
+        if dispatcher == "allgather":  # to peers: U rows + 2K ids/gates each, and A - U partials back
+            G, U, A = groups.ep_size, expected_rows // groups.ep_size, counters.received_rows
+            assert counters.peer_bytes_sent == U * (G - 1) * (D + 2 * K) * 4 + (A - U) * D * 4, counters
         return counters.dispatched_rows, counters.received_rows
     return expected_rows, expected_rows
 

@@ -26,7 +26,11 @@ from longcat.config.schema import ModelConfig
 from longcat.distributed import ParallelDims, ProcessGroups, overlap
 from longcat.model import LongcatFlashForCausalLM, MoE
 from longcat.model.moe import TokenDispatcher
-from longcat.model.moe.dispatch import ChunkedAllToAllTokenDispatcher
+from longcat.model.moe.dispatch import (
+    AllGatherTokenDispatcher,
+    ChunkedAllToAllTokenDispatcher,
+    TokenChunkedTokenDispatcher,
+)
 from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
     apply_moe_overlap,
@@ -249,3 +253,37 @@ def test_chunked_dispatcher_on_one_rank_matches_local_and_validates():
         ChunkedAllToAllTokenDispatcher(N, ep_group=groups.ep_group, num_chunks=3)
     with pytest.raises(ValueError, match="moe_chunks=0 must be >= 1"):
         apply_moe_overlap(chunked, overlap=True, num_chunks=0)
+
+
+def test_allgather_and_token_chunks_on_one_rank_match_local():
+    """On a size-1 group the all-gather dispatcher is the local one bit for bit (every slot is local, the
+    rank-order sum has one term); token chunks agree to rounding, and their unpipelined API (all chunks
+    waited, one GEMM over the rows sorted by local expert) to rounding as well."""
+    groups = ProcessGroups.single()
+    torch.manual_seed(0)
+    local = MoE(CFG)
+    with torch.no_grad():
+        for p in local.parameters():
+            p.normal_(0.0, 0.3)
+    gather, token = copy.deepcopy(local), copy.deepcopy(local)
+    gather.dispatcher = AllGatherTokenDispatcher(N, ep_group=groups.ep_group)
+    token.dispatcher = TokenChunkedTokenDispatcher(N, ep_group=groups.ep_group, num_chunks=3)  # 10 tokens: 4+3+3
+    u_BSD = torch.randn(2, 5, CFG.hidden_size, generator=_gen(3))
+    results = []
+    for moe in (local, gather, token):
+        u = u_BSD.clone().requires_grad_()
+        out, stats = moe(u)
+        ((out * u_BSD).sum() + stats.prob_sum_E.sum()).backward()
+        results.append((out, u.grad, [p.grad for p in moe.parameters()]))
+    (out0, du0, g0), (out1, du1, g1), (out2, du2, g2) = results
+    assert torch.equal(out0, out1) and torch.equal(du0, du1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    torch.testing.assert_close(out2, out0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(du2, du0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g2, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert token.dispatcher.counters().num_dispatches == 1 and gather.dispatcher.counters().zero_expert_rows_sent == 0
+    with torch.no_grad():
+        state = token.start(u_BSD)
+        state.pending = TokenDispatcher.run_experts(token.dispatcher, state.pending, experts=token.experts)
+        torch.testing.assert_close(token.finish(state)[0], out0, rtol=1e-5, atol=1e-6)
