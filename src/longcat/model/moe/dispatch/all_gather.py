@@ -34,8 +34,8 @@ The two all-gathers and the reduce-scatter are carried by uneven all-to-alls: ra
 different numbers of routed tokens (an all-gather of equal blocks would need padding), the bytes on
 the wire are those of an all-gather / a reduce-scatter (each row sent once to each peer), and the
 reduction of the reduce-scatter is a local sum in a fixed rank order, so the result is the same bits
-on every run and backend (gloo's reduce-scatter is unsupported or unordered; NCCL's ring order is
-not the rank order). The backward of the all-gather is the same deterministic reduce-scatter (the
+on every run, schedule and backend (a backend's own reduce-scatter promises no order: NCCL's ring
+sums in ring order from a rotating start, and gloo's support for it varies by version). The backward of the all-gather is the same deterministic reduce-scatter (the
 reverse all-to-all, then the sum of the G copies' gradients), that of the reduce-scatter an
 all-gather.
 
