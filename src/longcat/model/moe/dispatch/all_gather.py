@@ -35,8 +35,9 @@ different numbers of routed tokens (an all-gather of equal blocks would need pad
 the wire are those of an all-gather / a reduce-scatter (each row sent once to each peer), and the
 reduction of the reduce-scatter is a local sum in a fixed rank order, so the result is the same bits
 on every run, schedule and backend (a backend's own reduce-scatter promises no order: NCCL's ring
-sums in ring order from a rotating start, and gloo's support for it varies by version). The backward of the all-gather is the same deterministic reduce-scatter (the
-reverse all-to-all, then the sum of the G copies' gradients), that of the reduce-scatter an
+sums in ring order from a rotating start, and gloo's support for it varies by version). The
+backward of the all-gather is again a reduce-scatter of this kind (the reverse all-to-all, then a
+fixed-order sum of the G copies' gradients by ``repeat``'s backward), that of the reduce-scatter an
 all-gather.
 
 Numbers: every expert sees the rows of the all-to-all dispatcher in the same order (source rank,
