@@ -9,6 +9,7 @@ computes (3 optimizer steps of a tiny model, fp32, gloo), as ``test_layouts.py``
     ep4-allgather                 4     1   4   4  allgather       1           -              on
     tp2xep2-allgather             4     2   2   2  allgather       1           -              on
     ep4-token-chunks2             4     1   4   4  alltoall        2           token          on
+    pp2xep2-allgather             4     1   2   2  allgather       1           -              on   (pp=2)
 
 Per layout: losses and grad norms equal the single process to 1e-5 relative and are the same on every
 rank; expert biases bitwise as in one process; final parameters close. The all-gather dispatcher's
@@ -33,6 +34,7 @@ LAYOUTS_4 = [
     Layout("ep4-allgather", dp=4, ep=4, moe_dispatcher="allgather"),
     Layout("tp2xep2-allgather", tp=2, dp=2, ep=2, moe_dispatcher="allgather"),
     Layout("ep4-token-chunks2", dp=4, ep=4, moe_chunks=2, moe_chunk_dim="token"),
+    Layout("pp2xep2-allgather", pp=2, dp=2, ep=2, moe_dispatcher="allgather"),
 ]
 ALL = LAYOUTS_2 + LAYOUTS_4
 
