@@ -15,7 +15,7 @@ def _rank(step_s: dict[str, float], mib: dict[str, float]) -> dict:
             for k in (4, 8) for name in ("alltoall", "allgather")}
 
 
-def test_summary_takes_the_slowest_rank_median_and_mean_bytes():
+def test_summary_takes_the_slowest_rank_and_mean_bytes():
     settings = DispatcherBenchSettings(topks="4,8", ep_sizes="2")
     ranks = [_rank({"alltoall": 0.1, "allgather": 0.2}, {"alltoall": 4.0, "allgather": 1.0}),
              _rank({"alltoall": 0.3, "allgather": 0.1}, {"alltoall": 2.0, "allgather": 1.0})]
@@ -23,6 +23,7 @@ def test_summary_takes_the_slowest_rank_median_and_mean_bytes():
     m = result.metrics
     assert m["ep2.topk4.alltoall.step_s"] == pytest.approx(0.3)  # slower rank's median
     assert m["ep2.topk4.allgather.step_s"] == pytest.approx(0.2)
+    assert m["ep2.topk4.alltoall.step_min_s"] == pytest.approx(0.3)  # slower rank's fastest round
     assert m["ep2.topk8.alltoall.peer_mib_per_step"] == pytest.approx(3.0)
     assert m["ep2.topk8.allgather_over_alltoall_bytes"] == pytest.approx(1.0 / 3.0)
     assert m["ep2.topk4.allgather.zero_expert_rows_sent"] == 0

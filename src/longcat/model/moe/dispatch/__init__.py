@@ -1,10 +1,10 @@
 """Token dispatchers, one interface (``TokenDispatcher``, ``base``), one module each:
 
-    local        LocalTokenDispatcher            one process, every FFN expert local
-    all_to_all   AllToAllTokenDispatcher         expert parallelism: uneven all-to-alls over ep
-    chunked      ChunkedAllToAllTokenDispatcher  the all-to-all in pipelined chunks by local expert
-    token_chunked TokenChunkedTokenDispatcher    the all-to-all in pipelined chunks by token
-    all_gather   AllGatherTokenDispatcher        expert parallelism: all-gather, reduce-scatter over ep
+    local          LocalTokenDispatcher            one process, every FFN expert local
+    all_to_all     AllToAllTokenDispatcher         expert parallelism: uneven all-to-alls over ep
+    chunked        ChunkedAllToAllTokenDispatcher  the all-to-all in pipelined chunks by local expert
+    token_chunked  TokenChunkedTokenDispatcher     the all-to-all in pipelined chunks by token
+    all_gather     AllGatherTokenDispatcher        expert parallelism: all-gather, reduce-scatter over ep
 
 ``permute`` holds the permutations they share (token copies into send order and back, rows into
 local-expert order). A new dispatcher is a new module here subclassing ``TokenDispatcher``; the
