@@ -130,12 +130,12 @@ def apply_moe_overlap(
         if isinstance(module, MoE) and isinstance(module.dispatcher, (AllToAllTokenDispatcher,
                                                                       TokenChunkedTokenDispatcher)):
             N, ep_group = module.num_ffn_experts, module.dispatcher.ep_group
-            if num_chunks == 1:
-                module.dispatcher = AllToAllTokenDispatcher(N, ep_group=ep_group)
-            elif dim is MoEChunkDim.expert:
-                module.dispatcher = ChunkedAllToAllTokenDispatcher(N, ep_group=ep_group, num_chunks=num_chunks)
-            else:
-                module.dispatcher = TokenChunkedTokenDispatcher(N, ep_group=ep_group, num_chunks=num_chunks)
+            kind: type = (AllToAllTokenDispatcher if num_chunks == 1 else
+                          ChunkedAllToAllTokenDispatcher if dim is MoEChunkDim.expert else TokenChunkedTokenDispatcher)
+            if type(module.dispatcher) is kind and getattr(module.dispatcher, "num_chunks", 1) == num_chunks:
+                continue  # already so (its counters are kept)
+            module.dispatcher = (AllToAllTokenDispatcher(N, ep_group=ep_group) if num_chunks == 1
+                                 else kind(N, ep_group=ep_group, num_chunks=num_chunks))
 
 
 class ExpertShard(NamedTuple):
