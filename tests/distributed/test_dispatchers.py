@@ -6,6 +6,8 @@ computes (3 optimizer steps of a tiny model, fp32, gloo), as ``test_layouts.py``
     ep2-allgather-again           2     1   2   2  allgather       1           -              on
     ep2-allgather-sequential      2     1   2   2  allgather       1           -              off
     ep2-token-chunks2             2     1   2   2  alltoall        2           token          on
+    cp2xep2-allgather             2     1   2   1  allgather       1           -              on   (cp=2)
+    cp2xep2-token-chunks2         2     1   2   1  alltoall        2           token          on   (cp=2)
     ep4-allgather                 4     1   4   4  allgather       1           -              on
     tp2xep2-allgather             4     2   2   2  allgather       1           -              on
     ep4-token-chunks2             4     1   4   4  alltoall        2           token          on
@@ -29,6 +31,8 @@ LAYOUTS_2 = [
     Layout("ep2-allgather-again", dp=2, ep=2, moe_dispatcher="allgather"),
     Layout("ep2-allgather-sequential", dp=2, ep=2, moe_dispatcher="allgather", overlap_moe_comm=False),
     Layout("ep2-token-chunks2", dp=2, ep=2, moe_chunks=2, moe_chunk_dim="token"),
+    Layout("cp2xep2-allgather", cp=2, ep=2, moe_dispatcher="allgather"),
+    Layout("cp2xep2-token-chunks2", cp=2, ep=2, moe_chunks=2, moe_chunk_dim="token"),
 ]
 LAYOUTS_4 = [
     Layout("ep4-allgather", dp=4, ep=4, moe_dispatcher="allgather"),

@@ -86,10 +86,10 @@ def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
         ValueError: heads % tp, experts % ep, layers % stages (``config.layout``); vocabulary or dense
             FFN width % tp (tensor parallelism splits them); ``parallel.moe_chunks`` not dividing the
             experts of one ep rank (``moe_chunk_dim=expert``) or the tokens one rank dispatches per
-            micro-batch, micro_batch_size x seq_length / tp (``moe_chunk_dim=token``).
+            micro-batch, micro_batch_size x seq_length / (cp x tp) (``moe_chunk_dim=token``).
     """
     m, p = cfg.model, cfg.parallel
-    check_model_split(tp=p.tp, pp=p.pp, ep=p.ep, stage_size=dp * p.tp, num_attention_heads=m.num_attention_heads,
+    check_model_split(tp=p.tp, pp=p.pp, ep=p.ep, stage_size=dp * p.cp * p.tp, num_attention_heads=m.num_attention_heads,
                       n_routed_experts=m.n_routed_experts, num_layers=m.num_layers, num_stages=p.num_stages)
     if p.tp > 1:
         for name in ("vocab_size", "ffn_hidden_size"):
@@ -106,17 +106,25 @@ def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
                          f"(model.n_routed_experts={m.n_routed_experts} / parallel.ep={p.ep}) with "
                          f"parallel.moe_chunk_dim=expert: chunks are groups of local experts; choose one of "
                          f"{divisors(local_experts)}, or parallel.moe_chunk_dim=token")
-    tokens = cfg.data.micro_batch_size * cfg.data.seq_length // p.tp  # each tp rank dispatches 1/tp of them
+    # a cp rank holds S/cp tokens of each sequence, and each tp rank dispatches 1/tp of its tokens
+    tokens = cfg.data.micro_batch_size * cfg.data.seq_length // (p.cp * p.tp)
     if MoEChunkDim(p.moe_chunk_dim) is MoEChunkDim.token and (tokens % p.moe_chunks or tokens < p.moe_chunks):
         raise ValueError(f"parallel.moe_chunks={p.moe_chunks} must divide the {tokens} tokens a rank dispatches "
                          f"per micro-batch (data.micro_batch_size={cfg.data.micro_batch_size} x data.seq_length="
-                         f"{cfg.data.seq_length} / parallel.tp={p.tp}) with parallel.moe_chunk_dim=token: chunks "
-                         f"are equal parts of them; choose one of {divisors(tokens)[:8]}")
+                         f"{cfg.data.seq_length} / (parallel.cp={p.cp} x parallel.tp={p.tp})) with "
+                         f"parallel.moe_chunk_dim=token: chunks are equal parts of them; choose one of "
+                         f"{divisors(tokens)[:8]}")
 
 
 def _check_sequence(cfg: RunConfig) -> None:
-    """The sequence fits the model's positions and, under sequence parallelism, splits over tp."""
+    """The sequence fits the model's positions and, under sequence / context parallelism, splits over tp / cp."""
     seq, p = cfg.data.seq_length, cfg.parallel
+    if p.cp > 1 and seq % (2 * p.cp):
+        lower = seq - seq % (2 * p.cp)
+        choices = f"{lower} or {lower + 2 * p.cp}" if lower else f"{2 * p.cp}"
+        raise ValueError(f"data.seq_length={seq} is not divisible by 2*parallel.cp={2 * p.cp}: context parallelism "
+                         f"cuts each sequence into 2*cp equal chunks (load-balanced causal attention); use "
+                         f"data.seq_length={choices}, or a cp that divides seq_length/2")
     if seq > cfg.model.max_position_embeddings:
         raise ValueError(f"data.seq_length={seq} exceeds model.max_position_embeddings="
                          f"{cfg.model.max_position_embeddings}; raise the latter or shorten the sequence")
