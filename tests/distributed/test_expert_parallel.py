@@ -24,7 +24,7 @@ import torch.distributed as dist
 from longcat.config.schema import ModelConfig
 from longcat.distributed import ParallelDims, ProcessGroups
 from longcat.model import LongcatFlashForCausalLM, MoE
-from longcat.model.moe.dispatch import AllToAllTokenDispatcher
+from longcat.model.moe.dispatch import AllGatherTokenDispatcher, AllToAllTokenDispatcher
 from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
     expert_param_global_info,
@@ -85,7 +85,7 @@ def _dp_sum(grad, groups):
     return out
 
 
-def _check_moe_case(case, groups, B=2, S=4):
+def _check_moe_case(case, groups, dispatcher, B=2, S=4):
     D, dp, d = CFG.hidden_size, groups.dp_size, groups.dp_rank
     u_all = torch.randn(dp, B, S, D, generator=_gen(1))
     gout_all = torch.randn(dp, B, S, D, generator=_gen(2))
@@ -106,7 +106,7 @@ def _check_moe_case(case, groups, B=2, S=4):
 
     moe = _moe()
     moe.router.e_score_correction_bias.copy_(biases[d])
-    apply_expert_parallel(moe, groups=groups)
+    apply_expert_parallel(moe, groups=groups, dispatcher=dispatcher)
     assert moe.experts.num_local_experts == N // groups.ep_size
     assert moe.experts.expert_offset == groups.ep_rank * N // groups.ep_size
     u = u_all[d].clone().requires_grad_()
@@ -135,22 +135,29 @@ def _check_moe_case(case, groups, B=2, S=4):
             if case == "zero_only" or groups.ep_rank == groups.ep_size - 1:
                 assert mine is None or torch.equal(mine, torch.zeros_like(mine)), (case, name, mine)
 
-    # Only FFN-expert slots of this tp rank's token slice were sent; no zero-expert row ever was.
+    # Only FFN-expert slots (all-to-all) or tokens with an FFN slot, once per ep rank (all-gather), of
+    # this tp rank's token slice were sent; no zero-expert row ever was.
     t = B * S // groups.tp_size
     my_ids = ref_ids[d][groups.tp_rank * t : (groups.tp_rank + 1) * t]
     expected_rows = int((my_ids < N).sum())
-    if isinstance(moe.dispatcher, AllToAllTokenDispatcher):
+    if dispatcher == "allgather":
+        expected_rows = int((my_ids < N).any(dim=-1).sum()) * groups.ep_size
+    if isinstance(moe.dispatcher, (AllToAllTokenDispatcher, AllGatherTokenDispatcher)):
+        assert (dispatcher == "allgather") == isinstance(moe.dispatcher, AllGatherTokenDispatcher)
         counters = moe.dispatcher.counters()
         assert counters.zero_expert_rows_sent == 0
         assert counters.dispatched_rows == expected_rows and counters.num_dispatches == 1
+        if dispatcher == "allgather":  # to peers: U rows + 2K ids/gates each, and A - U partials back
+            G, U, A = groups.ep_size, expected_rows // groups.ep_size, counters.received_rows
+            assert counters.peer_bytes_sent == U * (G - 1) * (D + 2 * K) * 4 + (A - U) * D * 4, counters
         return counters.dispatched_rows, counters.received_rows
     return expected_rows, expected_rows
 
 
-def _check_overlap_split(groups):
+def _check_overlap_split(groups, dispatcher):
     """start -> dense work -> run_experts -> dense work -> finish gives the same bits as forward."""
     moe = _moe()
-    apply_expert_parallel(moe, groups=groups)
+    apply_expert_parallel(moe, groups=groups, dispatcher=dispatcher)
     u = torch.randn(2, 4, CFG.hidden_size, generator=_gen(5 + groups.dp_rank))
     with torch.no_grad():
         want, _ = moe(u)
@@ -162,18 +169,19 @@ def _check_overlap_split(groups):
     assert torch.equal(got, want) and busy.shape == (32, 32)
 
 
-def _moe_body(layouts, cases):
+def _moe_body(layouts, cases, dispatcher):
     rows = []
     for index, kwargs in enumerate(layouts):
         groups = ProcessGroups.build(ParallelDims(dist.get_world_size(), **kwargs))
         last_ep_rank = groups.ep_rank == groups.ep_size - 1
         for case in cases:
-            sent, received = _check_moe_case(case, groups)
+            sent, received = _check_moe_case(case, groups, dispatcher)
             rows.append(dict(layout=index, case=case, sent=sent, received=received, last_ep_rank=last_ep_rank))
-        _check_overlap_split(groups)
+        _check_overlap_split(groups, dispatcher)
     return rows
 
 
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 @pytest.mark.parametrize(
     "world_size, layouts",
     [
@@ -181,8 +189,9 @@ def _moe_body(layouts, cases):
         (4, [dict(ep=4), dict(tp=2, ep=2), dict(tp=2, ep=4)]),  # dp=4; tp x ep folding; tp=2 with ep over dp
     ],
 )
-def test_moe_layer_matches_single_process(world_size, layouts):
-    results = run_distributed(_moe_body, world_size=world_size, args=(layouts, CASES), timeout_s=TIMEOUT_S)
+def test_moe_layer_matches_single_process(world_size, layouts, dispatcher):
+    results = run_distributed(_moe_body, world_size=world_size, args=(layouts, CASES, dispatcher),
+                              timeout_s=TIMEOUT_S)
     rows = [row for rank_rows in results for row in rank_rows]
     for index in range(len(layouts)):
         for case in CASES:
@@ -190,7 +199,7 @@ def test_moe_layer_matches_single_process(world_size, layouts):
             sent, received = sum(r["sent"] for r in mine), sum(r["received"] for r in mine)
             assert sent == received  # every row sent was received
             assert (sent == 0) == (case == "zero_only"), (layouts[index], case, sent)
-            if case == "empty_rank":
+            if case == "empty_rank" and dispatcher == "alltoall":  # the all-gather sends every routed token
                 assert all(r["received"] == 0 for r in mine if r["last_ep_rank"])
 
 

@@ -2,7 +2,9 @@
 
 Distributed (gloo, ep=2 on 2 ranks, a tiny 2-layer ``LongcatFlashForCausalLM``): forward + backward
 of the whole model with overlap off / on and 1 / 2 chunks (and activation checkpointing) give
-bit-identical losses, logits and gradients; the forward and the backward really put the dense
+bit-identical losses, logits and gradients; 2 chunks split by token (the paper's split) agree to
+rounding and are bit-identical across schedules; the all-gather dispatcher is bit-identical with overlap
+on and off; the forward and the backward really put the dense
 branch between each exchange's launch and its wait; the wait recorder books every wait.
 Single process: the chunked dispatcher on a size-1 group equals the local one bit for bit.
 
@@ -24,7 +26,11 @@ from longcat.config.schema import ModelConfig
 from longcat.distributed import ParallelDims, ProcessGroups, overlap
 from longcat.model import LongcatFlashForCausalLM, MoE
 from longcat.model.moe import TokenDispatcher
-from longcat.model.moe.dispatch import ChunkedAllToAllTokenDispatcher
+from longcat.model.moe.dispatch import (
+    AllGatherTokenDispatcher,
+    ChunkedAllToAllTokenDispatcher,
+    TokenChunkedTokenDispatcher,
+)
 from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
     apply_moe_overlap,
@@ -46,6 +52,10 @@ SCHEDULES = [  # (overlap_moe_comm, moe_chunks, activation_checkpointing); the f
     (False, 2, False),
     (True, 2, True),
 ]
+# Token chunks (the paper's split): each chunk's grouped GEMM has fewer rows, and a GEMM kernel's row
+# depends on the row count on CPU, so they agree with no chunks to rounding (see ``token_chunked``);
+# among themselves the schedule never changes the bits.
+TOKEN_SCHEDULES = [(True, 2, False), (False, 2, False), (True, 2, True)]
 
 
 def _gen(seed):
@@ -74,11 +84,12 @@ def _batch(rank):
     return ids_BS, labels_BS, w_E, mask_BS
 
 
-def _train_step(model, groups, *, overlap_on, chunks, checkpointing, recorder=None):
+def _train_step(model, groups, *, overlap_on, chunks, checkpointing, recorder=None, chunk_dim="expert",
+                dispatcher="alltoall"):
     """One forward + backward of ``model`` (parallelised here, in place) on this dp rank's batch."""
     model.model.activation_checkpointing = checkpointing
-    apply_expert_parallel(model, groups=groups)
-    apply_moe_overlap(model, overlap=overlap_on, num_chunks=chunks)
+    apply_expert_parallel(model, groups=groups, dispatcher=dispatcher)
+    apply_moe_overlap(model, overlap=overlap_on, num_chunks=chunks, chunk_dim=chunk_dim)
     ids_BS, labels_BS, w_E, mask_BS = _batch(groups.dp_rank)
     recorder = overlap.CommWaitRecorder() if recorder is None else recorder
     with overlap.record_comm_waits(recorder):
@@ -102,8 +113,30 @@ def _check_bits_identical(groups):
         assert torch.equal(logits, want_logits), schedule
         for name, want in want_grads.items():
             assert torch.equal(grads[name], want), (schedule, name)
+    # Token chunks: agree with no chunks to rounding; overlap and recomputation change no bits.
+    token_results = [
+        _train_step(copy.deepcopy(ref), groups, overlap_on=o, chunks=c, checkpointing=ckpt, chunk_dim="token")
+        for o, c, ckpt in TOKEN_SCHEDULES
+    ]
+    loss, logits, grads, _ = token_results[0]
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    for loss, logits, grads, _ in token_results[1:]:  # the schedule never changes the bits
+        assert torch.equal(loss, token_results[0][0]) and torch.equal(logits, token_results[0][1])
+        assert all(torch.equal(grads[name], token_results[0][2][name]) for name in grads)
+    # The all-gather dispatcher: overlap on / off give the same bits, and agree with the all-to-all.
+    gather_results = [_train_step(copy.deepcopy(ref), groups, overlap_on=o, chunks=1, checkpointing=False,
+                                  dispatcher="allgather") for o in (False, True)]
+    (loss0, logits0, grads0, _), (loss1, logits1, grads1, _) = gather_results
+    assert torch.equal(loss0, loss1) and torch.equal(logits0, logits1)
+    assert all(torch.equal(grads0[name], grads1[name]) for name in grads0)
+    torch.testing.assert_close(logits0, want_logits, rtol=1e-5, atol=1e-6)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads0[name], want, rtol=1e-5, atol=1e-6, msg=name)
     # Every exchange's wait is booked, forward and backward: layers x chunks of each kind.
-    for (_, chunks, ckpt), (_, _, _, totals) in zip(SCHEDULES, results):
+    for (_, chunks, ckpt), (_, _, _, totals) in zip(SCHEDULES + TOKEN_SCHEDULES, results + token_results):
         expected = CFG.num_layers * chunks
         forward = expected * (2 if ckpt else 1)  # recomputation repeats the forward's exchanges
         assert totals["dispatch.forward"].num_waits == totals["combine.forward"].num_waits == forward, totals
@@ -220,3 +253,37 @@ def test_chunked_dispatcher_on_one_rank_matches_local_and_validates():
         ChunkedAllToAllTokenDispatcher(N, ep_group=groups.ep_group, num_chunks=3)
     with pytest.raises(ValueError, match="moe_chunks=0 must be >= 1"):
         apply_moe_overlap(chunked, overlap=True, num_chunks=0)
+
+
+def test_allgather_and_token_chunks_on_one_rank_match_local():
+    """On a size-1 group the all-gather dispatcher is the local one bit for bit (every slot is local, the
+    rank-order sum has one term); token chunks agree to rounding, and their unpipelined API (all chunks
+    waited, one GEMM over the rows sorted by local expert) to rounding as well."""
+    groups = ProcessGroups.single()
+    torch.manual_seed(0)
+    local = MoE(CFG)
+    with torch.no_grad():
+        for p in local.parameters():
+            p.normal_(0.0, 0.3)
+    gather, token = copy.deepcopy(local), copy.deepcopy(local)
+    gather.dispatcher = AllGatherTokenDispatcher(N, ep_group=groups.ep_group)
+    token.dispatcher = TokenChunkedTokenDispatcher(N, ep_group=groups.ep_group, num_chunks=3)  # 10 tokens: 4+3+3
+    u_BSD = torch.randn(2, 5, CFG.hidden_size, generator=_gen(3))
+    results = []
+    for moe in (local, gather, token):
+        u = u_BSD.clone().requires_grad_()
+        out, stats = moe(u)
+        ((out * u_BSD).sum() + stats.prob_sum_E.sum()).backward()
+        results.append((out, u.grad, [p.grad for p in moe.parameters()]))
+    (out0, du0, g0), (out1, du1, g1), (out2, du2, g2) = results
+    assert torch.equal(out0, out1) and torch.equal(du0, du1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    torch.testing.assert_close(out2, out0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(du2, du0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g2, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert token.dispatcher.counters().num_dispatches == 1 and gather.dispatcher.counters().zero_expert_rows_sent == 0
+    with torch.no_grad():
+        state = token.start(u_BSD)
+        state.pending = TokenDispatcher.run_experts(token.dispatcher, state.pending, experts=token.experts)
+        torch.testing.assert_close(token.finish(state)[0], out0, rtol=1e-5, atol=1e-6)

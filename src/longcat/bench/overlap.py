@@ -1,8 +1,9 @@
 """ScMoE overlap benchmark: how much of the expert-parallel all-to-all the dense branch hides.
 
 Two ranks (ep=2, one process each) train a small LongCat-Flash model over a shaped link and measure,
-with the ScMoE schedule off (sequential), on, and on with 2 chunks, alternating the three in every
-round so that a slow spell hits all of them:
+with the ScMoE schedule off (sequential), on, on with 2 chunks of local experts and on with 2 chunks
+of tokens (the paper's split), alternating the four in every round so that a slow spell hits all of
+them:
 
 - ``layer``: forward + backward of one ScMoE decoder layer; ``model``: forward + backward of the
   whole ``LongcatFlashForCausalLM`` (cross-entropy; no optimizer step, no dp gradient sync, which
@@ -58,7 +59,7 @@ from longcat.distributed import ParallelDims, ProcessGroups
 from longcat.distributed.collectives import all_to_all_uneven, exchange_counts
 from longcat.distributed.overlap import CommWaitRecorder, record_comm_waits
 from longcat.model import DecoderLayer, LongcatFlashForCausalLM
-from longcat.model.moe.dispatch import AllToAllTokenDispatcher, count_by_expert
+from longcat.model.moe.dispatch import AllToAllTokenDispatcher, TokenChunkedTokenDispatcher, count_by_expert
 from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
     apply_moe_overlap,
@@ -68,7 +69,12 @@ from longcat.testing.netns import VethLink
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = {"off": (False, 1), "on": (True, 1), "on_chunks2": (True, 2)}  # name: (overlap, chunks)
+SCHEDULES = {  # name: (overlap, chunks, chunk dimension)
+    "off": (False, 1, "expert"),
+    "on": (True, 1, "expert"),
+    "on_chunks2": (True, 2, "expert"),
+    "on_chunks2_token": (True, 2, "token"),
+}
 KEYS = ("dispatch.forward", "combine.forward", "combine.backward", "dispatch.backward")
 
 
@@ -235,8 +241,8 @@ def run_rank(settings: OverlapBenchSettings, *, groups: ProcessGroups) -> dict[s
     }
     for round_index in range(settings.warmup + settings.rounds):
         record = round_index >= settings.warmup
-        for name, (overlap_on, chunks) in SCHEDULES.items():
-            apply_moe_overlap(model, overlap=overlap_on, num_chunks=chunks)
+        for name, (overlap_on, chunks, chunk_dim) in SCHEDULES.items():
+            apply_moe_overlap(model, overlap=overlap_on, num_chunks=chunks, chunk_dim=chunk_dim)
             for what, step in (("layer", lambda: _layer_step(layer, h_BSD, g_BSD, rope)),
                                ("model", lambda: _model_step(model, ids_BS, labels_BS))):
                 step_s, waits = _timed_step(step, barrier)
@@ -258,7 +264,7 @@ def run_rank(settings: OverlapBenchSettings, *, groups: ProcessGroups) -> dict[s
             for key, value in windows.items():
                 dense[key].append(value)
     dispatcher = layer.mlp.dispatcher
-    assert isinstance(dispatcher, AllToAllTokenDispatcher)  # set by apply_expert_parallel
+    assert isinstance(dispatcher, (AllToAllTokenDispatcher, TokenChunkedTokenDispatcher))  # apply_moe_overlap's
     counters = dispatcher.counters()
     return {
         "rank": groups.rank,
@@ -359,7 +365,7 @@ def _window_metrics(ranks, what: str, *, num_layers: int) -> tuple[dict[str, flo
         "hideable_s": hideable,
     }
     rows = []
-    for name in ("on", "on_chunks2"):
+    for name in ("on", "on_chunks2", "on_chunks2_token"):
         sample = {key: mean(lambda r, k=key, n=name: r["samples"][f"{what}.{n}"][k]) for key in ("step_s", *KEYS)}
         fwd, bwd = sum(sample[k] for k in fwd_keys), sum(sample[k] for k in bwd_keys)
         min_s = mean(lambda r, n=name: min(r["step_s_per_round"][f"{what}.{n}"]))
@@ -423,7 +429,8 @@ def summarise(ranks: list[dict[str, Any]], settings: OverlapBenchSettings, *, li
         "compute of the window); saving = fastest round off - fastest round on (other jobs on the machine only "
         "ever add time); also the median over rounds of (off - on), the schedules of a round running back to back.",
         "A step is forward + backward (no optimizer step, no dp gradient sync). Values are means over the "
-        "two ranks of medians over rounds; the three schedules alternate within each round.",
+        "two ranks of medians over rounds; the four schedules alternate within each round. on_chunks2 splits "
+        "each exchange by local expert, on_chunks2_token by token (the paper's split).",
     ]
     return BenchResult(
         name="overlap",

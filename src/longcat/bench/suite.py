@@ -42,6 +42,8 @@ BENCHMARKS = {
                   "longcat.bench.sdc"),
         Benchmark("context_parallel", "cp MLA: latent vs K/V exchange bytes (analytic); cp=1 vs cp=2 step, 2 procs",
                   "longcat.bench.context_parallel"),
+        Benchmark("dispatchers", "EP token dispatchers: all-to-all vs all-gather bytes and step, ep=2/4, top-k 4/8/12",
+                  "longcat.bench.dispatchers"),
     )
 }
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BiasRateSchedule", "Corpus", "DPMode", "Device", "FaultTarget", "LRSchedule", "NonFinitePolicy",
-           "Overflow", "Packing", "PipelineSchedule", "ResumeMode", "SDCPolicy", "StrEnum", "WandbMode"]
+__all__ = ["BiasRateSchedule", "Corpus", "DPMode", "Device", "FaultTarget", "LRSchedule", "MoEChunkDim",
+           "MoEDispatcher", "NonFinitePolicy", "Overflow", "Packing", "PipelineSchedule", "ResumeMode", "SDCPolicy",
+           "StrEnum", "WandbMode"]
 
 
 class StrEnum(str, enum.Enum):
@@ -82,6 +83,20 @@ class DPMode(StrEnum):
     replicate = "replicate"  # bucketed all-reduce of the gradients
     fsdp = "fsdp"  # FSDP2 fully_shard over dp (experts over edp)
     deepspeed = "deepspeed"  # DeepSpeed ZeRO-1/2; dp only
+
+
+class MoEDispatcher(StrEnum):
+    """How expert parallelism moves the MoE's tokens (``longcat.model.moe.dispatch``)."""
+
+    alltoall = "alltoall"  # one copy per FFN expert chosen, uneven all-to-alls (AllToAllTokenDispatcher)
+    allgather = "allgather"  # each routed token once to every ep rank; reduce-scatter back (AllGatherTokenDispatcher)
+
+
+class MoEChunkDim(StrEnum):
+    """What ``parallel.moe_chunks`` > 1 splits the expert-parallel exchange by."""
+
+    expert = "expert"  # groups of local experts (every expert's rows in one GEMM)
+    token = "token"  # each rank's tokens in consecutive parts (the paper's split, arXiv 2509.01322 §5.3)
 
 
 class PipelineSchedule(StrEnum):

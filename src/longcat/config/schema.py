@@ -23,6 +23,8 @@ from longcat.config.modes import (  # noqa: F401  (the modes are part of the sch
     DPMode,
     FaultTarget,
     LRSchedule,
+    MoEChunkDim,
+    MoEDispatcher,
     NonFinitePolicy,
     Overflow,
     Packing,
@@ -262,7 +264,9 @@ class ParallelConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) with dp_mode=deepspeed
     offload_optimizer: bool = False  # DeepSpeed ZeRO optimizer state on the CPU
     overlap_moe_comm: bool = True  # ScMoE: EP all-to-alls in flight under the dense branch
-    moe_chunks: int = 1  # ScMoE with chunk: expert-parallel exchange in this many pipelined chunks (divides N/ep)
+    moe_chunks: int = 1  # ScMoE with chunk: expert-parallel exchange in this many pipelined chunks
+    moe_chunk_dim: MoEChunkDim = MoEChunkDim.expert  # chunks of local experts (divides N/ep) or of tokens
+    moe_dispatcher: MoEDispatcher = MoEDispatcher.alltoall  # how EP moves tokens: alltoall | allgather
 
     @property
     def num_stages(self) -> int:
@@ -279,7 +283,8 @@ class ParallelConfig:
 
         Raises:
             ValueError: see ``config.layout.resolve_dp``; DeepSpeed with tp/ep/pp/cp or a ZeRO stage other
-                than 1 or 2; cp with DeepSpeed or with sequence parallelism; moe_chunks < 1; pp_microbatches < 0.
+                than 1 or 2; cp with DeepSpeed or with sequence parallelism; moe_chunks < 1; moe_chunks > 1 with
+                the all-gather dispatcher; pp_microbatches < 0.
         """
         self.resolved_dp(world_size)  # raises on degrees that do not fit
         dp_mode = DPMode(self.dp_mode)
@@ -293,6 +298,11 @@ class ParallelConfig:
                 "already splits the sequence; set parallel.sequence_parallel=false (tp with cp runs without SP)")
         if self.moe_chunks < 1:
             raise ValueError(f"parallel.moe_chunks={self.moe_chunks} must be >= 1 (1 = no split)")
+        if self.moe_chunks > 1 and MoEDispatcher(self.moe_dispatcher) is MoEDispatcher.allgather:
+            raise ValueError(
+                f"parallel.moe_chunks={self.moe_chunks} with parallel.moe_dispatcher=allgather: chunked exchanges "
+                "are implemented for the all-to-all dispatcher only; set parallel.moe_chunks=1 or "
+                "parallel.moe_dispatcher=alltoall")
         if self.pp_microbatches < 0:
             raise ValueError(f"parallel.pp_microbatches={self.pp_microbatches} must be >= 0 (0 = derived)")
         if dp_mode is DPMode.deepspeed and (self.tp > 1 or self.ep > 1 or self.pp > 1 or self.cp > 1):

@@ -16,7 +16,7 @@ import os
 from typing import Callable
 
 from longcat.config.layout import check_model_split, divisors
-from longcat.config.schema import PipelineSchedule, RunConfig, num_grad_accum_steps
+from longcat.config.schema import MoEChunkDim, PipelineSchedule, RunConfig, num_grad_accum_steps
 
 __all__ = ["ConfigError", "validate", "world_size_from_env"]
 
@@ -85,7 +85,8 @@ def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
     Raises:
         ValueError: heads % tp, experts % ep, layers % stages (``config.layout``); vocabulary or dense
             FFN width % tp (tensor parallelism splits them); ``parallel.moe_chunks`` not dividing the
-            experts of one ep rank.
+            experts of one ep rank (``moe_chunk_dim=expert``) or the tokens one rank dispatches per
+            micro-batch, micro_batch_size x seq_length / (cp x tp) (``moe_chunk_dim=token``).
     """
     m, p = cfg.model, cfg.parallel
     check_model_split(tp=p.tp, pp=p.pp, ep=p.ep, stage_size=dp * p.cp * p.tp, num_attention_heads=m.num_attention_heads,
@@ -98,10 +99,21 @@ def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
                 raise ValueError(f"model.{name}={value} is not divisible by parallel.tp={p.tp}: tensor parallelism "
                                  f"splits it evenly over the tp ranks; choose tp in {valid} (or change {name})")
     local_experts = m.n_routed_experts // p.ep
-    if (p.ep > 1 or p.tp > 1) and local_experts % p.moe_chunks:  # the EP token dispatcher runs
+    if not (p.ep > 1 or p.tp > 1) or p.moe_chunks == 1:  # no exchanging token dispatcher, or no chunks
+        return
+    if MoEChunkDim(p.moe_chunk_dim) is MoEChunkDim.expert and local_experts % p.moe_chunks:
         raise ValueError(f"parallel.moe_chunks={p.moe_chunks} must divide the {local_experts} local experts "
-                         f"(model.n_routed_experts={m.n_routed_experts} / parallel.ep={p.ep}): chunks are groups "
-                         f"of local experts; choose one of {divisors(local_experts)}")
+                         f"(model.n_routed_experts={m.n_routed_experts} / parallel.ep={p.ep}) with "
+                         f"parallel.moe_chunk_dim=expert: chunks are groups of local experts; choose one of "
+                         f"{divisors(local_experts)}, or parallel.moe_chunk_dim=token")
+    # a cp rank holds S/cp tokens of each sequence, and each tp rank dispatches 1/tp of its tokens
+    tokens = cfg.data.micro_batch_size * cfg.data.seq_length // (p.cp * p.tp)
+    if MoEChunkDim(p.moe_chunk_dim) is MoEChunkDim.token and (tokens % p.moe_chunks or tokens < p.moe_chunks):
+        raise ValueError(f"parallel.moe_chunks={p.moe_chunks} must divide the {tokens} tokens a rank dispatches "
+                         f"per micro-batch (data.micro_batch_size={cfg.data.micro_batch_size} x data.seq_length="
+                         f"{cfg.data.seq_length} / (parallel.cp={p.cp} x parallel.tp={p.tp})) with "
+                         f"parallel.moe_chunk_dim=token: chunks are equal parts of them; choose one of "
+                         f"{divisors(tokens)[:8]}")
 
 
 def _check_sequence(cfg: RunConfig) -> None:

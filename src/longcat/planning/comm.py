@@ -11,6 +11,9 @@ micro-batches per step on this rank, ``L`` its decoder layers.
   and come back (combine): ``k_e T/tp`` slots of ``D`` values each way, ``(ep-1)/ep`` of them leave
   the rank; zero-expert slots never travel (§2.1, the dispatcher's invariant). Backward repeats both,
   and activation checkpointing's recomputed forward repeats them again: ``(4 or 6) x k_e T/tp D b``.
+  With ``parallel.moe_dispatcher=allgather`` each of the ``T/tp`` tokens (at most: tokens with only
+  zero experts stay home) goes once to each of the ``ep-1`` peers with its ``K`` fp32 ids and gates,
+  and each peer's partial output comes back: ``(4 or 6) x (ep-1) T/tp (D b + 4K)``.
 - TP (``tp`` group): the MLA blocks and FFNs end in a row-parallel output, 4 per layer (2 MLA,
   2 FFN), each an all-reduce of ``[T, D]`` in forward and one in backward (with SP the same volume
   as a reduce-scatter + all-gather pair); the MoE's input gather and output split, 1 each way.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longcat.config.schema import PipelineSchedule, RunConfig
+from longcat.config.schema import MoEDispatcher, PipelineSchedule, RunConfig
 from longcat.planning.memory import FP32, PlanView
 from longcat.planning.shard import RankShard
 
@@ -77,7 +80,10 @@ def step_traffic(run_cfg: RunConfig, shard: RankShard, *, k_e: float, view: Plan
     out: list[GroupTraffic] = []
 
     passes = 6 if recompute else 4
-    ep_bytes = passes * k_e * T / dims.tp * D * b * _frac(dims.ep) * L * M
+    if MoEDispatcher(par.moe_dispatcher) is MoEDispatcher.allgather:
+        ep_bytes = passes * (dims.ep - 1) * T / dims.tp * (D * b + 4 * cfg.moe_topk) * L * M
+    else:
+        ep_bytes = passes * k_e * T / dims.tp * D * b * _frac(dims.ep) * L * M
     out.append(GroupTraffic("ep", dims.ep, ep_bytes, ep_bytes if par.overlap_moe_comm else 0.0))
 
     fwd = 3 if recompute else 2  # forward, backward (+ recomputed forward)

@@ -27,7 +27,14 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from longcat.config.schema import DPMode, ParallelConfig, PipelineSchedule, RunConfig
+from longcat.config.schema import (
+    DPMode,
+    MoEChunkDim,
+    MoEDispatcher,
+    ParallelConfig,
+    PipelineSchedule,
+    RunConfig,
+)
 from longcat.config.validate import validate as validate_run_config
 from longcat.distributed import ParallelDims, ProcessGroups
 from longcat.testing.distributed import run_distributed
@@ -56,7 +63,9 @@ class Layout:
         if parallel is None:
             parallel = ParallelConfig(**{"dp": 1, **fields})
             parallel = dataclasses.replace(parallel, dp_mode=DPMode(parallel.dp_mode),
-                                           pp_schedule=PipelineSchedule(parallel.pp_schedule))
+                                           pp_schedule=PipelineSchedule(parallel.pp_schedule),
+                                           moe_dispatcher=MoEDispatcher(parallel.moe_dispatcher),
+                                           moe_chunk_dim=MoEChunkDim(parallel.moe_chunk_dim))
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "parallel", parallel)
 

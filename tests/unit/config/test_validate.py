@@ -38,6 +38,15 @@ def _cfg(*overrides: str):
     (2, ["parallel=tp2", "data.seq_length=127"], r"data.seq_length=127 is not divisible by parallel.tp=2"),
     (2, ["parallel=ep2", "parallel.moe_chunks=3"], r"parallel.moe_chunks=3 must divide the 4 local experts"),
     (1, ["parallel.moe_chunks=0"], r"parallel.moe_chunks=0 must be >= 1"),
+    (2, ["parallel=ep2", "parallel.moe_chunks=3"], r"or parallel.moe_chunk_dim=token"),
+    (2, ["parallel=ep2", "parallel.moe_chunks=3", "parallel.moe_chunk_dim=token", "data.micro_batch_size=1",
+         "data.seq_length=128"], r"parallel.moe_chunks=3 must divide the 128 tokens a rank dispatches per micro-batch"),
+    (4, ["parallel=tp2_ep2", "parallel.moe_chunks=3", "parallel.moe_chunk_dim=token", "data.micro_batch_size=1",
+         "data.seq_length=128"], r"must divide the 64 tokens .*parallel.cp=1 x parallel.tp=2"),
+    (2, ["parallel=cp2_ep2", "parallel.moe_chunks=3", "parallel.moe_chunk_dim=token", "data.micro_batch_size=1",
+         "data.seq_length=128"], r"must divide the 64 tokens .*parallel.cp=2 x parallel.tp=1"),
+    (2, ["parallel=ep2", "parallel.moe_chunks=2", "parallel.moe_dispatcher=allgather"],
+     r"parallel.moe_chunks=2 with parallel.moe_dispatcher=allgather: .* set parallel.moe_chunks=1"),
     (4, ["parallel=pp2_ep2"], r"pp_schedule=1f1b needs at least pp=2 micro-batches per step"),
     (2, ["parallel=pp2", "model.num_layers=4", "parallel.pp_schedule=interleaved_1f1b",
          "data.global_batch_size=40"], r"interleaved_1f1b .* 5 is not a multiple of its 2 rounds"),
@@ -68,6 +77,8 @@ def test_each_check_names_the_value_and_the_fix(world_size, overrides, needle):
     (2, ["parallel=cp2", "parallel.dp_mode=fsdp"]), (4, ["parallel=cp2", "parallel.dp=2", "parallel.dp_mode=fsdp"]),
     (4, ["parallel=pp2_tp2"]), (4, ["parallel=pp2_fsdp2", "data.global_batch_size=32"]),
     (8, ["parallel=pp2_tp2", "parallel.dp=2", "parallel.dp_mode=fsdp", "parallel.ep=2", "data.global_batch_size=32"]),
+    (2, ["parallel=ep2", "parallel.moe_dispatcher=allgather"]),
+    (2, ["parallel=ep2", "parallel.moe_chunks=8", "parallel.moe_chunk_dim=token"]),  # 8 > the 4 local experts
 ])
 def test_the_parallel_presets_validate_at_their_world_size(world_size, overrides):
     validate(_cfg(*overrides), world_size=world_size)

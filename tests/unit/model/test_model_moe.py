@@ -68,12 +68,16 @@ def test_grouped_experts_match_loop_and_unused_expert_grads_are_zero(counts):
 def test_grouped_experts_expanded_grad_and_unaligned_sizes():
     experts = _experts()
     x = torch.randn(6, 16, requires_grad=True)
-    experts(x, counts_L=torch.tensor([2, 2, 1, 1])).sum().backward()  # sum() hands back an expanded grad
+    out = experts(x, counts_L=torch.tensor([2, 2, 1, 1]))
+    # Not a view: FSDP2 shards the experts as their own module and warns about view outputs.
+    assert out._base is None
+    out.sum().backward()  # sum() hands back an expanded grad
     assert x.grad is not None
     for hidden, inter in [(16, 8), (12, 6)]:  # 12 or 6 elements: rows not 16-byte aligned, padded
         fp32 = _experts(hidden=hidden, inter=inter)
         x = torch.randn(5, hidden, requires_grad=True)
         out = fp32(x, counts_L=torch.tensor([1, 0, 3, 1]))
+        assert out._base is None, (hidden, inter)
         out.square().sum().backward()
         ref_experts = copy.deepcopy(fp32)
         ref_experts.zero_grad()

@@ -79,6 +79,16 @@ def test_paper_layout_reports_by_how_much_it_misses_60_gib():
     assert report.traffic.by_group()["ep"].bytes > 0 and report.time is not None
 
 
+def test_ep_traffic_follows_the_dispatcher():
+    """All-to-all: k_e copies per token, (ep-1)/ep of them leave; all-gather: every token to ep-1 peers."""
+    base = ("model=tiny", "parallel.ep=4", "moe.expected_ffn_experts=3", "data.global_batch_size=64")
+    a2a, ag = (dry_run(_cfg(*base, f"parallel.moe_dispatcher={d}"), world_size=4, rank=0).traffic.by_group()["ep"]
+               for d in ("alltoall", "allgather"))
+    ratio = ag.bytes / a2a.bytes
+    # per token: (ep-1)(D b + 4K) against k_e D b (ep-1)/ep, D = 128, b = 4, K = 4, ep = 4
+    assert ratio == pytest.approx(3 * (128 * 4 + 16) / (3 * 128 * 4 * 3 / 4))
+
+
 def test_sweep_ranks_fitting_layouts_by_step_time():
     rows = sweep(_cfg("model=tiny", "data.global_batch_size=64"), world_size=4, device=load_device("H800"))
     fitting = [r for r in rows if r.report is not None and r.report.fits]

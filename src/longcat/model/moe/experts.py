@@ -18,17 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's CPU backward
-    rejects expanded/strided gradients ("Invalid strides/sizes")."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+def _contiguous(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()
 
 
 def grouped_linear(x_RK: torch.Tensor, weight_LNK: torch.Tensor, *, offs_L: torch.Tensor) -> torch.Tensor:
@@ -55,8 +46,15 @@ def grouped_linear(x_RK: torch.Tensor, weight_LNK: torch.Tensor, *, offs_L: torc
         x_RK = x_RK.clone()
     if weight_LNK.data_ptr() % 16:
         weight_LNK = weight_LNK.clone()
-    out_RN = _ContiguousGrad.apply(F.grouped_mm(x_RK, weight_LNK.transpose(-2, -1), offs=offs_L))
-    return out_RN[:, :N] if pad_n else out_RN
+    out_RN = F.grouped_mm(x_RK, weight_LNK.transpose(-2, -1), offs=offs_L)
+    if out_RN.requires_grad:
+        # grouped_mm's CPU backward rejects expanded/strided gradients ("Invalid strides/sizes"). A
+        # tensor hook rather than an identity autograd.Function: that one would return a view, and
+        # the experts' output is an FSDP2 module output (views there lose FSDP's pre-backward hook
+        # under in-place ops, and FSDP2 warns on every forward).
+        out_RN.register_hook(_contiguous)
+    # The column slice is a view: copy it (same reason).
+    return out_RN[:, :N].contiguous() if pad_n else out_RN
 
 
 class GroupedExperts(nn.Module):

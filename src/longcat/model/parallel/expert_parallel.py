@@ -4,8 +4,9 @@ switch, and the global description of expert shards for checkpoints.
 Layout (docs/architecture.md): the N FFN experts of every MoE are sharded over the ep group
 by global id, ep rank r holding ``[r * N/ep, (r + 1) * N/ep)``, and replicated over edp. Zero
 experts are never sharded or sent. The exchange itself is the token dispatcher's
-(``longcat.model.moe.dispatch``: ``AllToAllTokenDispatcher``, or ``ChunkedAllToAllTokenDispatcher``
-with ``parallel.moe_chunks`` > 1).
+(``longcat.model.moe.dispatch``: ``AllToAllTokenDispatcher``, or with ``parallel.moe_chunks`` > 1
+``ChunkedAllToAllTokenDispatcher`` (chunks of local experts) / ``TokenChunkedTokenDispatcher``
+(chunks of tokens); ``AllGatherTokenDispatcher`` with ``parallel.moe_dispatcher=allgather``).
 
 Gradient rules for the integration code (see ``apply_expert_parallel``): expert weights hold
 per-shard grads, sum them over ``edp_group``; the router (like every dense replicated weight)
@@ -32,12 +33,15 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from longcat.config.schema import MoEChunkDim, MoEDispatcher
 from longcat.distributed.groups import ProcessGroups
 from longcat.model.layer import DecoderLayer
 from longcat.model.moe import MoE
 from longcat.model.moe.dispatch import (
+    AllGatherTokenDispatcher,
     AllToAllTokenDispatcher,
     ChunkedAllToAllTokenDispatcher,
+    TokenChunkedTokenDispatcher,
 )
 
 __all__ = [
@@ -54,7 +58,9 @@ _EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 # ---------------------------------------------------------------------------------- the plan
 
 
-def apply_expert_parallel(model: nn.Module, *, groups: ProcessGroups) -> None:
+def apply_expert_parallel(
+    model: nn.Module, *, groups: ProcessGroups, dispatcher: MoEDispatcher | str = MoEDispatcher.alltoall
+) -> None:
     """Shard every MoE's experts over ``groups.ep_group`` and split its tokens over ``groups.tp_group``
     (in place). Call once, after the model holds its full weights (identical on every rank) or on
     the meta device, and before building the optimizer (expert parameters are replaced).
@@ -63,7 +69,9 @@ def apply_expert_parallel(model: nn.Module, *, groups: ProcessGroups) -> None:
     - ep > 1: ``experts`` keeps rows ``[ep_rank * N/ep, (ep_rank + 1) * N/ep)`` of each weight
       (names unchanged: ``...mlp.experts.gate_proj`` now ``[N/ep, I, D]``; ``expert_offset`` set)
       and the dispatcher becomes an ``AllToAllTokenDispatcher`` over ``ep_group``
-      (``apply_moe_overlap`` may then chunk it).
+      (``apply_moe_overlap`` may then chunk it), or an ``AllGatherTokenDispatcher`` with
+      ``dispatcher="allgather"`` (``ParallelConfig.moe_dispatcher``). Both exchange over the ep
+      group the tokens this rank dispatches (its 1/tp slice under TP).
     - tp > 1: the MoE gets ``tp_group``: the router sees every token, each tp rank dispatches 1/tp
       of them and the output is all-gathered (see ``longcat.model.moe.layer``).
 
@@ -74,6 +82,7 @@ def apply_expert_parallel(model: nn.Module, *, groups: ProcessGroups) -> None:
         ValueError: n_routed_experts not divisible by ep, or the model was already parallelised.
     """
     ep, tp = groups.ep_size, groups.tp_size
+    kind = MoEDispatcher(dispatcher)
     for name, moe in model.named_modules():
         if not isinstance(moe, MoE):
             continue
@@ -88,40 +97,45 @@ def apply_expert_parallel(model: nn.Module, *, groups: ProcessGroups) -> None:
         if ep > 1:
             local = N // ep
             experts.narrow_(expert_offset=groups.ep_rank * local, num_local_experts=local)
-            moe.dispatcher = AllToAllTokenDispatcher(N, ep_group=groups.ep_group)
+            moe.dispatcher = (AllGatherTokenDispatcher(N, ep_group=groups.ep_group) if kind is MoEDispatcher.allgather
+                              else AllToAllTokenDispatcher(N, ep_group=groups.ep_group))
         if tp > 1:
             moe.tp_group = groups.tp_group
 
 
-def apply_moe_overlap(model: nn.Module, *, overlap: bool, num_chunks: int = 1) -> None:
+def apply_moe_overlap(
+    model: nn.Module, *, overlap: bool, num_chunks: int = 1, chunk_dim: MoEChunkDim | str = MoEChunkDim.expert
+) -> None:
     """Set the ScMoE schedule of every decoder layer of ``model`` (in place).
 
     Args:
         model: a model after ``apply_expert_parallel`` (dispatchers already chosen).
         overlap: ``ParallelConfig.overlap_moe_comm``: the MoE's exchanges run under the dense branch
             (True) or the MoE runs whole before it (False). Same numbers either way.
-        num_chunks: ``ParallelConfig.moe_chunks``: split each expert-parallel exchange into this
-            many pipelined chunks (``ChunkedAllToAllTokenDispatcher``); 1 = no split. MoEs without
-            expert parallelism (nothing to exchange) are left as they are.
+        num_chunks: ``ParallelConfig.moe_chunks``: split each all-to-all exchange into this many
+            pipelined chunks; 1 = no split. MoEs without expert parallelism (nothing to exchange) and
+            all-gather dispatchers are left as they are.
+        chunk_dim: ``ParallelConfig.moe_chunk_dim``: ``expert`` (``ChunkedAllToAllTokenDispatcher``,
+            chunks of local experts) or ``token`` (``TokenChunkedTokenDispatcher``, chunks of tokens).
 
     Raises:
-        ValueError: ``num_chunks`` < 1 or not dividing the local expert count.
+        ValueError: ``num_chunks`` < 1, or not dividing the local expert count with ``chunk_dim=expert``.
     """
     if num_chunks < 1:
         raise ValueError(f"moe_chunks={num_chunks} must be >= 1")
+    dim = MoEChunkDim(chunk_dim)
     for module in model.modules():
         if isinstance(module, DecoderLayer):
             module.overlap_moe_comm = overlap
-        if isinstance(module, MoE) and isinstance(module.dispatcher, AllToAllTokenDispatcher):
-            current = getattr(module.dispatcher, "num_chunks", 1)
-            if current != num_chunks:
-                module.dispatcher = (
-                    ChunkedAllToAllTokenDispatcher(
-                        module.num_ffn_experts, ep_group=module.dispatcher.ep_group, num_chunks=num_chunks
-                    )
-                    if num_chunks > 1
-                    else AllToAllTokenDispatcher(module.num_ffn_experts, ep_group=module.dispatcher.ep_group)
-                )
+        if isinstance(module, MoE) and isinstance(module.dispatcher, (AllToAllTokenDispatcher,
+                                                                      TokenChunkedTokenDispatcher)):
+            N, ep_group = module.num_ffn_experts, module.dispatcher.ep_group
+            kind: type = (AllToAllTokenDispatcher if num_chunks == 1 else
+                          ChunkedAllToAllTokenDispatcher if dim is MoEChunkDim.expert else TokenChunkedTokenDispatcher)
+            if type(module.dispatcher) is kind and getattr(module.dispatcher, "num_chunks", 1) == num_chunks:
+                continue  # already so (its counters are kept)
+            module.dispatcher = (AllToAllTokenDispatcher(N, ep_group=ep_group) if num_chunks == 1
+                                 else kind(N, ep_group=ep_group, num_chunks=num_chunks))
 
 
 class ExpertShard(NamedTuple):

@@ -225,8 +225,9 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     if dims.cp > 1:
         apply_context_parallel(model, cp_group=groups.cp_group)
     if dims.ep > 1 or dims.tp > 1:  # under TP each tp rank dispatches its 1/tp of the MoE tokens
-        apply_expert_parallel(model, groups=groups)
-    apply_moe_overlap(model, overlap=options.overlap_moe_comm, num_chunks=options.moe_chunks)
+        apply_expert_parallel(model, groups=groups, dispatcher=options.moe_dispatcher)
+    apply_moe_overlap(model, overlap=options.overlap_moe_comm, num_chunks=options.moe_chunks,
+                      chunk_dim=options.moe_chunk_dim)
     pipeline: Optional[PipelineRunner] = None
     local: nn.Module = model
     if dims.pp > 1:

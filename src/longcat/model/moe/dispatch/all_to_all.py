@@ -49,7 +49,7 @@ from longcat.model.moe.dispatch.permute import (
     weight_and_unpermute,
 )
 
-__all__ = ["AllToAllTokenDispatcher", "RowCounter", "wait_rows"]
+__all__ = ["AllToAllTokenDispatcher", "RowCounter", "peer_bytes", "wait_rows"]
 
 
 class RowCounter:
@@ -63,13 +63,20 @@ class RowCounter:
         self.dispatched_rows = 0
         self.received_rows = 0
         self.num_dispatches = 0
+        self.peer_bytes_sent = 0
         self.zero_rows_sent: torch.Tensor | int = 0
 
-    def record(self, *, num_sent: int, num_received: int, sent_expert_ids_S: torch.Tensor, num_experts: int) -> None:
-        """One dispatch: rows sent and received (host ints) and the expert id of every row sent."""
+    def record(
+        self, *, num_sent: int, num_received: int, sent_expert_ids_S: torch.Tensor, num_experts: int,
+        peer_bytes: int = 0,
+    ) -> None:
+        """One dispatch: rows sent and received (host ints), the expert id of every row sent (a row
+        counts as a zero-expert row when its id is >= ``num_experts``) and the bytes this rank sends to
+        its peers in the dispatch and the combine."""
         self.dispatched_rows += num_sent
         self.received_rows += num_received
         self.num_dispatches += 1
+        self.peer_bytes_sent += peer_bytes
         self.zero_rows_sent = self.zero_rows_sent + (sent_expert_ids_S >= num_experts).sum()
 
     def snapshot(self) -> DispatchCounters:
@@ -79,7 +86,17 @@ class RowCounter:
             received_rows=self.received_rows,
             zero_expert_rows_sent=int(self.zero_rows_sent),
             num_dispatches=self.num_dispatches,
+            peer_bytes_sent=self.peer_bytes_sent,
         )
+
+
+def peer_bytes(exchanged: ExchangedCounts, tokens_TD: torch.Tensor, *, group: dist.ProcessGroup) -> int:
+    """Bytes of token rows this rank sends to its peers in one dispatch and its combine: the rows it
+    sends to other ranks plus the rows it received from them (returned in the combine)."""
+    me = group.rank()
+    rows = sum(exchanged.input_splits) - exchanged.input_splits[me]
+    rows += sum(exchanged.output_splits) - exchanged.output_splits[me]
+    return rows * tokens_TD.shape[1] * tokens_TD.element_size()
 
 
 def wait_rows(rows: AllToAllHandle | torch.Tensor) -> torch.Tensor:
@@ -157,7 +174,8 @@ class AllToAllTokenDispatcher(TokenDispatcher):
         perm = source_permutation(expert_ids_TK, gates_TK, num_experts=N, counts_N=counts_N, num_routed=num_sent)
         tokens_SD = permute_tokens(tokens_TD, handle=perm.handle)
         self.row_counter.record(num_sent=num_sent, num_received=sum(exchanged.output_splits),
-                         sent_expert_ids_S=perm.sent_expert_ids_S, num_experts=N)
+                                sent_expert_ids_S=perm.sent_expert_ids_S, num_experts=N,
+                                peer_bytes=peer_bytes(exchanged, tokens_TD, group=self.ep_group))
 
         # [S, D] rows by destination rank -> all_to_all(ep, async) -> [R, D] rows by source, local expert
         rows = all_to_all_uneven(

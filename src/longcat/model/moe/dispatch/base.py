@@ -62,12 +62,16 @@ class DispatchCounters:
         stay 0 (zero experts are formed on the token's own rank).
     num_dispatches: dispatch calls (an activation-checkpointed layer counts twice: its forward is
         recomputed in backward).
+    peer_bytes_sent: bytes this rank sent to the other ranks of the ep group in the forward's
+        dispatch and combine exchanges together (rows, and the all-gather dispatcher's ids and gates;
+        not the count exchanges). The backward sends the same again.
     """
 
     dispatched_rows: int
     received_rows: int
     zero_expert_rows_sent: int
     num_dispatches: int
+    peer_bytes_sent: int = 0
 
 
 class TokenDispatcher(abc.ABC):
@@ -75,7 +79,9 @@ class TokenDispatcher(abc.ABC):
 
     Implementations: ``LocalTokenDispatcher`` (one process, all experts local),
     ``AllToAllTokenDispatcher`` (expert parallelism), ``ChunkedAllToAllTokenDispatcher`` (its
-    exchange in pipelined chunks). A new one is a subclass in its own module of this package.
+    exchange in pipelined chunks of local experts), ``TokenChunkedTokenDispatcher`` (of tokens),
+    ``AllGatherTokenDispatcher`` (all-gather / reduce-scatter). A new one is a subclass in its own
+    module of this package.
     """
 
     @abc.abstractmethod

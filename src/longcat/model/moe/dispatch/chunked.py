@@ -48,7 +48,7 @@ from longcat.distributed.collectives import (
     all_to_all_uneven,
     exchange_counts,
 )
-from longcat.model.moe.dispatch.all_to_all import AllToAllTokenDispatcher, wait_rows
+from longcat.model.moe.dispatch.all_to_all import AllToAllTokenDispatcher, peer_bytes, wait_rows
 from longcat.model.moe.dispatch.base import DispatchedTokens, PendingCombine
 from longcat.model.moe.dispatch.permute import (
     SourcePermutation,
@@ -135,7 +135,8 @@ class ChunkedAllToAllTokenDispatcher(AllToAllTokenDispatcher):
         tokens_SD = permute_tokens(tokens_TD, handle=perm.handle)
 
         self.row_counter.record(num_sent=num_sent, num_received=sum(exchanged.output_splits),
-                                sent_expert_ids_S=perm.sent_expert_ids_S, num_experts=N)
+                                sent_expert_ids_S=perm.sent_expert_ids_S, num_experts=N,
+                                peer_bytes=peer_bytes(exchanged, tokens_TD, group=self.ep_group))
 
         rows = []
         for c, tokens_ScD in enumerate(tokens_SD.split([sum(s) for s in sent_CG])):

@@ -145,7 +145,7 @@ def _sum_slots(rows_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     T, K = handle.num_tokens, handle.top_k
     slots_TxKD = rows_RD.new_zeros(T * K, rows_RD.shape[-1])
     slots_TxKD.index_copy_(0, handle.slot_R, rows_RD)
-    return slots_TxKD.view(T, K, -1).sum(dim=1)
+    return slots_TxKD.view(T, K, rows_RD.shape[-1]).sum(dim=1)
 
 
 class _PermuteTokens(torch.autograd.Function):
