@@ -23,6 +23,9 @@ What the trainer does each step:
     grad norm over runner.grad_norm_parameters()      # the tied copy counted once
     optimizer.step()
 
+``runner.run_isolated(micro_batch, step_input, stage_fn=...)`` runs one micro-batch through every
+stage on its own, outside the schedule (R_g's LM-only gradient, the SDC replay).
+
 Shape legend:
     B  micro-batch size
     S  sequence (S/tp between stages under sequence parallelism)
@@ -47,6 +50,7 @@ from torch.distributed.pipelining import (
 )
 
 from longcat.distributed.groups import ProcessGroups, rank_layout
+from longcat.distributed.pipeline_chain import StageFn, StagePassOutput, StagePassResult, run_isolated
 from longcat.distributed.pipeline_stage import (
     PipelineSchedule,
     StageModule,
@@ -58,6 +62,8 @@ __all__ = [
     "PipelineRunner",
     "PipelineSchedule",
     "PipelineStepOutput",
+    "StagePassOutput",
+    "StagePassResult",
     "StagePlan",
     "plan_stages",
 ]
@@ -191,6 +197,19 @@ class PipelineRunner:
             stage.record.clear()
         return PipelineStepOutput(loss_sums=tuple(sums.tolist()), per_microbatch=per_microbatch,
                                   local_layer_ids=self.local_layer_ids)
+
+    def run_isolated(self, micro_batch: dict, step_input: Any = None, *, stage_fn: StageFn, backward: bool = True,
+                     param_grads: bool = False) -> list[StagePassResult]:
+        """One micro-batch through every stage on its own, outside the schedule (forward in stage
+        order, backward in reverse; ``longcat.distributed.pipeline_chain``): this rank's stages'
+        results. Collective over the pipeline group; ``micro_batch`` as one of ``step``'s.
+
+        Raises:
+            ValueError: the micro-batch misses keys or is not [B, S].
+        """
+        _micro_batch_shape([micro_batch])
+        return run_isolated(self, _stage_inputs(micro_batch, self.device), step_input, stage_fn=stage_fn,
+                            backward=backward, param_grads=param_grads)
 
     def _check_micro_batches(self, micro_batches: list[dict]) -> tuple[int, int]:
         if len(micro_batches) != self.num_microbatches:
