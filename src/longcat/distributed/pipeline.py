@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -88,11 +88,14 @@ class PipelineStepOutput:
     per_microbatch: ``[micro-batch][...]`` what this rank's stages reported, in stage order (one
         entry per real forward: an activation recompute never adds one).
     local_layer_ids: global indices of this rank's layers, ascending.
+    kept_outputs: per local stage index, the forward output of micro-batch ``keep_output_of``
+        (``step``'s argument; empty without it): [B, S/sp, D] activation or the last stage's [] objective.
     """
 
     loss_sums: tuple[float, ...]
     per_microbatch: list[list[Any]]
     local_layer_ids: tuple[int, ...]
+    kept_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class PipelineRunner:
@@ -157,13 +160,15 @@ class PipelineRunner:
         return self.local_model.get_parameter(self._tied_parameter)
 
     # ------------------------------------------------------------------------------ training
-    def step(self, micro_batches: list[dict], step_input: Any = None) -> PipelineStepOutput:
+    def step(self, micro_batches: list[dict], step_input: Any = None, *,
+             keep_output_of: Optional[int] = None) -> PipelineStepOutput:
         """Forward and backward of this DP rank's micro-batches; accumulates into ``.grad``.
 
         Collective over the pipeline group. Every rank of the group passes the same micro-batches
         (dicts of [B, S] ``input_ids`` int64, ``labels`` int64, ``token_mask`` bool, optional
         ``position_ids``), all of one shape. ``step_input`` reaches every stage for this step
-        (``StageModule.step_input``; e.g. the global batch's token counts).
+        (``StageModule.step_input``; e.g. the global batch's token counts). ``keep_output_of``: a
+        micro-batch index whose forward output every local stage keeps (``kept_outputs``).
 
         Raises:
             ValueError: the wrong number of micro-batches, or micro-batches of different shapes or
@@ -174,6 +179,7 @@ class PipelineRunner:
         for stage in self.stages:
             stage.step_input = step_input
             stage.record.clear()
+            stage.record.keep_output_of = keep_output_of
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
         kwargs = _stage_inputs(batch, self.device)
         # The last stage's forward returns the micro-batch objective; the "target" is unused.
@@ -192,11 +198,13 @@ class PipelineRunner:
             [item for stage in self.stages for item in stage.record.per_microbatch[m]]
             for m in range(self.num_microbatches)
         ]
+        kept = {stage.stage_index: stage.record.kept_output for stage in self.stages
+                if stage.record.kept_output is not None}
         for stage in self.stages:
             stage.step_input = None
             stage.record.clear()
         return PipelineStepOutput(loss_sums=tuple(sums.tolist()), per_microbatch=per_microbatch,
-                                  local_layer_ids=self.local_layer_ids)
+                                  local_layer_ids=self.local_layer_ids, kept_outputs=kept)
 
     def run_isolated(self, micro_batch: dict, step_input: Any = None, *, stage_fn: StageFn, backward: bool = True,
                      param_grads: bool = False) -> list[StagePassResult]:

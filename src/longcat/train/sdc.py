@@ -213,6 +213,20 @@ class FaultInjector:
         if self._armed(step, FaultTarget.gradient):
             self._flip_param(model, step=step, grad=True)
 
+    def after_backward_grads(self, named_grads: dict[str, Optional[torch.Tensor]], *, step: int) -> None:
+        """``after_backward`` for gradients held outside ``.grad`` (name -> gradient; the SDC replay
+        under DeepSpeed takes them with ``torch.autograd.grad``)."""
+        if not self._armed(step, FaultTarget.gradient):
+            return
+        if named_grads.get(self.cfg.tensor) is None:
+            raise ValueError(f"sdc.inject.tensor={self.cfg.tensor!r} is not a parameter with a gradient at step "
+                             f"{step}; e.g. {sorted(n for n, g in named_grads.items() if g is not None)[:5]}")
+        grad = named_grads[self.cfg.tensor]
+        assert grad is not None
+        flip_bit_(grad, index=self.cfg.index, bit=self.cfg.bit)
+        self.injected_at = step
+        logger.warning("injected fault: gradient of %s bit %d at step %d", self.cfg.tensor, self.cfg.bit, step)
+
     def after_optimizer(self, model: torch.nn.Module, *, step: int) -> None:
         if self._armed(step, FaultTarget.parameter):
             self._flip_param(model, step=step, grad=False)

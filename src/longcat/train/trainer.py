@@ -237,6 +237,14 @@ class Trainer:
 
     def forward_backward(self, mb: dict, counts: losses.GlobalTokenCounts, parts: LossParts) -> list:
         """Forward one micro-batch, backward its share of the global objective; returns its MoE stats."""
+        objective, stats = self.forward_objective(mb, counts, parts)
+        self.parallel.backward(objective)
+        return stats
+
+    def forward_objective(self, mb: dict, counts: losses.GlobalTokenCounts,
+                          parts: LossParts) -> tuple[torch.Tensor, list]:
+        """Forward one micro-batch: (its share of the global objective, fp32 [] with grad; its MoE stats
+        without the probabilities); its loss parts added to ``parts``."""
         input_ids_BS = mb["input_ids"].to(self.device)
         labels_BS = mb["labels"].to(self.device)
         token_mask_BS = mb["token_mask"].to(self.device)
@@ -262,18 +270,24 @@ class Trainer:
             objective = objective + lb
             parts.lb += lb.item()
         parts.stability.add_hidden(out.last_hidden_BSD, token_mask_BS)
-        self.parallel.backward(objective)
-        return [dataclasses.replace(s, probs_TE=None, token_mask_T=None) for s in out.moe_stats]
+        return objective, [dataclasses.replace(s, probs_TE=None, token_mask_T=None) for s in out.moe_stats]
 
     def _forward_backward_all(self, micro_batches: list[dict], counts: losses.GlobalTokenCounts):
         """Every micro-batch of this rank: (LossParts of this dp rank, per micro-batch the local layers' stats)."""
         if self.pipeline is not None:
             if self.stability.wants_measurement:  # R_g (Eq. 9) under PP: one isolated LM-only pass
                 self._measure_rg_pipeline(micro_batches[0], counts)
-            out = self.pipeline.step(micro_batches, counts)
+            if self.sdc.replay_due(self.step + 1):  # SDC replay per stage (train/sdc_check.py)
+                out = self.sdc.replay_pipeline(self.pipeline, micro_batches, counts, step=self.step + 1)
+            else:
+                out = self.pipeline.step(micro_batches, counts)
             ce, mtp, z, lb = out.loss_sums  # TrainingObjective.TERM_NAMES
             return LossParts(ce=ce, mtp=mtp, z=z, lb=lb), out.per_microbatch
         parts, stats = LossParts(), []
+        if self.sdc.replay_due(self.step + 1) and self.parallel.deepspeed is not None:  # its engine owns the grads
+            return parts, self.sdc.forward_backward_replayed_functional(
+                micro_batches, step=self.step + 1, forward=lambda mb, p: self.forward_objective(mb, counts, p),
+                backward=self.parallel.backward, parts=parts)
         if self.sdc.replay_due(self.step + 1):  # SDC replay of one micro-batch (train/sdc_check.py)
             return parts, self.sdc.forward_backward_replayed(
                 micro_batches, step=self.step + 1, run=lambda mb, p: self.forward_backward(mb, counts, p), parts=parts)

@@ -180,7 +180,7 @@ class PipelineStageModule(StageModule):
                                    f"exchanges {self.activation_dtype} (the parameters' dtype)")
             if lb is not None and torch.is_grad_enabled():
                 h_BSD = attach_aux_loss(h_BSD, lb)
-            self.record.add(objective.aux_terms(lb, like=h_BSD), reported)
+            self.record.add(objective.aux_terms(lb, like=h_BSD), reported, output=h_BSD)
             return h_BSD
         assert self.step_input is not None, "PipelineRunner.step sets the global token counts before the schedule runs"
         logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
@@ -190,7 +190,7 @@ class PipelineStageModule(StageModule):
         total, terms = objective.head_loss(
             logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD, labels_BS=labels,
             token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=lb)
-        self.record.add(terms, reported)
+        self.record.add(terms, reported, output=total)
         return total
 
     def forward_lm_only(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor,
