@@ -13,10 +13,27 @@ Steps are numbered from 1 (``StepResult.step``; ``sdc.inject.step`` uses the sam
                                      bit for bit -> replay grads dropped, stash put back
 
 The replay therefore costs one micro-batch's forward and backward plus two checksum passes over the
-gradients; every rank replays at the same step, so the collectives of TP / EP pair up. Not under PP
-(the schedule interleaves micro-batches over stages; the schema refuses it) nor DeepSpeed (its ZeRO
-buffers own the gradients). The MoE statistics of the replay are dropped; EP dispatch counters
-include its rows.
+gradients; every rank replays at the same step, so the collectives of TP / EP pair up. The MoE
+statistics of the replay are dropped; EP dispatch counters include its rows.
+
+Under DeepSpeed (``forward_backward_replayed_functional``) the engine takes each backward's
+gradients into its own ZeRO buffers, so they cannot be stashed: the chosen micro-batch's training
+forward is the first computation, its gradient is taken once more with ``torch.autograd.grad``
+(no accumulate-grad hook runs, the engine sees nothing) before the engine's backward trains on it,
+and the replay (forward + ``torch.autograd.grad``) is compared with it. Extra cost: one backward more
+than the plain replay.
+
+Under pipeline parallelism (``replay_pipeline``) the schedule interleaves micro-batches over the
+stages and accumulates their gradients, so nothing in it is one micro-batch's alone. After the
+schedule's step the chosen micro-batch runs twice on its own through the stages
+(``PipelineRunner.run_isolated``: every stage's training forward in stage order, then the backward
+in reverse, activations and their gradients sent point to point), the trainer's gradients stashed
+meanwhile; the first run takes the fault injection, the second is the replay. Per stage the
+checksums of its output, loss terms, input-activation gradient and parameter gradients are compared
+(``stage{s}/output``, ``stage{s}/loss``, ``stage{s}/input_grad``, parameter names), and the first
+run's stage outputs against those the schedule itself computed for that micro-batch
+(``stage{s}/output@schedule``). Extra cost: two micro-batches' forward and backward, stage after
+stage (no overlap between stages). Not with FSDP under PP (the schema refuses it).
 
 On a step with ``s % sdc.replica_interval == 0``, after the optimizer step, parameters replicated
 over dp (dense; and the expert biases) and over edp (routed experts) are hashed and compared across
@@ -126,7 +143,7 @@ class SDCMonitor:
         num_checks: checks run, by kind (``replay``, ``replica``).
         num_failed_checks: checks that found at least one mismatch.
 
-    ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``): no replay under PP or DeepSpeed.
+    ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``): no replay under PP with FSDP.
     """
 
     def __init__(self, cfg: SDCConfig, *, parallel: ParallelModel, groups: ProcessGroups,
