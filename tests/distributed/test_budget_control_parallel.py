@@ -142,6 +142,7 @@ def _world2_body(cfg_lb0, cfg_lb0_mb2, cfg_health, cfg_auto, steps) -> dict:
         "auto": train_run(cfg_auto, dp2, steps),
         "auto_pp2": train_run(cfg_auto, Layout("pp2", pp=2), steps),
         "auto_pp2_zbv": train_run(_four_layers(cfg_auto), Layout("pp2zbv", pp=2, pp_schedule="zbv"), steps),
+        "auto_ep2_ckpt": train_run(_checkpointed(cfg_auto), Layout("ep2", dp=2, ep=2), steps),
         "ep2_on": train_run(cfg_health, Layout("ep2", dp=2, ep=2), steps[:2]),
         "ep2_off": train_run(_health_off(cfg_health), Layout("ep2", dp=2, ep=2), steps[:2]),
         "fsdp_on": train_run(cfg_health, Layout("fsdp", dp=2, dp_mode="fsdp"), steps[:2]),
@@ -164,6 +165,19 @@ def _four_layers(cfg):
     cfg = copy.deepcopy(cfg)
     cfg.model.num_layers = 4
     return cfg
+
+
+def _checkpointed(cfg):
+    """``cfg`` with activation checkpointing (the router probabilities R_g reads are recomputed)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.activation_checkpointing = True
+    return cfg
+
+
+def _pp_ep_auto_body(cfg, steps) -> dict:
+    return train_run(_checkpointed(cfg), Layout("pp2xep2", pp=2, dp=2, ep=2), steps)
 
 
 def _world4_body(cfg, batch) -> torch.Tensor:
@@ -267,6 +281,21 @@ def test_pp2_automatic_alpha_matches_one_process(setup, world2, run):
             assert rg and rg == sorted(k for k in g if k.endswith("/rg")), (step, rg)
             for key in rg + ["moe/rg_max", "moe/lb_coef"]:
                 assert g[key] == pytest.approx(w[key], rel=1e-4), (step, key, g[key], w[key])
+
+
+def test_pp2xep2_automatic_alpha_matches_dp2xep2(setup, world2):
+    """pp 2 x dp 2 x ep 2 with activation checkpointing: the isolated pass runs the EP all-to-alls and
+    the recomputed routers of each stage; R_g, alpha, losses and grad norms are dp 2 x ep 2's (the same
+    LB groups and micro-batch split, no pipeline), on all four ranks alike."""
+    steps, cfgs = setup
+    want = world2[0]["auto_ep2_ckpt"]
+    assert [m["moe/lb_coef"] for m in want["stability"]][-1] < ALPHA
+    for got in run_distributed(_pp_ep_auto_body, world_size=4, args=(cfgs["auto"], steps), timeout_s=240):
+        assert got["losses"] == pytest.approx(want["losses"], rel=RTOL)
+        assert got["grad_norms"] == pytest.approx(want["grad_norms"], rel=RTOL)
+        for g, w in zip(got["stability"], want["stability"]):
+            for key in [k for k in w if k.endswith("/rg")] + ["moe/rg_max", "moe/lb_coef"]:
+                assert g[key] == pytest.approx(w[key], rel=1e-4), (key, g[key], w[key])
 
 
 @pytest.mark.parametrize("layout", ["ep2", "fsdp"])
