@@ -49,8 +49,9 @@ gradients only, no weight gradients) and ``measure_pipeline`` takes the LB part 
 layer's own term, as above. Each stage computes R_g of its layers after the dp sum; one all-reduce
 of ``L_global`` floats over pp gives every rank every layer's R_g (logged by global layer index), so
 all ranks apply the same alpha. Extra cost on a measuring step: one micro-batch's forward and
-activation-gradient backward through all stages, run stage after stage (no overlap). The hidden-state
-norm and the per-layer LB metrics are not logged under pp > 1.
+activation-gradient backward through all stages, run stage after stage (no overlap; under EP its
+all-to-all rows count in ``ep/dispatched_rows``). The hidden-state norm and the per-layer LB metrics
+are not logged under pp > 1.
 
 Automatic alpha (``moe.auto_lb_coef``). R_g is linear in alpha, so from a measurement at the alpha
 in use the ratios are rescaled to the configured ``moe.lb_loss_coef`` (the ceiling) and
