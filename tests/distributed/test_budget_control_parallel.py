@@ -11,7 +11,10 @@ Eq. 3-5 is the same):
 - R_g, the automatic alpha and every stability metric are identical on all ranks; measuring R_g
   changes no training number (dp 2 replicate, ep 2, FSDP2);
 - under pp 2 the stages compute the load-balance loss with the alpha the trainer holds at that step
-  (``StabilityMonitor.lb_coef``, which ``moe.auto_lb_coef`` moves between steps), as one process does.
+  (``StabilityMonitor.lb_coef``, which ``moe.auto_lb_coef`` moves between steps), as one process does;
+- under pp 2 (1F1B and ZB-V) ``moe.auto_lb_coef`` measures R_g per stage (an isolated LM-only pass
+  through the stages) and gives one process's R_g per layer, alpha, losses and grad norms over 3 steps,
+  identically on both ranks.
 
 The layouts' own equivalence (losses, grad norms, biases, parameters for tp/pp/ep/fsdp/...) is
 tests/distributed/test_layouts.py; this file adds what it does not check. Rank bodies are
@@ -137,6 +140,9 @@ def _world2_body(cfg_lb0, cfg_lb0_mb2, cfg_health, cfg_auto, steps) -> dict:
         "lb_grad": lb_router_grad(cfg_health, dp2, steps[0]),
         "lb_grads_pp2": lb_router_grads(cfg_health, Layout("pp2", pp=2), steps[0]),
         "auto": train_run(cfg_auto, dp2, steps),
+        "auto_pp2": train_run(cfg_auto, Layout("pp2", pp=2), steps),
+        "auto_pp2_zbv": train_run(_four_layers(cfg_auto), Layout("pp2zbv", pp=2, pp_schedule="zbv"), steps),
+        "auto_ep2_ckpt": train_run(_checkpointed(cfg_auto), Layout("ep2", dp=2, ep=2), steps),
         "ep2_on": train_run(cfg_health, Layout("ep2", dp=2, ep=2), steps[:2]),
         "ep2_off": train_run(_health_off(cfg_health), Layout("ep2", dp=2, ep=2), steps[:2]),
         "fsdp_on": train_run(cfg_health, Layout("fsdp", dp=2, dp_mode="fsdp"), steps[:2]),
@@ -150,6 +156,28 @@ def _health_off(cfg):
     cfg = copy.deepcopy(cfg)
     cfg.moe.router_health_interval = 0
     return cfg
+
+
+def _four_layers(cfg):
+    """``cfg`` with 4 layers: ZB-V at pp 2 runs 4 stages (stage 0 and 3 on rank 0)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.num_layers = 4
+    return cfg
+
+
+def _checkpointed(cfg):
+    """``cfg`` with activation checkpointing (the router probabilities R_g reads are recomputed)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.activation_checkpointing = True
+    return cfg
+
+
+def _pp_ep_auto_body(cfg, steps) -> dict:
+    return train_run(_checkpointed(cfg), Layout("pp2xep2", pp=2, dp=2, ep=2), steps)
 
 
 def _world4_body(cfg, batch) -> torch.Tensor:
@@ -230,6 +258,44 @@ def test_pp2_stages_use_the_alpha_in_use(setup, world2):
             torch.testing.assert_close(g, want, rtol=RTOL, atol=RTOL * want.abs().max().item(), msg=f"layer {layer}")
         layers |= set(grads)
     assert layers == set(want_grads)  # the two stages hold every layer
+
+
+@pytest.mark.parametrize("run", ["auto_pp2", "auto_pp2_zbv"])
+def test_pp2_automatic_alpha_matches_one_process(setup, world2, run):
+    """moe.auto_lb_coef under pp 2: R_g of every layer (global index), the alpha it sets, the losses and
+    the grad norms of 3 steps are one process's (which moves alpha), the same on both ranks."""
+    steps, cfgs = setup
+    want = train_run(_four_layers(cfgs["auto"]) if run.endswith("zbv") else cfgs["auto"], Layout("single"), steps)
+    alphas = [m["moe/lb_coef"] for m in want["stability"]]
+    assert alphas[0] == ALPHA and alphas[-1] < ALPHA, alphas  # the reference's alpha moved
+    for a, b in zip(world2[0][run]["stability"], world2[1][run]["stability"]):  # the rest is per stage
+        assert {k: v for k, v in a.items() if "rg" in k or "lb_coef" in k} == {
+            k: v for k, v in b.items() if "rg" in k or "lb_coef" in k}
+    for rank in world2:
+        got = rank[run]
+        assert got["losses"] == pytest.approx(want["losses"], rel=RTOL)
+        assert got["grad_norms"] == pytest.approx(want["grad_norms"], rel=RTOL)
+        assert got["state"]["lb_coef"] == pytest.approx(want["state"]["lb_coef"], rel=RTOL)
+        for step, (g, w) in enumerate(zip(got["stability"], want["stability"])):
+            rg = sorted(k for k in w if k.endswith("/rg"))
+            assert rg and rg == sorted(k for k in g if k.endswith("/rg")), (step, rg)
+            for key in rg + ["moe/rg_max", "moe/lb_coef"]:
+                assert g[key] == pytest.approx(w[key], rel=1e-4), (step, key, g[key], w[key])
+
+
+def test_pp2xep2_automatic_alpha_matches_dp2xep2(setup, world2):
+    """pp 2 x dp 2 x ep 2 with activation checkpointing: the isolated pass runs the EP all-to-alls and
+    the recomputed routers of each stage; R_g, alpha, losses and grad norms are dp 2 x ep 2's (the same
+    LB groups and micro-batch split, no pipeline), on all four ranks alike."""
+    steps, cfgs = setup
+    want = world2[0]["auto_ep2_ckpt"]
+    assert [m["moe/lb_coef"] for m in want["stability"]][-1] < ALPHA
+    for got in run_distributed(_pp_ep_auto_body, world_size=4, args=(cfgs["auto"], steps), timeout_s=240):
+        assert got["losses"] == pytest.approx(want["losses"], rel=RTOL)
+        assert got["grad_norms"] == pytest.approx(want["grad_norms"], rel=RTOL)
+        for g, w in zip(got["stability"], want["stability"]):
+            for key in [k for k in w if k.endswith("/rg")] + ["moe/rg_max", "moe/lb_coef"]:
+                assert g[key] == pytest.approx(w[key], rel=1e-4), (key, g[key], w[key])
 
 
 @pytest.mark.parametrize("layout", ["ep2", "fsdp"])

@@ -71,10 +71,12 @@ class Parts:
     lb: float = 0.0
 
 
-def _reference(ref, micro_batches, *, accum: int, dp_size: int):
+def _reference(ref, micro_batches, *, accum: int, dp_size: int, counts=None):
     """The non-PP trainer (``Trainer.forward_backward``'s terms) on the full model, every micro-batch of
-    the global batch backpropagated in turn: (counts, Parts, per micro-batch MoEStats)."""
-    counts, parts, stats = _global_counts(micro_batches), Parts(), []
+    the global batch backpropagated in turn: (counts, Parts, per micro-batch MoEStats). ``counts``: the
+    global batch's token counts (default: those of ``micro_batches``)."""
+    counts = counts or _global_counts(micro_batches)
+    parts, stats = Parts(), []
     for mb in micro_batches:
         out = ref(mb["input_ids"], token_mask_BS=mb["token_mask"])
         labels_BS = mb["labels"]
@@ -183,9 +185,34 @@ def _parity_body(schedule: str, tie: bool, checkpointing: bool, ckpt_dir: str | 
     assert num_labels == sum(int((mb["labels"] != losses.IGNORE_INDEX).sum()) for mb in eval_batches)
     assert abs(ce_sum - want) <= REL * want
 
+    _isolated_matches_reference(runner, ref, _micro_batches(NUM_MICROBATCHES, seed=4))
     if ckpt_dir is not None:
         _checkpoint_round_trip(runner, ref, cfg, ckpt_dir)
     return out.loss_sums
+
+
+def _isolated_matches_reference(runner, ref, micro_batches) -> None:
+    """``run_isolated``: one micro-batch on its own through the stages (the training forward, parameter
+    gradients accumulated) gives the reference's loss terms and gradients of that micro-batch alone;
+    the stages' records of the schedule are untouched and nothing travels back on the first stage."""
+    from longcat.distributed.pipeline import StagePassOutput
+
+    counts = _global_counts(micro_batches)
+    runner.local_model.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+    _, parts, _ = _reference(ref, micro_batches[:1], accum=NUM_MICROBATCHES, dp_size=1, counts=counts)
+    results = runner.run_isolated(micro_batches[0], counts, param_grads=True,
+                                  stage_fn=lambda stage, x, kw: StagePassOutput(output=stage(x, **kw)))
+    assert [r.stage_index for r in results] == list(runner.plan.local_stages(runner.pp_rank))
+    sums = torch.stack([r.record.loss_sums for r in results]).sum(0)
+    dist.all_reduce(sums, group=runner.pp_group)
+    _assert_losses(Parts(*sums.tolist()), parts)
+    runner.sync_tied_embedding_grads()
+    _assert_grads(runner.local_model, ref)
+    for r in results:
+        assert (r.input_grad is None) == (r.stage_index == 0)
+        assert all(s.record.loss_sums is None for s in runner.stages)  # the schedule's records untouched
+    runner.local_model.zero_grad(set_to_none=True)
 
 
 def _checkpoint_round_trip(runner, ref, cfg: ModelConfig, ckpt_dir: str) -> None:

@@ -40,6 +40,8 @@ BENCHMARKS = {
         Benchmark("checkpoint", "checkpoint save stall: synchronous vs async_save", "longcat.bench.checkpoint_save"),
         Benchmark("sdc", "SDC replay-check overhead at intervals 1/10/100 on the pretrain recipe; checksum cost",
                   "longcat.bench.sdc"),
+        Benchmark("sdc_layouts", "SDC replay-check overhead (CPU time) under pp 2 and DeepSpeed ZeRO-2 dp 2, 2 procs",
+                  "longcat.bench.sdc_layouts"),
         Benchmark("context_parallel", "cp MLA: latent vs K/V exchange bytes (analytic); cp=1 vs cp=2 step, 2 procs",
                   "longcat.bench.context_parallel"),
         Benchmark("dispatchers", "EP token dispatchers: all-to-all vs all-gather bytes and step, ep=2/4, top-k 4/8/12",

@@ -59,7 +59,8 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
         return True
 
     model_ok = ok(cfg.model.validate)
-    moe_ok = model_ok and ok(cfg.moe.validate, cfg.model)
+    if model_ok:
+        ok(cfg.moe.validate, cfg.model)
     ok(cfg.optim.validate, cfg.train.steps)
     train_ok = ok(cfg.train.validate)
     ok(cfg.logging.validate)
@@ -73,8 +74,6 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
                 ok(_check_sequence, cfg)
                 if train_ok:
                     ok(_check_micro_batches, cfg, dp=dp)
-        if moe_ok:
-            ok(_check_stability, cfg)
     if errors:
         raise ConfigError(errors)
 
@@ -163,9 +162,3 @@ def _check_micro_batches(cfg: RunConfig, *, dp: int) -> None:
                          f"{derived} is not a multiple of its {rounds} rounds; use a multiple of {p.pp} "
                          "micro-batches per step")
 
-
-def _check_stability(cfg: RunConfig) -> None:
-    """The stability suite's settings against the layout (``longcat.train.stability``)."""
-    if cfg.moe.auto_lb_coef and cfg.parallel.pp > 1:
-        raise ValueError("moe.auto_lb_coef=true needs R_g, which is not measured under pipeline parallelism "
-                         f"(parallel.pp={cfg.parallel.pp}); set moe.auto_lb_coef=false or parallel.pp=1")

@@ -29,6 +29,9 @@ micro-batch backward and runs it once (no DP all-reduce for those parameters). `
 each stage module (``forward(..., evaluate=True)``) so its FSDP hooks gather the weights, and
 reshards every FSDP unit of the stages afterwards.
 
+``runner.run_isolated(micro_batch, step_input, stage_fn=...)`` runs one micro-batch through every
+stage on its own, outside the schedule (R_g's LM-only gradient, the SDC replay).
+
 Shape legend:
     B  micro-batch size
     S  sequence (S/tp between stages under sequence parallelism)
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -54,6 +57,7 @@ from torch.distributed.pipelining import (
 )
 
 from longcat.distributed.groups import ProcessGroups, rank_layout
+from longcat.distributed.pipeline_chain import StageFn, StagePassOutput, StagePassResult, run_isolated
 from longcat.distributed.pipeline_stage import (
     PipelineSchedule,
     StageModule,
@@ -65,6 +69,8 @@ __all__ = [
     "PipelineRunner",
     "PipelineSchedule",
     "PipelineStepOutput",
+    "StagePassOutput",
+    "StagePassResult",
     "StagePlan",
     "plan_stages",
 ]
@@ -90,11 +96,14 @@ class PipelineStepOutput:
     per_microbatch: ``[micro-batch][...]`` what this rank's stages reported, in stage order (one
         entry per real forward: an activation recompute never adds one).
     local_layer_ids: global indices of this rank's layers, ascending.
+    kept_outputs: per local stage index, the forward output of micro-batch ``keep_output_of``
+        (``step``'s argument; empty without it): [B, S/sp, D] activation or the last stage's [] objective.
     """
 
     loss_sums: tuple[float, ...]
     per_microbatch: list[list[Any]]
     local_layer_ids: tuple[int, ...]
+    kept_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class PipelineRunner:
@@ -159,14 +168,16 @@ class PipelineRunner:
         return self.local_model.get_parameter(self._tied_parameter)
 
     # ------------------------------------------------------------------------------ training
-    def step(self, micro_batches: list[dict], step_input: Any = None) -> PipelineStepOutput:
+    def step(self, micro_batches: list[dict], step_input: Any = None, *,
+             keep_output_of: Optional[int] = None) -> PipelineStepOutput:
         """Forward and backward of this DP rank's micro-batches; accumulates into ``.grad``.
 
         Collective over the pipeline group. Every rank of the group passes the same micro-batches
         (dicts of [B, S] ``input_ids`` int64, ``labels`` int64, ``token_mask`` bool, optional
         ``position_ids``, ``mtp_labels``, ``mtp_input_ids``), all of one shape. ``step_input``
         reaches every stage for this step (``StageModule.step_input``; e.g. the global batch's token
-        counts).
+        counts). ``keep_output_of``: a micro-batch index whose forward output every local stage keeps
+        (``kept_outputs``).
 
         Raises:
             ValueError: the wrong number of micro-batches, or micro-batches of different shapes or
@@ -177,6 +188,7 @@ class PipelineRunner:
         for stage in self.stages:
             stage.step_input = step_input
             stage.record.clear()
+            stage.record.keep_output_of = keep_output_of
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
         kwargs = _stage_inputs(batch, self.device)
         # The last stage's forward returns the micro-batch objective; the "target" is unused.
@@ -195,11 +207,26 @@ class PipelineRunner:
             [item for stage in self.stages for item in stage.record.per_microbatch[m]]
             for m in range(self.num_microbatches)
         ]
+        kept = {stage.stage_index: stage.record.kept_output for stage in self.stages
+                if stage.record.kept_output is not None}
         for stage in self.stages:
             stage.step_input = None
             stage.record.clear()
         return PipelineStepOutput(loss_sums=tuple(sums.tolist()), per_microbatch=per_microbatch,
-                                  local_layer_ids=self.local_layer_ids)
+                                  local_layer_ids=self.local_layer_ids, kept_outputs=kept)
+
+    def run_isolated(self, micro_batch: dict, step_input: Any = None, *, stage_fn: StageFn, backward: bool = True,
+                     param_grads: bool = False) -> list[StagePassResult]:
+        """One micro-batch through every stage on its own, outside the schedule (forward in stage
+        order, backward in reverse; ``longcat.distributed.pipeline_chain``): this rank's stages'
+        results. Collective over the pipeline group; ``micro_batch`` as one of ``step``'s.
+
+        Raises:
+            ValueError: the micro-batch misses keys or is not [B, S].
+        """
+        _micro_batch_shape([micro_batch])
+        return run_isolated(self, _stage_inputs(micro_batch, self.device), step_input, stage_fn=stage_fn,
+                            backward=backward, param_grads=param_grads)
 
     def _check_micro_batches(self, micro_batches: list[dict]) -> tuple[int, int]:
         if len(micro_batches) != self.num_microbatches:

@@ -98,13 +98,20 @@ class StageRecord:
         order are the objective's.
     per_microbatch: per training forward (= micro-batch, in order) what the stage reports for it
         (LongCat-Flash: the detached MoEStats of the stage's layers).
+    keep_output_of: a micro-batch index whose forward output to keep (the SDC replay compares it),
+        or None.
+    kept_output: that output, detached: [B, S, D] activation or the last stage's [] objective.
     """
 
     loss_sums: Optional[torch.Tensor] = None
     per_microbatch: list[list[Any]] = field(default_factory=list)
+    keep_output_of: Optional[int] = None
+    kept_output: Optional[torch.Tensor] = None
 
-    def add(self, loss_terms: torch.Tensor, reported: list[Any]) -> None:
-        """One forward's loss terms ([n], detached) and report."""
+    def add(self, loss_terms: torch.Tensor, reported: list[Any], output: Optional[torch.Tensor] = None) -> None:
+        """One forward's loss terms ([n], detached), report and (optional) output."""
+        if output is not None and self.keep_output_of == len(self.per_microbatch):
+            self.kept_output = output.detach().clone()
         terms = loss_terms.detach().to(torch.float64)
         self.loss_sums = terms if self.loss_sums is None else self.loss_sums + terms
         self.per_microbatch.append(reported)
@@ -112,6 +119,7 @@ class StageRecord:
     def clear(self) -> None:
         self.loss_sums = None
         self.per_microbatch.clear()
+        self.keep_output_of = self.kept_output = None
 
 
 class StageModule(nn.Module):

@@ -5,7 +5,8 @@ bits; a difference means the hardware corrupted something. Two checks:
 
 - replay: every ``sdc.replay_interval`` steps the trainer re-runs one micro-batch's forward and
   backward with the same parameters and compares the checksums of its loss and of every gradient it
-  produced with those of the first computation, bit for bit;
+  produced with those of the first computation, bit for bit (under pipeline parallelism stage by
+  stage, also each stage's output and input gradient; ``train/sdc_check.py``);
 - cross-replica: every ``sdc.replica_interval`` steps, after the optimizer step, the parameters that
   dp (dense) or edp (experts) replicas hold in common must hash identically on every replica.
 
@@ -161,8 +162,10 @@ class FaultInjector:
     """Injects the configured single-bit fault once, on one rank, at one step.
 
     ``SDCMonitor`` (``train/sdc_check.py``) registers ``activation_hook`` around the first forward of
-    the replayed micro-batch, calls ``after_backward`` after its first backward and ``after_optimizer``
-    after the optimizer step. Replays never receive the fault (it models a transient hardware error).
+    the replayed micro-batch (under PP: its first isolated run through the stages), calls
+    ``after_backward`` after its first backward (``after_backward_grads`` under DeepSpeed, where the
+    first gradient is taken with ``torch.autograd.grad``) and ``after_optimizer`` after the optimizer
+    step. Replays never receive the fault (it models a transient hardware error).
     Steps are numbered from 1 (the step being computed, ``StepResult.step``); ``rank`` is global.
     """
 
@@ -212,6 +215,20 @@ class FaultInjector:
     def after_backward(self, model: torch.nn.Module, *, step: int) -> None:
         if self._armed(step, FaultTarget.gradient):
             self._flip_param(model, step=step, grad=True)
+
+    def after_backward_grads(self, named_grads: dict[str, Optional[torch.Tensor]], *, step: int) -> None:
+        """``after_backward`` for gradients held outside ``.grad`` (name -> gradient; the SDC replay
+        under DeepSpeed takes them with ``torch.autograd.grad``)."""
+        if not self._armed(step, FaultTarget.gradient):
+            return
+        if named_grads.get(self.cfg.tensor) is None:
+            raise ValueError(f"sdc.inject.tensor={self.cfg.tensor!r} is not a parameter with a gradient at step "
+                             f"{step}; e.g. {sorted(n for n, g in named_grads.items() if g is not None)[:5]}")
+        grad = named_grads[self.cfg.tensor]
+        assert grad is not None
+        flip_bit_(grad, index=self.cfg.index, bit=self.cfg.bit)
+        self.injected_at = step
+        logger.warning("injected fault: gradient of %s bit %d at step %d", self.cfg.tensor, self.cfg.bit, step)
 
     def after_optimizer(self, model: torch.nn.Module, *, step: int) -> None:
         if self._armed(step, FaultTarget.parameter):

@@ -13,10 +13,27 @@ Steps are numbered from 1 (``StepResult.step``; ``sdc.inject.step`` uses the sam
                                      bit for bit -> replay grads dropped, stash put back
 
 The replay therefore costs one micro-batch's forward and backward plus two checksum passes over the
-gradients; every rank replays at the same step, so the collectives of TP / EP pair up. Not under PP
-(the schedule interleaves micro-batches over stages; the schema refuses it) nor DeepSpeed (its ZeRO
-buffers own the gradients). The MoE statistics of the replay are dropped; EP dispatch counters
-include its rows.
+gradients; every rank replays at the same step, so the collectives of TP / EP pair up. The MoE
+statistics of the replay are dropped; EP dispatch counters include its rows.
+
+Under DeepSpeed (``forward_backward_replayed_functional``) the engine takes each backward's
+gradients into its own ZeRO buffers, so they cannot be stashed: the chosen micro-batch's training
+forward is the first computation, its gradient is taken once more with ``torch.autograd.grad``
+(no accumulate-grad hook runs, the engine sees nothing) before the engine's backward trains on it,
+and the replay (forward + ``torch.autograd.grad``) is compared with it. Extra cost: one backward more
+than the plain replay.
+
+Under pipeline parallelism (``replay_pipeline``) the schedule interleaves micro-batches over the
+stages and accumulates their gradients, so nothing in it is one micro-batch's alone. After the
+schedule's step the chosen micro-batch runs twice on its own through the stages
+(``PipelineRunner.run_isolated``: every stage's training forward in stage order, then the backward
+in reverse, activations and their gradients sent point to point), the trainer's gradients stashed
+meanwhile; the first run takes the fault injection, the second is the replay. Per stage the
+checksums of its output, loss terms, input-activation gradient and parameter gradients are compared
+(``stage{s}/output``, ``stage{s}/loss``, ``stage{s}/input_grad``, parameter names), and the first
+run's stage outputs against those the schedule itself computed for that micro-batch
+(``stage{s}/output@schedule``). Extra cost: two micro-batches' forward and backward, stage after
+stage (no overlap between stages). Not with FSDP under PP (the schema refuses it).
 
 On a step with ``s % sdc.replica_interval == 0``, after the optimizer step, parameters replicated
 over dp (dense; and the expert biases) and over edp (routed experts) are hashed and compared across
@@ -46,6 +63,7 @@ import torch.distributed as dist
 
 from longcat.config.schema import FaultInjection, SDCConfig, SDCPolicy
 from longcat.distributed.groups import ProcessGroups
+from longcat.distributed.pipeline import PipelineRunner, PipelineStepOutput, StagePassOutput
 from longcat.model.parallel.parallelize import ParallelModel
 from longcat.train.checkpoint import CheckpointManager, list_checkpoints
 from longcat.train.sdc import (
@@ -95,6 +113,11 @@ def _size(group: Optional[dist.ProcessGroup]) -> int:
     return 1 if group is None else group.size()
 
 
+def _training_forward(stage: Any, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> StagePassOutput:
+    """A stage's training forward (``StageModule.forward``) as a ``run_isolated`` stage function."""
+    return StagePassOutput(output=stage(x, **inputs))
+
+
 def _floats(value: Any) -> list[float]:
     """Every int / float in a nest of dicts and lists (``dataclasses.asdict`` of loss parts), in order."""
     if isinstance(value, dict):
@@ -120,7 +143,7 @@ class SDCMonitor:
         num_checks: checks run, by kind (``replay``, ``replica``).
         num_failed_checks: checks that found at least one mismatch.
 
-    ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``): no replay under PP or DeepSpeed.
+    ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``): no replay under PP with FSDP.
     """
 
     def __init__(self, cfg: SDCConfig, *, parallel: ParallelModel, groups: ProcessGroups,
@@ -256,6 +279,110 @@ class SDCMonitor:
         self._first = self._capture(parts)
         self._add_back(stash)
         return stats
+
+    # ------------------------------------------------------------------------- replay under DeepSpeed
+    def forward_backward_replayed_functional(self, micro_batches: Sequence[dict], *, step: int,
+                                             forward: Callable[[dict, Any], tuple[torch.Tensor, Any]],
+                                             backward: Callable[[torch.Tensor], None], parts: Any) -> list:
+        """``forward_backward_replayed`` where the backward's gradients are not ours to move:
+        DeepSpeed's ZeRO engine takes each micro-batch's gradient into its own buffers. The chosen
+        micro-batch's training forward (``forward(mb, parts) -> (objective [], stats)``) is the first
+        computation; its gradient is taken once with ``torch.autograd.grad`` (which runs no
+        accumulate-grad hook, so the engine sees nothing) before ``backward(objective)`` trains on it;
+        the replay (forward + ``torch.autograd.grad``) must give the same loss and gradient bits.
+        Fault injection: ``activation`` in the first forward, ``gradient`` in the first gradient.
+
+        Returns / raises: as ``forward_backward_replayed``.
+        """
+        chosen = self.cfg.replay_microbatch % len(micro_batches)
+        stats, before = [], None
+        for i, mb in enumerate(micro_batches):
+            if i != chosen:
+                objective, mb_stats = forward(mb, parts)
+                backward(objective)
+                stats.append(mb_stats)
+                continue
+            before = copy.deepcopy(parts)
+            hook = self.injector.activation_hook(self.parallel.model, step=step) if self.injector else None
+            try:
+                objective, mb_stats = forward(mb, parts)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            grads = self._functional_grads(objective, retain_graph=True)
+            if self.injector is not None:
+                self.injector.after_backward_grads(grads, step=step)
+            self._first = self._capture_named(parts, grads)
+            backward(objective)
+            stats.append(mb_stats)
+        objective, _ = forward(micro_batches[chosen], before)
+        second = self._capture_named(before, self._functional_grads(objective, retain_graph=False))
+        found = compare_checksums(self._first, second, step=step, rank=self.rank, check="replay")
+        self._resolve(found, step=step, check="replay")
+        return stats
+
+    def _functional_grads(self, objective: torch.Tensor, *, retain_graph: bool) -> dict[str, Optional[torch.Tensor]]:
+        named = [(name, p) for name, p in self._grad_params() if p.requires_grad]
+        grads = torch.autograd.grad(objective, [p for _, p in named], retain_graph=retain_graph, allow_unused=True)
+        return {name: g for (name, _), g in zip(named, grads)}
+
+    def _capture_named(self, parts: Any, grads: dict[str, Optional[torch.Tensor]]) -> dict[str, int]:
+        loss = torch.tensor(_floats(dataclasses.asdict(parts)), dtype=torch.float64)
+        return checksums([("loss", loss)] + list(grads.items()))
+
+    # ------------------------------------------------------------------------- replay under PP
+    def replay_pipeline(self, pipeline: PipelineRunner, micro_batches: list[dict], step_input: Any, *,
+                        step: int) -> PipelineStepOutput:
+        """The pipeline's step (``pipeline.step``, unchanged) plus the replay of one micro-batch, per stage.
+
+        The schedule interleaves micro-batches and accumulates their gradients, so the chosen
+        micro-batch is recomputed on its own through the stages (``PipelineRunner.run_isolated``:
+        forward in stage order, backward in reverse, the training forward of every stage, load-balance
+        loss attached as in the schedule) twice, the trainer's gradients stashed meanwhile: the first
+        run takes the fault injection, the second is the replay. Per stage the checksums of its
+        output, its loss terms, its input-activation gradient and its parameters' gradients must
+        agree bit for bit (names ``stage{s}/output``, ``stage{s}/loss``, ``stage{s}/input_grad`` and
+        the parameter names); the first run's stage outputs must also equal those the schedule
+        computed for that micro-batch (``stage{s}/output@schedule``), which ties the check to the
+        training forward. Cost: two micro-batches' forward and backward run stage after stage.
+        Collective over the pipeline group (and the world group when reporting).
+
+        Raises:
+            SDCHaltError / SDCRollback: a mismatch under ``halt`` / ``rollback`` (on every rank).
+        """
+        chosen = self.cfg.replay_microbatch % len(micro_batches)
+        out = pipeline.step(micro_batches, step_input, keep_output_of=chosen)
+        stash = self._stash_grads()
+        first, first_outputs = self._pipeline_pass(pipeline, micro_batches[chosen], step_input, step=step, inject=True)
+        self._stash_grads()  # drop the first run's gradients
+        second, _ = self._pipeline_pass(pipeline, micro_batches[chosen], step_input, step=step, inject=False)
+        self._put_back(stash)
+        scheduled = checksums((f"stage{s}/output@schedule", t) for s, t in sorted(out.kept_outputs.items()))
+        found = compare_checksums(first, second, step=step, rank=self.rank, check="replay")
+        found += compare_checksums(scheduled, {k: first_outputs[k] for k in scheduled if k in first_outputs},
+                                   step=step, rank=self.rank, check="replay")
+        self._resolve(found, step=step, check="replay")
+        return out
+
+    def _pipeline_pass(self, pipeline: PipelineRunner, mb: dict, step_input: Any, *, step: int,
+                       inject: bool) -> tuple[dict[str, int], dict[str, int]]:
+        """One isolated run of ``mb`` through the stages: (checksums of every stage's output, loss terms,
+        input gradient and the parameter gradients; those of the outputs under ``@schedule`` names)."""
+        injector = self.injector if inject else None
+        hook = injector.activation_hook(self.parallel.model, step=step) if injector else None
+        try:
+            results = pipeline.run_isolated(mb, step_input, stage_fn=_training_forward, param_grads=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if injector is not None:
+            injector.after_backward(self.parallel.model, step=step)
+        named: list[tuple[str, Optional[torch.Tensor]]] = []
+        for r in results:
+            named += [(f"stage{r.stage_index}/output", r.output), (f"stage{r.stage_index}/loss", r.record.loss_sums),
+                      (f"stage{r.stage_index}/input_grad", r.input_grad)]
+        outputs = checksums((f"stage{r.stage_index}/output@schedule", r.output) for r in results)
+        return checksums(named + [(name, p.grad) for name, p in self._grad_params()]), outputs
 
     # ------------------------------------------------------------------------- replicas
     def after_optimizer(self, *, step: int) -> None:

@@ -38,9 +38,20 @@ activation recompute, one more recompute of those layers; the graph is kept (``r
 until the real backward, which is the micro-batch's normal peak anyway. With ``A`` micro-batches per
 step and interval ``n`` that is about ``1 / (3 A n)`` of the training compute (interval 10, A = 2:
 under 2%). Per step otherwise: one [E, D] Gram matrix per layer (cosine similarity) and one
-all-reduce of ``L + 2 + L (K + 1)`` floats (``2 L E`` more on a measuring step). Under pipeline parallelism
-R_g and the hidden-state norm are not measured (the objective lives on the last stage only) and
-``moe.auto_lb_coef`` is refused.
+all-reduce of ``L + 2 + L (K + 1)`` floats (``2 L E`` more on a measuring step).
+
+Under pipeline parallelism the LM part lives on the last stage and the schedule mixes every
+micro-batch's gradients with the LB terms of later stages, so the trainer runs the first
+micro-batch once more on its own through the stages (``PipelineRunner.run_isolated`` with
+``PipelineStageModule.forward_lm_only``: no LB term anywhere, the last stage returns CE + MTP + z);
+its backward chain brings the LM part's gradient back to every stage's routers (activation
+gradients only, no weight gradients) and ``measure_pipeline`` takes the LB part from each local
+layer's own term, as above. Each stage computes R_g of its layers after the dp sum; one all-reduce
+of ``L_global`` floats over pp gives every rank every layer's R_g (logged by global layer index), so
+all ranks apply the same alpha. Extra cost on a measuring step: one micro-batch's forward and
+activation-gradient backward through all stages, run stage after stage (no overlap; under EP its
+all-to-all rows count in ``ep/dispatched_rows``). The hidden-state norm and the per-layer LB metrics
+are not logged under pp > 1.
 
 Automatic alpha (``moe.auto_lb_coef``). R_g is linear in alpha, so from a measurement at the alpha
 in use the ratios are rescaled to the configured ``moe.lb_loss_coef`` (the ceiling) and
@@ -116,18 +127,26 @@ class StabilityMonitor:
         moe_cfg: ``router_health_interval``, ``auto_lb_coef``, ``rg_threshold``,
             ``router_collapse_threshold``, ``lb_loss_coef`` (the configured alpha, a ceiling).
         num_layers: MoE layers on this rank.
-        pipeline_parallel: pp > 1 (R_g and the hidden norm are then not measured).
+        pipeline_parallel: pp > 1 (the hidden norm and the per-layer LB metrics are then not logged;
+            R_g is measured through ``measure_pipeline`` and combined over ``pp_group``).
+        pp_group: the pipeline group (pp > 1): R_g of every stage's layers reaches every rank, so
+            all ranks apply the same automatic alpha.
+        layer_ids: global indices of this rank's MoE layers (default ``range(num_layers)``).
+        num_global_layers: MoE layers of the whole model (default ``num_layers``).
         warn: emit the collapse warning on this rank (rank 0).
-
-    ``moe.auto_lb_coef`` needs R_g, which is not measured under pipeline parallelism; the configuration
-    refuses that combination before any work (``longcat.config.validate``).
     """
 
     def __init__(self, moe_cfg: MoEConfig, *, num_layers: int, num_experts: int, top_k: int,
-                 pipeline_parallel: bool = False, warn: bool = True):
+                 pipeline_parallel: bool = False, pp_group: Optional[dist.ProcessGroup] = None,
+                 layer_ids: Optional[Sequence[int]] = None, num_global_layers: Optional[int] = None,
+                 warn: bool = True):
         self.cfg = moe_cfg
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.pipeline_parallel = pipeline_parallel
+        self.pp_group = pp_group
+        self.layer_ids = tuple(layer_ids) if layer_ids is not None else tuple(range(num_layers))
+        assert len(self.layer_ids) == num_layers, (self.layer_ids, num_layers)
+        self.num_global_layers = num_global_layers if num_global_layers is not None else num_layers
         self.warn = warn
         self.lb_coef = float(moe_cfg.lb_loss_coef)  # alpha in use
         self._measuring = False  # this step measures R_g (same decision on every rank)
@@ -139,7 +158,7 @@ class StabilityMonitor:
     def begin_step(self, step: int) -> None:
         """Before the first micro-batch of optimizer step ``step + 1`` (``step`` steps done)."""
         interval = self.cfg.router_health_interval
-        self._measuring = interval > 0 and not self.pipeline_parallel and step % interval == 0
+        self._measuring = interval > 0 and step % interval == 0
         self._pending = self._measuring
         self._grads_2LE = None
 
@@ -163,10 +182,39 @@ class StabilityMonitor:
         if not stats or len(probs_LTE) < len(stats):  # a layer without probs_TE: nothing to measure
             return
         masks_LT = [s.token_mask_T for s in stats]
-        grads_2LE = torch.zeros(2, len(stats), probs_LTE[0].shape[-1], dtype=torch.float64)
-        if rest.requires_grad:
-            lm = router_health.grad_wrt_mean_probs(rest, probs_LTE, token_masks_LT=masks_LT)
-            grads_2LE[1] = torch.stack(lm).to("cpu", torch.float64)
+        lm = (router_health.grad_wrt_mean_probs(rest, probs_LTE, token_masks_LT=masks_LT)
+              if rest.requires_grad else None)
+        self._store(lm, lb_terms_L, probs_LTE, masks_LT)
+
+    def measure_pipeline(self, *, lm_grads_LTE: Sequence[Optional[torch.Tensor]],
+                         lb_terms_L: Optional[Sequence[torch.Tensor]], stats: Sequence[MoEStats]) -> None:
+        """``measure`` under pipeline parallelism, from this rank's stages' part of one isolated pass
+        (``PipelineRunner.run_isolated`` with ``PipelineStageModule.forward_lm_only``): the LM part's
+        gradient with respect to every local layer's ``probs_TE`` [T, E] (None: no dependence) came
+        back through the stages' backward chain; the LB part is read here from each layer's own term.
+
+        Args:
+            lm_grads_LTE: per local layer d(LM objective)/d probs_TE, [T, E].
+            lb_terms_L: per local layer the alpha-scaled LB term (graph to ``probs_TE``); None when
+                alpha is 0.
+            stats: the pass's MoEStats of the local layers, with ``probs_TE`` and ``token_mask_T``.
+        """
+        self._pending = False
+        probs_LTE = [s.probs_TE for s in stats if s.probs_TE is not None]
+        if not stats or len(probs_LTE) < len(stats):
+            return
+        masks_LT = [s.token_mask_T for s in stats]
+        lm = [p.new_zeros(p.shape[-1], dtype=torch.float32) if g is None
+              else (g.detach().float() * (1.0 if m is None else m.to(torch.float32)[:, None])).sum(0)
+              for g, p, m in zip(lm_grads_LTE, probs_LTE, masks_LT)]
+        self._store(lm, lb_terms_L, probs_LTE, masks_LT)
+
+    def _store(self, lm_L: Optional[Sequence[torch.Tensor]], lb_terms_L: Optional[Sequence[torch.Tensor]],
+               probs_LTE: Sequence[torch.Tensor], masks_LT: Sequence[Optional[torch.Tensor]]) -> None:
+        """Keep [2, L, E]: the LB part (each layer's own term) and the LM part ``lm_L`` ([E] each)."""
+        grads_2LE = torch.zeros(2, len(probs_LTE), probs_LTE[0].shape[-1], dtype=torch.float64)
+        if lm_L is not None:
+            grads_2LE[1] = torch.stack(list(lm_L)).to("cpu", torch.float64)
         if lb_terms_L is not None:
             for layer, (term, probs_TE, mask_T) in enumerate(zip(lb_terms_L, probs_LTE, masks_LT)):
                 # The layer's own term only: its direct pull on P (a tiny graph: sum over tokens).
@@ -219,6 +267,7 @@ class StabilityMonitor:
             grads_2LE = vector[L + 2 + L * (K + 1):].reshape(2, L, E)
             ratios = [router_health.gradient_norm_ratio(grads_2LE[0, layer], grads_2LE[1, layer], tangent=True)
                       for layer in range(L)]
+            ratios = self._all_stages(ratios)
             for layer, ratio in enumerate(ratios):
                 metrics[f"moe/layer{layer}/rg"] = ratio
             metrics["moe/rg_max"] = max(ratios, default=0.0)
@@ -228,6 +277,17 @@ class StabilityMonitor:
         return StabilityStep(metrics=metrics, ffn_per_token_stats=ffn_stats)
 
     # ---------------------------------------------------------------- pieces
+    def _all_stages(self, ratios: list[float]) -> list[float]:
+        """Under pp > 1 the ratios of every layer of the model, by global index, on every rank; else
+        ``ratios``. Collective over the pipeline group."""
+        if self.pp_group is None or dist.get_world_size(self.pp_group) == 1:
+            return ratios
+        full_G = torch.zeros(self.num_global_layers, dtype=torch.float64)
+        full_G[list(self.layer_ids)] = torch.tensor(ratios, dtype=torch.float64)
+        # [G] float64, this stage's layers filled -> all_reduce(sum, pp) -> [G] every layer's R_g
+        dist.all_reduce(full_G, group=self.pp_group)
+        return full_G.tolist()
+
     def _update_lb_coef(self, ratios: Sequence[float]) -> None:
         ceiling = float(self.cfg.lb_loss_coef)
         if not self.cfg.auto_lb_coef or ceiling <= 0 or self.lb_coef <= 0:

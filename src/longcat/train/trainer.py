@@ -147,9 +147,12 @@ class Trainer:
                                 if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllTokenDispatcher)]
         self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
                                                total_steps=cfg.train.steps)
-        self.stability = StabilityMonitor(cfg.moe, num_layers=len(self.biases_L),
-                                          num_experts=cfg.model.num_experts_total, top_k=cfg.model.moe_topk,
-                                          pipeline_parallel=self.pipeline is not None, warn=self.is_rank0)
+        self.stability = StabilityMonitor(
+            cfg.moe, num_layers=len(self.biases_L), num_experts=cfg.model.num_experts_total, top_k=cfg.model.moe_topk,
+            pipeline_parallel=self.pipeline is not None, warn=self.is_rank0,
+            pp_group=self.groups.pp_group if self.pipeline is not None else None,
+            layer_ids=self.pipeline.local_layer_ids if self.pipeline is not None else None,
+            num_global_layers=cfg.model.num_layers)
         self.routers_L = local_routers(self.parallel)
         self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
@@ -280,6 +283,14 @@ class Trainer:
     def forward_backward(self, mb: dict, counts: losses.GlobalTokenCounts, parts: LossParts) -> list:
         """Forward one micro-batch (this cp rank's share under CP: ``cp_local_micro_batch``), backward
         its share of the global objective; returns its MoE stats."""
+        objective, stats = self.forward_objective(mb, counts, parts)
+        self.parallel.backward(objective)
+        return stats
+
+    def forward_objective(self, mb: dict, counts: losses.GlobalTokenCounts,
+                          parts: LossParts) -> tuple[torch.Tensor, list]:
+        """Forward one micro-batch: (its share of the global objective, fp32 [] with grad; its MoE stats
+        without the probabilities); its loss parts added to ``parts``."""
         input_ids_BS = mb["input_ids"].to(self.device)
         labels_BS = mb["labels"].to(self.device)
         token_mask_BS = mb["token_mask"].to(self.device)
@@ -308,22 +319,43 @@ class Trainer:
             objective = objective + lb
             parts.lb += lb.item()
         parts.stability.add_hidden(out.last_hidden_BSD, token_mask_BS)
-        self.parallel.backward(objective)
-        return [dataclasses.replace(s, probs_TE=None, token_mask_T=None) for s in out.moe_stats]
+        return objective, [dataclasses.replace(s, probs_TE=None, token_mask_T=None) for s in out.moe_stats]
 
     def _forward_backward_all(self, micro_batches: list[dict], counts: losses.GlobalTokenCounts):
         """Every micro-batch of this rank: (LossParts of this dp rank, per micro-batch the local layers' stats)."""
         if self.pipeline is not None:
-            out = self.pipeline.step(micro_batches, counts)
+            if self.stability.wants_measurement:  # R_g (Eq. 9) under PP: one isolated LM-only pass
+                self._measure_rg_pipeline(micro_batches[0], counts)
+            if self.sdc.replay_due(self.step + 1):  # SDC replay per stage (train/sdc_check.py)
+                out = self.sdc.replay_pipeline(self.pipeline, micro_batches, counts, step=self.step + 1)
+            else:
+                out = self.pipeline.step(micro_batches, counts)
             ce, mtp, z, lb = out.loss_sums  # TrainingObjective.TERM_NAMES
             return LossParts(ce=ce, mtp=mtp, z=z, lb=lb), out.per_microbatch
         parts, stats = LossParts(), []
+        if self.sdc.replay_due(self.step + 1) and self.parallel.deepspeed is not None:  # its engine owns the grads
+            return parts, self.sdc.forward_backward_replayed_functional(
+                micro_batches, step=self.step + 1, forward=lambda mb, p: self.forward_objective(mb, counts, p),
+                backward=self.parallel.backward, parts=parts)
         if self.sdc.replay_due(self.step + 1):  # SDC replay of one micro-batch (train/sdc_check.py)
             return parts, self.sdc.forward_backward_replayed(
                 micro_batches, step=self.step + 1, run=lambda mb, p: self.forward_backward(mb, counts, p), parts=parts)
         for mb in micro_batches:
             stats.append(self.forward_backward(mb, counts, parts))
         return parts, stats
+
+    def _measure_rg_pipeline(self, mb: dict, counts: losses.GlobalTokenCounts) -> None:
+        """R_g's gradients under PP (train/stability.py): the first micro-batch through every stage on
+        its own with the LM part of the objective only (``forward_lm_only``), its gradient at each
+        stage's routers brought back by the stages' backward chain (no parameter gradients); the LB
+        part from each local layer's own term, as the plain step does."""
+        assert self.pipeline is not None
+        results = self.pipeline.run_isolated(mb, counts, stage_fn=lambda stage, x, kw: stage.forward_lm_only(x, **kw))
+        stats = [s for r in results for s in r.report]
+        lm_grads = [g for r in results for g in r.watched_grads]
+        lb_terms = self.objective.load_balance(stats)
+        self.stability.measure_pipeline(lm_grads_LTE=lm_grads, lb_terms_L=lb_terms.per_layer() if lb_terms else None,
+                                        stats=stats)
 
     def train_step(self, micro_batches: Optional[list[dict]] = None) -> StepResult:
         """One optimizer step on ``micro_batches`` (this dp rank's share; default: the next from the data)."""

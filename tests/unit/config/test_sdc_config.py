@@ -6,8 +6,6 @@ from longcat.config.validate import validate as validate_run_config
 
 @pytest.mark.parametrize("overrides,needle", [
     (["sdc.replay_interval=5"], "determinism.enabled=true"),
-    (["sdc.replay_interval=5", "determinism.enabled=true", "parallel=pp2"], "parallel.pp=2"),
-    (["sdc.replay_interval=5", "determinism.enabled=true", "parallel.dp_mode=deepspeed"], "deepspeed"),
     (["sdc.policy=rollback", "train.checkpoint_interval=0"], "checkpoint_interval"),
     (["sdc.inject.step=3"], "sdc.inject.tensor"),
     (["sdc.replica_interval=-1"], "replica_interval"),
@@ -22,3 +20,10 @@ def test_checks_compose_with_determinism():
     cfg, _ = compose_run_config("pretrain", ["sdc.replay_interval=20", "sdc.replica_interval=10", "sdc.policy=halt",
                                              "determinism.enabled=true"])
     validate_run_config(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("overrides", [["parallel=pp2"], ["parallel.dp=2", "parallel.dp_mode=deepspeed"]])
+def test_replay_composes_with_pipeline_and_deepspeed(overrides):
+    """Replay runs per stage under PP and beside DeepSpeed's engine (train/sdc_check.py)."""
+    cfg, _ = compose_run_config("pretrain", ["sdc.replay_interval=5", "determinism.enabled=true", *overrides])
+    validate_run_config(cfg, world_size=2)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from longcat.distributed.groups import ProcessGroups
-from longcat.distributed.pipeline import PipelineRunner
+from longcat.distributed.pipeline import PipelineRunner, StagePassOutput
 from longcat.distributed.pipeline_stage import (
     PipelineSchedule,
     StageModule,
@@ -195,7 +195,7 @@ class PipelineStageModule(StageModule):
                                    f"exchanges {self.activation_dtype} (the parameters' dtype)")
             if lb is not None and torch.is_grad_enabled():
                 h_BSD = attach_aux_loss(h_BSD, lb)
-            self.record.add(objective.aux_terms(lb, like=h_BSD), reported)
+            self.record.add(objective.aux_terms(lb, like=h_BSD), reported, output=h_BSD)
             return h_BSD
         assert self.step_input is not None, "PipelineRunner.step sets the global token counts before the schedule runs"
         logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
@@ -206,8 +206,29 @@ class PipelineStageModule(StageModule):
             logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD, labels_BS=labels,
             token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=lb,
             mtp_labels_BS=mtp_labels)
-        self.record.add(terms, reported)
+        self.record.add(terms, reported, output=total)
         return total
+
+    def forward_lm_only(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor,
+                        labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> StagePassOutput:
+        """The training forward without any load-balance term, for R_g (Eq. 9) through
+        ``PipelineRunner.run_isolated``: the activation [B, S, D] (nothing attached), or on the last
+        stage the micro-batch's LM objective fp32 [] (CE + MTP + hidden z, as the plain step's
+        ``lm_terms``). ``watched``: each local layer's router probabilities [T, E]; ``report``: the
+        layers' MoEStats (with ``probs_TE`` and their graph). Records nothing."""
+        h_BSD, cos_BSP, sin_BSP, stats = self.trunk(x, input_ids_BS=input_ids, token_mask_BS=token_mask,
+                                                    position_ids_BS=position_ids)
+        watched = [s.probs_TE for s in stats if s.probs_TE is not None]
+        if not self.is_last:
+            return StagePassOutput(output=h_BSD, watched=watched, report=list(stats))
+        assert self.step_input is not None, "run_isolated sets the global token counts"
+        logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
+                                                with_mtp=self.objective.wants_mtp)
+        last_hidden_BSD = self.last_hidden_region(h_BSD) if self.objective.wants_hidden_z else None
+        total, _ = self.objective.head_loss(
+            logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD, labels_BS=labels,
+            token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=None)
+        return StagePassOutput(output=total, watched=watched, report=list(stats))
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
