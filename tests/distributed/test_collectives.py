@@ -33,7 +33,7 @@ from longcat.testing import (
 )
 
 TIMEOUT_S = 60
-GROUP_NAMES = ("tp", "dp", "pp", "ep", "edp")
+GROUP_NAMES = ("tp", "dp", "pp", "ep", "edp", "cp")
 
 
 def _seeded(*shape, seed, dtype=torch.float64):
@@ -55,7 +55,9 @@ def _groups_body(layouts):
             assert tuple(dist.get_process_group_ranks(group)) == getattr(expected, f"{name}_ranks"), name
             assert group.rank() == getattr(groups, f"{name}_rank") == getattr(expected, f"{name}_rank"), name
             assert group.size() == getattr(groups, f"{name}_size"), name
-        assert groups.dense_mesh.mesh_dim_names == ("pp", "dp", "tp")
+        assert tuple(dist.get_process_group_ranks(groups.dp_cp_group)) == expected.dp_cp_ranks
+        assert groups.dp_cp_mesh is not None and groups.dp_cp_mesh.get_group() is groups.dp_cp_group
+        assert groups.dense_mesh.mesh_dim_names == ("pp", "dp", "cp", "tp")
         assert groups.expert_mesh.mesh_dim_names == ("pp", "edp", "ep")
         assert groups.world_group.size() == dims.world_size
         # A collective on a built group really reduces over exactly its members.
@@ -69,8 +71,9 @@ def _groups_body(layouts):
 @pytest.mark.parametrize(
     "world_size, layouts",
     [
-        (2, [dict(tp=2), dict(ep=2), dict(pp=2), dict(tp=2, ep=2)]),
-        (4, [dict(tp=2, ep=4), dict(tp=2, pp=2, ep=2), dict(pp=2, ep=1), dict(ep=2)]),
+        (2, [dict(tp=2), dict(ep=2), dict(pp=2), dict(tp=2, ep=2), dict(cp=2), dict(cp=2, ep=2)]),
+        (4, [dict(tp=2, ep=4), dict(tp=2, pp=2, ep=2), dict(pp=2, ep=1), dict(ep=2), dict(cp=2, ep=4),
+             dict(dp=2, cp=2), dict(tp=2, cp=2, ep=2), dict(pp=2, cp=2, ep=2)]),
     ],
 )
 def test_mesh_groups_match_rank_layout(world_size, layouts):
