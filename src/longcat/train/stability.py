@@ -149,6 +149,9 @@ class StabilityMonitor:
         self.num_global_layers = num_global_layers if num_global_layers is not None else num_layers
         self.warn = warn
         self.lb_coef = float(moe_cfg.lb_loss_coef)  # alpha in use
+        # False where R_g cannot be measured (pipeline stages under FSDP2: the isolated LM-only pass
+        # calls the stages outside FSDP's hooks); the trainer sets it, and validation refuses auto alpha there
+        self.rg_supported = True
         self._measuring = False  # this step measures R_g (same decision on every rank)
         self._pending = False  # ... and the first micro-batch has not been measured yet
         self._grads_2LE: Optional[torch.Tensor] = None
@@ -158,7 +161,7 @@ class StabilityMonitor:
     def begin_step(self, step: int) -> None:
         """Before the first micro-batch of optimizer step ``step + 1`` (``step`` steps done)."""
         interval = self.cfg.router_health_interval
-        self._measuring = interval > 0 and step % interval == 0
+        self._measuring = self.rg_supported and interval > 0 and step % interval == 0
         self._pending = self._measuring
         self._grads_2LE = None
 

@@ -53,6 +53,8 @@ def _cfg(*overrides: str):
     # from the trainer, stability monitor and SDC monitor
     (1, ["parallel.pp_microbatches=3"], r"parallel.pp_microbatches=3 but each dp rank runs .* = 2"),
     (1, ["train.grad_accum=3"], r"train.grad_accum=3 disagrees with .* = 2"),
+    (4, ["parallel=pp2_fsdp2", "data.global_batch_size=32", "moe.auto_lb_coef=true"],
+     r"moe.auto_lb_coef=true needs R_g.*parallel.dp_mode=fsdp"),
     # ranges and sequence
     (1, ["optim.lr=-1"], r"optim.lr=-1.0 must be positive"),
     (1, ["optim.weight_decay=-0.1"], r"optim.weight_decay=-0.1 must be >= 0"),

@@ -210,7 +210,9 @@ class PipelineStageModule(StageModule):
         return total
 
     def forward_lm_only(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor,
-                        labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> StagePassOutput:
+                        labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                        mtp_labels: Optional[torch.Tensor] = None,
+                        mtp_input_ids: Optional[torch.Tensor] = None) -> StagePassOutput:
         """The training forward without any load-balance term, for R_g (Eq. 9) through
         ``PipelineRunner.run_isolated``: the activation [B, S, D] (nothing attached), or on the last
         stage the micro-batch's LM objective fp32 [] (CE + MTP + hidden z, as the plain step's
@@ -223,11 +225,12 @@ class PipelineStageModule(StageModule):
             return StagePassOutput(output=h_BSD, watched=watched, report=list(stats))
         assert self.step_input is not None, "run_isolated sets the global token counts"
         logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                                                with_mtp=self.objective.wants_mtp)
+                                                with_mtp=self.objective.wants_mtp, mtp_input_ids_BS=mtp_input_ids)
         last_hidden_BSD = self.last_hidden_region(h_BSD) if self.objective.wants_hidden_z else None
         total, _ = self.objective.head_loss(
             logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD, labels_BS=labels,
-            token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=None)
+            token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=None,
+            mtp_labels_BS=mtp_labels)
         return StagePassOutput(output=total, watched=watched, report=list(stats))
 
     @torch.no_grad()
