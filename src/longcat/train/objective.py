@@ -181,12 +181,14 @@ class TrainingObjective:
         router receives d(LB)/dP for its own tokens and the dense-grad sum over cp completes it)."""
         assert self.cp_group is not None
         E = stats[0].expert_counts_E.shape[-1]
-        # [L, E + 1] (counts, tokens) -> all_reduce(sum, cp) -> [L, E + 1]; [L, E] prob sums likewise, with grad
+        # [L, E + 1] (counts, tokens) -> all_reduce(sum, cp) -> [L, E + 1]; per layer the [E] prob sums
+        # likewise, with grad (one all-reduce per layer keeps the layers' graphs apart: R_g takes each
+        # layer's LB gradient on its own)
         counts_LX = torch.stack([torch.cat([s.expert_counts_E.float(), s.num_tokens.float().reshape(1)])
                                  for s in stats]).detach()
         dist.all_reduce(counts_LX, group=self.cp_group)
-        prob_LE = all_reduce_sum(torch.stack([s.prob_sum_E for s in stats]), group=self.cp_group)
-        return [MoEStats(expert_counts_E=counts_LX[layer, :E], prob_sum_E=prob_LE[layer],
+        return [MoEStats(expert_counts_E=counts_LX[layer, :E],
+                         prob_sum_E=all_reduce_sum(s.prob_sum_E, group=self.cp_group),
                          num_tokens=counts_LX[layer, E], ffn_per_token_T=s.ffn_per_token_T)
                 for layer, s in enumerate(stats)]
 
