@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def _rank_main(settings: DispatcherBenchSettings) -> dict[str, Any]:
     """One rank: every top-k, both dispatchers alternating per round. Returns per "topk.dispatcher"
     the step seconds per round and the bytes sent to peers per step."""
     torch.set_num_threads(settings.threads)
-    world = dist.get_world_size()
+    world = int(os.environ["WORLD_SIZE"])  # run_distributed sets it, as torchrun does
     groups = ProcessGroups.build(ParallelDims(world, ep=world))
     if settings.rate_mbit > 0:
         _EmulatedLink(settings.rate_mbit).install()

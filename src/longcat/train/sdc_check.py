@@ -181,10 +181,13 @@ class SDCMonitor:
     def _build_replica_sets(self) -> list[_ReplicaSet]:
         dense: list[tuple[str, torch.Tensor]] = []
         expert: list[tuple[str, torch.Tensor]] = []
+        dims = self.groups.dims
+        # the non-trivial dims of the dp x cp group: a dense tensor is a replica only if whole over them all
+        dense_dims = [d for d, n in (("dp", dims.dp), ("cp", dims.cp)) if n > 1]
         for p in self.parallel.placements:
             if p.is_expert and "edp" in p.replicated_over:
                 expert.append((p.name, p.param))
-            elif not p.is_expert and ("dp" in p.replicated_over or "cp" in p.replicated_over):
+            elif not p.is_expert and all(d in p.replicated_over for d in dense_dims):
                 dense.append((p.name, p.param))
         dense += [(name, buf) for name, buf in self.parallel.model.named_buffers()
                   if name.endswith("e_score_correction_bias")]
