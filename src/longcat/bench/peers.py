@@ -33,7 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -227,7 +227,7 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
     grad_BSD = torch.randn(s.batch_size, s.seq_len, cfg.hidden_size, generator=gen)
 
     blocks: dict[str, Callable[[], None]] = {
-        "ours": _block_fwd_bwd(ours_model.model.layers[0].mlp, x_BSD, grad_BSD),
+        "ours": _block_fwd_bwd(cast(torch.nn.Module, ours_model.model.layers[0].mlp), x_BSD, grad_BSD),
         "transformers": _block_fwd_bwd(reference_model.model.layers[0].mlp, x_BSD, grad_BSD),
     }
     if tt is not None:

@@ -80,13 +80,13 @@ def _cpu_kernels_module(root: Path) -> types.ModuleType:
     module.__file__ = str(path)
     module.__dict__.update(triton=types.SimpleNamespace(jit=lambda fn: fn), tl=types.SimpleNamespace(constexpr=int))
     exec(compile(source, str(path), "exec"), module.__dict__)
-    generate = module.generate_permute_indices
+    generate = module.__dict__["generate_permute_indices"]
 
     def generate_permute_indices(tokens_per_expert_group: torch.Tensor, *args: Any, **kwargs: Any):
         kwargs.setdefault("use_cpu", tokens_per_expert_group.device.type == "cpu")
         return generate(tokens_per_expert_group, *args, **kwargs)
 
-    module.generate_permute_indices = generate_permute_indices
+    module.__dict__["generate_permute_indices"] = generate_permute_indices
     return module
 
 
@@ -136,14 +136,15 @@ def load_torchtitan(path: Optional[str] = None) -> tuple[Optional[TorchTitan], s
             # model.py takes only ModelProtocol from train_spec, whose other imports are the trainer's
             # (data sets, validation); the class itself lives in protocols.model.
             train_spec = types.ModuleType("torchtitan.protocols.train_spec")
-            train_spec.ModelProtocol = importlib.import_module("torchtitan.protocols.model").ModelProtocol
+            protocol = importlib.import_module("torchtitan.protocols.model").__dict__["ModelProtocol"]
+            train_spec.__dict__["ModelProtocol"] = protocol
             sys.modules[train_spec.__name__] = train_spec
         moe = importlib.import_module("torchtitan.models.moe.moe")
         model_mod = importlib.import_module("torchtitan.models.deepseek_v3.model.model")
         args_mod = importlib.import_module("torchtitan.models.deepseek_v3.model.args")
     except Exception as exc:  # an incompatible tree or a missing dependency: skip, saying which
         return None, f"torchtitan at {root} failed to import: {type(exc).__name__}: {exc}"
-    moe.torch = _TorchWithIntHistc("torch")
+    moe.__dict__["torch"] = _TorchWithIntHistc("torch")
     return TorchTitan(moe=moe, model_cls=model_mod.DeepSeekV3Model, args_cls=args_mod.DeepSeekV3ModelArgs,
                       root=str(root), version=_version(root)), ""
 

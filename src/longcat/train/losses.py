@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from longcat.data.samples import (
     IGNORE_INDEX,  # the data's label of "no target"; one definition
