@@ -6,6 +6,7 @@ setup(
     description="A Megatron-style training stack for LongCat-Flash Mixture-of-Experts models",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"longcat.planning": ["devices.yaml"]},  # the dry run's device presets
     python_requires=">=3.10",
     # Compatible ranges for installing into your own environment; `make venv` installs the exact
     # versions of requirements.lock (see the README's "Dependencies").

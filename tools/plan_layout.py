@@ -3,6 +3,7 @@
 
 Example:
     python tools/plan_layout.py --world-size 1024 --tp 4 --pp 8 --ep 32 --rank 37
+    python tools/plan_layout.py --world-size 2048 --pp 16 --cp 8 --ep 32   # LongCat-Flash: EP=32 folds CP=8 x DP=4
     python tools/plan_layout.py --world-size 8 --tp 2 --ep 4 --all
     python tools/plan_layout.py --world-size 64 --tp 4 --pp 2 --ep 8 --heads 64 --experts 512 --layers 28
 
@@ -16,7 +17,7 @@ import sys
 
 from longcat.distributed import ParallelDims, RankLayout, rank_layout
 
-GROUP_NAMES = ("tp", "dp", "pp", "ep", "edp")
+GROUP_NAMES = ("tp", "cp", "dp", "pp", "ep", "edp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel degree (default 1)")
     parser.add_argument("--dp", type=int, default=-1, help="data parallel degree; -1 infers it (default)")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel degree (default 1)")
+    parser.add_argument("--cp", type=int, default=1, help="context parallel degree (default 1)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--rank", type=int, action="append", help="rank to show (repeatable); default: examples")
     which.add_argument("--all", action="store_true", help="show every rank")
@@ -38,13 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def example_ranks(dims: ParallelDims) -> list[int]:
     """First rank, its tp neighbour, the next dp replica, the next stage and the last rank."""
-    candidates = [0, 1, dims.tp, dims.ep, dims.stage_size, dims.world_size - 1]
+    candidates = [0, 1, dims.tp, dims.tp * dims.cp, dims.ep, dims.stage_size, dims.world_size - 1]
     return sorted({r for r in candidates if r < dims.world_size})
 
 
 def format_rank(layout: RankLayout) -> str:
     coords = (
-        f"rank {layout.rank}: pp={layout.pp_rank} dp={layout.dp_rank} tp={layout.tp_rank} "
+        f"rank {layout.rank}: pp={layout.pp_rank} dp={layout.dp_rank} cp={layout.cp_rank} tp={layout.tp_rank} "
         f"| edp={layout.edp_rank} ep={layout.ep_rank}"
     )
     members = [f"  {name:>3} group: {_compact(getattr(layout, f'{name}_ranks'))}" for name in GROUP_NAMES]
@@ -65,7 +67,7 @@ def _compact(ranks: tuple[int, ...]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        dims = ParallelDims(args.world_size, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep)
+        dims = ParallelDims(args.world_size, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, cp=args.cp)
         if args.heads is not None or args.experts is not None or args.layers is not None:
             missing = [f"--{n}" for n in ("heads", "experts", "layers") if getattr(args, n) is None]
             if missing:
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid layout: {err}", file=sys.stderr)
         return 2
     print(dims)
-    print(f"dense mesh (pp, dp, tp) = {dims.dense_mesh_shape}; expert mesh (pp, edp, ep) = {dims.expert_mesh_shape}")
+    print(f"dense mesh (pp, dp, cp, tp) = {dims.dense_mesh_shape}; expert mesh (pp, edp, ep) = "
+          f"{dims.expert_mesh_shape}")
     if args.heads is not None:
         print(
             f"model ok: {args.heads} heads / tp={dims.tp}, {args.experts} experts / ep={dims.ep}, "

@@ -9,8 +9,9 @@ continues with the full depth, keeping the training state.
 Pipelines are recipes too: ``recipes/pipelines/<name>.yaml`` lists the stages (name, recipe, the
 stage's own overrides, whether it loads the previous stage's weights or grows its checkpoint).
 
-Each stage runs as its own ``python -m longcat.train`` process (so a stage may use torchrun-style
-launch overrides later), writing to ``<out_root>/<stage>/``.
+Each stage runs as its own ``python -m longcat.train`` process, or with ``nproc: N`` in the pipeline
+file as N processes on this machine under torchrun (the long-context stage runs context parallelism,
+cp=2, on 2), writing to ``<out_root>/<stage>/``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ class Stage:
     overrides: tuple[str, ...] = ()
     init_from_previous: bool = True  # weights only, from the previous stage's final checkpoint
     grow_factor: int = 0  # > 1: grow the previous stage's checkpoint and resume from it (full state)
+    nproc: int = 1  # processes on this machine (> 1: launched with torchrun --standalone)
 
 
 PIPELINE_DIR = "recipes/pipelines"  # one YAML file per pipeline: a header comment and a `stages:` list
-_STAGE_KEYS = {"name", "recipe", "overrides", "init_from_previous", "grow_factor"}
+_STAGE_KEYS = {"name", "recipe", "overrides", "init_from_previous", "grow_factor", "nproc"}
 
 
 def _pipeline_dir() -> Path:
@@ -81,7 +83,9 @@ def load_pipeline(name: str) -> tuple[Stage, ...]:
         stages.append(Stage(name=str(entry["name"]), recipe=str(entry["recipe"]),
                             overrides=tuple(str(o) for o in entry.get("overrides", ())),
                             init_from_previous=bool(entry.get("init_from_previous", True)),
-                            grow_factor=int(entry.get("grow_factor", 0))))
+                            grow_factor=int(entry.get("grow_factor", 0)), nproc=int(entry.get("nproc", 1))))
+        if stages[-1].nproc < 1:
+            raise ValueError(f"{path}: stage {entry['name']!r} has nproc={stages[-1].nproc}; use 1 or more processes")
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: stage names must be unique, got {names}")
@@ -135,8 +139,8 @@ def validate_pipeline(name: str, overrides: Sequence[str] = ()) -> list[RunConfi
     for stage in load_pipeline(name):
         try:
             cfg, _ = compose_run_config(stage.recipe, [*overrides, *stage.overrides])
-            # each stage is a `python -m longcat.train` process
-            validate_run_config(cfg, world_size=world_size_from_env())
+            # each stage is a `python -m longcat.train` process, or nproc of them under torchrun
+            validate_run_config(cfg, world_size=stage.nproc if stage.nproc > 1 else world_size_from_env())
         except ValueError as exc:
             raise ValueError(f"pipeline {name!r}, stage {stage.name!r}: {exc}") from None
         if stage.grow_factor > 1 and configs and cfg.train.steps <= configs[-1].train.steps:
@@ -233,8 +237,11 @@ def run_pipeline(name: str, *, out_root: Path, overrides: Sequence[str] = (), py
         elif stage.init_from_previous and previous is not None:
             args = [*args, f"train.init_from={previous}"]
         start = time.perf_counter()
-        print(f"== stage {stage.name}: longcat-train {' '.join(args)}", flush=True)
-        proc = subprocess.run([python, "-m", "longcat.train", *args])
+        launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={stage.nproc}"] \
+            if stage.nproc > 1 else [python]
+        how = f"torchrun --nproc-per-node {stage.nproc} " if stage.nproc > 1 else ""
+        print(f"== stage {stage.name}: {how}longcat-train {' '.join(args)}", flush=True)
+        proc = subprocess.run([*launcher, "-m", "longcat.train", *args])
         if proc.returncode != 0:
             raise RuntimeError(f"stage {stage.name!r} failed with exit code {proc.returncode}; see its output above")
         saved = list_checkpoints(out_dir / "checkpoints")

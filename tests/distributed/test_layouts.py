@@ -8,7 +8,7 @@ final parameters, gathered to global tensors, match the reference.
 
 The layouts of one world size run in one set of processes (start-up dominates on CPU):
 
-    id                        ranks  tp  pp  ep  dp  dp_mode     notes
+    id                        ranks  tp  pp  ep  dp  dp_mode     notes (cp: context parallel degree)
     dp2-replicate               2     1   1   1   2  replicate   bucketed all-reduce (sum)
     dp2-fsdp                    2     1   1   1   2  fsdp        FSDP2, experts their own units
     dp2-deepspeed-z2            2     1   1   1   2  deepspeed   ZeRO-2
@@ -19,9 +19,19 @@ The layouts of one world size run in one set of processes (start-up dominates on
     pp2-1f1b                    2     1   2   1   1  replicate
     pp2-interleaved_1f1b        2     1   2   1   1  replicate   2 stages per rank
     pp2-zbv                     2     1   2   1   1  replicate   V placement, split backward
+    cp2xep2                     2     1   1   2   1  replicate   cp=2, experts folded over cp
     tp2xep2                     4     2   1   2   2  replicate   edp = 2
     pp2xep2                     4     1   2   2   2  replicate
     pp2xdp2                     4     1   2   1   2  replicate
+    tp2xdp2-fsdp                4     2   1   1   2  fsdp        FSDP2 shards of TP shards
+    pp2xtp2-1f1b                4     2   2   1   1  replicate   vocab-parallel CE on the last stage
+    pp2xtp2-sp-zbv              4     2   2   1   1  replicate   SP: stages exchange [B, S/tp, D]
+    pp2xdp2-fsdp-interleaved    4     1   2   1   2  fsdp        each virtual stage its own FSDP root
+    pp2xdp2xep2-fsdp-zbv        4     1   2   2   2  fsdp        the embedding both V ends share kept whole
+    pp2xcp2-zbv                 4     1   2   1   1  replicate   cp=2, ZB-V pipeline of cp stages
+
+PP with TP (+SP) and with FSDP under the remaining schedules, with tied embeddings, run through the
+command line in test_pipeline_layouts.py, and all three together (8 ranks) there too.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ LAYOUTS_2 = [
     Layout("pp2-1f1b", pp=2),
     Layout("pp2-interleaved_1f1b", pp=2, pp_schedule="interleaved_1f1b"),
     Layout("pp2-zbv", pp=2, pp_schedule="zbv"),
+    Layout("cp2xep2", cp=2, ep=2),
     # DeepSpeed last: its engine sets process-wide state of its own.
     Layout("dp2-deepspeed-z2", dp=2, dp_mode="deepspeed", zero_stage=2),
     Layout("dp2-deepspeed-z1-offload", dp=2, dp_mode="deepspeed", zero_stage=1, offload_optimizer=True),
@@ -60,6 +71,12 @@ LAYOUTS_4 = [
     Layout("tp2xep2", tp=2, dp=2, ep=2),
     Layout("pp2xep2", pp=2, dp=2, ep=2),
     Layout("pp2xdp2", pp=2, dp=2),
+    Layout("tp2xdp2-fsdp", tp=2, dp=2, dp_mode="fsdp"),
+    Layout("pp2xtp2-1f1b", pp=2, tp=2),
+    Layout("pp2xtp2-sp-zbv", pp=2, tp=2, sequence_parallel=True, pp_schedule="zbv"),
+    Layout("pp2xdp2-fsdp-interleaved", pp=2, dp=2, dp_mode="fsdp", pp_schedule="interleaved_1f1b"),
+    Layout("pp2xdp2xep2-fsdp-zbv", pp=2, dp=2, ep=2, dp_mode="fsdp", pp_schedule="zbv"),
+    Layout("pp2xcp2-zbv", pp=2, cp=2, pp_schedule="zbv"),
 ]
 ALL = LAYOUTS_2 + LAYOUTS_4
 
@@ -86,7 +103,7 @@ def reference(cfg):
 @pytest.fixture(scope="module")
 def runs(cfg, reference):
     out = run_layouts(cfg, LAYOUTS_2, num_steps=NUM_STEPS, timeout_s=400)
-    out.update(run_layouts(cfg, LAYOUTS_4, num_steps=NUM_STEPS, timeout_s=300))
+    out.update(run_layouts(cfg, LAYOUTS_4, num_steps=NUM_STEPS, timeout_s=500))
     return out
 
 

@@ -196,3 +196,60 @@ def test_kill_anywhere_then_resume_matches_uninterrupted_run(corpus_cache, tmp_p
         job.kill_all()
     assert f"step_{latest_seen:08d} at step {latest_seen}" in job.log()
     _assert_matches_reference(chaos, reference)
+
+
+# ---------------------------------------------------------------- checkpoints hold verified state
+SDC_STEPS = 20
+SDC_FAULT = {"sdc.inject.step": 13, "sdc.inject.rank": 1, "sdc.inject.target": "parameter",
+             "sdc.inject.tensor": "model.layers.0.mlps.0.up_proj.weight", "sdc.inject.bit": 27}
+
+
+def _sdc_overrides(corpus_cache: str, out_dir: Path, **extra) -> list[str]:
+    # replica_interval=100: the periodic check never runs in this window; only the check right before
+    # each checkpoint and the one after a resume can see the fault.
+    return tiny_overrides(corpus_cache, str(out_dir), **{
+        "train.steps": SDC_STEPS, "train.checkpoint_interval": INTERVAL, "train.keep_last": 3,
+        "train.eval_interval": 0, "parallel.ep": WORLD, "determinism.enabled": "true",
+        "sdc.replica_interval": 100, "sdc.policy": "rollback", **extra})
+
+
+def test_parameter_flip_before_a_checkpoint_then_kill_rolls_back_to_a_clean_checkpoint(corpus_cache, tmp_path):
+    """A bit flips in rank 1's replica after step 13's optimizer step; step 14's checkpoint is about to be
+    written: the replicas are compared first, disagree, so nothing is written and every rank reloads
+    step 12. The run is SIGKILLed after step 16 and relaunched: the relaunch compares the replicas after
+    its first step, and the finished run equals a run that never had the fault, bit for bit."""
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    job = ForkedJob.launch(_sdc_overrides(corpus_cache, reference), log_dir=tmp_path / "ref-logs", nproc=WORLD)
+    assert job.wait(timeout_s=120) == 0, job.log()[-3000:]
+
+    faults = FaultPlan(kill_at_step=f"16:{WORLD - 1}", once_marker=tmp_path / "killed-once")
+    job = ForkedJob.launch(_sdc_overrides(corpus_cache, run, **SDC_FAULT), log_dir=tmp_path / "first",
+                           nproc=WORLD, faults=faults)
+    try:
+        assert job.wait(timeout_s=120) != 0, "the run was to be killed after step 16"
+    finally:
+        job.kill_all()
+    log = job.log()
+    assert f"SDC suspected (replica check) at step 14 on rank 1: tensor '{SDC_FAULT['sdc.inject.tensor']}'" in log, \
+        log[-3000:]
+    assert re.search(r"SDC rollback: reloaded \S+step_00000012 \(step 12\) after the mismatch at step 14", log), \
+        log[-3000:]
+    complete = check_checkpoint_folder(run / "checkpoints", world_size=WORLD)
+    assert complete.latest_step == 16, complete
+
+    job = ForkedJob.launch(_sdc_overrides(corpus_cache, run, **SDC_FAULT), log_dir=tmp_path / "second", nproc=WORLD)
+    try:
+        assert job.wait(timeout_s=120) == 0, job.log()[-3000:]
+    finally:
+        job.kill_all()
+    assert "step_00000016 at step 16" in job.log()
+    records = {r["step"]: r for r in _step_records(run)}
+    assert records[17]["sdc/replica_checks"] == 1 and records[17]["sdc/mismatches"] == 0  # checked at once
+
+    state, trainer_state = load_checkpoint(run / "checkpoints" / f"step_{SDC_STEPS:08d}")
+    ref_state, ref_trainer_state = load_checkpoint(reference / "checkpoints" / f"step_{SDC_STEPS:08d}")
+    assert_same_state(state, ref_state)
+    trainer_state.pop("config"), ref_trainer_state.pop("config")
+    assert_same_state(trainer_state, ref_trainer_state)
+    expected = {r["step"]: (r["loss"], r["grad_norm"]) for r in _step_records(reference)}
+    assert {s: (r["loss"], r["grad_norm"]) for s, r in records.items()} == expected

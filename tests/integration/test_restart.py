@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -161,3 +162,22 @@ def test_ctrl_c_stops_with_a_checkpoint_like_sigterm(corpus_cache, tmp_path):
     stop_step = int(PREEMPTED.search(log).group(1))
     folder = check_checkpoint_folder(out / "checkpoints", world_size=1)
     assert folder.complete_steps == (stop_step,) and not folder.leftovers
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_once_with_one_preempted_message(corpus_cache, tmp_path):
+    """Ctrl-C in the terminal: SIGINT to torchrun's process group (the test launches torchrun in its own
+    session, so its pid is the group's id). torchrun forwards one SIGINT to each worker (they run in their
+    own sessions, so the terminal's does not reach them twice, which would abort as a second Ctrl-C);
+    both checkpoint at one step and exit cleanly, rank 0 prints one preempted line. torchrun itself exits
+    1 with its SignalException (torch's behaviour, as for SIGTERM)."""
+    out = tmp_path / "run"
+    overrides = _overrides(corpus_cache, out, **{"train.steps": 100_000, "train.checkpoint_interval": 1000,
+                                                 "train.preempt_timeout_s": 20})
+    job = TorchrunJob.launch(overrides, log_path=tmp_path / "run.log", nproc=WORLD)
+    rc, log, _ = _signal_after_steps(job, out, 2, lambda: os.killpg(job.proc.pid, signal.SIGINT))
+    assert rc == 1 and "SignalException" in log, log[-3000:]
+    assert len(PREEMPTED.findall(log)) == 1, log[-3000:]
+    assert log.count("received SIGINT") == WORLD and "KeyboardInterrupt" not in log, log[-3000:]
+    assert log.count("Traceback") == 1 and "failed (exitcode" not in log, log[-3000:]  # torchrun's own only
+    stop_step = int(PREEMPTED.search(log).group(1))
+    assert check_checkpoint_folder(out / "checkpoints", world_size=WORLD).complete_steps == (stop_step,)

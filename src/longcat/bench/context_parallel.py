@@ -260,9 +260,10 @@ def _rank_main(settings: ContextParallelBenchSettings) -> dict[str, Any]:
     _return_freed_memory_to_os()
     torch.set_num_threads(settings.threads)
 
-    groups = ProcessGroups.build(ParallelDims(int(os.environ["WORLD_SIZE"])))  # every rank in one cp group
-    group = groups.world_group
-    rank, cp = groups.rank, groups.world_size
+    world_size = int(os.environ["WORLD_SIZE"])
+    groups = ProcessGroups.build(ParallelDims(world_size, cp=world_size))  # every rank in one cp group
+    group = groups.cp_group
+    rank, cp = groups.cp_rank, groups.cp_size
     cfg = settings.model_config()
     B, S, D = settings.batch_size, settings.seq_len, cfg.hidden_size
     torch.manual_seed(0)

@@ -4,8 +4,9 @@ The config validation (``longcat.config.validate``) and the runtime ``distribute
 call these, so a layout is judged by one set of rules whether it comes from a recipe at compose time or
 from a test building process groups. Messages use the config's names (``parallel.tp``, ``model.*``).
 
-Rank grid (Megatron): the dense ranks form ``pp x dp x tp``; inside one pipeline stage the ``dp x tp``
-ranks are re-factored as ``edp x ep`` for the experts, so ep must divide ``dp * tp``.
+Rank grid (Megatron): the dense ranks form ``pp x dp x cp x tp`` (tp fastest); inside one pipeline stage
+the ``dp x cp x tp`` ranks are re-factored as ``edp x ep`` for the experts, so ep must divide
+``dp * cp * tp`` (LongCat-Flash's EP=32 folds CP=8 x DP=4: arXiv 2509.01322 §5.3).
 """
 
 from __future__ import annotations
@@ -19,35 +20,46 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def resolve_dp(world_size: int, *, tp: int, pp: int, dp: int, ep: int) -> int:
-    """The data-parallel degree of this layout (``dp=-1``: inferred as ``world_size // (pp * tp)``).
+def resolve_dp(world_size: int, *, tp: int, pp: int, dp: int, ep: int, cp: int = 1) -> int:
+    """The data-parallel degree of this layout (``dp=-1``: inferred as ``world_size // (pp * cp * tp)``).
 
     Raises:
-        ValueError: a degree < 1 (dp may be -1); ``world_size != pp * dp * tp``; ``world_size`` not
-            divisible by ``pp * tp`` when dp is inferred; ``ep`` not dividing ``dp * tp`` (the ranks of
-            one pipeline stage). The message names the numbers and the valid choices.
+        ValueError: a degree < 1 (dp may be -1); ``world_size != pp * dp * cp * tp``; ``world_size`` not
+            divisible by ``pp * cp * tp`` when dp is inferred; ``ep`` not dividing ``dp * cp * tp`` (the
+            ranks of one pipeline stage). The message names the numbers and the valid choices.
     """
-    for name, value in (("world_size", world_size), ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep)):
+    for name, value in (("world_size", world_size), ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.ep", ep),
+                        ("parallel.cp", cp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    model_ranks = pp * cp * tp
+    names = f"pp*cp*tp={model_ranks} (parallel.pp={pp}, parallel.cp={cp}, parallel.tp={tp})" if cp > 1 \
+        else f"pp*tp={model_ranks} (parallel.pp={pp}, parallel.tp={tp})"
+    choose = "choose pp, cp and tp" if cp > 1 else "choose pp and tp"
+    if cp > world_size:
+        raise ValueError(f"parallel.cp={cp} is larger than the world size {world_size}: choose cp in "
+                         f"{divisors(world_size)}")
     if dp == -1:
-        if world_size % (pp * tp) != 0:
+        if world_size % model_ranks != 0:
             raise ValueError(
-                f"world_size={world_size} is not divisible by pp*tp={pp * tp} (parallel.pp={pp}, parallel.tp={tp}), "
-                f"so dp cannot be inferred: choose pp and tp whose product divides {world_size}"
+                f"world_size={world_size} is not divisible by {names}, so dp cannot be inferred: "
+                f"{choose} whose product divides {world_size}"
             )
-        dp = world_size // (pp * tp)
+        dp = world_size // model_ranks
     elif isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
         raise ValueError(f"parallel.dp={dp!r} must be an integer >= 1, or -1 to infer it from world_size")
-    product = pp * dp * tp
+    product = model_ranks * dp
     if product != world_size:
-        hint = (f"set parallel.dp={world_size // (pp * tp)} or parallel.dp=-1 to infer it"
-                if world_size % (pp * tp) == 0 else f"choose pp and tp whose product divides {world_size}, and dp=-1")
-        raise ValueError(f"world_size={world_size} != pp*dp*tp = {pp}*{dp}*{tp} = {product}: {hint}")
-    stage_size = dp * tp
+        hint = (f"set parallel.dp={world_size // model_ranks} or parallel.dp=-1 to infer it"
+                if world_size % model_ranks == 0 else f"{choose} whose product divides {world_size}, and dp=-1")
+        factors = f"pp*dp*cp*tp = {pp}*{dp}*{cp}*{tp}" if cp > 1 else f"pp*dp*tp = {pp}*{dp}*{tp}"
+        raise ValueError(f"world_size={world_size} != {factors} = {product}: {hint}")
+    stage_size = dp * cp * tp
     if stage_size % ep != 0:
+        ranks = (f"dp*cp*tp={stage_size} (dp={dp}, cp={cp}, tp={tp}" if cp > 1
+                 else f"dp*tp={stage_size} (dp={dp}, tp={tp}")
         raise ValueError(
-            f"parallel.ep={ep} must divide dp*tp={stage_size} (dp={dp}, tp={tp}: the ranks of one pipeline stage, "
+            f"parallel.ep={ep} must divide {ranks}: the ranks of one pipeline stage, "
             f"re-factored as edp x ep): choose ep in {divisors(stage_size)}"
         )
     return dp
@@ -58,7 +70,7 @@ def check_model_split(*, tp: int, pp: int, ep: int, stage_size: int, num_attenti
     """Check that a model's dimensions split evenly over a layout whose degrees are already valid.
 
     Args:
-        tp, pp, ep: the degrees; ``stage_size``: ``dp * tp``, the ranks of one pipeline stage.
+        tp, pp, ep: the degrees; ``stage_size``: ``dp * cp * tp``, the ranks of one pipeline stage.
         num_attention_heads: attention heads, sharded over tp.
         n_routed_experts: FFN (routed) experts, sharded over ep; zero-computation experts do not count
             (they are never sharded or sent).
@@ -78,7 +90,7 @@ def check_model_split(*, tp: int, pp: int, ep: int, stage_size: int, num_attenti
         raise ValueError(
             f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}: choose ep in "
             f"{[d for d in divisors(n_routed_experts) if stage_size % d == 0]} "
-            f"(divisors of the experts that also divide dp*tp={stage_size})"
+            f"(divisors of the experts that also divide the {stage_size} ranks of a pipeline stage)"
         )
     if stages < 1 or stages % pp != 0:
         raise ValueError(f"num_stages={stages} must be a positive multiple of parallel.pp={pp} "

@@ -244,14 +244,17 @@ class ParallelConfig:
     """Parallel degrees and modes: the one parallel-options type, read by the launch, the trainer,
     ``model.parallel.parallelize`` and the test harness (``testing.equivalence.Layout``).
 
-    The world size must equal pp x dp x tp (``config.layout``; ``distributed.ParallelDims`` is the
-    runtime object built from these degrees by the same rules).
+    The world size must equal pp x dp x cp x tp (``config.layout``; ``distributed.ParallelDims`` is the
+    runtime object built from these degrees by the same rules). cp is context parallelism: each cp rank
+    holds S/cp tokens of every sequence (MLA attends over the cp group); the experts fold dp x cp x tp
+    into edp x ep.
     """
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     dp: int = -1  # -1: inferred from the world size
+    cp: int = 1  # context parallelism: the sequence split over cp ranks (2*cp load-balanced chunks)
     sequence_parallel: bool = False
     pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
     pp_microbatches: int = 0  # 0: global batch / (micro-batch x dp)
@@ -269,37 +272,36 @@ class ParallelConfig:
     def resolved_dp(self, world_size: int) -> int:
         """The data-parallel degree on ``world_size`` ranks (``dp=-1`` inferred). Raises ValueError (see
         ``config.layout.resolve_dp``)."""
-        return resolve_dp(world_size, tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep)
+        return resolve_dp(world_size, tp=self.tp, pp=self.pp, dp=self.dp, ep=self.ep, cp=self.cp)
 
     def validate(self, *, world_size: int) -> None:
         """The degrees on ``world_size`` ranks, and the combinations ``parallelize`` supports.
 
         Raises:
-            ValueError: see ``config.layout.resolve_dp``; DeepSpeed with tp/ep/pp or a ZeRO stage other
-                than 1 or 2; pp with tp; pp with FSDP; moe_chunks < 1; pp_microbatches < 0.
+            ValueError: see ``config.layout.resolve_dp``; DeepSpeed with tp/ep/pp/cp or a ZeRO stage other
+                than 1 or 2; cp with FSDP or with sequence parallelism; moe_chunks < 1; pp_microbatches < 0.
         """
-        dp = self.resolved_dp(world_size)
+        self.resolved_dp(world_size)  # raises on degrees that do not fit
         dp_mode = DPMode(self.dp_mode)
+        if self.cp > 1 and dp_mode is not DPMode.replicate:
+            raise ValueError(
+                f"parallel.cp={self.cp} with parallel.dp_mode={dp_mode.value} is not supported yet (FSDP / ZeRO "
+                "would shard over dp x cp); use parallel.dp_mode=replicate with context parallelism")
+        if self.cp > 1 and self.sequence_parallel and self.tp > 1:
+            raise ValueError(
+                f"parallel.cp={self.cp} with parallel.sequence_parallel=true is not supported: context parallelism "
+                "already splits the sequence; set parallel.sequence_parallel=false (tp with cp runs without SP)")
         if self.moe_chunks < 1:
             raise ValueError(f"parallel.moe_chunks={self.moe_chunks} must be >= 1 (1 = no split)")
         if self.pp_microbatches < 0:
             raise ValueError(f"parallel.pp_microbatches={self.pp_microbatches} must be >= 0 (0 = derived)")
-        if dp_mode is DPMode.deepspeed and (self.tp > 1 or self.ep > 1 or self.pp > 1):
+        if dp_mode is DPMode.deepspeed and (self.tp > 1 or self.ep > 1 or self.pp > 1 or self.cp > 1):
             raise ValueError(
                 f"parallel.dp_mode=deepspeed supports data parallelism only (got parallel.tp={self.tp}, ep={self.ep}, "
                 f"pp={self.pp}); use dp_mode=fsdp or dp_mode=replicate with tensor/expert/pipeline parallelism")
         if dp_mode is DPMode.deepspeed and self.zero_stage not in (1, 2):
             raise ValueError(f"parallel.zero_stage={self.zero_stage}: use 1 or 2 with dp_mode=deepspeed (stage 3 "
                              "shards parameters; use parallel.dp_mode=fsdp for that)")
-        if self.pp > 1 and self.tp > 1:
-            raise ValueError(
-                f"parallel.pp={self.pp} with parallel.tp={self.tp} is not supported yet: the pipeline's last stage "
-                "takes a plain cross-entropy of the LM head, which is vocab-sharded under TP; use pp with ep/dp, or "
-                "tp without pp")
-        if self.pp > 1 and dp_mode is DPMode.fsdp and dp > 1:
-            raise ValueError(
-                f"parallel.pp={self.pp} with parallel.dp_mode=fsdp is not supported yet (the stages would need their "
-                "own FSDP roots); use parallel.dp_mode=replicate with pp")
 
 
 @dataclass
@@ -316,10 +318,16 @@ class LoggingConfig:
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False  # event files under <train.out_dir>/tensorboard (same metric names as wandb)
+    # TFLOP/s per device that MFU is measured against; 0 = the bf16 peak of a known CUDA GPU when
+    # train.bf16=true (longcat.train.throughput), else no MFU (TFLOP/s per device is always reported).
+    peak_tflops: float = 0.0
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise ValueError(f"logging.log_interval={self.log_interval} must be >= 1 (log every N steps)")
+        if self.peak_tflops < 0:
+            raise ValueError(f"logging.peak_tflops={self.peak_tflops} must be >= 0 (the device's peak TFLOP/s; "
+                             "0 = look the GPU up, or no MFU)")
 
 
 @dataclass

@@ -88,7 +88,7 @@ def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
             experts of one ep rank.
     """
     m, p = cfg.model, cfg.parallel
-    check_model_split(tp=p.tp, pp=p.pp, ep=p.ep, stage_size=dp * p.tp, num_attention_heads=m.num_attention_heads,
+    check_model_split(tp=p.tp, pp=p.pp, ep=p.ep, stage_size=dp * p.cp * p.tp, num_attention_heads=m.num_attention_heads,
                       n_routed_experts=m.n_routed_experts, num_layers=m.num_layers, num_stages=p.num_stages)
     if p.tp > 1:
         for name in ("vocab_size", "ffn_hidden_size"):
@@ -105,8 +105,14 @@ def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
 
 
 def _check_sequence(cfg: RunConfig) -> None:
-    """The sequence fits the model's positions and, under sequence parallelism, splits over tp."""
+    """The sequence fits the model's positions and, under sequence / context parallelism, splits over tp / cp."""
     seq, p = cfg.data.seq_length, cfg.parallel
+    if p.cp > 1 and seq % (2 * p.cp):
+        lower = seq - seq % (2 * p.cp)
+        choices = f"{lower} or {lower + 2 * p.cp}" if lower else f"{2 * p.cp}"
+        raise ValueError(f"data.seq_length={seq} is not divisible by 2*parallel.cp={2 * p.cp}: context parallelism "
+                         f"cuts each sequence into 2*cp equal chunks (load-balanced causal attention); use "
+                         f"data.seq_length={choices}, or a cp that divides seq_length/2")
     if seq > cfg.model.max_position_embeddings:
         raise ValueError(f"data.seq_length={seq} exceeds model.max_position_embeddings="
                          f"{cfg.model.max_position_embeddings}; raise the latter or shorten the sequence")

@@ -120,12 +120,14 @@ class ReplicatedGradSync:
 
 
 def apply_fsdp(model: nn.Module, *, blocks: Sequence[nn.Module], dp_mesh, expert_modules: Sequence[nn.Module] = (),
-               expert_mesh=None, reshard_after_forward: bool = True) -> list[nn.Parameter]:
+               expert_mesh=None, reshard_after_forward: bool = True,
+               keep_whole: Sequence[nn.Parameter] = ()) -> list[nn.Parameter]:
     """FSDP2 ``fully_shard`` of ``blocks`` (decoder layers, MTP) and then ``model`` over ``dp_mesh``.
 
     Expert modules are sharded first over ``expert_mesh`` (the 1-D ``edp`` mesh) when it has size
     > 1; else they stay whole (``ignored_params``: nothing to reduce).
     Every FSDP unit sums its gradients (divide factor 1): the loss is already globally normalised.
+    Under pipeline parallelism call it once per pipeline stage (each stage module its own root).
 
     Args:
         model: the module (or pipeline stage) whose remaining params go into the root unit.
@@ -133,13 +135,19 @@ def apply_fsdp(model: nn.Module, *, blocks: Sequence[nn.Module], dp_mesh, expert
         dp_mesh: 1-D ``DeviceMesh`` over the data-parallel ranks (``dense_mesh["dp"]``).
         expert_modules: the routed-expert modules (their grads sum over edp, not dp).
         expert_mesh: 1-D ``DeviceMesh`` over ``edp`` for ``expert_modules``.
+        reshard_after_forward: free each unit's gathered parameters after its forward (gather
+            again for the backward); False keeps them until the backward is over.
+        keep_whole: further parameters of ``model`` to leave unsharded (e.g. one that two pipeline
+            stages on this rank share: two FSDP roots cannot manage one parameter); the caller sums
+            their gradients over dp.
 
     Returns:
-        The parameters left unsharded (expert params with ``edp == 1``).
+        The parameters left unsharded (expert params with ``edp == 1``, and ``keep_whole``), in
+        ``model.parameters()`` order.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    ignored: set[nn.Parameter] = set()
+    ignored: set[nn.Parameter] = set(keep_whole)
     for experts in expert_modules:
         if expert_mesh is not None and expert_mesh.size() > 1:
             fully_shard(experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)

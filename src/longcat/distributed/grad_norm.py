@@ -2,7 +2,7 @@
 
 A rank holds, for each parameter, a *local* gradient: the whole tensor, or one shard of it (TP, EP,
 FSDP), on its own pipeline stage. Copies of the same local gradient live on other ranks (dense
-params replicated over dp and, when not TP-sharded, over tp; experts replicated over edp; a tied
+params replicated over dp and cp and, when not TP-sharded, over tp; experts replicated over edp; a tied
 embedding on the first and the last stage). The squared norm of the global gradient is therefore
 
     ||g||^2 = sum over (param, distinct shard) of ||local shard||^2
@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 __all__ = ["GradShard", "clip_grads_", "global_grad_norm"]
 
-GROUP_NAMES = ("pp", "dp", "tp", "edp", "ep")
+GROUP_NAMES = ("pp", "dp", "cp", "tp", "edp", "ep")
 
 
 @dataclass(frozen=True)

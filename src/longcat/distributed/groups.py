@@ -2,8 +2,9 @@
 
 Two ``DeviceMesh`` objects cover the same ranks (see ``parallel_dims`` for the rank order):
 
-- dense mesh ``("pp", "dp", "tp")``: attention, dense FFNs, embeddings; grads reduce over dp.
-- expert mesh ``("pp", "edp", "ep")``: routed experts; grads reduce over edp.
+- dense mesh ``("pp", "dp", "cp", "tp")``: attention, dense FFNs, embeddings; grads reduce over dp x cp
+  (``dp_cp_group``: each cp rank saw S/cp tokens of the same sequences).
+- expert mesh ``("pp", "edp", "ep")``: routed experts; grads reduce over edp (which spans cp and tp).
 
 ``rank_layout`` computes, without any process group, each rank's coordinates and the members of its
 groups; ``ProcessGroups.build`` checks the meshes against it, and ``tools/plan_layout.py`` prints it.
@@ -41,13 +42,21 @@ class RankLayout:
     pp_ranks: tuple[int, ...]
     ep_ranks: tuple[int, ...]
     edp_ranks: tuple[int, ...]
+    cp_rank: int = 0
+    cp_ranks: tuple[int, ...] = ()
+    dp_cp_ranks: tuple[int, ...] = ()  # dp-major: (dp 0: cp 0..), (dp 1: cp 0..), ...
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's index in ``dp_cp_ranks``: ``dp_rank * cp + cp_rank``."""
+        return self.dp_cp_ranks.index(self.rank)
 
 
 def rank_layout(dims: ParallelDims, rank: int) -> RankLayout:
     """Coordinates and group members of global ``rank`` under ``dims``; needs no process group.
 
-    Dense: ``rank = (pp_rank * dp + dp_rank) * tp + tp_rank``. Expert (inside the stage):
-    ``rank = pp_rank * dp * tp + edp_rank * ep + ep_rank``.
+    Dense: ``rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank``. Expert (inside the stage):
+    ``rank = pp_rank * dp * cp * tp + edp_rank * ep + ep_rank``.
 
     Raises:
         ValueError: rank outside ``[0, world_size)``.
@@ -58,9 +67,14 @@ def rank_layout(dims: ParallelDims, rank: int) -> RankLayout:
         )
     stage_size = dims.stage_size
     pp_rank, in_stage = divmod(rank, stage_size)
-    dp_rank, tp_rank = divmod(in_stage, dims.tp)
+    dp_cp_rank, tp_rank = divmod(in_stage, dims.tp)
+    dp_rank, cp_rank = divmod(dp_cp_rank, dims.cp)
     edp_rank, ep_rank = divmod(in_stage, dims.ep)
     stage_base = pp_rank * stage_size
+
+    def dense(d: int, c: int, t: int) -> int:
+        return stage_base + (d * dims.cp + c) * dims.tp + t
+
     return RankLayout(
         rank=rank,
         pp_rank=pp_rank,
@@ -68,11 +82,14 @@ def rank_layout(dims: ParallelDims, rank: int) -> RankLayout:
         tp_rank=tp_rank,
         edp_rank=edp_rank,
         ep_rank=ep_rank,
-        tp_ranks=tuple(stage_base + dp_rank * dims.tp + t for t in range(dims.tp)),
-        dp_ranks=tuple(stage_base + d * dims.tp + tp_rank for d in range(dims.dp)),
+        tp_ranks=tuple(dense(dp_rank, cp_rank, t) for t in range(dims.tp)),
+        dp_ranks=tuple(dense(d, cp_rank, tp_rank) for d in range(dims.dp)),
         pp_ranks=tuple(p * stage_size + in_stage for p in range(dims.pp)),
         ep_ranks=tuple(stage_base + edp_rank * dims.ep + e for e in range(dims.ep)),
         edp_ranks=tuple(stage_base + d * dims.ep + ep_rank for d in range(dims.edp)),
+        cp_rank=cp_rank,
+        cp_ranks=tuple(dense(dp_rank, c, tp_rank) for c in range(dims.cp)),
+        dp_cp_ranks=tuple(dense(d, c, tp_rank) for d in range(dims.dp) for c in range(dims.cp)),
     )
 
 
@@ -103,9 +120,12 @@ class ProcessGroups:
     Attributes:
         dims: the degrees the groups were built from.
         layout: this rank's coordinates and group members (``rank_layout(dims, rank)``).
-        dense_mesh: ``DeviceMesh`` with dims ``("pp", "dp", "tp")``; None from ``single()``.
+        dense_mesh: ``DeviceMesh`` with dims ``("pp", "dp", "cp", "tp")``; None from ``single()``.
         expert_mesh: ``DeviceMesh`` with dims ``("pp", "edp", "ep")``; None from ``single()``.
-        world_group, tp_group, dp_group, pp_group, ep_group, edp_group: the process groups.
+        world_group, tp_group, dp_group, pp_group, ep_group, edp_group, cp_group: the process groups.
+        dp_cp_group: dp x cp together (the ``dp_group`` itself when cp = 1): the ranks whose tokens make
+            up one step of a model replica, over which dense gradients, token counts and router
+            statistics are summed.
     """
 
     dims: ParallelDims
@@ -118,6 +138,8 @@ class ProcessGroups:
     pp_group: dist.ProcessGroup
     ep_group: dist.ProcessGroup
     edp_group: dist.ProcessGroup
+    cp_group: dist.ProcessGroup
+    dp_cp_group: dist.ProcessGroup
 
     @classmethod
     def build(cls, dims: ParallelDims, *, device_type: Optional[str] = None) -> ProcessGroups:
@@ -153,8 +175,14 @@ class ProcessGroups:
             device_type = "cuda" if dist.get_backend(world_group) == "nccl" else "cpu"
         # Both meshes enumerate ranks in row-major order of their shapes, which is exactly the
         # Megatron order of parallel_dims (tp / ep fastest); new_group calls are collective.
-        dense_mesh = init_device_mesh(device_type, dims.dense_mesh_shape, mesh_dim_names=("pp", "dp", "tp"))
+        dense_mesh = init_device_mesh(device_type, dims.dense_mesh_shape, mesh_dim_names=("pp", "dp", "cp", "tp"))
         expert_mesh = init_device_mesh(device_type, dims.expert_mesh_shape, mesh_dim_names=("pp", "edp", "ep"))
+        if dims.cp == 1:
+            dp_cp_group = dense_mesh.get_group("dp")
+        elif dims.dp == 1:
+            dp_cp_group = dense_mesh.get_group("cp")
+        else:  # a collective over the world, like the meshes
+            dp_cp_group = dense_mesh["dp", "cp"]._flatten("dp_cp").get_group()
         groups = cls(
             dims=dims,
             layout=rank_layout(dims, dist.get_rank(world_group)),
@@ -166,6 +194,8 @@ class ProcessGroups:
             pp_group=dense_mesh.get_group("pp"),
             ep_group=expert_mesh.get_group("ep"),
             edp_group=expert_mesh.get_group("edp"),
+            cp_group=dense_mesh.get_group("cp"),
+            dp_cp_group=dp_cp_group,
         )
         groups._check_against_layout()
         return groups
@@ -186,10 +216,12 @@ class ProcessGroups:
             pp_group=group,
             ep_group=group,
             edp_group=group,
+            cp_group=group,
+            dp_cp_group=group,
         )
 
     def _check_against_layout(self) -> None:
-        for name in ("tp", "dp", "pp", "ep", "edp"):
+        for name in ("tp", "dp", "pp", "ep", "edp", "cp", "dp_cp"):
             actual = tuple(dist.get_process_group_ranks(getattr(self, f"{name}_group")))
             expected = getattr(self.layout, f"{name}_ranks")
             assert actual == expected, f"{name} group {actual} != rank_layout {expected} for rank {self.rank}"
@@ -222,6 +254,14 @@ class ProcessGroups:
     @property
     def edp_rank(self) -> int:
         return self.layout.edp_rank
+
+    @property
+    def cp_rank(self) -> int:
+        return self.layout.cp_rank
+
+    @property
+    def cp_size(self) -> int:
+        return self.dims.cp
 
     @property
     def tp_size(self) -> int:

@@ -23,6 +23,12 @@ What the trainer does each step:
     grad norm over runner.grad_norm_parameters()      # the tied copy counted once
     optimizer.step()
 
+Under FSDP2 each stage module is its own ``fully_shard`` root (``PipelineStage`` sees an
+``FSDPModule``): the schedule then holds back the gradient reduce-scatter until a stage's last
+micro-batch backward and runs it once (no DP all-reduce for those parameters). ``eval_loss`` calls
+each stage module (``forward(..., evaluate=True)``) so its FSDP hooks gather the weights, and
+reshards every FSDP unit of the stages afterwards.
+
 Shape legend:
     B  micro-batch size
     S  sequence (S/tp between stages under sequence parallelism)
@@ -34,11 +40,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -70,6 +77,7 @@ _SCHEDULES = {
     PipelineSchedule.zbv: ScheduleZBVZeroBubble,
 }
 _MICRO_BATCH_KEYS = ("input_ids", "labels", "token_mask")
+_OPTIONAL_KEYS = ("position_ids", "mtp_labels", "mtp_input_ids")  # [B, S] each, passed on when present
 
 
 @dataclass
@@ -156,8 +164,9 @@ class PipelineRunner:
 
         Collective over the pipeline group. Every rank of the group passes the same micro-batches
         (dicts of [B, S] ``input_ids`` int64, ``labels`` int64, ``token_mask`` bool, optional
-        ``position_ids``), all of one shape. ``step_input`` reaches every stage for this step
-        (``StageModule.step_input``; e.g. the global batch's token counts).
+        ``position_ids``, ``mtp_labels``, ``mtp_input_ids``), all of one shape. ``step_input``
+        reaches every stage for this step (``StageModule.step_input``; e.g. the global batch's token
+        counts).
 
         Raises:
             ValueError: the wrong number of micro-batches, or micro-batches of different shapes or
@@ -217,7 +226,7 @@ class PipelineRunner:
         pipeline_stages = [
             PipelineStage(stage, stage.stage_index, self.plan.num_stages, device,
                           input_args=ids if stage.is_first else act, output_args=loss if stage.is_last else act,
-                          group=self.pp_group)
+                          group=self.pp_group, dw_builder=None if stage.split_backward else _no_weight_pass)
             for stage in self.stages
         ]
         cls = _SCHEDULES[self.plan.schedule]
@@ -273,7 +282,7 @@ class PipelineRunner:
                     work.wait()
                 else:
                     x = local_out.pop(m)
-                out = stage.evaluate(x, **_stage_inputs(mb, device))
+                out = stage(x, evaluate=True, **_stage_inputs(mb, device))
                 if stage.is_last:
                     totals_2 += out  # [2] float64: (loss sum, labelled tokens)
                 elif ranks[s + 1] == self.pp_rank:
@@ -285,6 +294,10 @@ class PipelineRunner:
                     sends.append(send)
         for work in sends:
             work.wait()
+        for stage in self.stages:  # an FSDP2 stage keeps what the forward gathered: free it
+            for module in stage.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     # ------------------------------------------------------------------------------ grads
     def sync_tied_embedding_grads(self) -> None:
@@ -345,14 +358,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _no_weight_pass() -> Callable[[], None]:
+    """``PipelineStage``'s ``dw_builder`` for a stage that must not split its backward
+    (``StageModule.split_backward``): the input pass then runs the whole backward, the weight pass nothing."""
+    return lambda: None
+
+
 def _objective_passthrough(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The schedule's loss function: the last stage's forward already returns the objective."""
     return output
 
 
 def _stage_inputs(mb: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """The [B, S] tensors every stage receives: input_ids, token_mask, labels (and position_ids)."""
-    keys = _MICRO_BATCH_KEYS + (("position_ids",) if "position_ids" in mb else ())
+    """The [B, S] tensors every stage receives: input_ids, token_mask, labels (and those of
+    ``_OPTIONAL_KEYS`` the micro-batch has)."""
+    keys = _MICRO_BATCH_KEYS + tuple(k for k in _OPTIONAL_KEYS if k in mb)
     return {k: mb[k].to(device) for k in keys}
 
 

@@ -124,10 +124,19 @@ class StageModule(nn.Module):
             last stage, the micro-batch's fp32 [] objective. It calls ``record.add`` once per forward
             (not in a recompute).
         ``evaluate(x, ...)`` (the same inputs; no grad): the activation, or on the last stage
-            float64 [2] (loss sum, number of labelled tokens).
+            float64 [2] (loss sum, number of labelled tokens). ``forward(x, ..., evaluate=True)``
+            returns the same: the runner evaluates through the module call, so that the hooks of an
+            FSDP2 root wrapping the stage (``fully_shard``) gather its parameters first.
     The keyword inputs are the micro-batch's [B, S] tensors (every stage gets them all).
     ``step_input`` is set by the runner for one step (e.g. the global batch's token counts) and
     cleared afterwards.
+
+    ``split_backward`` (default True): whether the zero-bubble schedules may split this stage's
+    backward into an input-gradient and a weight-gradient pass. ``torch.distributed.pipelining``
+    computes the weight pass per group of parameters, each group walking its own part of the
+    graph once; a parameter used both near the stage's input and near its output (a tied LM head
+    that also embeds the MTP head's input) makes two groups walk the same nodes and fails. A
+    subclass sets it False for such a stage: its whole backward then runs in the input pass.
     """
 
     def __init__(self, *, stage_index: int, num_stages: int) -> None:
@@ -136,6 +145,7 @@ class StageModule(nn.Module):
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
         self.record = StageRecord()
         self.step_input: Any = None  # opaque here: the objective's per-step input
+        self.split_backward = True
 
     def evaluate(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
                  position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -215,6 +215,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_BNHK = torch.cat([q_nope_BNHA, q_rope_BNHR], dim=-1)
 
         latent_BNC, k_rope_BNR = self.kv_a_proj_with_mqa(x_BND).split([C, R], dim=-1)
+        # Under TP (no SP) the rope key feeds only this rank's heads: the region sums its grad over tp.
+        # (The latent's enters through kv_b_proj's column-parallel input.)
+        k_rope_BNR = self.k_rope_region(k_rope_BNR)
         latent_BNC = self.kv_a_layernorm(latent_BNC) * self.kv_scale
         k_rope_BNR = apply_interleaved_rope(k_rope_BNR.unsqueeze(2), cos_BSP=cos_BNP, sin_BSP=sin_BNP).squeeze(2)
         # [B, N, Z] local, chunks (r, 2cp-1-r) -> all_gather(cp, dim 1) + reorder -> [B, S, Z] global

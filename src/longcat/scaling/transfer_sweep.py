@@ -48,6 +48,23 @@ def width_overrides(hidden: int) -> list[str]:
             f"model.expert_ffn_hidden_size={int(64 * scale)}"]
 
 
+def _fixed_overrides(steps: int) -> list[str]:
+    return [f"train.steps={steps}", "optim.warmup_steps=5", "train.eval_interval=0", "train.checkpoint_interval=0",
+            "logging.wandb.mode=disabled", "logging.progress_bar=false", "determinism.enabled=false",
+            "sdc.replay_interval=0", "sdc.replica_interval=0"]
+
+
+def multirun_commands(*, proxy_hidden: int, factor: int, lrs: Sequence[float], steps: int, out_dir: Path,
+                      extra: Sequence[str] = ()) -> list[str]:
+    """The same sweep as ``longcat-train -m`` commands, one per width (a width sets several keys together):
+    job ``i`` of width ``h`` trains ``lrs[i]`` in ``out_dir/w<h>/<i>``; its ``metrics.jsonl`` holds the
+    ``loss/ce`` values ``run_sweep`` compares (the mean of the last fifth of the steps)."""
+    return [" ".join(["longcat-train", "-m", "recipe=pretrain", *width_overrides(hidden),
+                      "optim.lr=" + ",".join(f"{lr:g}" for lr in lrs), *_fixed_overrides(steps),
+                      f"train.out_dir={out_dir / f'w{hidden}'}", *extra])
+            for hidden in (proxy_hidden, proxy_hidden * factor)]
+
+
 def run_sweep(*, proxy_hidden: int, factor: int, lrs: Sequence[float], steps: int, out_dir: Path,
               extra: Sequence[str] = ()) -> dict:
     """Sweep ``lrs`` at both widths; returns (and writes ``out_dir/transfer_sweep.json``) the report."""
@@ -55,10 +72,7 @@ def run_sweep(*, proxy_hidden: int, factor: int, lrs: Sequence[float], steps: in
     for hidden in (proxy_hidden, proxy_hidden * factor):
         finals = []
         for lr in lrs:
-            overrides = [*width_overrides(hidden), f"optim.lr={lr}", f"train.steps={steps}",
-                         "optim.warmup_steps=5", "train.eval_interval=0", "train.checkpoint_interval=0",
-                         "logging.wandb.mode=disabled", "logging.progress_bar=false", "determinism.enabled=false",
-                         "sdc.replay_interval=0", "sdc.replica_interval=0",
+            overrides = [*width_overrides(hidden), f"optim.lr={lr}", *_fixed_overrides(steps),
                          f"train.out_dir={out_dir / f'w{hidden}_lr{lr:g}'}", *extra]
             finals.append(_final_loss(overrides))
             print(f"width {hidden} lr {lr:g}: final loss {finals[-1]:.4f}", flush=True)

@@ -63,7 +63,7 @@ class Layout:
     @property
     def world_size(self) -> int:
         p = self.parallel
-        return p.tp * p.pp * p.dp
+        return p.tp * p.pp * p.dp * p.cp
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         """A copy of ``cfg`` whose ``parallel`` section is this layout's."""

@@ -101,6 +101,12 @@ class LogMetrics(Callback):
             state.sink.log(trainer.step, state.metrics)
 
 
+def _save(trainer: Trainer, state: FitState) -> None:
+    path = trainer.save_checkpoint()  # None: not written (SDC checks found the replicas disagreeing)
+    if path is not None:
+        state.summary["checkpoint"] = str(path)
+
+
 class Checkpoint(Callback):
     """Save every ``interval`` steps (``train.checkpoint_interval``; 0: never) and at the last."""
 
@@ -109,7 +115,7 @@ class Checkpoint(Callback):
 
     def on_step_end(self, trainer: Trainer, state: FitState) -> None:
         if _due(trainer.step, interval=self.interval, last_step=self.last_step):
-            state.summary["checkpoint"] = str(trainer.save_checkpoint())
+            _save(trainer, state)
 
 
 class Preemption(Callback):
@@ -130,7 +136,7 @@ class Preemption(Callback):
         if not self.watcher.should_stop():  # collective: SIGTERM on any rank stops every rank at this step
             return
         if trainer.checkpoints.last_saved_step != trainer.step:
-            state.summary["checkpoint"] = str(trainer.save_checkpoint())
+            _save(trainer, state)
         self.watcher.mark_checkpointed()
         state.summary["preempted_at_step"] = trainer.step
         state.stop = True

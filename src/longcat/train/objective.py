@@ -10,8 +10,12 @@ and averaged over the global batch's micro-batches (A per dp rank); its FFN-expe
 ``moe.lb_num_groups`` or, by default, the EP degree (the paper's devices). alpha is read at every
 micro-batch from ``lb_coef`` (the stability monitor's automatic alpha under ``moe.auto_lb_coef``), so
 a new alpha reaches every micro-batch of the next step, on every pipeline stage alike. Under tensor
-parallelism the logits are vocab-sharded and CE is the vocab-parallel one. The forward runs under
-autocast (bf16 with ``train.bf16``); the losses themselves are taken in fp32 outside it.
+parallelism the logits are vocab-sharded and CE is the vocab-parallel one. Under context parallelism
+each cp rank holds S/cp tokens of every micro-batch: its CE / MTP / z sums cover its own tokens (the
+counts are the global batch's), the MTP labels are shifted on the global sequence before the split
+(``mtp_labels_BS``), and the LB statistics are summed over cp before Eq. 3-5 (``load_balance``), so the
+LB term is the micro-batch's, identical on every cp rank. The forward runs under autocast (bf16 with
+``train.bf16``); the losses themselves are taken in fp32 outside it.
 
 ``Trainer.forward_backward`` uses ``lm_terms`` and ``load_balance`` (it also needs the per-layer LB
 terms and the LM part alone for R_g); a pipeline stage (``longcat.model.parallel.pipeline``) gets
@@ -30,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from longcat.config.schema import LossConfig, ModelConfig, MoEConfig
+from longcat.distributed.collectives import all_reduce_sum
 from longcat.distributed.tensor_parallel import vocab_parallel_cross_entropy_sum
 from longcat.model.moe import MoEStats
 from longcat.train import losses
@@ -77,6 +82,8 @@ class TrainingObjective:
         dp_size: the dense data-parallel degree.
         ep_size: the expert-parallel degree (the default number of LB groups).
         tp_group: the group the vocabulary is split over (vocab-parallel CE); None without TP.
+        cp_group: the context-parallel group, whose ranks hold parts of the same micro-batches (the
+            LB statistics are summed over it); None (or size 1) without CP.
         autocast_dtype: run forwards under ``torch.autocast`` with this dtype; None = no autocast.
         lb_coef: returns the alpha in use; read at every micro-batch. Default: ``moe_cfg.lb_loss_coef``.
     """
@@ -85,6 +92,7 @@ class TrainingObjective:
 
     def __init__(self, *, loss_cfg: LossConfig, moe_cfg: MoEConfig, model_cfg: ModelConfig, num_microbatches: int,
                  dp_size: int, ep_size: int, tp_group: Optional[dist.ProcessGroup] = None,
+                 cp_group: Optional[dist.ProcessGroup] = None,
                  autocast_dtype: Optional[torch.dtype] = None, lb_coef: Optional[Callable[[], float]] = None):
         self.mtp_weight = loss_cfg.mtp_weight
         self.z_loss_coef = loss_cfg.z_loss_coef
@@ -93,6 +101,7 @@ class TrainingObjective:
         self.lb_num_groups = moe_cfg.lb_num_groups or ep_size
         self.lb_average = num_microbatches * dp_size  # the LB loss averages over the global batch's micro-batches
         self.tp_group = tp_group
+        self.cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
         self.autocast_dtype = autocast_dtype
         configured = float(moe_cfg.lb_loss_coef)
         self._lb_coef = lb_coef if lb_coef is not None else (lambda: configured)
@@ -129,15 +138,20 @@ class TrainingObjective:
 
     def lm_terms(self, *, logits_BSV: torch.Tensor, mtp_logits_BSV: Optional[torch.Tensor],
                  last_hidden_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor, token_mask_BS: torch.Tensor,
-                 counts: losses.GlobalTokenCounts, vocab_parallel: bool) -> LMTerms:
+                 counts: losses.GlobalTokenCounts, vocab_parallel: bool,
+                 mtp_labels_BS: Optional[torch.Tensor] = None) -> LMTerms:
         """CE (+ MTP when ``wants_mtp`` and the model has the head) (+ hidden z when ``wants_hidden_z``;
-        ``last_hidden_BSD`` [B, S, D] the last layer's output before the final norm, full over tp)."""
+        ``last_hidden_BSD`` [B, S, D] the last layer's output before the final norm, full over tp).
+        ``mtp_labels_BS``: the MTP head's labels, default ``losses.mtp_labels(labels_BS)``; under
+        context parallelism pass the cp split of the global sequence's (the shift crosses chunks)."""
         ce = self.ce_sum(logits_BSV, labels_BS, vocab_parallel=vocab_parallel) / counts.num_labels
         total = ce
         mtp = z = None
         if mtp_logits_BSV is not None and self.wants_mtp:
+            if mtp_labels_BS is None:
+                mtp_labels_BS = losses.mtp_labels(labels_BS)
             mtp = self.mtp_weight * self.ce_sum(
-                mtp_logits_BSV, losses.mtp_labels(labels_BS), vocab_parallel=vocab_parallel) / counts.num_mtp_labels
+                mtp_logits_BSV, mtp_labels_BS, vocab_parallel=vocab_parallel) / counts.num_mtp_labels
             total = total + mtp
         if self.wants_hidden_z:
             assert last_hidden_BSD is not None, "the hidden z-loss needs the last hidden state"
@@ -151,6 +165,8 @@ class TrainingObjective:
         alpha = self.lb_coef
         if alpha <= 0 or not stats:
             return None
+        if self.cp_group is not None:
+            stats = self._summed_over_cp(stats)
         raw_L = [
             losses.load_balance_loss(
                 s.expert_counts_E, s.prob_sum_E, s.num_tokens, n_routed_experts=self.n_routed_experts,
@@ -158,6 +174,21 @@ class TrainingObjective:
             for s in stats
         ]
         return LoadBalanceTerms(raw_L=raw_L, scale=alpha / self.lb_average)
+
+    def _summed_over_cp(self, stats: Sequence[MoEStats]) -> list[MoEStats]:
+        """The micro-batch's statistics from each cp rank's share: counts and tokens summed over cp
+        (no grad), the probability sums through ``all_reduce_sum`` (backward: identity, so each rank's
+        router receives d(LB)/dP for its own tokens and the dense-grad sum over cp completes it)."""
+        assert self.cp_group is not None
+        E = stats[0].expert_counts_E.shape[-1]
+        # [L, E + 1] (counts, tokens) -> all_reduce(sum, cp) -> [L, E + 1]; [L, E] prob sums likewise, with grad
+        counts_LX = torch.stack([torch.cat([s.expert_counts_E.float(), s.num_tokens.float().reshape(1)])
+                                 for s in stats]).detach()
+        dist.all_reduce(counts_LX, group=self.cp_group)
+        prob_LE = all_reduce_sum(torch.stack([s.prob_sum_E for s in stats]), group=self.cp_group)
+        return [MoEStats(expert_counts_E=counts_LX[layer, :E], prob_sum_E=prob_LE[layer],
+                         num_tokens=counts_LX[layer, E], ffn_per_token_T=s.ffn_per_token_T)
+                for layer, s in enumerate(stats)]
 
     # ---------------------------------------------------------------- what a pipeline stage uses
     def load_balance_loss(self, stats: Sequence[MoEStats]) -> Optional[torch.Tensor]:
@@ -168,12 +199,13 @@ class TrainingObjective:
     def head_loss(self, *, logits_BSV: torch.Tensor, mtp_logits_BSV: Optional[torch.Tensor],
                   last_hidden_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor, token_mask_BS: torch.Tensor,
                   counts: losses.GlobalTokenCounts, vocab_parallel: bool,
-                  lb: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                  lb: Optional[torch.Tensor],
+                  mtp_labels_BS: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last stage's (micro-batch objective fp32 [], its terms float64 [4] detached): the LM
         terms of its heads plus its own layers' LB loss ``lb``, summed in the order of the plain step."""
         lm = self.lm_terms(logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD,
                            labels_BS=labels_BS, token_mask_BS=token_mask_BS, counts=counts,
-                           vocab_parallel=vocab_parallel)
+                           vocab_parallel=vocab_parallel, mtp_labels_BS=mtp_labels_BS)
         objective = lm.total
         if lb is not None:
             objective = objective + lb

@@ -141,7 +141,14 @@ class SDCMonitor:
         self.last_replica_clean_step = 0
         self._rolled_back_from: Optional[int] = None
         self._first: dict[str, int] = {}
-        self._replica_sets = self._build_replica_sets() if cfg.replica_interval else []
+        self._replica_sets = self._build_replica_sets() if self.enabled else []
+        self._replicas_checked_at: Optional[int] = None  # the step whose parameters were last compared
+        self._replica_check_forced_at: Optional[int] = None  # the first step after a resume
+
+    @property
+    def enabled(self) -> bool:
+        """Any SDC check on: then replicas are also compared before each checkpoint and after a resume."""
+        return bool(self.cfg.replay_interval or self.cfg.replica_interval)
 
     # ------------------------------------------------------------------------- setup
     def arm(self, fault: FaultInjection) -> None:
@@ -154,12 +161,13 @@ class SDCMonitor:
         for p in self.parallel.placements:
             if p.is_expert and "edp" in p.replicated_over:
                 expert.append((p.name, p.param))
-            elif not p.is_expert and "dp" in p.replicated_over:
+            elif not p.is_expert and ("dp" in p.replicated_over or "cp" in p.replicated_over):
                 dense.append((p.name, p.param))
         dense += [(name, buf) for name, buf in self.parallel.model.named_buffers()
                   if name.endswith("e_score_correction_bias")]
-        sets = [_ReplicaSet(self.groups.dp_group, dense), _ReplicaSet(self.groups.edp_group, expert)]
-        # The same groups on every rank, dp first: collectives pair up in one global order.
+        # Dense replicas live over dp x cp (context parallelism keeps a whole copy on each cp rank).
+        sets = [_ReplicaSet(self.groups.dp_cp_group, dense), _ReplicaSet(self.groups.edp_group, expert)]
+        # The same groups on every rank, dp x cp first: collectives pair up in one global order.
         return [s for s in sets if _size(s.group) > 1]
 
     @property
@@ -251,14 +259,43 @@ class SDCMonitor:
 
     # ------------------------------------------------------------------------- replicas
     def after_optimizer(self, *, step: int) -> None:
-        """Parameter fault injection, then the cross-replica check when due (collective)."""
+        """Parameter fault injection, then the cross-replica check when due (every ``sdc.replica_interval``
+        steps, and at the first step after a resume; collective)."""
         if self.injector is not None:
             self.injector.after_optimizer(self.parallel.model, step=step)
-        if not (self.cfg.replica_interval and step % self.cfg.replica_interval == 0):
-            return
+        due = bool(self.cfg.replica_interval and step % self.cfg.replica_interval == 0)
+        if due or step == self._replica_check_forced_at:
+            self._check_replicas(step=step)
+
+    def after_resume(self, *, step: int) -> None:
+        """The run resumed from the checkpoint of ``step``: its replicas loaded one stored copy, so they
+        agree there (a rollback target); compare them again after the first step of this process."""
+        if self.enabled:
+            self.last_replica_clean_step = step
+            self._replica_check_forced_at = step + 1
+
+    def before_checkpoint(self, *, step: int) -> bool:
+        """Compare the replicas right before the checkpoint of ``step`` is written (with any SDC check on;
+        skipped when this step's parameters were just compared). Collective: every rank calls it.
+
+        Returns:
+            True when the checkpoint may be written (replicas agree, or nothing to compare); False under
+            ``sdc.policy=warn`` after a mismatch (the checkpoint is then not written).
+
+        Raises:
+            SDCHaltError / SDCRollback: a mismatch under ``halt`` / ``rollback`` (on every rank).
+        """
+        if not self._replica_sets:
+            return True
+        if self._replicas_checked_at != step:
+            self._check_replicas(step=step)
+        return self.last_replica_clean_step == step
+
+    def _check_replicas(self, *, step: int) -> None:
         found: list[Mismatch] = []
         for replica_set in self._replica_sets:
             found += cross_replica_mismatches(replica_set.named, group=replica_set.group, step=step)
+        self._replicas_checked_at = step
         self._resolve(found, step=step, check="replica")
 
     # ------------------------------------------------------------------------- policy
@@ -353,5 +390,6 @@ def rollback_to_good_checkpoint(trainer: RollbackTarget, request: SDCRollback) -
     trainer.load_checkpoint(path)
     monitor._rolled_back_from = request.step
     monitor.last_replica_clean_step = step
+    monitor._replicas_checked_at = None  # the steps after `step` are trained (and checked) again
     logger.warning("SDC rollback: reloaded %s (step %d) after the mismatch at step %d", path, step, request.step)
     return path

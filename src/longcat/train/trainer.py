@@ -1,10 +1,11 @@
 """The training loop, split into named steps.
 
 One optimizer step (docs/architecture.md):
-fetch this DP rank's micro-batches -> count the global batch's labelled / real tokens over DP -> per
+fetch this DP rank's micro-batches -> count the global batch's labelled / real tokens over DP -> under
+context parallelism, keep this cp rank's S/cp tokens of each (``cp_local_micro_batch``) -> per
 micro-batch forward, losses, backward (or the pipeline schedule over all of them) -> grad sum over
-dp / edp -> global grad norm and clip -> optimizer -> expert-bias controller (once, global counts) ->
-LR schedule -> metrics -> checkpoint.
+dp x cp / edp -> global grad norm and clip -> optimizer -> expert-bias controller (once, global counts
+over dp x cp) -> LR schedule -> metrics -> checkpoint.
 
 The model is built and initialised identically on every rank, then ``parallelize`` keeps this rank's
 pieces (PP stages, TP / EP shards, DP wrapping): every layout starts from the single-process weights.
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from longcat.atomic_files import write_text_atomic
 from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
+from longcat.distributed.context_parallel import cp_local_positions, cp_split
 from longcat.distributed.groups import ProcessGroups
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.model.moe import AllToAllTokenDispatcher, MoE
@@ -46,6 +48,7 @@ from longcat.train.optim import build_optimizer, width_scale
 from longcat.train.schedule import build_scheduler, lr_multiplier
 from longcat.train.sdc_check import SDCMonitor, SDCRollback, rollback_to_good_checkpoint
 from longcat.train.stability import StabilityMonitor, StabilitySums, local_routers
+from longcat.train.throughput import ThroughputMeter, max_memory_bytes, peak_tflops_per_device
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,11 @@ class Trainer:
         self.groups = groups if groups is not None else ProcessGroups.single()
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         self.dp_group = self.groups.dp_group if self.dp_size > 1 else None
+        self.cp_size = self.groups.cp_size
+        # The ranks whose tokens make up one step of this model replica: dp x cp. Token sums (losses,
+        # router counts, statistics) reduce over it; the global token counts over dp (computed on the
+        # whole micro-batches, before the cp split).
+        self.batch_group = self.groups.dp_cp_group if self.dp_size * self.cp_size > 1 else None
         self.is_rank0 = self.groups.rank == 0
         self.config_dict = config_dict or {}
         self.extra_callbacks = tuple(callbacks)
@@ -118,6 +126,7 @@ class Trainer:
         self.objective = TrainingObjective(
             loss_cfg=cfg.loss, moe_cfg=cfg.moe, model_cfg=cfg.model, num_microbatches=self.accum,
             dp_size=self.dp_size, ep_size=self.groups.ep_size, tp_group=self.groups.tp_group,
+            cp_group=self.groups.cp_group if self.cp_size > 1 else None,
             autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, lb_coef=lambda: self.stability.lb_coef)
         self.parallel = parallelize(model, groups=self.groups, options=cfg.parallel,
                                     num_microbatches=self.accum, objective=self.objective)
@@ -130,6 +139,10 @@ class Trainer:
         self.sdc = SDCMonitor(cfg.sdc, parallel=self.parallel, groups=self.groups,
                               checkpoint_root=self.out_dir / "checkpoints")
         self.guard = NonFiniteGuard(cfg.train.nonfinite_policy, world_group=self.groups.world_group)
+        self.throughput = ThroughputMeter(
+            cfg.model, global_batch_size=cfg.data.global_batch_size, seq_length=cfg.data.seq_length,
+            world_size=self.groups.dims.world_size,
+            peak_tflops=peak_tflops_per_device(cfg.logging.peak_tflops, device=self.device, bf16=cfg.train.bf16))
         self._ep_dispatchers = [m.dispatcher for m in self.model.modules()
                                 if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllTokenDispatcher)]
         self.controller = ExpertBiasController(cfg.moe, cfg.model, num_layers=len(self.biases_L),
@@ -173,6 +186,7 @@ class Trainer:
                              "or choose a fresh train.out_dir")
         if latest is not None:
             self.load_checkpoint(latest)
+            self.sdc.after_resume(step=self.step)  # with SDC checks on: replicas compared after the first step
             logger.info("resumed from %s at step %d", latest, self.step)
         elif cfg.init_from:
             self.checkpoints.load(Path(cfg.init_from), model=self.parallel, optimizer=None,
@@ -214,13 +228,25 @@ class Trainer:
             "config": self.config_dict,
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write the checkpoint of this step; with SDC checks on, only from agreeing replicas
+        (``SDCMonitor.before_checkpoint``). Returns its folder, or None when ``sdc.policy=warn`` found the
+        replicas disagreeing (nothing written).
+
+        Raises:
+            SDCHaltError / SDCRollback: the replicas disagree under ``sdc.policy=halt`` / ``rollback``.
+        """
+        if not self.sdc.before_checkpoint(step=self.step):
+            logger.error("checkpoint of step %d not written: the replicas disagree (see the SDC report above)",
+                         self.step)
+            return None
         return self.checkpoints.save(self.step, model=self.parallel, optimizer=self.optimizer,
                                      trainer_state=self.trainer_state())
 
     # ----------------------------------------------------------------------------- step
     def _global_counts(self, micro_batches: list[dict]) -> losses.GlobalTokenCounts:
-        """Token counts of the global batch. TP and PP ranks hold the same micro-batches: sum over dp only."""
+        """Token counts of the global batch from this dp rank's whole micro-batches (before any cp split).
+        TP, PP and CP ranks hold the same micro-batches: sum over dp only."""
         counts = torch.zeros(3, dtype=torch.float64)
         for mb in micro_batches:
             labels_BS = mb["labels"]
@@ -232,16 +258,39 @@ class Trainer:
             dist.all_reduce(counts, group=self.dp_group)
         return losses.GlobalTokenCounts(*(max(float(c), 1.0) for c in counts))
 
+    def cp_local_micro_batch(self, mb: dict) -> dict:
+        """This cp rank's share of a whole micro-batch (the micro-batch itself without CP).
+
+        [B, S] input_ids / labels / token_mask -> [B, S/cp] (chunks r and 2cp-1-r,
+        ``distributed.context_parallel``), plus [B, S/cp] ``position_ids`` (the global positions),
+        ``mtp_labels`` and ``mtp_input_ids`` (the MTP head's labels and next-token ids, shifted on the
+        global sequence first: a chunk's last token's successor lives on another rank).
+        """
+        if self.cp_size == 1:
+            return mb
+        r, cp = self.groups.cp_rank, self.cp_size
+        input_ids_BS, labels_BS = mb["input_ids"], mb["labels"]
+        B, S = input_ids_BS.shape
+        global_BS = {"input_ids": input_ids_BS, "labels": labels_BS, "token_mask": mb["token_mask"],
+                     "mtp_labels": losses.mtp_labels(labels_BS), "mtp_input_ids": torch.roll(input_ids_BS, -1, dims=1)}
+        local = {k: cp_split(v, cp_rank=r, cp=cp) for k, v in global_BS.items()}
+        local["position_ids"] = cp_local_positions(S, cp_rank=r, cp=cp).expand(B, S // cp).contiguous()
+        return local
+
     def forward_backward(self, mb: dict, counts: losses.GlobalTokenCounts, parts: LossParts) -> list:
-        """Forward one micro-batch, backward its share of the global objective; returns its MoE stats."""
+        """Forward one micro-batch (this cp rank's share under CP: ``cp_local_micro_batch``), backward
+        its share of the global objective; returns its MoE stats."""
         input_ids_BS = mb["input_ids"].to(self.device)
         labels_BS = mb["labels"].to(self.device)
         token_mask_BS = mb["token_mask"].to(self.device)
+        position_ids_BS = mb["position_ids"].to(self.device) if "position_ids" in mb else None
+        mtp_labels_BS = mb["mtp_labels"].to(self.device) if "mtp_labels" in mb else None
         with self.objective.autocast(self.device):
-            out = self.model(input_ids_BS, token_mask_BS=token_mask_BS)
+            out = self.model(input_ids_BS, token_mask_BS=token_mask_BS, position_ids_BS=position_ids_BS)
         lm = self.objective.lm_terms(
             logits_BSV=out.logits_BSV, mtp_logits_BSV=out.mtp_logits_BSV, last_hidden_BSD=out.last_hidden_BSD,
-            labels_BS=labels_BS, token_mask_BS=token_mask_BS, counts=counts, vocab_parallel=out.logits_vocab_parallel)
+            labels_BS=labels_BS, token_mask_BS=token_mask_BS, counts=counts, vocab_parallel=out.logits_vocab_parallel,
+            mtp_labels_BS=mtp_labels_BS)
         objective = lm.total
         parts.ce += lm.ce.item()
         if lm.mtp is not None:
@@ -281,6 +330,7 @@ class Trainer:
         if micro_batches is None:
             micro_batches = [next(self.train_iter) for _ in range(self.accum)]
         counts = self._global_counts(micro_batches)
+        micro_batches = [self.cp_local_micro_batch(mb) for mb in micro_batches]
         self.stability.begin_step(self.step)
         for d in self._ep_dispatchers:
             d.reset_counters()
@@ -295,16 +345,19 @@ class Trainer:
         if self.guard.skipped_last:  # non-finite: nothing applied, the step's router counts dropped too
             router_counts_LE = self.controller.discard()
         else:
-            router_counts_LE = self.controller.step(self.biases_L, dp_group=self.dp_group)
-        stability = self.stability.end_step(parts.stability, stats, routers=self.routers_L, dp_group=self.dp_group)
+            router_counts_LE = self.controller.step(self.biases_L, dp_group=self.batch_group)
+        if self.cp_size > 1:  # each cp rank holds the micro-batch's whole LB terms (statistics summed over cp)
+            parts.lb /= self.cp_size
+            parts.stability.lb_L = [x / self.cp_size for x in parts.stability.lb_L]
+        stability = self.stability.end_step(parts.stability, stats, routers=self.routers_L, dp_group=self.batch_group)
         if not self.guard.skipped_last:
             self.scheduler.step()
         self.sdc.after_optimizer(step=self.step + 1)  # parameter fault injection, cross-replica check
         self.step += 1
         self.tokens_seen += counts.num_real
-        if self.dp_group is not None:
+        if self.batch_group is not None:
             totals = torch.tensor([parts.ce, parts.mtp, parts.z, parts.lb], dtype=torch.float64)
-            dist.all_reduce(totals, group=self.dp_group)  # [4] -> all_reduce(sum, dp) -> [4]
+            dist.all_reduce(totals, group=self.batch_group)  # [4] -> all_reduce(sum, dp x cp) -> [4]
             parts = LossParts(*totals.tolist())
         return StepResult(step=self.step, loss=parts, grad_norm=grad_norm, lr=lr,
                           num_tokens=counts.num_real, router_counts_LE=router_counts_LE,
@@ -329,19 +382,22 @@ class Trainer:
         """Token-weighted validation cross-entropy over ``train.eval_batches`` fixed micro-batches."""
         self.parallel.train(False)
         batches = self.data.valid_batches(self.cfg.train.eval_batches, self.cfg.data.micro_batch_size)
+        batches = [self.cp_local_micro_batch(mb) for mb in batches]
         total = torch.zeros(2, dtype=torch.float64)
         if self.pipeline is not None:
             total += torch.tensor(self.pipeline.eval_loss(batches), dtype=torch.float64)
         else:
             for mb in batches:
+                position_ids_BS = mb["position_ids"].to(self.device) if "position_ids" in mb else None
                 with self.objective.autocast(self.device):
-                    out = self.model(mb["input_ids"].to(self.device), token_mask_BS=mb["token_mask"].to(self.device))
+                    out = self.model(mb["input_ids"].to(self.device), token_mask_BS=mb["token_mask"].to(self.device),
+                                     position_ids_BS=position_ids_BS)
                 labels_BS = mb["labels"].to(self.device)
                 vp = out.logits_vocab_parallel
                 total[0] += self.objective.ce_sum(out.logits_BSV, labels_BS, vocab_parallel=vp).item()
                 total[1] += (labels_BS != losses.IGNORE_INDEX).sum().item()
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)  # [2] -> all_reduce(sum, dp) -> [2]
+        if self.batch_group is not None:
+            dist.all_reduce(total, group=self.batch_group)  # [2] -> all_reduce(sum, dp x cp) -> [2]
         self.parallel.train(True)
         return float(total[0] / total[1].clamp(min=1))
     # ----------------------------------------------------------------------------- loop
@@ -369,9 +425,21 @@ class Trainer:
             metrics[f"moe/layer{layer}/load_max_over_mean"] = float(load_N.max() / load_N.mean().clamp(min=1e-9))
             metrics[f"moe/layer{layer}/expert_load"] = (load_N / tokens).tolist()
         metrics.update(result.stability)
+        ffn_per_token = [metrics[f"moe/layer{layer}/ffn_experts_per_token"] for layer in range(counts_LE.shape[0])]
+        metrics.update(self.throughput.metrics(
+            elapsed_s=elapsed_s, ffn_experts_per_token=sum(ffn_per_token) / max(len(ffn_per_token), 1)))
+        metrics["memory/max_gb"] = self._max_memory_bytes() / 1e9
         metrics.update(self.sdc.metrics())
         metrics["nonfinite/skipped_steps"] = self.guard.num_skipped
         return metrics
+
+    def _max_memory_bytes(self) -> float:
+        """The largest peak memory of any rank (CUDA allocator peak, or peak RSS on CPU), bytes."""
+        peak = torch.tensor([float(max_memory_bytes(self.device))], dtype=torch.float64)
+        if self.groups.dims.world_size > 1:
+            # [1] float64 -> all_reduce(max, world) -> [1]
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.groups.world_group)
+        return float(peak[0])
 
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``: each optimizer step, then the callbacks in their fixed order
@@ -390,8 +458,11 @@ class Trainer:
             self.parallel.train(True)
             while self.step < self.cfg.train.steps and not state.stop:
                 if self._train_step_or_rollback(state):
-                    for callback in callbacks:
-                        callback.on_step_end(self, state)
+                    try:
+                        for callback in callbacks:
+                            callback.on_step_end(self, state)
+                    except SDCRollback as request:  # the replicas disagreed right before a checkpoint
+                        self._rollback(request, state)
             state.summary["final_step"] = self.step
             state.summary["metrics_file"] = str(state.sink.jsonl_path)
             state.summary["wandb_dir"] = str(state.sink.wandb_dir) if state.sink.wandb_dir else None
@@ -421,8 +492,12 @@ class Trainer:
         try:
             result = self.train_step()
         except SDCRollback as request:
-            rollback_to_good_checkpoint(self, request)
-            state.sink.rewind(self.step)
+            self._rollback(request, state)
             return False
         state.metrics = self.step_metrics(result, time.perf_counter() - start)
         return True
+
+    def _rollback(self, request: SDCRollback, state: FitState) -> None:
+        """Every rank reloads the last good checkpoint; metrics.jsonl is rewound to it."""
+        rollback_to_good_checkpoint(self, request)
+        state.sink.rewind(self.step)

@@ -19,12 +19,19 @@ def _cfg(*overrides: str):
     (4, ["parallel.dp=3"], r"world_size=4 != pp\*dp\*tp = 1\*3\*1 = 3: set parallel.dp=4"),
     (4, ["parallel.ep=3"], r"parallel.ep=3 must divide dp\*tp=4 .*choose ep in \[1, 2, 4\]"),
     (1, ["parallel.pp=0"], r"parallel.pp=0 must be an integer >= 1"),
+    # context parallelism
+    (2, ["parallel.cp=4"], r"parallel.cp=4 is larger than the world size 2: choose cp in \[1, 2\]"),
+    (4, ["parallel.cp=3"], r"world_size=4 is not divisible by pp\*cp\*tp=3"),
+    (2, ["parallel=cp2", "data.seq_length=126"], r"data.seq_length=126 is not divisible by 2\*parallel.cp=4: .*"
+                                                  r"data.seq_length=124 or 128"),
+    (2, ["parallel=cp2", "parallel.dp_mode=fsdp"], r"parallel.cp=2 with parallel.dp_mode=fsdp is not supported yet"),
+    (2, ["parallel=cp2", "parallel.dp_mode=deepspeed"], r"parallel.cp=2 with parallel.dp_mode=deepspeed"),
+    (4, ["parallel=cp2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+     r"parallel.cp=2 with parallel.sequence_parallel=true is not supported"),
     (3, ["parallel.tp=3"], r"model.num_attention_heads=4 is not divisible by parallel.tp=3: choose tp in \[1, 2, 4\]"),
     (3, ["parallel.ep=3"], r"model.n_routed_experts=8 is not divisible by parallel.ep=3"),
     (2, ["parallel=pp2", "parallel.pp_schedule=zbv"], r"model.num_layers=2 is not divisible by the 4 pipeline stages"),
     # combinations parallelize refuses (model.parallel.parallelize.check_layout)
-    (4, ["parallel.tp=2", "parallel.pp=2"], r"parallel.pp=2 with parallel.tp=2 is not supported yet"),
-    (4, ["parallel.pp=2", "parallel.dp_mode=fsdp", "data.global_batch_size=32"], r"pp=2 with parallel.dp_mode=fsdp"),
     (2, ["parallel.ep=2", "parallel.dp_mode=deepspeed"], r"dp_mode=deepspeed supports data parallelism only"),
     (2, ["parallel=deepspeed2", "parallel.zero_stage=3"], r"parallel.zero_stage=3: use 1 or 2"),
     # the library checks a run meets only once the model is built or the first step runs
@@ -57,7 +64,10 @@ def test_each_check_names_the_value_and_the_fix(world_size, overrides, needle):
 @pytest.mark.parametrize("world_size,overrides", [
     (1, []), (2, ["parallel=ep2"]), (2, ["parallel=dp2"]), (2, ["parallel=fsdp2"]), (2, ["parallel=pp2"]),
     (2, ["parallel=tp2"]), (2, ["parallel=deepspeed2"]), (4, ["parallel=tp2_ep2"]),
-    (4, ["parallel=pp2_ep2", "data.global_batch_size=32"]),
+    (4, ["parallel=pp2_ep2", "data.global_batch_size=32"]), (2, ["parallel=cp2"]), (2, ["parallel=cp2_ep2"]),
+    (4, ["parallel=cp2", "parallel.tp=2"]), (4, ["parallel=cp2_ep2", "parallel.pp=2", "data.global_batch_size=32"]),
+    (4, ["parallel=pp2_tp2"]), (4, ["parallel=pp2_fsdp2", "data.global_batch_size=32"]),
+    (8, ["parallel=pp2_tp2", "parallel.dp=2", "parallel.dp_mode=fsdp", "parallel.ep=2", "data.global_batch_size=32"]),
 ])
 def test_the_parallel_presets_validate_at_their_world_size(world_size, overrides):
     validate(_cfg(*overrides), world_size=world_size)

@@ -112,16 +112,23 @@ def test_size_one_cp_group_is_the_single_device_path():
         apply_context_parallel(model, cp_group=group)
 
 
-def test_refused_after_tensor_parallelism():
-    """TP wraps each MLA block's shared rope key in a region (apply_tensor_parallel at tp > 1); CP refuses
-    such a model. A tp=1 plan leaves the blocks unwrapped, so the region is set here as TP would."""
+def test_refused_after_sequence_parallelism():
+    """TP with sequence parallelism gathers the sequence in each MLA block's rope-key region; CP, which
+    already splits the sequence, refuses such a model (TP without SP is accepted: cp x tp)."""
+    from longcat.distributed.tensor_parallel import EnterParallelRegion
+
     groups = ProcessGroups.single()
-    model = LongcatFlashForCausalLM(CFG)
-    for module in model.modules():
-        if isinstance(module, MultiHeadLatentAttention):
-            module.k_rope_region = torch.nn.Sequential()  # stands in for TP's gradient-summing region
-    with pytest.raises(ValueError, match="tp=1 with cp"):
-        apply_context_parallel(model, cp_group=groups.world_group)
+    for sequence_parallel, refused in ((True, True), (False, False)):
+        model = LongcatFlashForCausalLM(CFG)
+        for module in model.modules():
+            if isinstance(module, MultiHeadLatentAttention):
+                module.k_rope_region = EnterParallelRegion(tp_group=groups.tp_group,
+                                                           sequence_parallel=sequence_parallel)
+        if refused:
+            with pytest.raises(ValueError, match="sequence_parallel=false with cp"):
+                apply_context_parallel(model, cp_group=groups.world_group)
+        else:
+            apply_context_parallel(model, cp_group=groups.world_group)
 
 
 def test_rope_tables_at_global_positions():

@@ -29,7 +29,9 @@ def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup,
     (as it sums them over dp) for the expert-bias update and the load-balance loss.
 
     Apply on the full model before pipeline stages are cut (a stage keeps references to its modules)
-    and before data parallelism; a size-1 group leaves every forward on the single-device path.
+    and before data parallelism, after tensor parallelism (without sequence parallelism: CP already
+    splits the sequence); a size-1 group leaves every forward on the single-device path. Under TP the
+    local heads attend over the gathered latent, whose ``kv_b_proj`` is this tp rank's column shard.
 
     Args:
         model: ``LongcatFlashForCausalLM`` (or any module holding MLA blocks and a ``LongcatFlashModel``).
@@ -41,8 +43,9 @@ def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup,
         ``model``.
 
     Raises:
-        ValueError: CP already applied, or tensor parallelism applied first (CP for MLA is built for
-            tp=1, LongCat-Flash's layout: arXiv 2509.01322 §5.3 runs attention with CP=8 instead of TP).
+        ValueError: CP already applied, or tensor parallelism with sequence parallelism applied (the
+            sequence is already split over cp; LongCat-Flash's own layout, arXiv 2509.01322 §5.3, runs
+            attention with CP=8 and no TP).
     """
     expanded_kv = ExpandedKV.RECOMPUTE if expanded_kv is None else ExpandedKV(expanded_kv)
 
@@ -52,10 +55,10 @@ def apply_context_parallel(model: nn.Module, *, cp_group: dist.ProcessGroup,
         if module.cp_group is not None:
             raise ValueError("apply_context_parallel: context parallelism is already applied to this model")
     for attention in attentions:
-        if not isinstance(attention.k_rope_region, nn.Identity):
+        if getattr(attention.k_rope_region, "sequence_parallel", False):
             raise ValueError(
-                "apply_context_parallel: tensor parallelism is applied to this model; context parallelism for "
-                "MLA supports tp=1 only (LongCat-Flash runs attention with CP instead of TP): use tp=1 with cp"
+                "apply_context_parallel: tensor parallelism with sequence parallelism is applied to this model; "
+                "context parallelism already splits the sequence: use parallel.sequence_parallel=false with cp"
             )
     for module in attentions + backbones:
         module.cp_group = cp_group

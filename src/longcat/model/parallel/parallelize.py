@@ -2,12 +2,14 @@
 
     full model, built identically on every rank (same seed) and initialised
       -> TP: heads, FFNs, vocab split over tp, in place          (longcat.model.parallel.tensor_parallel)
+      -> CP: every MLA block attends over the cp group           (longcat.model.parallel.context_parallel)
       -> EP: experts narrowed to this ep rank's ids, all-to-all dispatcher; MoE tokens split over tp;
              the ScMoE overlap schedule and chunks                (longcat.model.parallel.expert_parallel)
       -> (activation checkpointing is a model flag, already set)
       -> PP: this rank's pipeline stages of whole layers           (longcat.model.parallel.pipeline)
-      -> DP: replicate (bucketed all-reduce) | fsdp (FSDP2) | deepspeed (ZeRO-1/2, built with the
-             optimizer: ``ParallelModel.attach_optimizer``)        (longcat.distributed.data_parallel)
+      -> DP: replicate (bucketed all-reduce) | fsdp (FSDP2; under PP one root per pipeline stage) |
+             deepspeed (ZeRO-1/2, built with the optimizer: ``ParallelModel.attach_optimizer``)
+                                                                   (longcat.distributed.data_parallel)
 
 The stages are cut after TP and EP because a stage keeps references to the modules it runs and TP
 replaces modules; cutting first would leave the stages with the unsharded ones.
@@ -19,8 +21,9 @@ Each parameter is then described by a ``ParamPlacement``: its global name, wheth
 expert weight, the groups over which an identical copy lives (for the grad norm) and how to view a
 local tensor shaped like it as the global tensor (a ``DTensor`` for checkpoints; DCP then reshards).
 
-Gradient groups (docs/architecture.md): dense params sum over dp; expert params over edp
-(= dp x tp / ep: under TP each tp rank runs its own 1/tp slice of the MoE tokens).
+Gradient groups (docs/architecture.md): dense params sum over dp x cp (each cp rank saw S/cp tokens of
+the same sequences); expert params over edp (= dp x cp x tp / ep: under TP each tp rank runs its own
+1/tp slice of the MoE tokens).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +52,7 @@ from longcat.distributed.parallel_dims import ParallelDims
 from longcat.distributed.pipeline import PipelineRunner
 from longcat.model.layer import DecoderLayer, as_decoder_layers
 from longcat.model.model import LongcatFlashForCausalLM
+from longcat.model.parallel.context_parallel import apply_context_parallel
 from longcat.model.parallel.expert_parallel import (
     apply_expert_parallel,
     apply_moe_overlap,
@@ -161,7 +165,8 @@ class ParallelModel:
     def grad_norm(self) -> float:
         """The global L2 norm of the gradient, every parameter counted once, identical on every rank."""
         g = self.groups
-        coords = {"pp": g.pp_rank, "dp": g.dp_rank, "tp": g.tp_rank, "edp": g.edp_rank, "ep": g.ep_rank}
+        coords = {"pp": g.pp_rank, "dp": g.dp_rank, "cp": g.cp_rank, "tp": g.tp_rank, "edp": g.edp_rank,
+                  "ep": g.ep_rank}
         shards = [GradShard(p.param, p.replicated_over) for p in self.placements]
         return global_grad_norm(shards, coords=coords, world_group=g.world_group)
 
@@ -191,7 +196,7 @@ class ParallelModel:
 
 def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, options: ParallelConfig,
                 num_microbatches: int = 1, objective: Optional[StageObjective] = None) -> ParallelModel:
-    """Apply TP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
+    """Apply TP -> CP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
 
     TP and EP go first, on the full model: ``apply_tensor_parallel`` swaps submodules, and the
     pipeline stages hold references to the modules they run. The non-local layers then simply go
@@ -217,6 +222,8 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
         raise ValueError("parallelize with pp > 1 needs the training objective the pipeline stages compute")
     if dims.tp > 1:
         apply_tensor_parallel(model, groups=groups, sequence_parallel=options.sequence_parallel)
+    if dims.cp > 1:
+        apply_context_parallel(model, cp_group=groups.cp_group)
     if dims.ep > 1 or dims.tp > 1:  # under TP each tp rank dispatches its 1/tp of the MoE tokens
         apply_expert_parallel(model, groups=groups)
     apply_moe_overlap(model, overlap=options.overlap_moe_comm, num_chunks=options.moe_chunks)
@@ -225,23 +232,20 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     if dims.pp > 1:
         assert objective is not None
         pipeline = build_pipeline(model, groups=groups, schedule=options.pp_schedule,
-                                  num_microbatches=num_microbatches, objective=objective)
+                                  num_microbatches=num_microbatches, objective=objective,
+                                  sequence_parallel=options.sequence_parallel and dims.tp > 1)
         local = pipeline.local_model
     # Where each local tensor sits globally, recorded before FSDP turns params into DTensors.
     inner = _inner_shards(local, groups)
 
     fsdp_ignored: list[nn.Parameter] = []
     if dp_mode is DPMode.fsdp and dims.dp > 1:
-        # Experts are their own FSDP units over edp (their grads sum over edp, which under TP spans the
-        # tp ranks too); with edp = 1 they stay whole.
-        layers = local.get_submodule("model.layers")
-        assert isinstance(layers, nn.ModuleList)  # FSDP excludes PP (check_layout): local is the full model
-        assert groups.dense_mesh is not None and groups.expert_mesh is not None  # ProcessGroups.build's, dp > 1
-        experts: list[nn.Module] = [layer.mlp.experts for layer in as_decoder_layers(layers)]
-        mtp = getattr(local.model, "mtp", None)
-        blocks = list(layers) + ([mtp] if mtp is not None else [])
-        fsdp_ignored = apply_fsdp(local, blocks=blocks, dp_mesh=groups.dense_mesh["dp"], expert_modules=experts,
-                                  expert_mesh=groups.expert_mesh["edp"])
+        if pipeline is None:
+            layers = local.get_submodule("model.layers")
+            assert isinstance(layers, nn.ModuleList)  # the full model's
+            fsdp_ignored = _apply_fsdp_to(local, layers=layers, groups=groups)
+        else:
+            fsdp_ignored = _apply_fsdp_to_stages(pipeline, groups=groups)
 
     counted_once = set(map(id, pipeline.grad_norm_parameters())) if pipeline is not None else None
     placements = []
@@ -254,7 +258,7 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     grad_sync = None
     if dp_mode is DPMode.replicate or fsdp_ignored:
         only = set(map(id, fsdp_ignored)) if dp_mode is DPMode.fsdp else None
-        pairs = [(p.param, groups.edp_group if p.is_expert else groups.dp_group) for p in placements
+        pairs = [(p.param, groups.edp_group if p.is_expert else groups.dp_cp_group) for p in placements
                  if p.param.requires_grad and (only is None or id(p.param) in only)]
         grad_sync = ReplicatedGradSync(pairs)
     return ParallelModel(
@@ -263,14 +267,60 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
     )
 
 
+def _apply_fsdp_to(root: nn.Module, *, layers: Iterable[nn.Module], groups: ProcessGroups,
+                   reshard_after_forward: bool = True, keep_whole: Sequence[nn.Parameter] = ()) -> list[nn.Parameter]:
+    """FSDP2 over dp for ``root`` (the whole model, or one pipeline stage): each decoder layer of
+    ``layers`` and the MTP head one unit, the rest the root unit. Experts are their own units over
+    edp (their grads sum over edp, which under TP spans the tp ranks too); with edp = 1 they stay
+    whole. Returns the parameters left unsharded (``apply_fsdp``)."""
+    assert groups.dense_mesh is not None and groups.expert_mesh is not None  # ProcessGroups.build's, dp > 1
+    decoder_layers = as_decoder_layers(layers)
+    experts: list[nn.Module] = [layer.mlp.experts for layer in decoder_layers]
+    mtp = getattr(root.get_submodule("model"), "mtp", None)
+    blocks: list[nn.Module] = list(decoder_layers) + ([mtp] if mtp is not None else [])
+    return apply_fsdp(root, blocks=blocks, dp_mesh=groups.dense_mesh["dp"], expert_modules=experts,
+                      expert_mesh=groups.expert_mesh["edp"], reshard_after_forward=reshard_after_forward,
+                      keep_whole=keep_whole)
+
+
+def _apply_fsdp_to_stages(pipeline: PipelineRunner, *, groups: ProcessGroups) -> list[nn.Parameter]:
+    """FSDP2 under PP: every pipeline stage module (each virtual stage of interleaved 1F1B / ZB-V) is
+    its own FSDP root, so the ``torch.distributed.pipelining`` schedule drives it: no gradient
+    reduce-scatter until a stage's last micro-batch backward, then one per unit (its REDUCE_GRAD).
+
+    Units keep their gathered parameters from the first forward to the last backward of a step
+    (``reshard_after_forward=False``, as torchtitan does under PP): one all-gather per unit per
+    step instead of two per micro-batch, at the memory of unsharded stage weights during the step.
+
+    A parameter two stages of this rank share (ZB-V puts the first and the last stage on one rank:
+    the embedding table the last stage reads for MTP or a tied LM head) cannot belong to two FSDP
+    roots: it stays whole and its gradient is summed over dp with the replicate mode's all-reduce.
+    Returns the parameters left unsharded."""
+    seen: set[int] = set()
+    shared: list[nn.Parameter] = []
+    for stage in pipeline.stages:
+        for param in stage.parameters():
+            if id(param) in seen and all(p is not param for p in shared):
+                shared.append(param)
+            seen.add(id(param))
+    ignored: list[nn.Parameter] = []
+    for stage in pipeline.stages:
+        stage_layers = stage.get_submodule("model.layers")
+        assert isinstance(stage_layers, nn.ModuleDict)  # keyed by global layer index
+        ignored += _apply_fsdp_to(stage, layers=stage_layers.values(), groups=groups, reshard_after_forward=False,
+                                  keep_whole=shared)
+    unique = {id(p): p for p in ignored}
+    return list(unique.values())
+
+
 def check_layout(dims: ParallelDims, options: ParallelConfig) -> DPMode:
     """The DP mode, after checking that ``parallelize`` supports ``options`` on ``dims``' degrees
     (``ParallelConfig.validate``, which the run's configuration already passed).
 
     Raises:
-        ValueError: DeepSpeed with tp/ep/pp; pp with tp; pp with FSDP (see ``ParallelConfig.validate``).
+        ValueError: DeepSpeed with tp/ep/pp (see ``ParallelConfig.validate``).
     """
-    on_dims = dataclasses.replace(options, tp=dims.tp, pp=dims.pp, ep=dims.ep, dp=dims.dp)
+    on_dims = dataclasses.replace(options, tp=dims.tp, pp=dims.pp, ep=dims.ep, dp=dims.dp, cp=dims.cp)
     on_dims.validate(world_size=dims.world_size)
     return DPMode(options.dp_mode)
 
@@ -305,7 +355,7 @@ def _is_expert(name: str) -> bool:
 def _placement(name: str, param: nn.Parameter, inner: Optional[_InnerShard], *,
                groups: ProcessGroups) -> ParamPlacement:
     is_expert = _is_expert(name)
-    family = ("edp", "ep") if is_expert else ("dp", "tp")
+    family = ("edp", "ep") if is_expert else ("dp", "cp", "tp")
     sharded = _dtensor_sharded_dims(param) | ({inner.group} if inner is not None else set())
     replicated_over = tuple(d for d in family if d not in sharded)
     to_global = _identity if inner is None else _global_view(param, inner, groups=groups)

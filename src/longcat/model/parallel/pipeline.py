@@ -74,7 +74,8 @@ class StageObjective(Protocol):
     def head_loss(self, *, logits_BSV: torch.Tensor, mtp_logits_BSV: Optional[torch.Tensor],
                   last_hidden_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor, token_mask_BS: torch.Tensor,
                   counts: Any,  # opaque here: the runner's step_input, the global batch's token counts
-                  vocab_parallel: bool, lb: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+                  vocab_parallel: bool, lb: Optional[torch.Tensor],
+                  mtp_labels_BS: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def aux_terms(self, lb: Optional[torch.Tensor], *, like: torch.Tensor) -> torch.Tensor: ...
 
@@ -99,12 +100,16 @@ class _StageModules(nn.Module):
 class PipelineStageModule(StageModule):
     """One pipeline stage of a ``LongcatFlashForCausalLM`` (see the module docstring).
 
-    forward(x, *, input_ids, token_mask, labels[, position_ids]):
-        x: first stage int64 [B, S] token ids; other stages the previous stage's output [B, S, D].
+    forward(x, *, input_ids, token_mask, labels[, position_ids, mtp_labels, mtp_input_ids][, evaluate]):
+        x: first stage int64 [B, S] token ids; other stages the previous stage's output [B, S, D]
+        ([B, S/tp, D] under sequence parallelism). ``evaluate=True``: ``evaluate``'s result instead.
         Returns [B, S, D] (non-last stage, with this stage's load-balance loss attached for backward)
         or the micro-batch's fp32 [] objective (last stage).
     The keyword tensors ([B, S] each) reach every stage: token_mask (MoE statistics, z-loss),
-    labels (last stage), input_ids (the MTP head's next-token embedding on the last stage).
+    labels (last stage), input_ids (the MTP head's next-token embedding on the last stage). Under
+    context parallelism S is this cp rank's S/cp tokens and the trainer adds what a shift along the
+    global sequence needs: position_ids (global positions), mtp_labels and mtp_input_ids (the MTP
+    head's labels and next-token ids, shifted on the global sequence before the split).
 
     Args:
         model: the full model; the stage takes references to the modules it runs.
@@ -132,6 +137,9 @@ class PipelineStageModule(StageModule):
             # Under TP: vocab-sharded logits, and (SP) the gather of the sequence-sharded last hidden.
             self.logits_vocab_parallel = model.logits_vocab_parallel
             self.last_hidden_region = model.last_hidden_region
+            # A tied LM head whose table also embeds the MTP head's input: see StageModule.split_backward.
+            self.split_backward = not (model.model.mtp is not None
+                                       and model.lm_head.weight is model.model.embed_tokens.weight)
 
     # ---------------------------------------------------------------- pieces
     def trunk(self, x: torch.Tensor, *, input_ids_BS: torch.Tensor, token_mask_BS: torch.Tensor,
@@ -152,8 +160,10 @@ class PipelineStageModule(StageModule):
         return h_BSD, cos_BSP, sin_BSP, stats
 
     def heads(self, h_BSD: torch.Tensor, *, input_ids_BS: torch.Tensor, cos_BSP: torch.Tensor,
-              sin_BSP: torch.Tensor, with_mtp: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Last stage: (logits_BSV, mtp_logits_BSV or None) from the pre-norm h_BSD."""
+              sin_BSP: torch.Tensor, with_mtp: bool,
+              mtp_input_ids_BS: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Last stage: (logits_BSV, mtp_logits_BSV or None) from the pre-norm h_BSD (``mtp_input_ids_BS``:
+        the MTP head's next-token ids, default ``roll(input_ids_BS, -1)``)."""
         assert self.is_last
         with self.objective.autocast(h_BSD.device):
             logits_BSV = self.lm_head(self.model.norm(h_BSD))
@@ -161,13 +171,18 @@ class PipelineStageModule(StageModule):
             if with_mtp and self.model.mtp is not None:
                 checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
                 mtp_hidden_BSD = run_mtp(self.model.mtp, self.model.embed_tokens, h_BSD, input_ids_BS=input_ids_BS,
-                                         cos_BSP=cos_BSP, sin_BSP=sin_BSP, checkpointed=checkpointed)
+                                         cos_BSP=cos_BSP, sin_BSP=sin_BSP, checkpointed=checkpointed,
+                                         next_input_ids_BS=mtp_input_ids_BS)
                 mtp_logits_BSV = self.lm_head(mtp_hidden_BSD)
         return logits_BSV, mtp_logits_BSV
 
     # ---------------------------------------------------------------- training forward
     def forward(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, mtp_labels: Optional[torch.Tensor] = None,
+                mtp_input_ids: Optional[torch.Tensor] = None, evaluate: bool = False) -> torch.Tensor:
+        if evaluate:
+            return self.evaluate(x, input_ids=input_ids, token_mask=token_mask, labels=labels,
+                                 position_ids=position_ids)
         h_BSD, cos_BSP, sin_BSP, stats = self.trunk(x, input_ids_BS=input_ids, token_mask_BS=token_mask,
                                                     position_ids_BS=position_ids)
         # Recorded here, outside any checkpointed region: a recompute in backward cannot add to them.
@@ -184,18 +199,20 @@ class PipelineStageModule(StageModule):
             return h_BSD
         assert self.step_input is not None, "PipelineRunner.step sets the global token counts before the schedule runs"
         logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                                                with_mtp=objective.wants_mtp)
+                                                with_mtp=objective.wants_mtp, mtp_input_ids_BS=mtp_input_ids)
         # full [B, S, D] (gathered under SP); only when the hidden z-loss is on (a collective under SP)
         last_hidden_BSD = self.last_hidden_region(h_BSD) if objective.wants_hidden_z else None
         total, terms = objective.head_loss(
             logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD, labels_BS=labels,
-            token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=lb)
+            token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=lb,
+            mtp_labels_BS=mtp_labels)
         self.record.add(terms, reported)
         return total
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
-                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 position_ids: Optional[torch.Tensor] = None, mtp_labels: Optional[torch.Tensor] = None,
+                 mtp_input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The activation [B, S, D], or on the last stage float64 [2] (CE sum, labelled tokens)."""
         h_BSD, cos_BSP, sin_BSP, _ = self.trunk(x, input_ids_BS=input_ids, token_mask_BS=token_mask,
                                                 position_ids_BS=position_ids)
