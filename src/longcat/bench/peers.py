@@ -74,7 +74,7 @@ class PeersSettings:
     batch_size: int = 8
     seq_len: int = 256
     block_rounds: int = 3
-    step_rounds: int = 2
+    step_rounds: int = 3
     configs: tuple[PeerConfig, ...] = CONFIGS
     # torchtitan's fp32 loop is timed in the block only, up to this many experts: its backward zero-fills
     # a full [N, F, D] gradient per expert and weight (N^2 cost, seconds per call)
