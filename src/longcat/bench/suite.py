@@ -31,6 +31,8 @@ BENCHMARKS = {
     for b in (
         Benchmark("throughput", "training tokens/s, ours vs transformers, alternating, small preset fp32",
                   "longcat.bench.throughput"),
+        Benchmark("peers", "LongCat-shaped MoE (64-128 experts, top-8/12): block and step vs transformers, torchtitan",
+                  "longcat.bench.peers"),
         Benchmark("profile", "torch.profiler hot spots of a training step, ours vs transformers, grouped",
                   "longcat.bench.profile"),
         Benchmark("utilisation", "model FLOPs / step time over measured matmul throughput, fp32 and bf16",

@@ -97,6 +97,18 @@ def test_grouped_experts_expanded_grad_and_unaligned_sizes():
         ref = _loop_reference(copy.deepcopy(bf16).float(), xb.detach().float(), [1, 0, 3, 1])
         torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
 
+        # fp32 weights and input under bf16 autocast: the grouped GEMMs run in bf16, as F.linear does,
+        # and the fp32 weights get fp32 gradients
+        x32 = xb.detach().float().requires_grad_(True)
+        fp32.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fp32(x32, counts_L=torch.tensor([1, 0, 3, 1]))
+        out.float().sum().backward()
+        assert out.dtype == torch.bfloat16 and x32.grad.dtype == torch.float32
+        assert all(p.grad.dtype == torch.float32 for p in fp32.parameters())
+        ref = _loop_reference(copy.deepcopy(fp32), x32.detach(), [1, 0, 3, 1])
+        torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
+
 
 def test_permute_and_unpermute_are_adjoint_and_gradcheck():
     T, K, D = 5, 3, 4

@@ -1,8 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from longcat.train import losses
+from longcat.train.losses import IGNORE_INDEX, cross_entropy_sum
 
 
 def _explicit_lb(probs_TE, topk_TK, *, n, k, k_e, d):
@@ -60,3 +62,33 @@ def test_cross_entropy_sum_ignores_unlabelled():
     labels = torch.tensor([[0, -100, 2]])
     expected = -(logits[0, 0].log_softmax(-1)[0] + logits[0, 2].log_softmax(-1)[2])
     assert math.isclose(losses.cross_entropy_sum(logits, labels).item(), expected.item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64, 1000])
+def test_cross_entropy_sum_matches_torch_in_value_and_gradient(chunk_rows):
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 7, 50, generator=gen) * 4).requires_grad_()
+    labels = torch.randint(0, 50, (3, 7), generator=gen)
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, -1] = IGNORE_INDEX
+    ours = cross_entropy_sum(logits, labels, chunk_rows=chunk_rows)
+    (ours * 0.7).backward()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    (ref * 0.7).backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(logits.grad[0, :3] == 0)  # unlabelled rows get no gradient
+
+
+def test_cross_entropy_sum_of_bf16_logits_is_fp32_with_a_bf16_gradient():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 9, 40, generator=gen).bfloat16().requires_grad_()
+    labels = torch.randint(0, 40, (2, 9), generator=gen)
+    loss = cross_entropy_sum(logits, labels, chunk_rows=4)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(logits.detach().float().flatten(0, 1), labels.flatten(), reduction="sum")
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        cross_entropy_sum(logits, labels, chunk_rows=0)

@@ -29,10 +29,17 @@ def grouped_linear(x_RK: torch.Tensor, weight_LNK: torch.Tensor, *, offs_L: torc
     grouped_mm needs 16-byte aligned base pointers and row strides in forward and backward (K and N
     multiples of 8 in bf16, of 4 in fp32); other sizes are zero-padded to multiples of 8 for the call
     (enough for either dtype, also if autocast casts fp32 operands to bf16), which leaves the result
-    and the gradients unchanged. A weight in another dtype is cast to x's (as autocast
-    does for ``F.linear``).
+    and the gradients unchanged. A weight in another dtype is cast to x's. Under autocast (bf16 on
+    GPU with ``train.bf16``) both operands are cast to the autocast dtype, as autocast does for
+    ``F.linear`` (grouped_mm is not on autocast's cast lists, so without this the experts of a bf16
+    run would compute in fp32); the result is then in that dtype.
     """
     N, K = weight_LNK.shape[-2:]
+    device_type = x_RK.device.type
+    if torch.is_autocast_enabled(device_type) and x_RK.is_floating_point():
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        if x_RK.dtype != compute_dtype:
+            x_RK = x_RK.to(compute_dtype)
     if weight_LNK.dtype != x_RK.dtype:
         weight_LNK = weight_LNK.to(x_RK.dtype)
     if not x_RK.is_contiguous():
