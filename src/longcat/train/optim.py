@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from longcat.config.schema import ModelConfig, OptimConfig
 from longcat.model.init import param_groups_names
@@ -69,7 +70,10 @@ def build_optimizer(model: torch.nn.Module, *, optim_cfg: OptimConfig,
     # torch's fused AdamW kernel: one pass over each parameter and its two moments instead of ~8
     # elementwise passes (6.5x faster on CPU at 90M fp32 parameters), no per-parameter host read of
     # the step count, and deterministic. For floating-point parameters (DTensors included) on CPU or CUDA.
+    # The kernel runs per parameter group and cannot mix DTensors with plain tensors (FSDP2 leaving one
+    # parameter whole, e.g. ZB-V's embedding shared by two stage roots): such a run keeps foreach.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                for params in grouped.values() for p in params)
+                for params in grouped.values() for p in params) and not any(
+        len({isinstance(p, DTensor) for p in params}) > 1 for params in grouped.values())
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                              fused=fused or None)
