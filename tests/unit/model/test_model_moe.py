@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from longcat.config.schema import ModelConfig
 from longcat.model import GroupedExperts, LongcatFlashForCausalLM, MoE, TopKRouter
-from longcat.model.moe.dispatch import DispatchHandle, permute_tokens, unpermute_tokens
+from longcat.model.moe.dispatch import (
+    DispatchHandle,
+    permute_tokens,
+    source_permutation,
+    unpermute_tokens,
+    weight_and_unpermute,
+)
 
 CFG = ModelConfig(
     vocab_size=256, hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64, q_lora_rank=16,
@@ -121,6 +127,48 @@ def test_permute_and_unpermute_are_adjoint_and_gradcheck():
     lhs = (permute_tokens(x, handle=handle) * y).sum()
     rhs = (x * unpermute_tokens(y, handle=handle)).sum()
     torch.testing.assert_close(lhs, rhs)
+
+
+def _slot_buffer_combine(rows_SD, gates_S, handle, out_dtype):
+    """The combine written plainly: (row x gate) into a zero-filled [T, K, D] slot buffer, then the K
+    slots added one after another (k ascending, fp32 accumulation for reduced precision)."""
+    T, K = handle.num_tokens, handle.top_k
+    weighted_SD = (rows_SD * gates_S[:, None]).to(out_dtype)
+    slots_TxKD = torch.zeros(T * K, rows_SD.shape[-1], dtype=out_dtype).index_copy(0, handle.slot_R, weighted_SD)
+    slots_TKD = slots_TxKD.view(T, K, rows_SD.shape[-1]).float()
+    out_TD = torch.zeros(T, rows_SD.shape[-1])
+    for k in range(K):
+        out_TD = out_TD + slots_TKD[:, k]
+    return out_TD.to(out_dtype)
+
+
+@pytest.mark.parametrize("rows_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("T,K,N,Z", [(64, 6, 8, 4), (3, 2, 4, 4), (0, 2, 4, 2)])
+def test_weight_and_unpermute_is_bitwise_the_slot_buffer_sum(T, K, N, Z, rows_dtype, out_dtype):
+    """The segment-sum combine (gather to slot order, gate in place, segment sum; fused backward)
+    gives the bits of the slot-buffer formula with the slots added in k order, forward and both
+    gradients, also for tokens whose slots are all zero experts and for no tokens at all."""
+    gen = torch.Generator().manual_seed(T + K)
+    expert_ids_TK = torch.randn(T, N + Z, generator=gen).topk(K, dim=-1).indices
+    if T > 2:
+        expert_ids_TK[1] = torch.arange(N, N + K)  # only zero experts: an empty segment
+    gates_TK = torch.rand(T, K, generator=gen, requires_grad=True)
+    S = int((expert_ids_TK < N).sum())
+    rows_SD = (torch.randn(S, 16, generator=gen) * 3).to(rows_dtype).requires_grad_()
+    grad_TD = torch.randn(T, 16, generator=gen).to(out_dtype)
+    results = []
+    for combine in (weight_and_unpermute, _slot_buffer_combine):
+        perm = source_permutation(expert_ids_TK, gates_TK, num_experts=N)
+        if combine is weight_and_unpermute:
+            out_TD = combine(rows_SD, gates_S=perm.gates_S, handle=perm.handle, out_dtype=out_dtype)
+        else:
+            out_TD = combine(rows_SD, perm.gates_S, perm.handle, out_dtype)
+        results.append((out_TD, *torch.autograd.grad(out_TD, (rows_SD, gates_TK), grad_TD)))
+    for ours, plain in zip(*results):
+        assert ours.dtype == plain.dtype and torch.equal(ours, plain)
+    if T > 2:
+        assert torch.count_nonzero(results[0][0][1]) == 0
 
 
 def _dense_moe_reference(moe: MoE, u_TD):

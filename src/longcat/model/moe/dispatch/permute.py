@@ -6,9 +6,14 @@ by destination rank, then local expert); ``permute_tokens`` gathers them, ``weig
 brings expert outputs home. The receiver side (``local_expert_order``, ``permute_rows``) turns rows
 grouped by (source rank, local expert) into rows grouped by local expert for the grouped GEMM.
 
-Both directions are deterministic: the permute's backward and the combine are an ``index_copy``
-into a [T*K, D] slot buffer (each slot written once) followed by a sum over K, never an
-accumulating scatter over duplicate token indices.
+Both directions are deterministic: the permute's backward and the combine gather the rows into slot
+order (token t's slots t*K+k, k ascending) and sum each token's segment in that order
+(``torch.segment_reduce``; reduced precision accumulates in fp32, as a sum over K does), never an
+accumulating scatter over duplicate token indices. The result is the bits of a zero-filled [T*K, D]
+slot buffer summed over K, without that buffer (which cost more than the sum: a fresh 50 MB
+zero-fill per call at T=2048, K=12, D=512). The gate multiply of the combine is done in place on the
+gathered rows, and its backward forms the gate gradient and the row gradient from one gathered
+[R, D] buffer (``docs/benchmarks.md``, MoE block).
 
 Shape legend:
     T  tokens (local)
@@ -23,7 +28,7 @@ Shape legend:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +57,17 @@ class DispatchHandle:
     token_R: torch.Tensor
     num_tokens: int
     top_k: int
+    _slot_order: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def slot_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order_R, lengths_T): ``order_R`` (int64 [R]) lists the rows in slot order (token-major, then
+        k), ``lengths_T`` (int64 [T]) how many consecutive rows of that order each token has (its FFN
+        slots, 0..K). Computed once per handle (the combine and the permute's backward share it)."""
+        if self._slot_order is None:
+            order_R = torch.argsort(self.slot_R)  # slots are unique: any sort is the same permutation
+            lengths_T = torch.bincount(self.token_R, minlength=self.num_tokens)
+            self._slot_order = (order_R, lengths_T)
+        return self._slot_order
 
 
 @dataclass
@@ -135,17 +151,81 @@ def weight_and_unpermute(
     rows_SD: torch.Tensor, *, gates_S: torch.Tensor, handle: DispatchHandle, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """Back home: gate x row (fp32 gates, so an fp32 product), cast to ``out_dtype``, then the slot
-    sum -> [T, D]."""
-    weighted_SD = (rows_SD * gates_S[:, None]).to(out_dtype)
-    return unpermute_tokens(weighted_SD, handle=handle)
+    sum -> [T, D]. The bits of ``unpermute_tokens((rows_SD * gates_S[:, None]).to(out_dtype))`` and of
+    its autograd backward, with one [S, D] temporary per direction instead of three."""
+    return _WeightAndUnpermute.apply(rows_SD, gates_S, handle, out_dtype)
+
+
+def _segment_sum(rows_RD: torch.Tensor, lengths_T: torch.Tensor) -> torch.Tensor:
+    """[R, D] rows, consecutive per token (``lengths_T`` of them) -> [T, D] sums in row order; fp32
+    accumulation for reduced precision (the bits of a sum over a zero-padded K dim)."""
+    if rows_RD.shape[0] == 0:
+        return rows_RD.new_zeros(lengths_T.shape[0], rows_RD.shape[-1])
+    acc_RD = rows_RD if rows_RD.dtype in (torch.float32, torch.float64) else rows_RD.float()
+    return torch.segment_reduce(acc_RD, "sum", lengths=lengths_T, unsafe=True).to(rows_RD.dtype)
 
 
 def _sum_slots(rows_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-    """[R, D] -> [T, D]: write each row to its slot (unique), then sum the K slots of each token."""
-    T, K = handle.num_tokens, handle.top_k
-    slots_TxKD = rows_RD.new_zeros(T * K, rows_RD.shape[-1])
-    slots_TxKD.index_copy_(0, handle.slot_R, rows_RD)
-    return slots_TxKD.view(T, K, rows_RD.shape[-1]).sum(dim=1)
+    """[R, D] -> [T, D]: each token's rows summed in slot order (each slot holds at most one row)."""
+    order_R, lengths_T = handle.slot_order()
+    return _segment_sum(rows_RD.index_select(0, order_R), lengths_T)
+
+
+# rows per block of the gate gradient's row-wise dot product: a temporary that stays in the CPU's
+# cache (256 x 512 fp32 = 512 KiB), the same bits as one [S, D] product
+_GATE_GRAD_BLOCK = 256
+
+
+class _WeightAndUnpermute(torch.autograd.Function):
+    """(rows_SD [S, D], gates_S fp32 [S]) -> [T, D] sum over each token's slots of gate x row.
+
+    Forward: gather the rows into slot order, multiply by their gates (in place when the product's
+    dtype is the row dtype), segment sum. Backward: G = grad_TD gathered to send order [S, D]; the
+    gate gradient is the row-wise dot of G and the rows (in row blocks, so no [S, D] product is
+    materialised), the row gradient is G x gate (in place on G). Every value is the one autograd
+    computes for ``unpermute_tokens((rows * gates[:, None]).to(out_dtype))``: the same elementwise
+    products and reductions over the same operands."""
+
+    @staticmethod
+    def forward(ctx, rows_SD: torch.Tensor, gates_S: torch.Tensor, handle: DispatchHandle,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        order_R, lengths_T = handle.slot_order()
+        prod_dtype = torch.result_type(rows_SD, gates_S)
+        ordered_SD = rows_SD.index_select(0, order_R)
+        gates_col = gates_S.index_select(0, order_R)[:, None]
+        if ordered_SD.dtype == prod_dtype == out_dtype:
+            weighted_SD = ordered_SD.mul_(gates_col)
+        else:
+            weighted_SD = (ordered_SD * gates_col).to(out_dtype)
+        ctx.save_for_backward(rows_SD, gates_S)
+        ctx.handle, ctx.prod_dtype = handle, prod_dtype
+        return _segment_sum(weighted_SD, lengths_T)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        rows_SD, gates_S = ctx.saved_tensors
+        handle: DispatchHandle = ctx.handle
+        grad_SD = grad_TD.index_select(0, handle.token_R)
+        if grad_SD.dtype != ctx.prod_dtype:
+            grad_SD = grad_SD.to(ctx.prod_dtype)
+        grad_gates_S = None
+        if ctx.needs_input_grad[1]:
+            S = rows_SD.shape[0]
+            grad_gates_S = torch.empty(gates_S.shape, dtype=ctx.prod_dtype, device=gates_S.device)
+            block_bD = grad_SD.new_empty(min(S, _GATE_GRAD_BLOCK), grad_SD.shape[-1])  # stays in cache
+            for lo in range(0, S, _GATE_GRAD_BLOCK):
+                hi = min(S, lo + _GATE_GRAD_BLOCK)
+                product_bD = torch.mul(grad_SD[lo:hi], rows_SD[lo:hi], out=block_bD[: hi - lo])
+                torch.sum(product_bD, dim=-1, out=grad_gates_S[lo:hi])
+            grad_gates_S = grad_gates_S.to(gates_S.dtype)
+        grad_rows_SD = None
+        if ctx.needs_input_grad[0]:
+            gates_col = gates_S[:, None]
+            if grad_SD.dtype == rows_SD.dtype and torch.result_type(grad_SD, gates_col) == grad_SD.dtype:
+                grad_rows_SD = grad_SD.mul_(gates_col)
+            else:
+                grad_rows_SD = (grad_SD * gates_col).to(rows_SD.dtype)
+        return grad_rows_SD, grad_gates_S, None, None
 
 
 class _PermuteTokens(torch.autograd.Function):
