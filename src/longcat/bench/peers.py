@@ -21,6 +21,12 @@ threshold fixed at 1 MiB so freed tensors leave RSS), and ours' speed ratio to e
 ours, > 1 = ours faster) as the median of per-round ratios. For ours, the host synchronisations of
 one step (``count_host_syncs``: the Python-level calls that make a CUDA host wait for the device).
 
+What bounds ours: one more call of ours' block and step under ``torch.profiler`` splits the aten
+operator self time into GEMMs (``profile.MATMUL_OPS``) and the rest; the GEMM floor is ours' median
+time x the GEMM share (ours with every non-GEMM operator removed, the GEMMs as fast as now), and the
+ceiling against a peer is its time over that floor: a target above the ceiling cannot be reached by
+removing non-GEMM work, only by faster GEMMs.
+
 torchtitan is optional (``LONGCAT_TORCHTITAN_PATH``); without it its columns are absent and the
 notes say why.
 """
@@ -40,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from longcat.bench import torchtitan_peer
 from longcat.bench.common import BenchResult, Table, current_rss_mib, load_preset, peak_rss_mib
+from longcat.bench.profile import op_group, profile_step
 from longcat.bench.training import BENCH_OPTIM, OursStep, ReferenceStep, build_ours, build_reference, make_batch
 from longcat.config.schema import ModelConfig
 from longcat.model.flops import step_flops
@@ -205,6 +212,13 @@ class TorchTitanStep:
         return float(loss.detach())
 
 
+def gemm_share(fn: Callable[[], Any]) -> float:
+    """The GEMMs' share of the aten operator self time of one profiled call of ``fn``."""
+    per_op = profile_step(fn)
+    total = sum(seconds for seconds, _ in per_op.values())
+    return sum(seconds for name, (seconds, _) in per_op.items() if op_group(name) == "matmul") / total if total else 0.0
+
+
 def _row(name: str, samples: list[Sample], *, tokens: int, flops: float) -> list:
     seconds = _median([s.seconds for s in samples])
     return [name, round(seconds * 1e3, 1), round(tokens / seconds), round(flops / seconds / 1e9, 2),
@@ -255,6 +269,20 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
 
     key = f"{peer.n_routed_experts}_{peer.zero_expert_num}_top{peer.moe_topk}"
     metrics: dict[str, float] = {f"{key}_ours_host_syncs_per_step": syncs.total}
+    bound_rows = []
+    for kind, samples, fn in (("block", block_samples, blocks["ours"]), ("step", step_samples, ours_step)):
+        share = gemm_share(fn)
+        floor_ms = _median([x.seconds for x in samples["ours"]]) * 1e3 * share
+        metrics[f"{key}_{kind}_ours_gemm_share"] = share
+        metrics[f"{key}_{kind}_ours_gemm_floor_ms"] = floor_ms
+        ceilings = {}
+        for name in ("transformers", "torchtitan grouped_mm"):
+            if name in samples:
+                ceilings[name] = _median([x.seconds for x in samples[name]]) * 1e3 / floor_ms
+                metrics[f"{key}_{kind}_ours_ceiling_vs_{name.replace(' ', '_')}"] = ceilings[name]
+        bound_rows.append([peer.name, kind, f"{share:.1%}", round(floor_ms, 1),
+                           *(f"{ceilings[n]:.2f}x" if n in ceilings else "-"
+                             for n in ("transformers", "torchtitan grouped_mm"))])
     for kind, samples in (("block", block_samples), ("step", step_samples)):
         for name in samples:
             slug = name.replace(" ", "_")
@@ -268,7 +296,7 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
                   "" if name == "ours" else f"{ratio_to(step_samples, name):.2f}x"] for name in step_samples]
     sync_row = [peer.name, syncs.total, ", ".join(f"{k} x{v}" for k, v in sorted(syncs.counts.items())) or "none",
                 cfg.num_layers]
-    return metrics, [block_rows, step_rows, [sync_row]]
+    return metrics, [block_rows, step_rows, [sync_row], bound_rows]
 
 
 def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchResult:
@@ -282,12 +310,14 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
     block_rows: list = []
     step_rows: list = []
     sync_rows: list = []
+    bound_rows: list = []
     for peer in s.configs:
-        m, (b, st, sy) = run_config(peer, s, tt)
+        m, (b, st, sy, bo) = run_config(peer, s, tt)
         metrics.update(m)
         block_rows += b
         step_rows += st
         sync_rows += sy
+        bound_rows += bo
     columns = ["config", "implementation", "ms (median)", "tokens/s", "GFLOP/s", "peak above start MiB",
                "ours speed vs it"]
     tables = [
@@ -295,6 +325,9 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         Table(title="Training step (forward, CE, backward, AdamW), fp32, 1 thread", columns=columns, rows=step_rows),
         Table(title="Host synchronisations in one forward + loss + backward of ours (Python-level calls)",
               columns=["config", "syncs per step", "calls", "MoE layers"], rows=sync_rows),
+        Table(title="What bounds ours: GEMM share of the operator time and the ceiling with no non-GEMM work",
+              columns=["config", "part", "ours GEMM share", "GEMM floor ms", "ceiling vs transformers",
+                       "ceiling vs torchtitan grouped_mm"], rows=bound_rows),
     ]
     notes = [
         f"preset {s.preset!r} (hidden 512, MLA q_lora 256 / kv_lora 128, heads 8) with expert FFN width "
@@ -310,6 +343,10 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "only fp32 expert path (timed in the block up to "
         f"{s.torchtitan_loop_max_experts} experts: its backward zero-fills a full [N, F, D] gradient per expert and "
         "weight).",
+        "GEMM floor = ours' median ms x the GEMM share of one profiled call (aten self times; the profiler "
+        "inflates small operators, so the floor is, if anything, low); ceiling = the peer's median ms / that "
+        "floor: the most ours could gain on it by removing every non-GEMM operator. Targets (issue): block >= 2x "
+        "transformers and >= 1.1x torchtitan at top-12, step >= 1.15x transformers and >= 1.05x torchtitan.",
         "peak above start: the step's transient memory (activations, gradients, temporaries) beyond what "
         "was resident at its start (weights and optimizer state, held by all implementations alike).",
     ]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from longcat.bench import torchtitan_peer
-from longcat.bench.peers import PeerConfig, PeersSettings, Sample, count_host_syncs, ratio_to, run
+from longcat.bench.peers import PeerConfig, PeersSettings, Sample, count_host_syncs, gemm_share, ratio_to, run
 
 
 def test_matched_top_k_is_the_expected_ffn_experts_per_token():
@@ -32,6 +32,14 @@ def test_host_sync_counter_sees_value_reads_and_not_device_ops():
     assert syncs.total == 3
 
 
+def test_gemm_share_splits_matmul_from_the_rest():
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    only_gemm = gemm_share(lambda: a @ b)
+    mostly_elementwise = gemm_share(lambda: [a.exp() + b.sin() for _ in range(20)] and a[:8] @ b[:, :8])
+    assert only_gemm > 0.9  # the rest: aten::matmul dispatching to aten::mm
+    assert 0.0 < mostly_elementwise < 0.5
+
+
 def test_ratio_is_peer_time_over_ours_per_round():
     samples = {"ours": [Sample(1.0, 0.0), Sample(2.0, 0.0), Sample(1.0, 0.0)],
                "peer": [Sample(2.0, 0.0), Sample(2.0, 0.0), Sample(3.0, 0.0)]}
@@ -56,3 +64,8 @@ def test_quick_peers_bench_without_torchtitan(monkeypatch):
     assert m["8_4_top4_ours_host_syncs_per_step"] == settings.model_config(settings.configs[0]).num_layers
     assert [row[1] for row in result.tables[0].rows] == ["ours", "transformers"]
     assert "torchtitan skipped" in result.notes[-1]
+    for kind in ("block", "step"):  # the GEMM floor is below ours' time, the ceiling above ours' ratio
+        share = m[f"8_4_top4_{kind}_ours_gemm_share"]
+        assert 0.0 < share < 1.0
+        assert m[f"8_4_top4_{kind}_ours_ceiling_vs_transformers"] > m[f"8_4_top4_{kind}_ours_vs_transformers"] * 0.9
+    assert [row[:2] for row in result.tables[3].rows] == [["8+4 top-4", "block"], ["8+4 top-4", "step"]]
