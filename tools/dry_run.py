@@ -4,21 +4,22 @@
     python tools/dry_run.py [recipe=NAME] KEY=VALUE ... --world-size N [--rank R] [--device NAME]
                             [--json PATH] [--memory-limit-gib G] [--assume-cp C] [--sweep]
 
-The KEY=VALUE overrides are exactly a training run's (``longcat-train``): the configuration is composed
-and validated by the same code. Rank R's process groups come from PyTorch's fake backend (collectives
-move nothing), its model is built on the meta device (nothing is allocated) and the real
-``parallelize`` applies TP / EP / PP / FSDP to it. The report gives that rank's parameters (dense /
-experts / embedding / head), bytes of weights, gradients and optimizer state, the activation
-estimate for the micro-batches in flight under the pipeline schedule, peak memory, communication
-bytes per step per group, model FLOPs per step and, for ``--device``, the modelled step time,
-tokens/s per device and MFU; and the whole model's total and activated parameters.
+The KEY=VALUE overrides (anywhere on the line, before or after the flags) are exactly a training
+run's (``longcat-train``): the configuration is composed and validated by the same code. Rank R's
+process groups come from PyTorch's fake backend (collectives move nothing), its model is built on the
+meta device (nothing is allocated) and the real ``parallelize`` applies TP / EP / PP / FSDP to it. The
+report gives that rank's parameters (dense / experts / embedding / head), bytes of weights, gradients
+and optimizer state, the activation estimate for the micro-batches in flight under the pipeline
+schedule, peak memory, communication bytes per step per group, model FLOPs per step and, for
+``--device``, the modelled step time, tokens/s per device and MFU; and the whole model's total and
+activated parameters.
 
 Example (the paper's layout: EP groups of 32 folding CP 8, ZB-V pipeline, DP for the rest; see
 docs/planning.md):
-    python tools/dry_run.py model=longcat_flash moe.expected_ffn_experts=8 parallel.ep=32 \\
+    python tools/dry_run.py model=longcat_flash moe.expected_ffn_experts=8 parallel.ep=32 parallel.cp=8 \\
         parallel.pp=14 parallel.pp_schedule=zbv data.seq_length=8192 data.micro_batch_size=1 \\
         data.global_batch_size=1024 train.bf16=true train.activation_checkpointing=true \\
-        --world-size 1792 --rank 0 --device H800 --memory-limit-gib 60 --assume-cp 8
+        --world-size 1792 --rank 0 --device H800 --memory-limit-gib 60
 
 Exit status: 0 the layout fits; 2 invalid configuration or layout (each problem named); 3 it does not
 fit the device's HBM or --memory-limit-gib (the numbers printed). With --sweep: 0 when some candidate fits.
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this path")
     parser.add_argument("--sweep", action="store_true",
                         help="dry-run candidate layouts of --world-size (needs --device) and rank them")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between or after the flags
     if args.rank < 0 or args.rank >= args.world_size:
         parser.error(f"--rank {args.rank} must lie in [0, --world-size {args.world_size})")
     if args.sweep and args.device is None:

@@ -8,10 +8,12 @@ Hydra syntax: ``model=small``, ``train.steps=50``, ``optim.lr=1e-3``, ``~logging
 
 The run is Hydra's own (``hydra._internal.utils._run_hydra``, what ``@hydra.main`` calls): ``-m`` /
 ``--multirun`` sweeps with the basic launcher, ``--cfg job|hydra|all`` (a bare ``--cfg`` is ``--cfg job``),
-``--info``, ``--resolve``, ``-p``, ``--hydra-help``, ``-sc install=bash`` (shell completion), and the run
-folder holds ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``. The job's folder is
-``train.out_dir``: ``hydra.run.dir`` defaults to it (set either one); a sweep's folder,
-``hydra.sweep.dir``, defaults to ``train.out_dir`` and each job trains in ``<sweep dir>/<job number>``.
+``--info [all|config|defaults|defaults-tree|plugins|searchpath]`` (a bare ``--info`` is ``--info all``),
+``--resolve``, ``-p``, ``--hydra-help``, ``-sc install=bash`` (shell completion), each with or without
+overrides, before or after them. The run folder holds ``.hydra/config.yaml``, ``hydra.yaml`` and
+``overrides.yaml``. The job's folder is ``train.out_dir``: ``hydra.run.dir`` defaults to it (set either
+one); a sweep's folder, ``hydra.sweep.dir``, defaults to ``train.out_dir`` and each job trains in
+``<sweep dir>/<job number>``.
 
 Before Hydra runs anything, every job's configuration is composed (``longcat.config.compose``) and
 validated (``longcat.config.validate``): ``--cfg`` prints only a valid config, ``--validate`` prints
@@ -52,6 +54,11 @@ logger = logging.getLogger("longcat")
 DEFAULT_RECIPE = "pretrain"
 OWN_FLAGS = ("--validate", "--world-size", "--help")
 CFG_TYPES = ("job", "hydra", "all")
+INFO_KINDS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+# Hydra flags whose value may be left out, with the value a bare one means. Spelled out here, a bare one
+# cannot take the next argument (an override, or the Hydra settings the wrapper adds) as its value.
+OPTIONAL_VALUES = {"--cfg": ("job", CFG_TYPES), "-c": ("job", CFG_TYPES), "--info": ("all", INFO_KINDS),
+                   "-i": ("all", INFO_KINDS)}
 # Hydra settings of every run, each unless the command line sets it: the job's folder is train.out_dir,
 # logging stays ours (rank prefix), paths in the config stay relative to the launch folder.
 HYDRA_DEFAULTS = {
@@ -100,10 +107,12 @@ def _parse_args(argv: Sequence[str]) -> Args:
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"--world-size {value!r}: give the number of processes, e.g. --world-size 8")
             world_size = int(value)
-        elif arg == "--cfg" and not (args and args[0] in CFG_TYPES):
-            if args and not args[0].startswith("-") and "=" not in args[0]:
-                raise ValueError(f"--cfg {args[0]}: expected one of {', '.join(CFG_TYPES)} (a bare --cfg is --cfg job)")
-            rest += ["--cfg", "job"]  # a bare --cfg (before Hydra's app) prints the job's config
+        elif arg in OPTIONAL_VALUES and not (args and args[0] in OPTIONAL_VALUES[arg][1]):
+            default, choices = OPTIONAL_VALUES[arg]
+            if args and not args[0].startswith(("-", "~")) and "=" not in args[0]:
+                raise ValueError(f"{arg} {args[0]}: expected one of {', '.join(choices)} (a bare {arg} is "
+                                 f"{arg} {default})")
+            rest += [arg, default]
         elif arg.startswith("recipe="):
             recipe = value
         else:
@@ -151,7 +160,8 @@ def _print_help() -> None:
                                       for g in config_groups()),
         "flags: --validate prints only errors (exit 0 when valid, 2 otherwise); --world-size N checks --cfg or "
         "--validate for N processes; --cfg [job|hydra|all] prints the resolved, validated config and exits; "
-        "-m/--multirun sweeps (a=1,2 b=x,y: one job each, in <train.out_dir>/<job number>); --info; "
+        "-m/--multirun sweeps (a=1,2 b=x,y: one job each, in <train.out_dir>/<job number>); --info [KIND] "
+        f"(Hydra's view of the run: {'|'.join(INFO_KINDS)}; bare: all); "
         "--config-name/--config-dir/--config-path; -sc install=bash (shell completion); --hydra-help; --help.",
     ]
     print("\n".join(lines))
@@ -206,14 +216,15 @@ def _with_hydra_defaults(overrides: Sequence[str], *, rank: int) -> list[str]:
     return [*extra, *overrides]
 
 
-def _train(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Callback]) -> int:
-    """One job: ``launch.run_training``; returns the exit code, printing one ``error:`` line on failure."""
+def _train(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Callback], job: str = "") -> int:
+    """One job: ``launch.run_training``; returns the exit code, printing one ``error:`` line on failure
+    (after ``job``, a sweep job's name, when given)."""
     from longcat.launch import run_training
     from longcat.train.checkpoint_io import CheckpointWriteError
 
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
-    prefix = f"rank {rank}: " if world_size_from_env() > 1 else ""
+    prefix = job + (f"rank {rank}: " if world_size_from_env() > 1 else "")
     try:
         return run_training(run_cfg, cfg_dict, callbacks=callbacks)
     except ValueError as exc:
@@ -234,6 +245,7 @@ class _Task:
     def __init__(self, *, multirun: bool, swept: set[str], callbacks: Sequence[Callback], new_dirs: set[str]):
         self.multirun, self.swept, self.callbacks, self.new_dirs = multirun, swept, callbacks, new_dirs
         self.codes: list[int] = []
+        self.failed: list[str] = []  # the sweep's failed jobs: "job N (overrides) exit C in <folder>"
         self.stopped_in: Optional[int] = None  # the sweep job a SIGTERM / Ctrl-C stopped
 
     def __call__(self, cfg: Any) -> int:
@@ -243,14 +255,20 @@ class _Task:
         out_dir = hydra_cfg.runtime.output_dir if self.multirun else str(hydra_cfg.run.dir)
         run_cfg, cfg_dict = to_run_config(cfg)
         run_cfg.train.out_dir = cfg_dict["train"]["out_dir"] = out_dir
+        if hydra_cfg.output_subdir is not None and cfg.train.out_dir != out_dir:
+            _save_job_config(cfg, out_dir=out_dir, path=Path(out_dir) / str(hydra_cfg.output_subdir) / "config.yaml")
+        name = ""  # a sweep job's, for its error lines
         if self.multirun:
-            swept = [o for o in hydra_cfg.overrides.task if _override_key(o) in self.swept]
+            swept = " ".join(o for o in hydra_cfg.overrides.task if _override_key(o) in self.swept)
             if self.stopped_in is not None:  # Hydra's launcher has no stop: pass over the remaining jobs
                 print(f"== job {hydra_cfg.job.num} skipped: the sweep was stopped in job {self.stopped_in}; "
                       "rerun the same command to continue it (each job resumes)", flush=True)
                 return 0
-            print(f"== job {hydra_cfg.job.num}: {' '.join(swept)} -> {out_dir}", flush=True)
-        code = _train(run_cfg, cfg_dict, callbacks=self.callbacks)
+            print(f"== job {hydra_cfg.job.num}: {swept} -> {out_dir}", flush=True)
+            name = f"job {hydra_cfg.job.num} ({swept})"
+        code = _train(run_cfg, cfg_dict, callbacks=self.callbacks, job=f"{name}: " if name else "")
+        if code != 0 and name:
+            self.failed.append(f"{name} exit {code} in {out_dir}")
         if self.multirun and code == 0 and _stopped_early(Path(out_dir), steps=run_cfg.train.steps):
             self.stopped_in = int(hydra_cfg.job.num)  # SIGTERM / Ctrl-C: checkpointed, stop the sweep too
         if code == 2 and out_dir in self.new_dirs:  # bad input: leave no folder behind, not even .hydra/
@@ -258,6 +276,19 @@ class _Task:
             _remove_if_empty(Path(out_dir))
         self.codes.append(code)
         return code
+
+
+def _save_job_config(cfg: Any, *, out_dir: str, path: Path) -> None:
+    """Rewrite the job's ``.hydra/config.yaml`` (which Hydra saves before the job starts) with the folder
+    the job runs in as ``train.out_dir``: a sweep job's ``<sweep dir>/<job number>``, or ``hydra.run.dir``."""
+    import copy
+
+    from omegaconf import OmegaConf, read_write
+
+    saved = copy.deepcopy(cfg)
+    with read_write(saved):
+        saved.train.out_dir = out_dir
+    OmegaConf.save(saved, path)
 
 
 def _stopped_early(out_dir: Path, *, steps: int) -> bool:
@@ -310,7 +341,11 @@ def _run_app(args: Args, *, rank: int, new_dirs: set[str], callbacks: Sequence[C
     register_search_path()
     recipe_dir, recipe_name = recipe_location(args.recipe, config_dir=args.config_dir)
     parser = get_args_parser()
-    hydra_args = parser.parse_args([*args.hydra_flags, *_with_hydra_defaults(args.overrides, rank=rank)])
+    # Hydra's help composes no recipe (config_name=None): only overrides of Hydra's own settings apply
+    overrides = [o for o in args.overrides if _override_key(o).startswith(("hydra.", "hydra/"))] \
+        if args.command == "hydra_help" else args.overrides
+    # the overrides first: no flag of Hydra's can take one of them (or a default added here) as its value
+    hydra_args = parser.parse_args([*_with_hydra_defaults(overrides, rank=rank), *args.hydra_flags])
     hydra_args.config_path = hydra_args.config_name = None  # the recipe, resolved above
     jobs = _job_overrides(args)
     swept = {_override_key(o) for job in jobs for o in job if any(o not in other for other in jobs)}
@@ -320,6 +355,9 @@ def _run_app(args: Args, *, rank: int, new_dirs: set[str], callbacks: Sequence[C
                    config_name=recipe_name)
     except SystemExit as exc:  # Hydra's --hydra-help, --version, or its report of an error (exit 1)
         return exc.code if isinstance(exc.code, int) else 1
+    if task.failed:
+        _print_errors(ValueError(f"{len(task.failed)} of {len(task.codes)} sweep jobs failed: "
+                                 + "; ".join(task.failed)))
     return next((code for code in task.codes if code != 0), 0)
 
 

@@ -46,9 +46,31 @@ def test_multirun_gives_each_job_its_own_out_dir_and_hydra_files(corpus_cache, t
         assert _records(job / "metrics.jsonl")[0]["lr"] == pytest.approx(lr)
         assert json.loads((job / "config.json").read_text())["train"]["out_dir"] == str(job)
         assert f"optim.lr={lr}" in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        assert yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optim"]["lr"] == pytest.approx(lr)
+        saved = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        assert saved["optim"]["lr"] == pytest.approx(lr) and saved["train"]["out_dir"] == str(job)
         assert f"== job {num}: optim.lr={lr} -> {job}" in out
     assert (sweep / "multirun.yaml").is_file()
+
+
+class _BadInputInSecondJob(Callback):
+    """A ValueError (bad input: exit 2) as the second job of a sweep starts training."""
+
+    def __init__(self):
+        self.starts = 0
+
+    def on_train_start(self, trainer, state):
+        self.starts += 1
+        if self.starts == 2:
+            raise ValueError("injected bad input")
+
+
+def test_a_failed_sweep_job_is_named_in_its_errors(corpus_cache, tmp_path, quiet, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *_short(corpus_cache, sweep), "optim.lr=0.001,0.003"]
+    assert main(args, callbacks=[_BadInputInSecondJob()]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "error: job 1 (optim.lr=0.003): injected bad input" in err, err
+    assert err[-1] == f"error: 1 of 2 sweep jobs failed: job 1 (optim.lr=0.003) exit 2 in {sweep / '1'}", err
 
 
 def test_run_folder_holds_hydra_files_and_hydra_run_dir_sets_out_dir(corpus_cache, tmp_path, quiet):
@@ -58,6 +80,7 @@ def test_run_folder_holds_hydra_files_and_hydra_run_dir_sets_out_dir(corpus_cach
     assert (run / "checkpoints" / "step_00000001").is_dir()
     assert {p.name for p in (run / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert f"hydra.run.dir={run}" in (run / ".hydra" / "hydra.yaml").read_text()
+    assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["train"]["out_dir"] == str(run)
 
 
 def test_a_second_rank_writes_no_hydra_files(corpus_cache, tmp_path, quiet, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -90,6 +91,31 @@ def test_the_run_path_calls_the_same_validation_before_any_work(monkeypatch, cap
 def test_flag_errors(args, needle, no_run, capsys):
     assert main(args) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.fixture
+def root_logger_kept():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = handlers, level  # Hydra's --info adds a stdout handler (its process ends)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--info"], "Installed Hydra Plugins"),  # bare: the settings the CLI adds must not become its value
+    (["--info", "train.steps=7"], "steps: 7"),
+    (["train.steps=7", "--info"], "steps: 7"),
+    (["-i", "config", "train.steps=7"], "steps: 7"),
+    (["--info", "defaults-tree", "~logging"], "Defaults Tree"),
+    (["--cfg", "train.steps=7"], "steps: 7"),
+    (["-c"], "steps: 500"),
+    (["--hydra-help"], "== Flags =="),
+    (["--hydra-help", "train.steps=7"], "== Flags =="),  # Hydra's help composes no recipe
+    (["--help", "train.steps=7"], "recipes"),
+])
+def test_hydra_flags_with_and_without_overrides(args, needle, no_run, root_logger_kept, capsys):
+    assert main(args) == 0
+    assert needle in capsys.readouterr().out
 
 
 def test_cli_help(capsys):

@@ -3,7 +3,8 @@
 The dataclasses here are registered in Hydra's ConfigStore by ``longcat.config.compose`` (Hydra stays in
 the config layer and the entry point); library code receives these plain objects, never a DictConfig.
 Every mode is an enum, so a wrong value fails at compose time with the allowed ones. Each section's
-``validate`` raises ``ValueError`` naming the offending values and the fix; ``longcat.config.validate``
+``validate`` raises ``ValueError`` naming the offending values and the fix (``ConfigError``, one
+message per problem, where a section checks several independent things); ``longcat.config.validate``
 runs them all, with the checks across sections and the world size, before a run builds anything.
 
 Model field names follow Hugging Face ``LongcatFlashConfig`` so that a ``ModelConfig`` maps 1:1 onto
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
-from longcat.config.layout import resolve_dp
+from longcat.config.layout import divisors, resolve_dp
 from longcat.config.modes import (  # noqa: F401  (the modes are part of the schema's interface)
     BiasRateSchedule,
     Corpus,
@@ -34,6 +36,15 @@ from longcat.config.modes import (  # noqa: F401  (the modes are part of the sch
     StrEnum,
     WandbMode,
 )
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``errors`` holds one message per problem (each naming the value and the
+    fix), ``str()`` joins them with newlines."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
 
 
 @dataclass
@@ -213,32 +224,51 @@ class DataConfig:
     sft_overflow: Overflow = Overflow.drop
     sft_skip_bad_lines: bool = False
 
-    def validate(self, *, dp: int, vocab_size: int) -> None:
-        """Checks of the data section for ``dp`` data-parallel ranks and a model of ``vocab_size`` ids."""
+    def validate(self, *, dp: Optional[int], vocab_size: Optional[int]) -> None:
+        """Checks of the data section for ``dp`` data-parallel ranks and a model of ``vocab_size`` ids;
+        ``None`` for either (an invalid layout or model) skips the checks that need it.
+
+        Raises:
+            ConfigError: every problem found, each naming the value and the fix.
+        """
+        problems = []
         if self.seq_length < 2:
-            raise ValueError(f"data.seq_length={self.seq_length} must be >= 2")
-        per_step = self.micro_batch_size * dp
-        if self.micro_batch_size <= 0 or self.global_batch_size <= 0 or self.global_batch_size % per_step:
-            raise ValueError(
-                f"data.global_batch_size={self.global_batch_size} must be a positive multiple of "
-                f"data.micro_batch_size={self.micro_batch_size} x dp={dp} = {per_step}"
-            )
+            problems.append(f"data.seq_length={self.seq_length} must be >= 2")
+        if dp is not None:
+            problems += self._batch_problems(dp=dp)
         if not 0 < self.valid_fraction < 1:
-            raise ValueError(f"data.valid_fraction={self.valid_fraction} must lie in (0, 1)")
+            problems.append(f"data.valid_fraction={self.valid_fraction} must lie in (0, 1), e.g. 0.02")
         if self.corpus == Corpus.files and any(str(_source_path(s)).startswith("stdlib:") for s in self.sources):
-            raise ValueError("data.sources names a stdlib:<part> source; those need data.corpus=stdlib")
+            problems.append("data.sources names a stdlib:<part> source; those need data.corpus=stdlib")
         if self.corpus == Corpus.files and not self.sources:
-            raise ValueError("data.corpus=files needs data.sources=[{path: PREFIX, weight: W}, ...]")
+            problems.append("data.corpus=files needs data.sources=[{path: PREFIX, weight: W}, ...]")
         if self.corpus == Corpus.files and not self.tokenizer:
-            raise ValueError(
+            problems.append(
                 "data.corpus=files needs data.tokenizer=PATH/tokenizer.json, the tokenizer that made "
                 "data.sources (its <|endoftext|> id separates documents)"
             )
-        if self.corpus != Corpus.files and not self.tokenizer and vocab_size < MIN_STDLIB_VOCAB_SIZE:
-            raise ValueError(
+        if (vocab_size is not None and self.corpus != Corpus.files and not self.tokenizer
+                and vocab_size < MIN_STDLIB_VOCAB_SIZE):
+            problems.append(
                 f"model.vocab_size={vocab_size} is too small for the stdlib corpus's byte-level BPE "
                 f"(>= {MIN_STDLIB_VOCAB_SIZE}: 256 bytes + 7 special tokens); raise model.vocab_size"
             )
+        if problems:
+            raise ConfigError(problems)
+
+    def _batch_problems(self, *, dp: int) -> list[str]:
+        """The global batch splits into micro-batches over ``dp`` ranks (each problem with its fix)."""
+        if self.micro_batch_size <= 0:
+            return [f"data.micro_batch_size={self.micro_batch_size} must be >= 1"]
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size > 0 and self.global_batch_size % per_step == 0:
+            return []
+        fix = f"set data.global_batch_size to a multiple of {per_step} (e.g. " \
+              f"{max(per_step, self.global_batch_size - self.global_batch_size % per_step)})"
+        if self.global_batch_size > 0 and self.global_batch_size % dp == 0:
+            fix += f", or data.micro_batch_size to one of {divisors(self.global_batch_size // dp)[:8]}"
+        return [f"data.global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"data.micro_batch_size={self.micro_batch_size} x dp={dp} = {per_step}: {fix}"]
 
 
 @dataclass

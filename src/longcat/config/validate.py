@@ -16,18 +16,16 @@ import os
 from typing import Callable
 
 from longcat.config.layout import check_model_split, divisors
-from longcat.config.schema import DPMode, MoEChunkDim, PipelineSchedule, RunConfig, num_grad_accum_steps
+from longcat.config.schema import (
+    ConfigError,
+    DPMode,
+    MoEChunkDim,
+    PipelineSchedule,
+    RunConfig,
+    num_grad_accum_steps,
+)
 
 __all__ = ["ConfigError", "validate", "world_size_from_env"]
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; ``errors`` holds one message per problem (each naming the value and the
-    fix), ``str()`` joins them with newlines."""
-
-    def __init__(self, errors: list[str]):
-        super().__init__("\n".join(errors))
-        self.errors = list(errors)
 
 
 def world_size_from_env() -> int:
@@ -42,8 +40,9 @@ def world_size_from_env() -> int:
 def validate(cfg: RunConfig, *, world_size: int) -> None:
     """Check ``cfg`` for a run on ``world_size`` ranks.
 
-    Every section is checked and every failing one reported; a check across sections runs once the
-    sections it reads are valid.
+    Every section is checked and every problem reported (a section reports each of its independent
+    problems); a check across sections runs once the sections it reads are valid, so one wrong value
+    is reported once, not again as the consequences it has elsewhere.
 
     Raises:
         ConfigError: a ``ValueError`` listing every problem found.
@@ -54,7 +53,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
         try:
             check(*args, **kwargs)
         except ValueError as exc:
-            errors.append(str(exc))
+            errors.extend(getattr(exc, "errors", None) or [str(exc)])
             return False
         return True
 
@@ -66,15 +65,18 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
     ok(cfg.logging.validate)
     ok(cfg.sdc.validate, parallel=cfg.parallel, determinism_enabled=cfg.determinism.enabled,
        checkpoint_interval=cfg.train.checkpoint_interval)
-    if ok(cfg.parallel.validate, world_size=world_size):
+    parallel_ok = ok(cfg.parallel.validate, world_size=world_size)
+    dp = cfg.parallel.resolved_dp(world_size) if parallel_ok else None
+    ok(cfg.data.validate, dp=dp, vocab_size=cfg.model.vocab_size if model_ok else None)  # None: not checked
+    if model_ok:
+        ok(_check_positions, cfg)
+    if dp is not None:
         ok(_check_stability, cfg)
-        dp = cfg.parallel.resolved_dp(world_size)
+        ok(_check_sequence_split, cfg)
         if model_ok:
             ok(_check_model_fits_layout, cfg, dp=dp)
-            if ok(cfg.data.validate, dp=dp, vocab_size=cfg.model.vocab_size):
-                ok(_check_sequence, cfg)
-                if train_ok:
-                    ok(_check_micro_batches, cfg, dp=dp)
+        if train_ok:
+            ok(_check_micro_batches, cfg, dp=dp)
     if errors:
         raise ConfigError(errors)
 
@@ -116,8 +118,16 @@ def _check_model_fits_layout(cfg: RunConfig, *, dp: int) -> None:
                          f"{divisors(tokens)[:8]}")
 
 
-def _check_sequence(cfg: RunConfig) -> None:
-    """The sequence fits the model's positions and, under sequence / context parallelism, splits over tp / cp."""
+def _check_positions(cfg: RunConfig) -> None:
+    """The sequence fits the model's positions."""
+    seq = cfg.data.seq_length
+    if seq > cfg.model.max_position_embeddings:
+        raise ValueError(f"data.seq_length={seq} exceeds model.max_position_embeddings="
+                         f"{cfg.model.max_position_embeddings}; raise the latter or shorten the sequence")
+
+
+def _check_sequence_split(cfg: RunConfig) -> None:
+    """Under context / sequence parallelism the sequence splits evenly over cp (2 cp chunks) / tp."""
     seq, p = cfg.data.seq_length, cfg.parallel
     if p.cp > 1 and seq % (2 * p.cp):
         lower = seq - seq % (2 * p.cp)
@@ -125,9 +135,6 @@ def _check_sequence(cfg: RunConfig) -> None:
         raise ValueError(f"data.seq_length={seq} is not divisible by 2*parallel.cp={2 * p.cp}: context parallelism "
                          f"cuts each sequence into 2*cp equal chunks (load-balanced causal attention); use "
                          f"data.seq_length={choices}, or a cp that divides seq_length/2")
-    if seq > cfg.model.max_position_embeddings:
-        raise ValueError(f"data.seq_length={seq} exceeds model.max_position_embeddings="
-                         f"{cfg.model.max_position_embeddings}; raise the latter or shorten the sequence")
     if p.sequence_parallel and p.tp > 1 and seq % p.tp:
         raise ValueError(f"data.seq_length={seq} is not divisible by parallel.tp={p.tp}: sequence parallelism "
                          f"splits the sequence over the tp ranks; choose a multiple of {p.tp} or set "
@@ -142,6 +149,9 @@ def _check_micro_batches(cfg: RunConfig, *, dp: int) -> None:
             global_batch / (micro_batch x dp); 1F1B with fewer micro-batches than stages; an interleaved
             1F1B count that is not a multiple of its rounds (torch ``ScheduleInterleaved1F1B``).
     """
+    micro, batch = cfg.data.micro_batch_size, cfg.data.global_batch_size
+    if micro <= 0 or batch <= 0 or batch % (micro * dp):
+        return  # the batch does not split: data.validate reports that
     accum = num_grad_accum_steps(cfg, dp=dp)
     derived = f"global_batch_size / (micro_batch_size x dp) = {cfg.data.global_batch_size} / " \
               f"({cfg.data.micro_batch_size} x {dp}) = {accum}"

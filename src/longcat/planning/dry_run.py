@@ -65,7 +65,8 @@ class ModelTotals:
 class DryRunReport:
     """Everything the dry run finds for one rank of one layout (see ``tools/dry_run.py --help``).
 
-    Byte figures are bytes; ``peak_bytes`` = state + activations + the device's reserve.
+    Byte figures are bytes; ``peak_bytes`` = state + activations + the device's reserve + ``gathered_bytes``
+    (FSDP under PP: the fp32 units of this rank's stages, gathered for the whole step).
     ``problems`` is empty when the layout fits the device.
     """
 
@@ -82,7 +83,9 @@ class DryRunReport:
     peak_bytes: float
     view: PlanView
     cp_assumed: bool = False
+    gathered_bytes: float = 0.0
     distributed_optimizer_bytes: float = 0.0
+    fsdp_peak_bytes: Optional[float] = None  # the same rank's dry run under parallel.dp_mode=fsdp (see dry_run)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -106,8 +109,10 @@ class DryRunReport:
                       "activations_peak": self.activations.peak,
                       "in_flight_layer_passes": self.activations.in_flight_layer_passes,
                       "reserved": (self.device.reserved_gib * GIB) if self.device else 0.0,
+                      "gathered_units": self.gathered_bytes,
                       "peak": self.peak_bytes,
-                      "optimizer_if_distributed": self.distributed_optimizer_bytes},
+                      "optimizer_if_distributed": self.distributed_optimizer_bytes,
+                      "peak_if_fsdp": self.fsdp_peak_bytes},
             "cp": {"degree": self.view.cp, "assumed": self.cp_assumed,
                    "dense_grad_group": self.view.dense_grad_group},
             "comm_bytes_per_step": {g.group: {"size": g.size, "bytes": g.bytes, "overlappable": g.overlappable}
@@ -180,7 +185,8 @@ def distributed_optimizer_bytes(shard: RankShard, view: PlanView) -> float:
 
 
 def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optional[DeviceSpec] = None,
-            memory_limit_gib: Optional[float] = None, assume_cp: Optional[int] = None) -> DryRunReport:
+            memory_limit_gib: Optional[float] = None, assume_cp: Optional[int] = None,
+            suggest_fsdp: bool = True) -> DryRunReport:
     """Build rank ``rank`` of ``run_cfg`` on ``world_size`` ranks and model its step.
 
     Args:
@@ -189,6 +195,9 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
         device: the accelerator (timing, HBM check); None skips both.
         memory_limit_gib: a budget below the HBM to check against (e.g. the paper's 60 GB).
         assume_cp: plan with this CP degree while the configuration has no ``parallel.cp`` (``plan_view``).
+        suggest_fsdp: when the layout does not fit under another DP mode (and dp x cp or edp > 1), also
+            dry-run the same rank under ``parallel.dp_mode=fsdp`` and say in a ``why:`` problem what it
+            would peak at.
 
     Returns:
         The report; ``problems`` lists why the layout does not fit (peak above HBM or the limit).
@@ -224,31 +233,57 @@ def dry_run(run_cfg: RunConfig, *, world_size: int, rank: int = 0, device: Optio
                                     dense_flops_fraction=dense_fraction, world_size=world_size, tp=shard.dims.tp,
                                     pp=shard.dims.pp, num_microbatches=view.num_microbatches, device=device)
         problems += _memory_problems(peak, limit_gib=device.hbm_gib, what=f"{device.name} HBM", state=state,
-                                     acts=acts, reserved=reserved)
+                                     acts=acts, reserved=reserved, gathered=gathered)
     if memory_limit_gib is not None:
         problems += _memory_problems(peak, limit_gib=memory_limit_gib, what="--memory-limit-gib", state=state,
-                                     acts=acts, reserved=reserved)
-    zero1 = distributed_optimizer_bytes(shard, view)
-    if problems and zero1 < state.optimizer:
-        problems.append(f"why: parallel.dp_mode={run_cfg.parallel.dp_mode} keeps the whole AdamW state of this "
-                        f"rank's shards ({state.optimizer / GIB:.1f} GiB); sharded over the gradient groups "
-                        f"(dense over {view.dense_grad_group}, experts over edp {shard.dims.edp}) it would be "
-                        f"{zero1 / GIB:.1f} GiB, peak {(peak - state.optimizer + zero1) / GIB:.1f} GiB"
-                        + " (parallel.dp_mode=fsdp)")
+                                     acts=acts, reserved=reserved, gathered=gathered)
+    fsdp = None
+    shardable = view.dense_grad_group > 1 or shard.dims.edp > 1  # FSDP would split something
+    if problems and suggest_fsdp and shardable and DPMode(run_cfg.parallel.dp_mode) is not DPMode.fsdp:
+        fsdp, why = _fsdp_alternative(run_cfg, world_size=world_size, rank=rank, device=device,
+                                      memory_limit_gib=memory_limit_gib, assume_cp=assume_cp, state=state)
+        problems.append(why)
     return DryRunReport(world_size=world_size, layout=_layout(run_cfg, shard, view), shard=shard,
                         model=model_totals(run_cfg), state=state, activations=acts, traffic=traffic,
                         step_model_flops=flops.total_flops, device=device, time=timing, peak_bytes=peak, view=view,
-                        cp_assumed=cp_assumed, distributed_optimizer_bytes=zero1, problems=problems)
+                        cp_assumed=cp_assumed, gathered_bytes=gathered,
+                        distributed_optimizer_bytes=distributed_optimizer_bytes(shard, view),
+                        fsdp_peak_bytes=fsdp.peak_bytes if fsdp else None, problems=problems)
+
+
+def _fsdp_alternative(run_cfg: RunConfig, *, world_size: int, rank: int, device: Optional[DeviceSpec],
+                      memory_limit_gib: Optional[float], assume_cp: Optional[int],
+                      state: StateBytes) -> tuple[Optional[DryRunReport], str]:
+    """The same rank dry-run under ``parallel.dp_mode=fsdp`` (None where validation refuses it), and the
+    ``why:`` line that quotes it: its peak is the FSDP plan's own, with the stage's gathered units."""
+    mode = run_cfg.parallel.dp_mode
+    why = f"why: parallel.dp_mode={mode} holds {state.total / GIB:.1f} GiB of model state on this rank"
+    cfg = dataclasses.replace(run_cfg, parallel=dataclasses.replace(run_cfg.parallel, dp_mode=DPMode.fsdp))
+    try:
+        fsdp = dry_run(cfg, world_size=world_size, rank=rank, device=device, memory_limit_gib=memory_limit_gib,
+                       assume_cp=assume_cp, suggest_fsdp=False)
+    except LayoutError as exc:
+        return None, f"{why}; parallel.dp_mode=fsdp, which shards it, is refused here: {exc.errors[0]}"
+    s, view = fsdp.state, fsdp.view
+    verdict = "fits" if fsdp.fits else "does not fit either"
+    return fsdp, (f"{why}; the dry run of parallel.dp_mode=fsdp (dense shards over dp x cp = "
+                  f"{view.dense_grad_group}, experts over edp {fsdp.shard.dims.edp}) peaks at "
+                  f"{fsdp.peak_bytes / GIB:.1f} GiB: weights {s.weights / GIB:.1f} + grads {s.grads / GIB:.1f} + "
+                  f"optimizer {s.optimizer / GIB:.1f} + gathered units {fsdp.gathered_bytes / GIB:.1f} + activations "
+                  f"{fsdp.activations.peak / GIB:.1f} + reserved {(device.reserved_gib if device else 0.0):.1f} "
+                  f"GiB ({verdict})")
 
 
 def _memory_problems(peak: float, *, limit_gib: float, what: str, state: StateBytes, acts: ActivationEstimate,
-                     reserved: float) -> list[str]:
+                     reserved: float, gathered: float) -> list[str]:
     if peak <= limit_gib * GIB:
         return []
+    units = f" + gathered units {gathered / GIB:.1f}" if gathered else ""
     return [f"peak memory {peak / GIB:.1f} GiB exceeds {what} {limit_gib:.1f} GiB by "
             f"{(peak - limit_gib * GIB) / GIB:.1f} GiB: weights {state.weights / GIB:.1f} + grads "
-            f"{state.grads / GIB:.1f} + optimizer {state.optimizer / GIB:.1f} + activations {acts.peak / GIB:.1f} "
-            f"({acts.in_flight_layer_passes:g} layer-passes in flight) + reserved {reserved / GIB:.1f} GiB"]
+            f"{state.grads / GIB:.1f} + optimizer {state.optimizer / GIB:.1f}{units} + activations "
+            f"{acts.peak / GIB:.1f} ({acts.in_flight_layer_passes:g} layer-passes in flight) + reserved "
+            f"{reserved / GIB:.1f} GiB"]
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -265,11 +300,12 @@ class SweepRow:
 
 def candidate_layouts(run_cfg: RunConfig, *, world_size: int) -> list[dict[str, Any]]:
     """A few layouts of ``world_size`` ranks for ``run_cfg.model`` around the configured one: pp over the
-    divisors of the layer count (tp = 1 with PP: PP x TP is not supported yet), tp 1/2/4/8 without PP,
-    ep at half, once and twice the configured degree (8 when it is 1); the configured schedule, falling
-    back to 1F1B where it does not split the layers; the configured DP mode (replicate with PP when it
-    is FSDP)."""
-    cfg = run_cfg.model
+    divisors of the layer count (tp = 1 with PP), tp 1/2/4/8 without PP, ep at half, once and twice the
+    configured degree (8 when it is 1); the configured cp; sequence parallelism with tp > 1 only where
+    cp is 1 (cp already splits the sequence; validation refuses both); the configured schedule, falling
+    back to 1F1B where it does not split the layers; each layout with ``dp_mode=replicate`` and, where
+    ``validate`` accepts them, ``fsdp`` and the configured DP mode."""
+    cfg, cp = run_cfg.model, run_cfg.parallel.cp
     centre = run_cfg.parallel.ep if run_cfg.parallel.ep > 1 else min(8, cfg.n_routed_experts)
     eps = sorted({e for e in (centre // 2, centre, centre * 2) if e >= 1 and cfg.n_routed_experts % e == 0})
     out = []
@@ -283,12 +319,27 @@ def candidate_layouts(run_cfg: RunConfig, *, world_size: int) -> list[dict[str, 
                 schedule = PipelineSchedule(run_cfg.parallel.pp_schedule)
                 if pp > 1 and cfg.num_layers % (pp * schedule.stages_per_rank):
                     schedule = PipelineSchedule.one_f_one_b
-                dp_mode = DPMode(run_cfg.parallel.dp_mode)
-                if pp > 1 and dp_mode is DPMode.fsdp:
-                    dp_mode = DPMode.replicate
-                out.append({"pp": pp, "tp": tp, "ep": ep, "dp": -1, "pp_schedule": str(schedule),
-                            "dp_mode": str(dp_mode), "sequence_parallel": tp > 1})
+                layout = {"pp": pp, "tp": tp, "ep": ep, "dp": -1, "pp_schedule": str(schedule),
+                          "sequence_parallel": tp > 1 and cp == 1}
+                out += [{**layout, "dp_mode": str(mode)}
+                        for mode in _dp_modes(run_cfg, layout=layout, world_size=world_size)]
     return out
+
+
+def _dp_modes(run_cfg: RunConfig, *, layout: dict[str, Any], world_size: int) -> list[DPMode]:
+    """``replicate`` (refused by no check, so an invalid layout still shows once, with its reason), then
+    ``fsdp`` and the configured mode where ``validate`` accepts them for ``layout``."""
+    modes = [DPMode.replicate]
+    for mode in (DPMode.fsdp, DPMode(run_cfg.parallel.dp_mode)):
+        if mode in modes:
+            continue
+        parallel = dataclasses.replace(run_cfg.parallel, **layout, dp_mode=mode)
+        try:
+            validate(dataclasses.replace(run_cfg, parallel=parallel), world_size=world_size)
+        except ConfigError:
+            continue
+        modes.append(mode)
+    return modes
 
 
 def sweep(run_cfg: RunConfig, *, world_size: int, device: DeviceSpec, memory_limit_gib: Optional[float] = None,
@@ -296,7 +347,8 @@ def sweep(run_cfg: RunConfig, *, world_size: int, device: DeviceSpec, memory_lim
     """Dry-run each candidate layout (``candidate_layouts`` unless given) at its first rank of the first
     and of the last pipeline stage (the ends of the pipeline hold the embedding, the head and the most
     micro-batches in flight) and keep the worse by peak memory. Rows that fit come first, fastest
-    modelled step first; then those that do not fit; then invalid ones."""
+    modelled step first; then those that do not fit; then invalid ones. (No ``why:`` re-run under FSDP:
+    the FSDP candidates are rows of their own.)"""
     rows = []
     for overrides in layouts if layouts is not None else candidate_layouts(run_cfg, world_size=world_size):
         cfg = dataclasses.replace(run_cfg, parallel=dataclasses.replace(run_cfg.parallel, **overrides))
@@ -304,7 +356,7 @@ def sweep(run_cfg: RunConfig, *, world_size: int, device: DeviceSpec, memory_lim
             stage_size = world_size // (overrides["pp"])
             ranks = sorted({0, (overrides["pp"] - 1) * stage_size})
             reports = [dry_run(cfg, world_size=world_size, rank=r, device=device, memory_limit_gib=memory_limit_gib,
-                               assume_cp=assume_cp) for r in ranks]
+                               assume_cp=assume_cp, suggest_fsdp=False) for r in ranks]
         except LayoutError as exc:
             rows.append(SweepRow(overrides, None, exc.errors[0]))
             continue

@@ -43,6 +43,7 @@ def format_report(r: DryRunReport) -> str:
         ("gradients (fp32)", _gib(r.state.grads)),
         ("optimizer (AdamW fp32)", _gib(r.state.optimizer)),
         *([("master partition (DeepSpeed)", _gib(r.state.master))] if r.state.master else []),
+        *([("gathered units (FSDP x PP)", _gib(r.gathered_bytes))] if r.gathered_bytes else []),
         ("activations / micro-batch", _gib(r.activations.per_microbatch)),
         ("activations at peak", f"{_gib(r.activations.peak)} ({passes:g} layer-passes in flight = "
                                 f"{passes / len(s.local_layers):g} micro-batches through this rank's layers)"),

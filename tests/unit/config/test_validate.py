@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from longcat.config.compose import compose_run_config
@@ -90,3 +92,27 @@ def test_every_problem_is_reported_at_once():
     assert len(info.value.errors) == 3, info.value.errors
     assert str(info.value) == "\n".join(info.value.errors)
 
+
+
+@pytest.mark.parametrize("world_size,overrides,needles", [
+    # a batch that does not split hid the cp split of the sequence (and every other data problem)
+    (2, ["parallel=cp2", "data.seq_length=126", "data.global_batch_size=3", "data.valid_fraction=2"],
+     [r"data.global_batch_size=3 must be a positive multiple of .* = 8: set data.global_batch_size to a multiple "
+      r"of 8 \(e.g. 8\), or data.micro_batch_size to one of \[1, 3\]",
+      r"data.seq_length=126 is not divisible by 2\*parallel.cp=4: .* use data.seq_length=124 or 128",
+      r"data.valid_fraction=2.0 must lie in \(0, 1\)"]),
+    # an invalid layout (dp unknown) hides only the checks that need dp
+    (1, ["parallel.tp=3", "data.valid_fraction=2", "data.seq_length=100000"],
+     [r"world_size=1 is not divisible by pp\*tp=3", r"data.valid_fraction=2.0 must lie in \(0, 1\)",
+      r"data.seq_length=100000 exceeds model.max_position_embeddings=4096; raise"]),
+    # the micro-batch checks need only a batch that splits, not a valid data section
+    (1, ["train.grad_accum=3", "data.valid_fraction=2"],
+     [r"train.grad_accum=3 disagrees with .* = 2; leave it 0", r"data.valid_fraction=2.0 must lie in \(0, 1\)"]),
+])
+def test_independent_problems_are_reported_together_each_with_its_fix(world_size, overrides, needles):
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg(*overrides), world_size=world_size)
+    errors = info.value.errors
+    assert len(errors) == len(needles), errors
+    for needle in needles:
+        assert sum(bool(re.search(needle, e)) for e in errors) == 1, (needle, errors)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +14,20 @@ import pytest
 
 from longcat.bench import step_flops as bench_step_flops
 from longcat.config.compose import compose_run_config
+from longcat.config.validate import validate
 from longcat.model.flops import step_flops
 from longcat.planning import LayoutError, dry_run, load_device, sweep
+from longcat.planning.dry_run import candidate_layouts
 from longcat.planning.report import format_report, format_sweep
+from longcat.planning.timing import GIB
 
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_LAYOUT = ["model=longcat_flash", "moe.expected_ffn_experts=8", "parallel.ep=32", "parallel.pp=14",
                 "parallel.pp_schedule=zbv", "data.seq_length=8192", "data.micro_batch_size=1",
                 "data.global_batch_size=3584", "train.bf16=true", "train.activation_checkpointing=true"]
+# docs/planning.md's walk-through: the paper's layout with CP 8 inside EP 32 and 1024 sequences per step
+PAPER_CP8 = [*(o.replace("data.global_batch_size=3584", "data.global_batch_size=1024") for o in PAPER_LAYOUT),
+             "parallel.cp=8"]
 
 
 def _cfg(*overrides: str):
@@ -98,6 +107,47 @@ def test_sweep_ranks_fitting_layouts_by_step_time():
     assert "tok/s/dev" in format_sweep(rows)
 
 
+def test_sweep_under_cp_runs_tp_without_sequence_parallelism_and_tries_fsdp():
+    """cp with SP is refused, so a tp candidate under cp goes without SP; each layout is tried under
+    replicate and, where validation allows it, FSDP."""
+    cfg = _cfg("model=tiny", "parallel.cp=2", "data.seq_length=64", "data.global_batch_size=64")
+    rows = sweep(cfg, world_size=8, device=load_device("H800"))
+    with_tp = [r for r in rows if r.overrides["tp"] > 1]
+    assert with_tp and not any(r.overrides["sequence_parallel"] for r in with_tp)
+    assert all(r.report is not None for r in with_tp), [r.error for r in with_tp]
+    assert {r.overrides["dp_mode"] for r in rows} == {"replicate", "fsdp"}
+    plain = candidate_layouts(_cfg("model=tiny", "data.global_batch_size=64"), world_size=8)
+    assert all(c["sequence_parallel"] == (c["tp"] > 1) for c in plain)  # without cp, tp keeps SP
+
+
+def test_sweep_ranks_the_paper_layout_under_fsdp_where_only_fsdp_fits():
+    """pp 14, ZB-V, cp 8, ep 32 on 1792 ranks: 74.2 GiB under replicate, 36.6 GiB under FSDP; the sweep
+    tries both and ranks the FSDP one as fitting, with its DP mode in the table."""
+    cfg = _cfg(*PAPER_CP8)
+    layouts = [c for c in candidate_layouts(cfg, world_size=1792) if c["pp"] == 14 and c["ep"] == 32]
+    assert sorted(c["dp_mode"] for c in layouts) == ["fsdp", "replicate"]
+    rows = sweep(cfg, world_size=1792, device=load_device("H800"), memory_limit_gib=60, layouts=layouts)
+    assert [(r.overrides["dp_mode"], r.report.fits) for r in rows] == [("fsdp", True), ("replicate", False)]
+    assert rows[0].report.peak_bytes / GIB == pytest.approx(36.6, abs=0.05)
+    assert rows[1].report.peak_bytes / GIB == pytest.approx(74.2, abs=0.05)
+    table = format_sweep(rows).splitlines()
+    assert "dp_mode" in table[0] and " fsdp " in table[1] and " replicate " in table[2]
+
+
+def test_why_line_quotes_the_fsdp_dry_run_of_the_same_rank():
+    """The replicate report's hint is the FSDP plan itself (sharded state, the stage's gathered units),
+    not an estimate that disagrees with the dry run of parallel.dp_mode=fsdp."""
+    h800 = load_device("H800")
+    replicate = dry_run(_cfg(*PAPER_CP8), world_size=1792, rank=0, device=h800, memory_limit_gib=60)
+    fsdp = dry_run(_cfg(*PAPER_CP8, "parallel.dp_mode=fsdp"), world_size=1792, rank=0, device=h800,
+                   memory_limit_gib=60)
+    why = [p for p in replicate.problems if p.startswith("why:")]
+    assert len(why) == 1 and f"peaks at {fsdp.peak_bytes / GIB:.1f} GiB" in why[0] and "(fits)" in why[0], why
+    assert f"gathered units {fsdp.gathered_bytes / GIB:.1f}" in why[0]
+    assert replicate.fsdp_peak_bytes == fsdp.peak_bytes and replicate.to_dict()["bytes"]["peak_if_fsdp"]
+    assert not any(p.startswith("why:") for p in fsdp.problems)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tools" / "dry_run.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
@@ -114,6 +164,44 @@ def test_cli_full_model_json_and_exit_codes(tmp_path):
     bad = _cli("model=tiny", "parallel.ep=3", "--world-size", "6")
     assert bad.returncode == 2 and "error:" in bad.stderr
     assert _cli("--help").returncode == 0
+
+
+def test_cli_takes_overrides_before_between_and_after_its_flags(tmp_path):
+    out = tmp_path / "report.json"
+    proc = _cli("model=tiny", "--world-size", "2", "parallel.ep=2", "--json", str(out), "data.global_batch_size=32")
+    assert proc.returncode == 0, proc.stderr
+    layout = json.loads(out.read_text())["layout"]
+    assert layout["ep"] == 2 and layout["global_batch_size"] == 32 and layout["dp"] == 2
+    usage = _cli("--help").stdout
+    assert "[overrides ...]" in usage and "before or after the flags" in usage
+
+
+def _documented_commands() -> list[list[str]]:
+    """The arguments of every ``python tools/dry_run.py`` command in README.md's and docs/planning.md's bash
+    blocks (continuation lines joined, comments dropped; the synopsis with <placeholders> left out)."""
+    commands = []
+    for doc in ("README.md", "docs/planning.md"):
+        for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                tokens = shlex.split(line, comments=True)
+                if tokens[:2] == ["python", "tools/dry_run.py"] and not any(t.startswith("<") for t in tokens):
+                    commands.append(tokens[2:])
+    return commands
+
+
+def test_documented_commands_compose_and_validate():
+    """Each dry-run command the docs show parses and is a valid configuration for its world size (the
+    README's tour line once lacked the batch settings its 1792 ranks need)."""
+    spec = importlib.util.spec_from_file_location("dry_run_tool", ROOT / "tools" / "dry_run.py")
+    assert spec and spec.loader
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    commands = _documented_commands()
+    assert len(commands) >= 4, commands
+    for argv in commands:
+        args, overrides = tool.parse_args(argv)
+        cfg, _ = compose_run_config(args.recipe, overrides)
+        validate(cfg, world_size=args.world_size)
 
 
 def test_assumed_cp_splits_the_activations_and_adds_the_latent_exchange():
@@ -144,8 +232,9 @@ def test_configured_cp_is_planned_as_the_run_applies_it():
 
 
 def test_paper_layout_with_cp_fits_once_the_optimizer_state_is_sharded():
-    """The report's why-line: the configured replicate DP holds the whole AdamW state; sharded over the
-    gradient groups the paper's layout is under 60 GiB."""
+    """The configured replicate DP holds the whole AdamW state; sharded over the gradient groups
+    (``distributed_optimizer_bytes``, the JSON's optimizer_if_distributed) the paper's layout is under
+    60 GiB, and the why-line's FSDP dry run (with the assumed cp) fits too."""
     overrides = [o.replace("data.global_batch_size=3584", "data.global_batch_size=1024") for o in PAPER_LAYOUT]
     report = dry_run(_cfg(*overrides), world_size=1792, rank=0, device=load_device("H800"), memory_limit_gib=60,
                      assume_cp=8)
@@ -153,16 +242,16 @@ def test_paper_layout_with_cp_fits_once_the_optimizer_state_is_sharded():
     with_zero1 = report.peak_bytes - report.state.optimizer + report.distributed_optimizer_bytes
     assert with_zero1 < 60 * 2**30
     assert any(p.startswith("why: parallel.dp_mode=replicate") for p in report.problems)
+    assert report.fsdp_peak_bytes is not None and report.fsdp_peak_bytes < 60 * 2**30
 
 
 def test_paper_layout_fits_60_gib_with_cp_and_fsdp():
     """The paper's layout as the stack runs it: CP=8 inside EP=32, ZB-V, FSDP2 over dp x cp. It fits
     under 60 GiB with the stage's units gathered for the whole step (FSDP under PP), and FSDP's traffic
     is one all-gather + one reduce-scatter per unit and step, not per micro-batch."""
-    overrides = [o.replace("data.global_batch_size=3584", "data.global_batch_size=1024") for o in PAPER_LAYOUT]
-    replicate = dry_run(_cfg(*overrides, "parallel.cp=8"), world_size=1792, rank=0, device=load_device("H800"),
-                        memory_limit_gib=60)
-    fsdp = dry_run(_cfg(*overrides, "parallel.cp=8", "parallel.dp_mode=fsdp"), world_size=1792, rank=0,
+    replicate = dry_run(_cfg(*PAPER_CP8), world_size=1792, rank=0, device=load_device("H800"),
+                        memory_limit_gib=60, suggest_fsdp=False)
+    fsdp = dry_run(_cfg(*PAPER_CP8, "parallel.dp_mode=fsdp"), world_size=1792, rank=0,
                    device=load_device("H800"), memory_limit_gib=60)
     assert not replicate.fits and fsdp.fits, fsdp.problems
     assert fsdp.shard.sharded_over_dp and fsdp.shard.whole_params > 0  # ZB-V's shared embedding stays whole
