@@ -51,10 +51,12 @@ def lr_multiplier(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, *, cfg: OptimConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR whose state (last_epoch) is checkpointed with the run. Warns when the warmup is
-    shortened to fit the run (``effective_warmup_steps``); not for a run under 10 steps, whose warmup
-    shortens to none (a smoke run: "warming up over 0 steps" would say nothing)."""
+    shortened to fit the run (``effective_warmup_steps``), or dropped (a run under 10 steps)."""
     warmup = effective_warmup_steps(cfg, total_steps=total_steps)
-    if 0 < warmup != cfg.warmup_steps:
+    if warmup == 0 and cfg.warmup_steps > 0:
+        logger.warning("optim.warmup_steps=%d exceeds train.steps=%d: no warmup (a run this short keeps none); "
+                       "set optim.warmup_steps to choose", cfg.warmup_steps, total_steps)
+    elif warmup != cfg.warmup_steps:
         logger.warning("optim.warmup_steps=%d exceeds train.steps=%d: warming up over %d steps (%.0f%% of the run) "
                        "instead; set optim.warmup_steps to choose", cfg.warmup_steps, total_steps, warmup,
                        100 * SHORT_RUN_WARMUP_FRACTION)

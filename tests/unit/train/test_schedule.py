@@ -36,6 +36,7 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
         build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg=cfg, total_steps=10)
     assert "optim.warmup_steps=20 exceeds train.steps=10: warming up over 1 steps" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="longcat.train.schedule"):  # 5 steps: no warmup, no message
+    with caplog.at_level(logging.WARNING, logger="longcat.train.schedule"):  # 5 steps: no warmup, said so
         build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg=cfg, total_steps=5)
     assert effective_warmup_steps(cfg, total_steps=5) == 0 and "warming up over 0 steps" not in caplog.text
+    assert "optim.warmup_steps=20 exceeds train.steps=5: no warmup" in caplog.text
