@@ -14,7 +14,12 @@ Eq. 3-5 is the same):
   (``StabilityMonitor.lb_coef``, which ``moe.auto_lb_coef`` moves between steps), as one process does;
 - under pp 2 (1F1B and ZB-V) ``moe.auto_lb_coef`` measures R_g per stage (an isolated LM-only pass
   through the stages) and gives one process's R_g per layer, alpha, losses and grad norms over 3 steps,
-  identically on both ranks.
+  identically on both ranks;
+- under pp 2 x dp 2 with FSDP2 (every stage an FSDP root; 1F1B and ZB-V) the isolated pass runs
+  through the stage roots' hooks: R_g, alpha, losses and grad norms are dp 2 FSDP2's (R_g measured on
+  each dp rank's first micro-batch, summed over dp), and one process's when both dp ranks hold the
+  same micro-batches (then the dp sum scales both parts of the ratio alike); measuring R_g changes
+  no training number there (losses, grad norms, parameters bitwise).
 
 The layouts' own equivalence (losses, grad norms, biases, parameters for tp/pp/ep/fsdp/...) is
 tests/distributed/test_layouts.py; this file adds what it does not check. Rank bodies are
@@ -142,12 +147,35 @@ def _world2_body(cfg_lb0, cfg_lb0_mb2, cfg_health, cfg_auto, steps) -> dict:
         "auto": train_run(cfg_auto, dp2, steps),
         "auto_pp2": train_run(cfg_auto, Layout("pp2", pp=2), steps),
         "auto_pp2_zbv": train_run(_four_layers(cfg_auto), Layout("pp2zbv", pp=2, pp_schedule="zbv"), steps),
+        "auto_fsdp": train_run(cfg_auto, DP2_FSDP, steps),
+        "auto_fsdp_4l": train_run(_four_layers(cfg_auto), DP2_FSDP, steps),
         "auto_ep2_ckpt": train_run(_checkpointed(cfg_auto), Layout("ep2", dp=2, ep=2), steps),
         "ep2_on": train_run(cfg_health, Layout("ep2", dp=2, ep=2), steps[:2]),
         "ep2_off": train_run(_health_off(cfg_health), Layout("ep2", dp=2, ep=2), steps[:2]),
-        "fsdp_on": train_run(cfg_health, Layout("fsdp", dp=2, dp_mode="fsdp"), steps[:2]),
-        "fsdp_off": train_run(_health_off(cfg_health), Layout("fsdp", dp=2, dp_mode="fsdp"), steps[:2]),
+        "fsdp_on": train_run(cfg_health, DP2_FSDP, steps[:2]),
+        "fsdp_off": train_run(_health_off(cfg_health), DP2_FSDP, steps[:2]),
     }
+
+
+DP2_FSDP = Layout("fsdp", dp=2, dp_mode="fsdp")
+PP2_DP2_FSDP = {"1f1b": Layout("pp2xdp2-fsdp", pp=2, dp=2, dp_mode="fsdp"),
+                "zbv": Layout("pp2xdp2-fsdp-zbv", pp=2, dp=2, dp_mode="fsdp", pp_schedule="zbv")}
+
+
+def _mirrored(steps: list[list[dict]]) -> list[list[dict]]:
+    """Global batches whose two dp halves are the same micro-batches (0, 1, 0, 1)."""
+    return [batch[:2] + batch[:2] for batch in steps]
+
+
+def _pp_fsdp_body(cfg_auto, cfg_health, steps) -> dict:
+    out = {}
+    for schedule, layout in PP2_DP2_FSDP.items():
+        cfg = _four_layers(cfg_auto) if schedule == "zbv" else cfg_auto  # ZB-V: 4 stages of one layer
+        out[schedule] = train_run(cfg, layout, steps)
+        out[f"{schedule}_mirrored"] = train_run(cfg, layout, _mirrored(steps))
+    out["health_on"] = train_run(cfg_health, PP2_DP2_FSDP["1f1b"], steps[:2])
+    out["health_off"] = train_run(_health_off(cfg_health), PP2_DP2_FSDP["1f1b"], steps[:2])
+    return out
 
 
 def _health_off(cfg):
@@ -196,6 +224,12 @@ def setup(corpus_cache):
                                       "moe.rg_threshold": 0.05}),
     }
     return steps, cfgs
+
+
+@pytest.fixture(scope="module")
+def pp_fsdp(setup):
+    steps, cfgs = setup
+    return run_distributed(_pp_fsdp_body, world_size=4, args=(cfgs["auto"], cfgs["health"], steps), timeout_s=300)
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +342,56 @@ def test_measuring_rg_changes_nothing(world2, layout):
         assert all(torch.equal(p, q) for p, q in zip(on["params"], off["params"]))
         assert "moe/layer0/rg" in on["stability"][0] and "moe/layer0/rg" not in off["stability"][0]
     assert world2[0][f"{layout}_on"]["stability"] == world2[1][f"{layout}_on"]["stability"]
+
+
+def _assert_same_budget_control(got: dict, want: dict, *, rg_rtol: float) -> None:
+    """Losses and grad norms to RTOL; per step every layer's R_g, the worst, and alpha to ``rg_rtol``."""
+    assert got["losses"] == pytest.approx(want["losses"], rel=RTOL)
+    assert got["grad_norms"] == pytest.approx(want["grad_norms"], rel=RTOL)
+    assert got["state"]["lb_coef"] == pytest.approx(want["state"]["lb_coef"], rel=rg_rtol)
+    for step, (g, w) in enumerate(zip(got["stability"], want["stability"])):
+        rg = sorted(k for k in w if k.endswith("/rg"))
+        assert rg and rg == sorted(k for k in g if k.endswith("/rg")), (step, rg)
+        for key in rg + ["moe/rg_max", "moe/lb_coef"]:
+            assert g[key] == pytest.approx(w[key], rel=rg_rtol), (step, key, g[key], w[key])
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_pp2xdp2_fsdp_automatic_alpha_matches_one_process(setup, pp_fsdp, schedule):
+    """moe.auto_lb_coef under pp 2 x dp 2 with FSDP2: the isolated LM-only pass runs through the stage
+    roots' hooks (gathered weights, no gradient reduced). With the same micro-batches on both dp ranks,
+    R_g of every layer, the alpha it sets, the losses and grad norms of 3 steps are one process's
+    (which moves alpha) to 1e-5, on all four ranks."""
+    steps, cfgs = setup
+    cfg = _four_layers(cfgs["auto"]) if schedule == "zbv" else cfgs["auto"]
+    want = train_run(cfg, Layout("single"), _mirrored(steps))
+    alphas = [m["moe/lb_coef"] for m in want["stability"]]
+    assert alphas[0] == ALPHA and alphas[-1] < ALPHA, alphas  # the reference's alpha moved
+    for rank in pp_fsdp:
+        _assert_same_budget_control(rank[f"{schedule}_mirrored"], want, rg_rtol=RTOL)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_pp2xdp2_fsdp_automatic_alpha_matches_dp2_fsdp(pp_fsdp, world2, schedule):
+    """The same with different micro-batches on the two dp ranks: R_g is measured on each dp rank's
+    first micro-batch and summed over dp, as dp 2 FSDP2 without a pipeline does; R_g, alpha, losses
+    and grad norms are that run's, and every rank applies the same alpha."""
+    want = world2[0]["auto_fsdp_4l" if schedule == "zbv" else "auto_fsdp"]
+    assert [m["moe/lb_coef"] for m in want["stability"]][-1] < ALPHA
+    for rank in pp_fsdp:
+        _assert_same_budget_control(rank[schedule], want, rg_rtol=1e-4)
+    first = {k: v for k, v in pp_fsdp[0][schedule]["stability"][-1].items() if "rg" in k or "lb_coef" in k}
+    for rank in pp_fsdp[1:]:
+        assert {k: v for k, v in rank[schedule]["stability"][-1].items() if k in first} == first
+
+
+def test_pp2xdp2_fsdp_measuring_rg_changes_nothing(pp_fsdp):
+    """The isolated pass gathers every stage's weights through FSDP2's hooks and reshards them, and
+    reduces no gradient: the training's gradients, hence losses, grad norms and parameters, are
+    bitwise those of a run that never measures R_g."""
+    for rank in pp_fsdp:
+        on, off = rank["health_on"], rank["health_off"]
+        assert on["losses"] == off["losses"] and on["grad_norms"] == off["grad_norms"]
+        assert all(torch.equal(p, q) for p, q in zip(on["params"], off["params"]))
+        assert any(k.endswith("/rg") for k in on["stability"][0])
+        assert not any(k.endswith("/rg") for k in off["stability"][0])

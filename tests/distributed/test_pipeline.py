@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 
 from longcat.config.schema import LossConfig, ModelConfig, MoEConfig
 from longcat.distributed import ParallelDims, ProcessGroups
-from longcat.distributed.pipeline import plan_stages
+from longcat.distributed.pipeline import StagePassOutput, plan_stages
 from longcat.model import LongcatFlashForCausalLM
 from longcat.model.parallel.pipeline import build_pipeline
 from longcat.testing import run_distributed
@@ -195,8 +195,6 @@ def _isolated_matches_reference(runner, ref, micro_batches) -> None:
     """``run_isolated``: one micro-batch on its own through the stages (the training forward, parameter
     gradients accumulated) gives the reference's loss terms and gradients of that micro-batch alone;
     the stages' records of the schedule are untouched and nothing travels back on the first stage."""
-    from longcat.distributed.pipeline import StagePassOutput
-
     counts = _global_counts(micro_batches)
     runner.local_model.zero_grad(set_to_none=True)
     ref.zero_grad(set_to_none=True)
@@ -274,6 +272,55 @@ def _pp_dp_body():
 
 def test_pipeline_with_data_parallel_matches_single_process():
     run_distributed(_pp_dp_body, world_size=4, timeout_s=TIMEOUT_S)
+
+
+def _pp_fsdp_isolated_body(schedule: str):
+    from torch.distributed.tensor import DTensor
+
+    from longcat.config.schema import ParallelConfig
+    from longcat.model.parallel.parallelize import parallelize
+
+    groups = ProcessGroups.build(ParallelDims(4, pp=2))
+    model, ref = _build(CFG, checkpointing=False)
+    runner = parallelize(model, groups=groups, options=ParallelConfig(pp=2, dp=2, dp_mode="fsdp", pp_schedule=schedule),
+                         num_microbatches=NUM_MICROBATCHES, objective=_objective(dp_size=2)).pipeline
+    assert runner is not None
+    sharded = {name for name, p in runner.local_model.named_parameters() if isinstance(p, DTensor)}
+    assert sharded  # FSDP2 stage roots
+
+    everything = _micro_batches(2 * NUM_MICROBATCHES, seed=3)
+    firsts = everything[::NUM_MICROBATCHES]  # each dp rank's first micro-batch
+    counts = _global_counts(everything)
+    # forward only: the stages' gathered weights are freed again (reshard_after_forward=False under PP)
+    with torch.no_grad():
+        runner.run_isolated(firsts[groups.dp_rank], counts, backward=False,
+                            stage_fn=lambda stage, x, kw: StagePassOutput(output=stage(x, **kw)))
+    assert sharded == {name for name, p in runner.local_model.named_parameters() if isinstance(p, DTensor)}
+
+    ref.zero_grad(set_to_none=True)
+    _, parts, _ = _reference(ref, firsts, accum=NUM_MICROBATCHES, dp_size=2, counts=counts)
+    results = runner.run_isolated(firsts[groups.dp_rank], counts, param_grads=True,
+                                  stage_fn=lambda stage, x, kw: StagePassOutput(output=stage(x, **kw)))
+    sums = torch.stack([r.record.loss_sums for r in results]).sum(0)
+    dist.all_reduce(sums)  # [4] -> all_reduce(sum, pp x dp) -> [4]: both stages, both dp ranks' micro-batch
+    _assert_losses(Parts(*sums.tolist()), parts)
+    runner.sync_tied_embedding_grads()
+    assert sharded == {name for name, p in runner.local_model.named_parameters() if isinstance(p, DTensor)}
+    ref_params = dict(ref.named_parameters())
+    for name, param in runner.local_model.named_parameters():  # the same order on both dp ranks of a stage
+        grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad  # gathered over dp
+        if name not in sharded:  # left whole (ZB-V's shared embedding): summed over dp as the trainer does
+            dist.all_reduce(grad, group=groups.dp_group)
+        assert _rel_err(grad, ref_params[name].grad) <= REL, (name, _rel_err(grad, ref_params[name].grad))
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_isolated_pass_through_fsdp_stage_roots_matches_single_process(schedule):
+    """``run_isolated`` when every stage module is an FSDP2 root (pp 2 x dp 2): the stages' hooks
+    gather the weights, the pass's parameter gradients are reduce-scattered over dp into the sharded
+    ``.grad`` and equal one process's gradients of the two dp ranks' micro-batches; the weights are
+    resharded after the pass, also after a forward-only one."""
+    run_distributed(_pp_fsdp_isolated_body, world_size=4, args=(schedule,), timeout_s=TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------------- plan

@@ -433,11 +433,6 @@ class SDCConfig:
         if self.replay_interval and not determinism_enabled:
             raise ValueError(f"sdc.replay_interval={self.replay_interval} compares a recomputation bit for bit, "
                              "which needs determinism.enabled=true")
-        if self.replay_interval and parallel.pp > 1 and parallel.dp_mode == DPMode.fsdp:
-            raise ValueError(f"sdc.replay_interval={self.replay_interval} is not supported with parallel.pp="
-                             f"{parallel.pp} and parallel.dp_mode=fsdp (the replay's isolated passes through the "
-                             "stages would run FSDP2's gradient reduce-scatter); use parallel.dp_mode=replicate "
-                             "or sdc.replica_interval only")
         if SDCPolicy(self.policy) is SDCPolicy.rollback and checkpoint_interval == 0:
             raise ValueError("sdc.policy=rollback reloads the last good checkpoint, but train.checkpoint_interval=0 "
                              "writes none; set a checkpoint interval or sdc.policy=halt")

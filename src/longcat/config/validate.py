@@ -18,7 +18,6 @@ from typing import Callable
 from longcat.config.layout import check_model_split, divisors
 from longcat.config.schema import (
     ConfigError,
-    DPMode,
     MoEChunkDim,
     PipelineSchedule,
     RunConfig,
@@ -71,7 +70,6 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
     if model_ok:
         ok(_check_positions, cfg)
     if dp is not None:
-        ok(_check_stability, cfg)
         ok(_check_sequence_split, cfg)
         if model_ok:
             ok(_check_model_fits_layout, cfg, dp=dp)
@@ -172,14 +170,3 @@ def _check_micro_batches(cfg: RunConfig, *, dp: int) -> None:
         raise ValueError(f"parallel.pp_schedule=interleaved_1f1b runs micro-batches in rounds of pp={p.pp}: "
                          f"{derived} is not a multiple of its {rounds} rounds; use a multiple of {p.pp} "
                          "micro-batches per step")
-
-
-
-def _check_stability(cfg: RunConfig) -> None:
-    """The stability suite's settings against the layout (``longcat.train.stability``)."""
-    p = cfg.parallel
-    if cfg.moe.auto_lb_coef and p.pp > 1 and p.dp_mode == DPMode.fsdp:
-        raise ValueError("moe.auto_lb_coef=true needs R_g, which under pipeline parallelism is measured by an "
-                         "isolated pass through the stages that FSDP2-rooted stages do not support yet "
-                         f"(parallel.pp={p.pp}, parallel.dp_mode=fsdp): use parallel.dp_mode=replicate with pp, or "
-                         "moe.auto_lb_coef=false")

@@ -30,7 +30,9 @@ each stage module (``forward(..., evaluate=True)``) so its FSDP hooks gather the
 reshards every FSDP unit of the stages afterwards.
 
 ``runner.run_isolated(micro_batch, step_input, stage_fn=...)`` runs one micro-batch through every
-stage on its own, outside the schedule (R_g's LM-only gradient, the SDC replay).
+stage on its own, outside the schedule (R_g's LM-only gradient, the SDC replay); it calls each stage
+module too, so under FSDP2 the roots' hooks gather, reduce-scatter and reshard as for one plain
+backward (``longcat.distributed.pipeline_chain``).
 
 Shape legend:
     B  micro-batch size

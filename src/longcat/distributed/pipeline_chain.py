@@ -16,6 +16,17 @@ and its input gradient is returned. What a stage computes in the pass is the cal
 ``stage_fn``; each stage runs it with a fresh ``StageRecord`` (its training record is put back
 afterwards, untouched), and ``step_input`` set as in ``PipelineRunner.step``.
 
+``stage_fn`` must go through the stage module's call (``stage(x, ...)``), never one of its
+methods: under FSDP2 each stage module is an FSDP root, whose hooks gather its parameters before
+the forward and, in the backward, reduce-scatter the gradients over dp into the sharded ``.grad``
+and reshard. For the pass every FSDP root of the stages is set to that plain single-backward
+behaviour (gradient sync, reshard after backward, last backward: what the schedule's last
+micro-batch leaves anyway), so the pass leaves no unreduced gradient behind for the next step, and
+every FSDP unit is resharded afterwards. A pass with ``param_grads=False`` computes no parameter
+gradient: nothing is reduced and ``.grad`` is untouched; with ``param_grads=True`` the reduced
+gradients land in ``.grad`` (the SDC replay stashes the step's around the pass). Every dp rank of a
+stage must run the pass at the same point (the all-gathers and reduce-scatters pair over dp).
+
 Cost: one micro-batch's forward (and backward) on every stage, with no overlap between stages.
 
 Shape legend:
@@ -31,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from longcat.distributed.pipeline_stage import StageModule, StageRecord
 
@@ -92,14 +104,34 @@ def run_isolated(runner: PipelineRunner, inputs: dict[str, torch.Tensor], step_i
             ``position_ids``]) on the stages' device.
         step_input: set as every stage's ``step_input`` for the pass (the global token counts).
         stage_fn: ``stage_fn(stage, x, inputs) -> StagePassOutput``: the stage's forward on input x
-            (token ids on the first stage, else a leaf activation requiring grad).
+            (token ids on the first stage, else a leaf activation requiring grad), through the
+            module call ``stage(x, ...)`` (FSDP2's hooks; see the module docstring).
         backward: run the backward chain (else forward only, under the caller's grad mode).
         param_grads: the backward accumulates into the parameters' ``.grad`` (the caller stashes
             them around the pass); else only the inputs' and ``watched`` gradients are computed.
 
     Returns:
         Per local stage, ascending stage index, a ``StagePassResult``.
+
+    Raises:
+        RuntimeError: ``stage_fn`` did not call the stage module.
     """
+    for stage in runner.stages:
+        if isinstance(stage, FSDPModule):  # one plain backward: reduce-scatter now, reshard after it
+            stage.set_is_last_backward(True)
+            stage.set_requires_gradient_sync(True)
+            stage.set_reshard_after_backward(True)
+    try:
+        return _run_chain(runner, inputs, step_input, stage_fn=stage_fn, backward=backward, param_grads=param_grads)
+    finally:
+        for stage in runner.stages:  # free what a forward gathered (reshard_after_forward=False under PP)
+            for module in stage.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+
+def _run_chain(runner: PipelineRunner, inputs: dict[str, torch.Tensor], step_input: Any, *, stage_fn: StageFn,
+               backward: bool, param_grads: bool) -> list[StagePassResult]:
     plan, pp_rank, group = runner.plan, runner.pp_rank, runner.pp_group
     ranks = plan.stage_to_pp_rank
     local: dict[int, StageModule] = {s.stage_index: s for s in runner.stages}
@@ -124,13 +156,7 @@ def run_isolated(runner: PipelineRunner, inputs: dict[str, torch.Tensor], step_i
                 # [B, S/sp, D] <- recv(pp, from stage s-1's rank)
                 dist.recv(x, group=group, group_src=ranks[s - 1])
             x.requires_grad_(backward and torch.is_grad_enabled())
-        saved_record, saved_input = stage.record, stage.step_input
-        stage.record, stage.step_input = StageRecord(), step_input
-        try:
-            out = stage_fn(stage, x, inputs)
-        finally:
-            record = stage.record
-            stage.record, stage.step_input = saved_record, saved_input
+        out, record = _forward_stage(stage, x, inputs, step_input, stage_fn=stage_fn)
         results[s] = StagePassResult(stage_index=s, output=out.output.detach(), input_grad=None,
                                      watched_grads=[None] * len(out.watched), record=record, report=out.report,
                                      _graph=(x, out))
@@ -150,6 +176,26 @@ def run_isolated(runner: PipelineRunner, inputs: dict[str, torch.Tensor], step_i
     for r in results.values():
         r._graph = None
     return [results[s] for s in sorted(results)]
+
+
+def _forward_stage(stage: StageModule, x: torch.Tensor, inputs: dict[str, torch.Tensor], step_input: Any, *,
+                   stage_fn: StageFn) -> tuple[StagePassOutput, StageRecord]:
+    """``stage_fn`` on one stage with a fresh record and ``step_input`` (both put back afterwards):
+    (its output, what the stage recorded)."""
+    saved_record, saved_input = stage.record, stage.step_input
+    stage.record, stage.step_input = StageRecord(), step_input
+    calls: list[bool] = []
+    hook = stage.register_forward_pre_hook(lambda *_: calls.append(True))
+    try:
+        out = stage_fn(stage, x, inputs)
+    finally:
+        hook.remove()
+        record = stage.record
+        stage.record, stage.step_input = saved_record, saved_input
+    if not calls:
+        raise RuntimeError(f"run_isolated: the stage_fn did not call stage {stage.stage_index}'s module; call it as "
+                           "stage(x, ...) so that the hooks around it (FSDP2's gather) run")
+    return out, record
 
 
 def _backward_stage(results: dict[int, StagePassResult], stage: StageModule, *, ranks: Sequence[int], pp_rank: int,

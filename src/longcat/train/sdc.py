@@ -28,6 +28,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from longcat.config.schema import FaultInjection, FaultTarget
 
@@ -143,9 +144,13 @@ def cross_replica_mismatches(named_params: Iterable[tuple[str, torch.Tensor]], *
 
 
 def flip_bit_(tensor: torch.Tensor, *, index: int, bit: int) -> None:
-    """Flip bit ``bit`` of element ``index`` (modulo numel) of ``tensor`` in place (fp32/bf16/int)."""
+    """Flip bit ``bit`` of element ``index`` (modulo numel) of ``tensor`` in place (fp32/bf16/int).
+
+    A DTensor (an FSDP2 / TP shard) has its local shard flipped, on this rank alone: indexing the
+    DTensor itself would redistribute it, a collective the other ranks never enter."""
     with torch.no_grad():
-        flat = tensor.view(-1)
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        flat = local.view(-1)
         i = index % flat.numel()
         if flat.element_size() == 4:
             words = flat.view(torch.int32)

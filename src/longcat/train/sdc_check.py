@@ -33,7 +33,10 @@ checksums of its output, loss terms, input-activation gradient and parameter gra
 (``stage{s}/output``, ``stage{s}/loss``, ``stage{s}/input_grad``, parameter names), and the first
 run's stage outputs against those the schedule itself computed for that micro-batch
 (``stage{s}/output@schedule``). Extra cost: two micro-batches' forward and backward, stage after
-stage (no overlap between stages). Not with FSDP under PP (the schema refuses it).
+stage (no overlap between stages). Under FSDP2 each isolated run goes through the stage roots' hooks:
+the weights are gathered again and the run's gradients are reduce-scattered over dp into the
+(stashed) sharded ``.grad``, so a fault on one dp rank shows in the reduced gradients of every dp
+rank of its stage, and a fault flipped into a gradient lands in this rank's shard.
 
 On a step with ``s % sdc.replica_interval == 0``, after the optimizer step, parameters replicated
 over dp (dense; and the expert biases) and over edp (routed experts) are hashed and compared across
@@ -143,7 +146,7 @@ class SDCMonitor:
         num_checks: checks run, by kind (``replay``, ``replica``).
         num_failed_checks: checks that found at least one mismatch.
 
-    ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``): no replay under PP with FSDP.
+    ``cfg`` passed ``SDCConfig.validate`` (``longcat.config.validate``).
     """
 
     def __init__(self, cfg: SDCConfig, *, parallel: ParallelModel, groups: ProcessGroups,

@@ -43,15 +43,17 @@ all-reduce of ``L + 2 + L (K + 1)`` floats (``2 L E`` more on a measuring step).
 Under pipeline parallelism the LM part lives on the last stage and the schedule mixes every
 micro-batch's gradients with the LB terms of later stages, so the trainer runs the first
 micro-batch once more on its own through the stages (``PipelineRunner.run_isolated`` with
-``PipelineStageModule.forward_lm_only``: no LB term anywhere, the last stage returns CE + MTP + z);
+``PipelineStageModule.forward_lm_only``, called as ``stage(x, lm_only=True, ...)``: no LB term
+anywhere, the last stage returns CE + MTP + z);
 its backward chain brings the LM part's gradient back to every stage's routers (activation
 gradients only, no weight gradients) and ``measure_pipeline`` takes the LB part from each local
 layer's own term, as above. Each stage computes R_g of its layers after the dp sum; one all-reduce
 of ``L_global`` floats over pp gives every rank every layer's R_g (logged by global layer index), so
 all ranks apply the same alpha. Extra cost on a measuring step: one micro-batch's forward and
 activation-gradient backward through all stages, run stage after stage (no overlap; under EP its
-all-to-all rows count in ``ep/dispatched_rows``). The hidden-state norm and the per-layer LB metrics
-are not logged under pp > 1.
+all-to-all rows count in ``ep/dispatched_rows``; under FSDP2 one more all-gather of every stage's
+weights, since the pass runs before the schedule and reshards after it; no gradient is reduced). The
+hidden-state norm and the per-layer LB metrics are not logged under pp > 1.
 
 Automatic alpha (``moe.auto_lb_coef``). R_g is linear in alpha, so from a measurement at the alpha
 in use the ratios are rescaled to the configured ``moe.lb_loss_coef`` (the ceiling) and
@@ -149,9 +151,6 @@ class StabilityMonitor:
         self.num_global_layers = num_global_layers if num_global_layers is not None else num_layers
         self.warn = warn
         self.lb_coef = float(moe_cfg.lb_loss_coef)  # alpha in use
-        # False where R_g cannot be measured (pipeline stages under FSDP2: the isolated LM-only pass
-        # calls the stages outside FSDP's hooks); the trainer sets it, and validation refuses auto alpha there
-        self.rg_supported = True
         self._measuring = False  # this step measures R_g (same decision on every rank)
         self._pending = False  # ... and the first micro-batch has not been measured yet
         self._grads_2LE: Optional[torch.Tensor] = None
@@ -161,7 +160,7 @@ class StabilityMonitor:
     def begin_step(self, step: int) -> None:
         """Before the first micro-batch of optimizer step ``step + 1`` (``step`` steps done)."""
         interval = self.cfg.router_health_interval
-        self._measuring = self.rg_supported and interval > 0 and step % interval == 0
+        self._measuring = interval > 0 and step % interval == 0
         self._pending = self._measuring
         self._grads_2LE = None
 
@@ -192,7 +191,7 @@ class StabilityMonitor:
     def measure_pipeline(self, *, lm_grads_LTE: Sequence[Optional[torch.Tensor]],
                          lb_terms_L: Optional[Sequence[torch.Tensor]], stats: Sequence[MoEStats]) -> None:
         """``measure`` under pipeline parallelism, from this rank's stages' part of one isolated pass
-        (``PipelineRunner.run_isolated`` with ``PipelineStageModule.forward_lm_only``): the LM part's
+        (``PipelineRunner.run_isolated`` with ``stage(x, lm_only=True, ...)``): the LM part's
         gradient with respect to every local layer's ``probs_TE`` [T, E] (None: no dependence) came
         back through the stages' backward chain; the LB part is read here from each layer's own term.
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from longcat.atomic_files import write_text_atomic
-from longcat.config.schema import DPMode, ResumeMode, RunConfig, num_grad_accum_steps
+from longcat.config.schema import ResumeMode, RunConfig, num_grad_accum_steps
 from longcat.data import build_pretrain_data
 from longcat.distributed.context_parallel import cp_local_positions, cp_split
 from longcat.distributed.groups import ProcessGroups
@@ -154,8 +154,6 @@ class Trainer:
             layer_ids=self.pipeline.local_layer_ids if self.pipeline is not None else None,
             num_global_layers=cfg.model.num_layers)
         self.routers_L = local_routers(self.parallel)
-        if self.pipeline is not None and DPMode(cfg.parallel.dp_mode) is DPMode.fsdp:
-            self.stability.rg_supported = False  # no isolated pass through FSDP2-rooted stages (R_g metrics off)
         self.data = build_pretrain_data(cfg.data, vocab_size=cfg.model.vocab_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep_last=cfg.train.keep_last,
@@ -352,7 +350,7 @@ class Trainer:
         stage's routers brought back by the stages' backward chain (no parameter gradients); the LB
         part from each local layer's own term, as the plain step does."""
         assert self.pipeline is not None
-        results = self.pipeline.run_isolated(mb, counts, stage_fn=lambda stage, x, kw: stage.forward_lm_only(x, **kw))
+        results = self.pipeline.run_isolated(mb, counts, stage_fn=lambda stage, x, kw: stage(x, lm_only=True, **kw))
         stats = [s for r in results for s in r.report]
         lm_grads = [g for r in results for g in r.watched_grads]
         lb_terms = self.objective.load_balance(stats)

@@ -22,8 +22,12 @@ def test_checks_compose_with_determinism():
     validate_run_config(cfg, world_size=1)
 
 
-@pytest.mark.parametrize("overrides", [["parallel=pp2"], ["parallel.dp=2", "parallel.dp_mode=deepspeed"]])
-def test_replay_composes_with_pipeline_and_deepspeed(overrides):
-    """Replay runs per stage under PP and beside DeepSpeed's engine (train/sdc_check.py)."""
+@pytest.mark.parametrize("world_size,overrides", [
+    (2, ["parallel=pp2"]), (2, ["parallel.dp=2", "parallel.dp_mode=deepspeed"]),
+    (4, ["parallel=pp2_fsdp2", "data.global_batch_size=32"]),
+])
+def test_replay_composes_with_pipeline_and_deepspeed(world_size, overrides):
+    """Replay runs per stage under PP (FSDP2 stage roots included) and beside DeepSpeed's engine
+    (train/sdc_check.py)."""
     cfg, _ = compose_run_config("pretrain", ["sdc.replay_interval=5", "determinism.enabled=true", *overrides])
-    validate_run_config(cfg, world_size=2)
+    validate_run_config(cfg, world_size=world_size)

@@ -100,9 +100,11 @@ class _StageModules(nn.Module):
 class PipelineStageModule(StageModule):
     """One pipeline stage of a ``LongcatFlashForCausalLM`` (see the module docstring).
 
-    forward(x, *, input_ids, token_mask, labels[, position_ids, mtp_labels, mtp_input_ids][, evaluate]):
+    forward(x, *, input_ids, token_mask, labels[, position_ids, mtp_labels, mtp_input_ids][, evaluate][, lm_only]):
         x: first stage int64 [B, S] token ids; other stages the previous stage's output [B, S, D]
-        ([B, S/tp, D] under sequence parallelism). ``evaluate=True``: ``evaluate``'s result instead.
+        ([B, S/tp, D] under sequence parallelism). ``evaluate=True``: ``evaluate``'s result instead;
+        ``lm_only=True``: ``forward_lm_only``'s (a ``StagePassOutput``). Both go through the module
+        call so that the hooks of an FSDP2 root wrapping the stage gather its parameters first.
         Returns [B, S, D] (non-last stage, with this stage's load-balance loss attached for backward)
         or the micro-batch's fp32 [] objective (last stage).
     The keyword tensors ([B, S] each) reach every stage: token_mask (MoE statistics, z-loss),
@@ -179,10 +181,14 @@ class PipelineStageModule(StageModule):
     # ---------------------------------------------------------------- training forward
     def forward(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None, mtp_labels: Optional[torch.Tensor] = None,
-                mtp_input_ids: Optional[torch.Tensor] = None, evaluate: bool = False) -> torch.Tensor:
+                mtp_input_ids: Optional[torch.Tensor] = None, evaluate: bool = False,
+                lm_only: bool = False) -> torch.Tensor | StagePassOutput:
         if evaluate:
             return self.evaluate(x, input_ids=input_ids, token_mask=token_mask, labels=labels,
                                  position_ids=position_ids)
+        if lm_only:
+            return self.forward_lm_only(x, input_ids=input_ids, token_mask=token_mask, labels=labels,
+                                        position_ids=position_ids, mtp_labels=mtp_labels, mtp_input_ids=mtp_input_ids)
         h_BSD, cos_BSP, sin_BSP, stats = self.trunk(x, input_ids_BS=input_ids, token_mask_BS=token_mask,
                                                     position_ids_BS=position_ids)
         # Recorded here, outside any checkpointed region: a recompute in backward cannot add to them.
@@ -217,7 +223,8 @@ class PipelineStageModule(StageModule):
         ``PipelineRunner.run_isolated``: the activation [B, S, D] (nothing attached), or on the last
         stage the micro-batch's LM objective fp32 [] (CE + MTP + hidden z, as the plain step's
         ``lm_terms``). ``watched``: each local layer's router probabilities [T, E]; ``report``: the
-        layers' MoEStats (with ``probs_TE`` and their graph). Records nothing."""
+        layers' MoEStats (with ``probs_TE`` and their graph). Records nothing. Call it as
+        ``stage(x, lm_only=True, ...)`` (through FSDP2's hooks)."""
         h_BSD, cos_BSP, sin_BSP, stats = self.trunk(x, input_ids_BS=input_ids, token_mask_BS=token_mask,
                                                     position_ids_BS=position_ids)
         watched = [s.probs_TE for s in stats if s.probs_TE is not None]
