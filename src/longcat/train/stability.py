@@ -8,7 +8,7 @@
         measure(...)  on the first micro-batch only, before its real backward (when due)
     end_step(sums, routers=...)          # one all-reduce over dp; metrics; automatic alpha
 
-What it logs (names as in ``metrics.jsonl``; L = MoE layer, local index on this rank):
+What it logs (names as in ``metrics.jsonl``; L = MoE layer, its global index in the model):
 
 - ``moe/layer{L}/lb_loss``: the layer's alpha-scaled load-balance term of the objective (Eq. 3-5),
   summed over the global batch's micro-batches (they add up to ``loss/lb``). Every step.
@@ -47,13 +47,15 @@ micro-batch once more on its own through the stages (``PipelineRunner.run_isolat
 anywhere, the last stage returns CE + MTP + z);
 its backward chain brings the LM part's gradient back to every stage's routers (activation
 gradients only, no weight gradients) and ``measure_pipeline`` takes the LB part from each local
-layer's own term, as above. Each stage computes R_g of its layers after the dp sum; one all-reduce
-of ``L_global`` floats over pp gives every rank every layer's R_g (logged by global layer index), so
-all ranks apply the same alpha. Extra cost on a measuring step: one micro-batch's forward and
-activation-gradient backward through all stages, run stage after stage (no overlap; under EP its
-all-to-all rows count in ``ep/dispatched_rows``; under FSDP2 one more all-gather of every stage's
-weights, since the pass runs before the schedule and reshards after it; no gradient is reduced). The
-hidden-state norm and the per-layer LB metrics are not logged under pp > 1.
+layer's own term, as above. Each stage computes R_g of its layers after the dp sum. Every step, one
+all-reduce of ``L_global x (E + K + 4)`` floats over pp brings every stage's per-layer values (router
+counts, FFN-experts-per-token histogram, router cosine similarity, R_g on a measuring step) to every
+rank: rank 0 logs every layer by its global index, and all ranks apply the same alpha. Extra cost
+on a measuring step: one micro-batch's forward and activation-gradient backward through all stages,
+run stage after stage (no overlap; under EP its all-to-all rows count in ``ep/dispatched_rows``;
+under FSDP2 one more all-gather of every stage's weights, since the pass runs before the schedule and
+reshards after it; no gradient is reduced). The hidden-state norm and the per-layer LB metrics are not
+logged under pp > 1.
 
 Automatic alpha (``moe.auto_lb_coef``). R_g is linear in alpha, so from a measurement at the alpha
 in use the ratios are rescaled to the configured ``moe.lb_loss_coef`` (the ceiling) and
@@ -116,10 +118,24 @@ class StabilityStep:
     metrics: the step's values (names in the module docstring), identical on every rank.
     ffn_per_token_stats: per layer (min, max, std) of FFN experts per real token over the whole
         global batch (all micro-batches, all dp ranks).
+    router_counts_LE: [L, E + 1] the router counts passed to ``end_step`` (zeros when none were).
+    Per-layer values run over every MoE layer of the model by global index (under pp > 1 gathered
+    from all stages), the metric names included.
     """
 
     metrics: dict[str, float]
     ffn_per_token_stats: list[tuple[float, float, float]]
+    router_counts_LE: torch.Tensor
+
+
+@dataclass
+class _PerLayer:
+    """Per-layer values of one step (local layers, or under pp every layer of the model)."""
+
+    counts_LE: torch.Tensor  # [L, E + 1] router counts over dp; last column = real tokens
+    hist_LK: torch.Tensor  # [L, K + 1] FFN experts per token histogram over dp
+    cos_L: list[float]  # router cosine similarity (empty: no routers given)
+    ratios_L: list[float]  # R_g (empty: not a measuring step)
 
 
 class StabilityMonitor:
@@ -130,9 +146,10 @@ class StabilityMonitor:
             ``router_collapse_threshold``, ``lb_loss_coef`` (the configured alpha, a ceiling).
         num_layers: MoE layers on this rank.
         pipeline_parallel: pp > 1 (the hidden norm and the per-layer LB metrics are then not logged;
-            R_g is measured through ``measure_pipeline`` and combined over ``pp_group``).
-        pp_group: the pipeline group (pp > 1): R_g of every stage's layers reaches every rank, so
-            all ranks apply the same automatic alpha.
+            R_g is measured through ``measure_pipeline``).
+        pp_group: the pipeline group (pp > 1): every stage's per-layer values (R_g, router counts,
+            FFN experts per token, cosine similarity) reach every rank, so rank 0 logs every layer
+            and all ranks apply the same automatic alpha.
         layer_ids: global indices of this rank's MoE layers (default ``range(num_layers)``).
         num_global_layers: MoE layers of the whole model (default ``num_layers``).
         warn: emit the collapse warning on this rank (rank 0).
@@ -154,7 +171,7 @@ class StabilityMonitor:
         self._measuring = False  # this step measures R_g (same decision on every rank)
         self._pending = False  # ... and the first micro-batch has not been measured yet
         self._grads_2LE: Optional[torch.Tensor] = None
-        self._collapsed_L = [False] * num_layers
+        self._collapsed_L = [False] * self.num_global_layers  # by global layer index
 
     # ---------------------------------------------------------------- per step
     def begin_step(self, step: int) -> None:
@@ -225,14 +242,18 @@ class StabilityMonitor:
         self._grads_2LE = grads_2LE
 
     def end_step(self, sums: StabilitySums, stats: Sequence[Sequence[MoEStats]], *,
-                 routers: Sequence[TopKRouter], dp_group: Optional[dist.ProcessGroup]) -> StabilityStep:
-        """Reduce this step's sums over dp, update the automatic alpha; returns the step's metrics.
+                 routers: Sequence[TopKRouter], dp_group: Optional[dist.ProcessGroup],
+                 router_counts_LE: Optional[torch.Tensor] = None) -> StabilityStep:
+        """Reduce this step's sums over dp (and the per-layer values over pp), update the automatic
+        alpha; returns the step's metrics.
 
         Args:
             sums: this dp rank's StabilitySums of the step (before any dp reduction).
             stats: per micro-batch of this rank, per local layer its MoEStats (``ffn_per_token_T``).
             routers: this rank's ``TopKRouter`` modules, one per local MoE layer, in order.
             dp_group: the dense data-parallel group (None = no dp).
+            router_counts_LE: [L_local, E + 1] the step's router counts, already summed over dp
+                (``ExpertBiasController.step``); returned for every layer of the model.
         """
         L, K, E = self.num_layers, self.top_k, self.num_experts
         # FFN experts per token take the values 0..K: a histogram summed over dp gives the global
@@ -251,44 +272,64 @@ class StabilityMonitor:
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
             # [L + 2 + L(K+1) (+ 2LE when measuring)] float64 -> all_reduce(sum, dp) -> same
             dist.all_reduce(vector, group=dp_group)
-        hist_LK = vector[L + 2: L + 2 + L * (K + 1)].reshape(L, K + 1)
         metrics: dict[str, float] = {"moe/lb_coef": self.lb_coef}
         if not self.pipeline_parallel:
             for layer in range(L):
                 metrics[f"moe/layer{layer}/lb_loss"] = float(vector[layer])
             metrics["hidden/last_l2_norm"] = float(vector[L] / vector[L + 1].clamp(min=1.0))
-        ffn_stats = [_min_max_std(hist_LK[layer]) for layer in range(L)]
-        means = [_mean(hist_LK[layer]) for layer in range(L)]
+        cos_L = [router_health.router_cosine_similarity(_full(router.classifier.weight)) for router in routers]
+        ratios_L: list[float] = []
+        if self._measuring:
+            grads_2LE = vector[L + 2 + L * (K + 1):].reshape(2, L, E)
+            ratios_L = [router_health.gradient_norm_ratio(grads_2LE[0, layer], grads_2LE[1, layer], tangent=True)
+                        for layer in range(L)]
+        counts_LE = router_counts_LE if router_counts_LE is not None else torch.zeros(L, E + 1, dtype=torch.float64)
+        layers = self._all_stages(_PerLayer(
+            counts_LE=counts_LE, hist_LK=vector[L + 2: L + 2 + L * (K + 1)].reshape(L, K + 1),
+            cos_L=cos_L, ratios_L=ratios_L))
+        G = layers.hist_LK.shape[0]
+        ffn_stats = [_min_max_std(layers.hist_LK[layer]) for layer in range(G)]
+        means = [_mean(layers.hist_LK[layer]) for layer in range(G)]
         if means:
             metrics["moe/ffn_experts_per_token"] = sum(means) / len(means)
-        for layer, router in enumerate(routers):
-            cos = router_health.router_cosine_similarity(_full(router.classifier.weight))
+        for layer, cos in enumerate(layers.cos_L):
             metrics[f"moe/layer{layer}/router_cosine_similarity"] = cos
             self._check_collapse(layer, cos)
         if self._measuring:
-            grads_2LE = vector[L + 2 + L * (K + 1):].reshape(2, L, E)
-            ratios = [router_health.gradient_norm_ratio(grads_2LE[0, layer], grads_2LE[1, layer], tangent=True)
-                      for layer in range(L)]
-            ratios = self._all_stages(ratios)
-            for layer, ratio in enumerate(ratios):
+            for layer, ratio in enumerate(layers.ratios_L):
                 metrics[f"moe/layer{layer}/rg"] = ratio
-            metrics["moe/rg_max"] = max(ratios, default=0.0)
-            self._update_lb_coef(ratios)
+            metrics["moe/rg_max"] = max(layers.ratios_L, default=0.0)
+            self._update_lb_coef(layers.ratios_L)
         self._measuring = self._pending = False
         self._grads_2LE = None
-        return StabilityStep(metrics=metrics, ffn_per_token_stats=ffn_stats)
+        return StabilityStep(metrics=metrics, ffn_per_token_stats=ffn_stats,
+                             router_counts_LE=layers.counts_LE)
 
     # ---------------------------------------------------------------- pieces
-    def _all_stages(self, ratios: list[float]) -> list[float]:
-        """Under pp > 1 the ratios of every layer of the model, by global index, on every rank; else
-        ``ratios``. Collective over the pipeline group."""
+    def _all_stages(self, local: _PerLayer) -> _PerLayer:
+        """Under pp > 1 the per-layer values of every layer of the model, by global index, on every
+        rank (one collective over the pipeline group); else ``local`` itself."""
         if self.pp_group is None or dist.get_world_size(self.pp_group) == 1:
-            return ratios
-        full_G = torch.zeros(self.num_global_layers, dtype=torch.float64)
-        full_G[list(self.layer_ids)] = torch.tensor(ratios, dtype=torch.float64)
-        # [G] float64, this stage's layers filled -> all_reduce(sum, pp) -> [G] every layer's R_g
-        dist.all_reduce(full_G, group=self.pp_group)
-        return full_G.tolist()
+            return local
+        L, G = self.num_layers, self.num_global_layers
+        E1, K1 = local.counts_LE.shape[1], local.hist_LK.shape[1]
+        has_cos, has_rg = bool(local.cos_L), bool(local.ratios_L)
+        # Columns: counts [E + 1] | histogram [K + 1] | cosine [1] | R_g [1]; the same on every stage
+        # (same config, same measuring step, every rank holds its routers).
+        local_LX = torch.zeros(L, E1 + K1 + 2, dtype=torch.float64)
+        local_LX[:, :E1] = local.counts_LE
+        local_LX[:, E1:E1 + K1] = local.hist_LK
+        if has_cos:
+            local_LX[:, -2] = torch.tensor(local.cos_L, dtype=torch.float64)
+        if has_rg:
+            local_LX[:, -1] = torch.tensor(local.ratios_L, dtype=torch.float64)
+        full_GX = torch.zeros(G, E1 + K1 + 2, dtype=torch.float64)
+        full_GX[list(self.layer_ids)] = local_LX
+        # [G, E+1 + K+1 + 2] float64, this stage's layers filled -> all_reduce(sum, pp) -> every layer's rows
+        dist.all_reduce(full_GX, group=self.pp_group)
+        return _PerLayer(counts_LE=full_GX[:, :E1], hist_LK=full_GX[:, E1:E1 + K1],
+                         cos_L=full_GX[:, -2].tolist() if has_cos else [],
+                         ratios_L=full_GX[:, -1].tolist() if has_rg else [])
 
     def _update_lb_coef(self, ratios: Sequence[float]) -> None:
         ceiling = float(self.cfg.lb_loss_coef)

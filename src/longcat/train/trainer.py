@@ -11,7 +11,7 @@ The model is built and initialised identically on every rank, then ``parallelize
 pieces (PP stages, TP / EP shards, DP wrapping): every layout starts from the single-process weights.
 
 Shapes: B micro-batch size, S sequence length, V vocabulary (V/tp under TP), L MoE layers (local to
-this rank), E = N + Z experts.
+this rank; in ``StepResult`` and the metrics every layer of the model, by global index), E = N + Z experts.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class StepResult:
     grad_norm: float
     lr: float
     num_tokens: float
-    router_counts_LE: torch.Tensor  # [L, E + 1] global counts; last column = real tokens
+    # Per MoE layer of the model (global index; under PP gathered from every stage):
+    router_counts_LE: torch.Tensor  # [L, E + 1] global-batch counts; last column = real tokens
     ffn_per_token_stats: list = field(default_factory=list)  # per layer (min, max, std) over the global batch
     ep_rows: Optional[dict] = None  # under EP, all-to-all rows of the step summed over all ranks
     stability: dict = field(default_factory=dict)  # StabilityMonitor metrics (R_g, cosine, hidden norm, ...)
@@ -381,7 +382,8 @@ class Trainer:
         if self.cp_size > 1:  # each cp rank holds the micro-batch's whole LB terms (statistics summed over cp)
             parts.lb /= self.cp_size
             parts.stability.lb_L = [x / self.cp_size for x in parts.stability.lb_L]
-        stability = self.stability.end_step(parts.stability, stats, routers=self.routers_L, dp_group=self.batch_group)
+        stability = self.stability.end_step(parts.stability, stats, routers=self.routers_L, dp_group=self.batch_group,
+                                            router_counts_LE=router_counts_LE)
         if not self.guard.skipped_last:
             self.scheduler.step()
         self.sdc.after_optimizer(step=self.step + 1)  # parameter fault injection, cross-replica check
@@ -392,7 +394,7 @@ class Trainer:
             dist.all_reduce(totals, group=self.batch_group)  # [4] -> all_reduce(sum, dp x cp) -> [4]
             parts = LossParts(*totals.tolist())
         return StepResult(step=self.step, loss=parts, grad_norm=grad_norm, lr=lr,
-                          num_tokens=counts.num_real, router_counts_LE=router_counts_LE,
+                          num_tokens=counts.num_real, router_counts_LE=stability.router_counts_LE,
                           ffn_per_token_stats=stability.ffn_per_token_stats, ep_rows=self._ep_rows(),
                           stability=stability.metrics)
 
