@@ -63,6 +63,24 @@ def _cfg(*overrides: str):
     (1, ["moe.lb_num_groups=3"], r"moe.lb_num_groups=3 must divide model.n_routed_experts=8"),
     (1, ["model.vocab_size=200"], r"model.vocab_size=200 is too small for the stdlib corpus"),
     (1, ["data.corpus=files", "data.sources=[{path: x, weight: 1.0}]"], r"data.corpus=files needs data.tokenizer"),
+    # non-finite and out-of-range numbers, each message naming only the wrong key and its value
+    (1, ["optim.lr=nan"], r"optim.lr=nan must be a finite number"),
+    (1, ["optim.lr=inf"], r"optim.lr=inf must be a finite number"),
+    (1, ["optim.eps=nan"], r"optim.eps=nan must be a finite number"),
+    (1, ["optim.weight_decay=inf"], r"optim.weight_decay=inf must be a finite number"),
+    (1, ["optim.min_lr_ratio=5"], r"optim.min_lr_ratio=5.0 must lie in \[0, 1\]"),
+    (1, ["optim.clip_grad=-1"], r"optim.clip_grad=-1.0 must be >= 0 \(the max gradient norm; 0 disables clipping\)"),
+    (1, ["moe.lb_loss_coef=-1"], r"moe.lb_loss_coef=-1.0 must be >= 0"),
+    (1, ["moe.lb_loss_coef=nan"], r"moe.lb_loss_coef=nan must be a finite number"),
+    (1, ["moe.bias_update_rate=inf"], r"moe.bias_update_rate=inf must be a finite number"),
+    (1, ["moe.rg_threshold=-1"], r"^moe.rg_threshold=-1.0 must be positive$"),
+    (1, ["moe.router_health_interval=-1"], r"^moe.router_health_interval=-1 must be >= 0 \(0 = off\)$"),
+    (1, ["moe.auto_lb_coef=true", "moe.router_health_interval=0"],
+     r"moe.auto_lb_coef=true .* moe.router_health_interval=0 takes none; set moe.router_health_interval"),
+    (1, ["sdc.replay_interval=1", "determinism.enabled=true", "sdc.replay_microbatch=2"],
+     r"sdc.replay_microbatch=2 but each dp rank runs 2 micro-batches per step .* choose one in \[0, 1\]"),
+    (2, ["parallel=dp2", "sdc.replay_interval=1", "determinism.enabled=true", "sdc.replay_microbatch=1"],
+     r"sdc.replay_microbatch=1 but each dp rank runs 1 micro-batches per step"),
 ])
 def test_each_check_names_the_value_and_the_fix(world_size, overrides, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -90,6 +108,21 @@ def test_every_problem_is_reported_at_once():
         validate(_cfg("optim.lr=-1", "train.keep_last=0", "data.seq_length=100000"), world_size=1)
     assert len(info.value.errors) == 3, info.value.errors
     assert str(info.value) == "\n".join(info.value.errors)
+
+
+@pytest.mark.parametrize("overrides,num_errors", [
+    (["optim.lr=-1", "optim.eps=-1", "optim.weight_decay=-1"], 3),
+    (["train.steps=0", "train.keep_last=0", "train.grad_accum=-1"], 3),
+    (["moe.lb_loss_coef=-1", "moe.rg_threshold=-1", "moe.router_health_interval=-1"], 3),
+    (["parallel.moe_chunks=0", "parallel.pp_microbatches=-1"], 2),
+])
+def test_a_section_reports_each_of_its_problems(overrides, num_errors):
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg(*overrides), world_size=1)
+    assert len(info.value.errors) == num_errors, info.value.errors
+    for override in overrides:
+        key, value = override.split("=")
+        assert sum(e.startswith(f"{key}={value}") for e in info.value.errors) == 1, (override, info.value.errors)
 
 
 
