@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = sweep(run_cfg, world_size=args.world_size, device=device, memory_limit_gib=args.memory_limit_gib,
                          assume_cp=args.assume_cp)
             print(format_sweep(rows))
+            if all(r.report is None for r in rows):  # bad input, not a layout that misses the memory
+                print(f"error: no candidate layouts for world size {args.world_size}: none of the {len(rows)} "
+                      "tried is valid (the table gives each one's reason)", file=sys.stderr)
+                return 2
             if args.json:
                 args.json.write_text(json.dumps([{"overrides": r.overrides, "error": r.error,
                                                   "report": r.report.to_dict() if r.report else None}

@@ -120,6 +120,35 @@ def test_sweep_under_cp_runs_tp_without_sequence_parallelism_and_tries_fsdp():
     assert all(c["sequence_parallel"] == (c["tp"] > 1) for c in plain)  # without cp, tp keeps SP
 
 
+@pytest.mark.parametrize("world_size,overrides", [
+    (3, ["data.global_batch_size=24"]),  # ep=1: the ep sweep around 8 gives 4, 8, 16, none dividing 3
+    (2, ["parallel.cp=2"]),
+    (4, ["parallel=pp2_tp2"]),  # tp with PP: the sweep's own PP candidates run tp=1
+])
+def test_the_configured_layout_is_always_the_first_candidate(world_size, overrides):
+    cfg = _cfg("model=tiny", *overrides)
+    p = cfg.parallel
+    first = candidate_layouts(cfg, world_size=world_size)[0]
+    assert (first["pp"], first["tp"], first["ep"], first["pp_schedule"], first["dp_mode"]) == \
+        (p.pp, p.tp, p.ep, str(p.pp_schedule), str(p.dp_mode))
+    rows = sweep(cfg, world_size=world_size, device=load_device("H800"))
+    assert any(r.report is not None and r.overrides["ep"] == p.ep for r in rows), [r.error for r in rows]
+
+
+def test_sweep_with_no_candidates_says_why():
+    with pytest.raises(LayoutError, match="no candidate layouts for world size 4: "):
+        sweep(_cfg("model=tiny"), world_size=4, device=load_device("H800"), layouts=[])
+
+
+def test_cli_sweep_exit_codes_without_a_valid_candidate():
+    ok = _cli("--world-size", "3", "--device", "H800", "data.global_batch_size=24", "--sweep")
+    assert ok.returncode == 0 and re.search(r"^ +1 +1 +1 +3 replicate ", ok.stdout, flags=re.M), ok
+    bad = _cli("--world-size", "3", "--device", "H800", "parallel.ep=4", "--sweep")
+    assert bad.returncode == 2, (bad.stdout, bad.stderr)
+    assert bad.stderr.startswith("error: no candidate layouts for world size 3: none of the 1 tried is valid")
+    assert "parallel.ep=4 must divide dp*tp=3" in bad.stdout
+
+
 def test_sweep_ranks_the_paper_layout_under_fsdp_where_only_fsdp_fits():
     """pp 14, ZB-V, cp 8, ep 32 on 1792 ranks: 74.2 GiB under replicate, 36.6 GiB under FSDP; the sweep
     tries both and ranks the FSDP one as fitting, with its DP mode in the table."""
