@@ -195,6 +195,28 @@ def test_cli_full_model_json_and_exit_codes(tmp_path):
     assert _cli("--help").returncode == 0
 
 
+@pytest.mark.parametrize("where,needle", [
+    ("missing/p.json", "the folder {tmp}/missing does not exist"),
+    ("", "is a folder; give a file path"),
+])
+def test_cli_refuses_an_unwritable_json_path_before_any_work(tmp_path, where, needle):
+    proc = _cli("--world-size", "1", "--json", str(tmp_path / where) if where else str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --json ") and needle.format(tmp=tmp_path) in proc.stderr, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+
+
+def test_device_spec_missing_keys_are_named(tmp_path):
+    spec = tmp_path / "devices.yaml"
+    spec.write_text("X:\n  peak_tflops: 900\n")
+    with pytest.raises(ValueError, match=r"device 'X' in .*: missing keys \['hbm_gib', 'inter_node_gbs', "
+                                         r"'intra_node_gbs'\]"):
+        load_device("X", spec_file=spec)
+    assert load_device("X", spec_file=spec, hbm_gib=80, intra_node_gbs=400, inter_node_gbs=50).hbm_gib == 80
+    proc = _cli("--world-size", "1", "--device", "X", "--device-spec", str(spec))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: device 'X'") and "missing keys" in proc.stderr
+
+
 def test_cli_takes_overrides_before_between_and_after_its_flags(tmp_path):
     out = tmp_path / "report.json"
     proc = _cli("model=tiny", "--world-size", "2", "parallel.ep=2", "--json", str(out), "data.global_batch_size=32")
