@@ -31,7 +31,16 @@ def _cfg(*overrides: str):
      r"parallel.cp=2 with parallel.sequence_parallel=true is not supported"),
     (3, ["parallel.tp=3"], r"model.num_attention_heads=4 is not divisible by parallel.tp=3: choose tp in \[1, 2, 4\]"),
     (3, ["parallel.ep=3"], r"model.n_routed_experts=8 is not divisible by parallel.ep=3"),
-    (2, ["parallel=pp2", "parallel.pp_schedule=zbv"], r"model.num_layers=2 is not divisible by the 4 pipeline stages"),
+    (2, ["parallel=pp2", "parallel.pp_schedule=zbv"],
+     r"^model.num_layers=2 is not divisible by the 4 pipeline stages \(parallel.pp=2 x 2 per rank\): set "
+     r"model.num_layers to a multiple of 4 \(2 stages per rank x pp=2\), or parallel.pp_schedule=1f1b "
+     r"\(one stage per rank\)$"),
+    (2, ["parallel=pp2", "parallel.pp_schedule=interleaved_1f1b", "model.num_layers=6"],
+     r"multiple of 4 \(2 stages per rank x pp=2\), or parallel.pp_schedule=1f1b \(one stage per rank\), or "
+     r"parallel.pp in \[3\]$"),
+    (3, ["parallel.pp=3", "model.num_layers=4", "data.global_batch_size=48"],
+     r"^model.num_layers=4 is not divisible by the 3 pipeline stages \(parallel.pp=3\): set model.num_layers "
+     r"to a multiple of 3, or parallel.pp in \[2, 4\]$"),
     # combinations parallelize refuses (model.parallel.parallelize.check_layout)
     (2, ["parallel.ep=2", "parallel.dp_mode=deepspeed"], r"dp_mode=deepspeed supports data parallelism only"),
     (2, ["parallel=deepspeed2", "parallel.zero_stage=3"], r"parallel.zero_stage=3: use 1 or 2"),
