@@ -160,7 +160,7 @@ def _setup_logging(rank: int) -> None:
 def _print_help() -> None:
     root = project_root()
     lines = [
-        __doc__.strip(), "",
+        __doc__.strip().replace("``", ""), "",  # the module doc is RST; the terminal shows plain text
         f"recipes ({root / 'recipes'}): {', '.join(available_recipes())}",
         "config groups: " + ", ".join(f"{g}=[{', '.join(sorted(p.stem for p in (root / 'conf' / g).glob('*.yaml')))}]"
                                       for g in config_groups()),

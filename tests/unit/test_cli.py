@@ -142,6 +142,7 @@ def test_cli_help(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "recipes" in out and "pretrain" in out and "--validate" in out
+    assert "``" not in out and "longcat.config.compose" in out  # RST markup stripped, the text kept
 
 
 def test_python_m_longcat_train_runs_the_cli_and_importing_the_package_does_not():

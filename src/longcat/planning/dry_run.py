@@ -278,12 +278,18 @@ def _memory_problems(peak: float, *, limit_gib: float, what: str, state: StateBy
                      reserved: float, gathered: float) -> list[str]:
     if peak <= limit_gib * GIB:
         return []
-    units = f" + gathered units {gathered / GIB:.1f}" if gathered else ""
-    return [f"peak memory {peak / GIB:.1f} GiB exceeds {what} {limit_gib:.1f} GiB by "
-            f"{(peak - limit_gib * GIB) / GIB:.1f} GiB: weights {state.weights / GIB:.1f} + grads "
-            f"{state.grads / GIB:.1f} + optimizer {state.optimizer / GIB:.1f}{units} + activations "
-            f"{acts.peak / GIB:.1f} ({acts.in_flight_layer_passes:g} layer-passes in flight) + reserved "
-            f"{reserved / GIB:.1f} GiB"]
+    units = f" + gathered units {_gib(gathered)}" if gathered else ""
+    return [f"peak memory {_gib(peak)} GiB exceeds {what} {_gib(limit_gib * GIB)} GiB by "
+            f"{_gib(peak - limit_gib * GIB)} GiB: weights {_gib(state.weights)} + grads "
+            f"{_gib(state.grads)} + optimizer {_gib(state.optimizer)}{units} + activations "
+            f"{_gib(acts.peak)} ({acts.in_flight_layer_passes:g} layer-passes in flight) + reserved "
+            f"{_gib(reserved)} GiB"]
+
+
+def _gib(num_bytes: float) -> str:
+    """GiB with one decimal from 1 GiB up, else two significant digits (a 0.01 GiB budget is not 0.0)."""
+    value = num_bytes / GIB
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2g}"
 
 
 # ------------------------------------------------------------------------------------------- sweep

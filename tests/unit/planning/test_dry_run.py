@@ -55,7 +55,8 @@ def test_memory_above_hbm_is_a_problem_with_the_numbers():
     device = load_device("H800", hbm_gib=0.001)
     report = dry_run(_cfg("model=tiny"), world_size=1, rank=0, device=device)
     assert not report.fits
-    assert "exceeds H800 HBM 0.0 GiB" in report.problems[0] and "weights" in report.problems[0]
+    assert "exceeds H800 HBM 0.001 GiB by 3.2 GiB" in report.problems[0], report.problems[0]  # not "0.0 GiB"
+    assert re.search(r"weights 0\.0\d+ \+ grads 0\.0\d+", report.problems[0]), report.problems[0]
     table = format_report(report)
     assert any(line.startswith("fits") and line.endswith("NO") for line in table.splitlines())
     assert "problem: peak memory" in table
