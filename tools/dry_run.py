@@ -70,7 +70,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         else:
             overrides.append(item)
     args.recipe = recipe
+    if args.json is not None:
+        problem = json_path_problem(args.json)
+        if problem:
+            parser.exit(2, f"error: --json {args.json}: {problem}\n")
     return args, overrides
+
+
+def json_path_problem(path: Path) -> str:
+    """Why ``path`` cannot take the JSON report, or ``""``: checked before the (long) dry run."""
+    import os
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        return "is a folder; give a file path, e.g. --json " + str(path / "plan.json")
+    if not parent.is_dir():
+        return f"the folder {parent} does not exist; create it or choose another path"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"cannot write to {path if path.exists() else parent} (permissions)"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = sweep(run_cfg, world_size=args.world_size, device=device, memory_limit_gib=args.memory_limit_gib,
                          assume_cp=args.assume_cp)
             print(format_sweep(rows))
+            if all(r.report is None for r in rows):  # bad input, not a layout that misses the memory
+                print(f"error: no candidate layouts for world size {args.world_size}: none of the {len(rows)} "
+                      "tried is valid (the table gives each one's reason)", file=sys.stderr)
+                return 2
             if args.json:
                 args.json.write_text(json.dumps([{"overrides": r.overrides, "error": r.error,
                                                   "report": r.report.to_dict() if r.report else None}

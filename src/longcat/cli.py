@@ -134,9 +134,15 @@ def _parse_args(argv: Sequence[str]) -> Args:
         name = parsed.config_name or DEFAULT_RECIPE
         recipe = str(Path(parsed.config_path) / f"{name}.yaml") if parsed.config_path is not None else name
     hydra_flags = [a for a in rest if a not in parsed.overrides]
-    command = next((name for name, given in (
+    commands = [name for name, given in (
         ("multirun", parsed.multirun), ("cfg", parsed.cfg is not None), ("info", parsed.info is not None),
-        ("shell_completion", parsed.shell_completion), ("hydra_help", parsed.hydra_help)) if given), "run")
+        ("shell_completion", parsed.shell_completion), ("hydra_help", parsed.hydra_help)) if given]
+    exclusive = {"multirun": "-m/--multirun", "cfg": "--cfg", "info": "--info", "shell_completion": "-sc"}
+    clashing = [exclusive[name] for name in commands if name in exclusive]
+    if len(clashing) > 1:  # Hydra would raise a ValueError with a traceback
+        raise ValueError(f"{' and '.join(clashing)} cannot be combined: give one of them (e.g. --cfg job to print "
+                         "one job's config, or -m alone to run the sweep)")
+    command = commands[0] if commands else "run"
     return Args(recipe or DEFAULT_RECIPE, parsed.config_dir, list(parsed.overrides), hydra_flags, validate_only,
                 want_help, world_size, parsed.cfg, bool(parsed.multirun), command)
 
@@ -154,7 +160,7 @@ def _setup_logging(rank: int) -> None:
 def _print_help() -> None:
     root = project_root()
     lines = [
-        __doc__.strip(), "",
+        __doc__.strip().replace("``", ""), "",  # the module doc is RST; the terminal shows plain text
         f"recipes ({root / 'recipes'}): {', '.join(available_recipes())}",
         "config groups: " + ", ".join(f"{g}=[{', '.join(sorted(p.stem for p in (root / 'conf' / g).glob('*.yaml')))}]"
                                       for g in config_groups()),
@@ -394,6 +400,13 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Callback] 
             return 2
         except ValueError as exc:
             _print_errors(exc, prefix=prefix)
+            return 2
+    elif args.command == "info":  # Hydra's --info composes the recipe too: report a bad override as --cfg does
+        try:
+            for overrides in _job_overrides(args):
+                compose_job(args.recipe, _with_hydra_defaults(overrides, rank=rank), config_dir=args.config_dir)
+        except ValueError as exc:
+            _print_errors(exc)
             return 2
     if args.validate:
         return 0

@@ -93,6 +93,26 @@ def test_flag_errors(args, needle, no_run, capsys):
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--info", "config", "parallel.dp_mode=fdsp"], "parallel.dp_mode=fdsp: expected one of [replicate, fsdp"),
+    (["-i", "searchpath", "train.stepz=5"], "did you mean train.steps?"),
+    (["--info", "all", "train.device=gpu"], "train.device=gpu: expected one of [cpu, cuda]"),
+    (["--info", "config", "train.stepz=5"], "did you mean train.steps?"),
+    (["--info", "defaults", "model=huge"], "model=huge: no such option in conf/model"),
+])
+def test_info_with_a_bad_override_is_one_error_line_and_exit_2(args, needle, no_run, capsys):
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()] and err.startswith("error: ") and needle in err, err
+
+
+@pytest.mark.parametrize("args", [["--cfg", "job", "-m", "optim.lr=1e-3,2e-3"], ["-m", "--info", "optim.lr=1e-3"]])
+def test_conflicting_hydra_commands_are_refused_before_hydra_runs(args, no_run, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot be combined" in err and "Traceback" not in err, err
+
+
 @pytest.fixture
 def root_logger_kept():
     root = logging.getLogger()
@@ -122,6 +142,7 @@ def test_cli_help(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "recipes" in out and "pretrain" in out and "--validate" in out
+    assert "``" not in out and "longcat.config.compose" in out  # RST markup stripped, the text kept
 
 
 def test_python_m_longcat_train_runs_the_cli_and_importing_the_package_does_not():

@@ -53,3 +53,26 @@ def test_docs_cite_the_paper_not_files_users_do_not_have():
     found += [f"README.md:{n}" for n, line in enumerate((root / "README.md").read_text().splitlines(), 1)
               if private.search(line)]
     assert not found, found
+
+
+def test_docs_hold_no_placeholders_and_quote_the_recipes_step_counts():
+    """A doc section left as a placeholder (a bare RESULTS / TODO / TBD line) or quoting a step count
+    the recipe it names does not have misleads a reader."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    placeholders = [f"{p.relative_to(root)}:{n}" for p in docs
+                    for n, line in enumerate(p.read_text().splitlines(), 1)
+                    if line.strip() in ("RESULTS", "TODO", "TBD", "XXX")]
+    assert not placeholders, placeholders
+    wrong = []
+    for p in docs:
+        for recipe, steps in re.findall(r"`recipes/(\w+)\.yaml`, (\d+) steps", p.read_text()):
+            actual = yaml.safe_load((root / "recipes" / f"{recipe}.yaml").read_text())["train"]["steps"]
+            if int(steps) != actual:
+                wrong.append(f"{p.relative_to(root)}: recipes/{recipe}.yaml, {steps} steps (the recipe: {actual})")
+    assert not wrong, wrong

@@ -96,9 +96,21 @@ def check_model_split(*, tp: int, pp: int, ep: int, stage_size: int, num_attenti
         raise ValueError(f"num_stages={stages} must be a positive multiple of parallel.pp={pp} "
                          "(each pipeline rank holds the same number of stages)")
     if num_layers % stages != 0:
-        stage_counts = [d for d in divisors(num_layers) if d % pp == 0]
-        fix = f"set num_stages to one of {stage_counts}, or " if stage_counts else ""
-        raise ValueError(
-            f"model.num_layers={num_layers} is not divisible by the {stages} pipeline stages (parallel.pp={pp}): "
-            f"{fix}change num_layers to a multiple of {stages}, or choose pp in {divisors(num_layers)}"
-        )
+        raise ValueError(_layers_over_stages_problem(num_layers=num_layers, pp=pp, stages=stages))
+
+
+def _layers_over_stages_problem(*, num_layers: int, pp: int, stages: int) -> str:
+    """The message for ``num_layers % stages != 0``, with the config keys that fix it: the layer count,
+    one stage per rank (``parallel.pp_schedule=1f1b``) where the schedule has more, or another pp."""
+    per_rank = stages // pp
+    if per_rank == 1:
+        fixes = [f"set model.num_layers to a multiple of {pp}"]
+    else:
+        fixes = [f"set model.num_layers to a multiple of {stages} ({per_rank} stages per rank x pp={pp})"]
+        if num_layers % pp == 0:
+            fixes.append("parallel.pp_schedule=1f1b (one stage per rank)")
+    other_pps = [p for p in divisors(num_layers) if p > 1 and p != pp and num_layers % (p * per_rank) == 0]
+    if other_pps:
+        fixes.append(f"parallel.pp in {other_pps}")
+    return (f"model.num_layers={num_layers} is not divisible by the {stages} pipeline stages (parallel.pp={pp}"
+            f"{f' x {per_rank} per rank' if per_rank > 1 else ''}): " + ", or ".join(fixes))

@@ -47,6 +47,15 @@ class ConfigError(ValueError):
         self.errors = list(errors)
 
 
+def _number_problems(key: str, value: float, *, positive: bool, note: str = "") -> list[str]:
+    """``[]`` for a finite ``value`` > 0 (``positive``) or >= 0, else the one problem, naming the value."""
+    if not math.isfinite(value):
+        return [f"{key}={value} must be a finite number{note}"]
+    if value < 0 or (positive and value == 0):
+        return [f"{key}={value} must be {'positive' if positive else '>= 0'}{note}"]
+    return []
+
+
 @dataclass
 class ModelConfig:
     """LongCat-Flash dimensions (arXiv 2509.01322 §2; names as in HF ``LongcatFlashConfig``)."""
@@ -130,26 +139,36 @@ class MoEConfig:
     router_collapse_threshold: float = 0.5  # warn when router rows' mean pairwise cosine exceeds it
 
     def validate(self, model: ModelConfig) -> None:
-        if not 0 < self.expected_ffn_experts <= model.moe_topk:
-            raise ValueError(
-                f"moe.expected_ffn_experts={self.expected_ffn_experts} must lie in (0, moe_topk={model.moe_topk}]"
-            )
-        if model.zero_expert_num == 0 and self.expected_ffn_experts != model.moe_topk:
-            raise ValueError(
+        """Checks of the moe section for ``model``.
+
+        Raises:
+            ConfigError: every problem found, each naming the value and the fix.
+        """
+        problems = []
+        if not 0 < self.expected_ffn_experts <= model.moe_topk:  # False for nan
+            problems.append(
+                f"moe.expected_ffn_experts={self.expected_ffn_experts} must lie in (0, moe_topk={model.moe_topk}]")
+        elif model.zero_expert_num == 0 and self.expected_ffn_experts != model.moe_topk:
+            problems.append(
                 f"moe.expected_ffn_experts={self.expected_ffn_experts} but model.zero_expert_num=0: every token "
                 f"then uses exactly moe_topk={model.moe_topk} FFN experts; set moe.expected_ffn_experts="
-                f"{model.moe_topk} or add zero experts"
-            )
-        if self.bias_update_rate < 0 or self.lb_loss_coef < 0:
-            raise ValueError("moe.bias_update_rate and moe.lb_loss_coef must be >= 0")
+                f"{model.moe_topk} or add zero experts")
+        for name in ("bias_update_rate", "lb_loss_coef"):
+            problems += _number_problems(f"moe.{name}", getattr(self, name), positive=False, note=" (0 disables it)")
         if self.lb_num_groups < 0:
-            raise ValueError(f"moe.lb_num_groups={self.lb_num_groups} must be >= 0 (0 = the EP degree)")
-        if self.lb_num_groups and self.lb_loss_coef > 0 and model.n_routed_experts % self.lb_num_groups:
-            raise ValueError(f"moe.lb_num_groups={self.lb_num_groups} must divide model.n_routed_experts="
-                             f"{model.n_routed_experts} (the load-balance loss groups the FFN experts evenly)")
-        if self.router_health_interval < 0 or self.rg_threshold <= 0:
-            raise ValueError(f"moe.router_health_interval={self.router_health_interval} must be >= 0 (0 = off) "
-                             f"and moe.rg_threshold={self.rg_threshold} > 0")
+            problems.append(f"moe.lb_num_groups={self.lb_num_groups} must be >= 0 (0 = the EP degree)")
+        elif self.lb_num_groups and self.lb_loss_coef > 0 and model.n_routed_experts % self.lb_num_groups:
+            problems.append(f"moe.lb_num_groups={self.lb_num_groups} must divide model.n_routed_experts="
+                            f"{model.n_routed_experts} (the load-balance loss groups the FFN experts evenly)")
+        if self.router_health_interval < 0:
+            problems.append(f"moe.router_health_interval={self.router_health_interval} must be >= 0 (0 = off)")
+        problems += _number_problems("moe.rg_threshold", self.rg_threshold, positive=True)
+        if self.auto_lb_coef and self.router_health_interval == 0:
+            problems.append("moe.auto_lb_coef=true adapts alpha from the R_g measurements, but "
+                            "moe.router_health_interval=0 takes none; set moe.router_health_interval to N > 0 "
+                            "(e.g. 10) or moe.auto_lb_coef=false")
+        if problems:
+            raise ConfigError(problems)
 
 
 @dataclass
@@ -173,18 +192,28 @@ class OptimConfig:
     proxy_hidden_size: int = 0
 
     def validate(self, steps: int) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
-        if self.eps <= 0:
-            raise ValueError(f"optim.eps={self.eps} must be positive")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        """Checks of the optim section (``steps``: train.steps).
+
+        Raises:
+            ConfigError: every problem found, each naming the value and the fix.
+        """
+        problems = []
+        problems += _number_problems("optim.lr", self.lr, positive=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):  # False for nan
+            problems.append(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        problems += _number_problems("optim.eps", self.eps, positive=True)
+        problems += _number_problems("optim.weight_decay", self.weight_decay, positive=False)
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1] (the final lr as a "
+                            "fraction of optim.lr)")
+        problems += _number_problems("optim.clip_grad", self.clip_grad, positive=False,
+                                     note=" (the max gradient norm; 0 disables clipping)")
         if self.warmup_steps < 0:  # longer than train.steps: shortened to fit, with a warning (train.schedule)
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+            problems.append(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must lie in [0, 1]")
+            problems.append(f"optim.decay_fraction={self.decay_fraction} must lie in [0, 1]")
+        if problems:
+            raise ConfigError(problems)
 
 
 @dataclass
@@ -312,36 +341,40 @@ class ParallelConfig:
         """The degrees on ``world_size`` ranks, and the combinations ``parallelize`` supports.
 
         Raises:
-            ValueError: see ``config.layout.resolve_dp``; DeepSpeed with tp/ep/pp/cp or a ZeRO stage other
+            ValueError: see ``config.layout.resolve_dp``.
+            ConfigError: every other problem found: DeepSpeed with tp/ep/pp/cp or a ZeRO stage other
                 than 1 or 2; cp with DeepSpeed or with sequence parallelism; moe_chunks < 1; moe_chunks > 1 with
                 the all-gather dispatcher; pp_microbatches < 0.
         """
         self.resolved_dp(world_size)  # raises on degrees that do not fit
         dp_mode = DPMode(self.dp_mode)
+        problems = []
         if self.cp > 1 and dp_mode is DPMode.deepspeed:
-            raise ValueError(
+            problems.append(
                 f"parallel.cp={self.cp} with parallel.dp_mode=deepspeed is not supported (DeepSpeed partitions over "
                 "its own dp group only); use parallel.dp_mode=fsdp (shards over dp x cp) or replicate")
         if self.cp > 1 and self.sequence_parallel and self.tp > 1:
-            raise ValueError(
+            problems.append(
                 f"parallel.cp={self.cp} with parallel.sequence_parallel=true is not supported: context parallelism "
                 "already splits the sequence; set parallel.sequence_parallel=false (tp with cp runs without SP)")
         if self.moe_chunks < 1:
-            raise ValueError(f"parallel.moe_chunks={self.moe_chunks} must be >= 1 (1 = no split)")
+            problems.append(f"parallel.moe_chunks={self.moe_chunks} must be >= 1 (1 = no split)")
         if self.moe_chunks > 1 and MoEDispatcher(self.moe_dispatcher) is MoEDispatcher.allgather:
-            raise ValueError(
+            problems.append(
                 f"parallel.moe_chunks={self.moe_chunks} with parallel.moe_dispatcher=allgather: chunked exchanges "
                 "are implemented for the all-to-all dispatcher only; set parallel.moe_chunks=1 or "
                 "parallel.moe_dispatcher=alltoall")
         if self.pp_microbatches < 0:
-            raise ValueError(f"parallel.pp_microbatches={self.pp_microbatches} must be >= 0 (0 = derived)")
+            problems.append(f"parallel.pp_microbatches={self.pp_microbatches} must be >= 0 (0 = derived)")
         if dp_mode is DPMode.deepspeed and (self.tp > 1 or self.ep > 1 or self.pp > 1 or self.cp > 1):
-            raise ValueError(
+            problems.append(
                 f"parallel.dp_mode=deepspeed supports data parallelism only (got parallel.tp={self.tp}, ep={self.ep}, "
                 f"pp={self.pp}); use dp_mode=fsdp or dp_mode=replicate with tensor/expert/pipeline parallelism")
         if dp_mode is DPMode.deepspeed and self.zero_stage not in (1, 2):
-            raise ValueError(f"parallel.zero_stage={self.zero_stage}: use 1 or 2 with dp_mode=deepspeed (stage 3 "
-                             "shards parameters; use parallel.dp_mode=fsdp for that)")
+            problems.append(f"parallel.zero_stage={self.zero_stage}: use 1 or 2 with dp_mode=deepspeed (stage 3 "
+                            "shards parameters; use parallel.dp_mode=fsdp for that)")
+        if problems:
+            raise ConfigError(problems)
 
 
 @dataclass
@@ -391,16 +424,24 @@ class TrainConfig:
     preempt_timeout_s: float = 25.0
 
     def validate(self) -> None:
+        """Checks of the train section.
+
+        Raises:
+            ConfigError: every problem found, each naming the value and the fix.
+        """
+        problems = []
         if self.steps <= 0:
-            raise ValueError(f"train.steps={self.steps} must be positive")
-        if self.checkpoint_interval < 0 or self.eval_interval < 0:
-            raise ValueError("train.checkpoint_interval and train.eval_interval must be >= 0 (0 disables)")
+            problems.append(f"train.steps={self.steps} must be positive")
+        for name in ("checkpoint_interval", "eval_interval"):
+            if getattr(self, name) < 0:
+                problems.append(f"train.{name}={getattr(self, name)} must be >= 0 (0 disables)")
         if self.keep_last < 1:
-            raise ValueError(f"train.keep_last={self.keep_last} must be >= 1")
-        if self.preempt_timeout_s <= 0:
-            raise ValueError(f"train.preempt_timeout_s={self.preempt_timeout_s} must be positive")
+            problems.append(f"train.keep_last={self.keep_last} must be >= 1")
+        problems += _number_problems("train.preempt_timeout_s", self.preempt_timeout_s, positive=True)
         if self.grad_accum < 0:
-            raise ValueError(f"train.grad_accum={self.grad_accum} must be >= 0 (0 = derived)")
+            problems.append(f"train.grad_accum={self.grad_accum} must be >= 0 (0 = derived)")
+        if problems:
+            raise ConfigError(problems)
 
 
 @dataclass

@@ -75,6 +75,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
             ok(_check_model_fits_layout, cfg, dp=dp)
         if train_ok:
             ok(_check_micro_batches, cfg, dp=dp)
+        ok(_check_replay_microbatch, cfg, dp=dp)
     if errors:
         raise ConfigError(errors)
 
@@ -170,3 +171,19 @@ def _check_micro_batches(cfg: RunConfig, *, dp: int) -> None:
         raise ValueError(f"parallel.pp_schedule=interleaved_1f1b runs micro-batches in rounds of pp={p.pp}: "
                          f"{derived} is not a multiple of its {rounds} rounds; use a multiple of {p.pp} "
                          "micro-batches per step")
+
+
+def _check_replay_microbatch(cfg: RunConfig, *, dp: int) -> None:
+    """``sdc.replay_microbatch`` names one of the micro-batches each dp rank runs per step.
+
+    Raises:
+        ValueError: with replay on, an index >= global_batch / (micro_batch x dp).
+    """
+    micro, batch = cfg.data.micro_batch_size, cfg.data.global_batch_size
+    if not cfg.sdc.replay_interval or micro <= 0 or batch <= 0 or batch % (micro * dp):
+        return  # replay off, or the batch does not split (data.validate reports that)
+    accum = num_grad_accum_steps(cfg, dp=dp)
+    if cfg.sdc.replay_microbatch >= accum:
+        raise ValueError(f"sdc.replay_microbatch={cfg.sdc.replay_microbatch} but each dp rank runs {accum} "
+                         f"micro-batches per step (global_batch_size / (micro_batch_size x dp) = {batch} / "
+                         f"({micro} x {dp})); choose one in [0, {accum - 1}]")

@@ -278,12 +278,18 @@ def _memory_problems(peak: float, *, limit_gib: float, what: str, state: StateBy
                      reserved: float, gathered: float) -> list[str]:
     if peak <= limit_gib * GIB:
         return []
-    units = f" + gathered units {gathered / GIB:.1f}" if gathered else ""
-    return [f"peak memory {peak / GIB:.1f} GiB exceeds {what} {limit_gib:.1f} GiB by "
-            f"{(peak - limit_gib * GIB) / GIB:.1f} GiB: weights {state.weights / GIB:.1f} + grads "
-            f"{state.grads / GIB:.1f} + optimizer {state.optimizer / GIB:.1f}{units} + activations "
-            f"{acts.peak / GIB:.1f} ({acts.in_flight_layer_passes:g} layer-passes in flight) + reserved "
-            f"{reserved / GIB:.1f} GiB"]
+    units = f" + gathered units {_gib(gathered)}" if gathered else ""
+    return [f"peak memory {_gib(peak)} GiB exceeds {what} {_gib(limit_gib * GIB)} GiB by "
+            f"{_gib(peak - limit_gib * GIB)} GiB: weights {_gib(state.weights)} + grads "
+            f"{_gib(state.grads)} + optimizer {_gib(state.optimizer)}{units} + activations "
+            f"{_gib(acts.peak)} ({acts.in_flight_layer_passes:g} layer-passes in flight) + reserved "
+            f"{_gib(reserved)} GiB"]
+
+
+def _gib(num_bytes: float) -> str:
+    """GiB with one decimal from 1 GiB up, else two significant digits (a 0.01 GiB budget is not 0.0)."""
+    value = num_bytes / GIB
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2g}"
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -299,16 +305,22 @@ class SweepRow:
 
 
 def candidate_layouts(run_cfg: RunConfig, *, world_size: int) -> list[dict[str, Any]]:
-    """A few layouts of ``world_size`` ranks for ``run_cfg.model`` around the configured one: pp over the
-    divisors of the layer count (tp = 1 with PP), tp 1/2/4/8 without PP, ep at half, once and twice the
-    configured degree (8 when it is 1); the configured cp; sequence parallelism with tp > 1 only where
+    """A few layouts of ``world_size`` ranks for ``run_cfg.model`` around the configured one: the configured
+    layout itself first (pp, tp, ep, schedule, sequence parallelism and DP mode as given, valid or not:
+    an invalid one shows with its reason); pp over the divisors of the layer count (tp = 1 with PP), tp
+    1/2/4/8 without PP, ep at half, once and twice the configured degree (with ep = 1: also 4, 8 and 16,
+    ep being the point of an MoE sweep); the configured cp; sequence parallelism with tp > 1 only where
     cp is 1 (cp already splits the sequence; validation refuses both); the configured schedule, falling
     back to 1F1B where it does not split the layers; each layout with ``dp_mode=replicate`` and, where
     ``validate`` accepts them, ``fsdp`` and the configured DP mode."""
-    cfg, cp = run_cfg.model, run_cfg.parallel.cp
-    centre = run_cfg.parallel.ep if run_cfg.parallel.ep > 1 else min(8, cfg.n_routed_experts)
-    eps = sorted({e for e in (centre // 2, centre, centre * 2) if e >= 1 and cfg.n_routed_experts % e == 0})
-    out = []
+    cfg, parallel, cp = run_cfg.model, run_cfg.parallel, run_cfg.parallel.cp
+    centres = {parallel.ep} | ({min(8, cfg.n_routed_experts)} if parallel.ep == 1 else set())
+    eps = sorted({e for c in centres for e in (c // 2, c, c * 2) if e >= 1 and cfg.n_routed_experts % e == 0}
+                 | {parallel.ep})
+    configured = {"pp": parallel.pp, "tp": parallel.tp, "ep": parallel.ep, "dp": -1,
+                  "pp_schedule": str(PipelineSchedule(parallel.pp_schedule)),
+                  "sequence_parallel": bool(parallel.sequence_parallel), "dp_mode": str(DPMode(parallel.dp_mode))}
+    out = [configured]
     for pp in [p for p in divisors(cfg.num_layers) if world_size % p == 0]:
         for tp in ([1, 2, 4, 8] if pp == 1 else [1]):
             if world_size % (pp * tp) or cfg.num_attention_heads % tp:
@@ -322,7 +334,8 @@ def candidate_layouts(run_cfg: RunConfig, *, world_size: int) -> list[dict[str, 
                 layout = {"pp": pp, "tp": tp, "ep": ep, "dp": -1, "pp_schedule": str(schedule),
                           "sequence_parallel": tp > 1 and cp == 1}
                 out += [{**layout, "dp_mode": str(mode)}
-                        for mode in _dp_modes(run_cfg, layout=layout, world_size=world_size)]
+                        for mode in _dp_modes(run_cfg, layout=layout, world_size=world_size)
+                        if {**layout, "dp_mode": str(mode)} != configured]
     return out
 
 
@@ -349,8 +362,12 @@ def sweep(run_cfg: RunConfig, *, world_size: int, device: DeviceSpec, memory_lim
     micro-batches in flight) and keep the worse by peak memory. Rows that fit come first, fastest
     modelled step first; then those that do not fit; then invalid ones. (No ``why:`` re-run under FSDP:
     the FSDP candidates are rows of their own.)"""
+    candidates = layouts if layouts is not None else candidate_layouts(run_cfg, world_size=world_size)
+    if not candidates:
+        raise LayoutError([f"no candidate layouts for world size {world_size}: the list of layouts to try is "
+                           "empty; give at least one"])
     rows = []
-    for overrides in layouts if layouts is not None else candidate_layouts(run_cfg, world_size=world_size):
+    for overrides in candidates:
         cfg = dataclasses.replace(run_cfg, parallel=dataclasses.replace(run_cfg.parallel, **overrides))
         try:
             stage_size = world_size // (overrides["pp"])

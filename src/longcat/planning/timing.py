@@ -77,7 +77,7 @@ def load_device(name: str, *, spec_file: Optional[Path] = None, **overrides: Opt
     (``None`` values ignored) applied.
 
     Raises:
-        ValueError: an unknown name (listing the known ones), an unknown or bad key.
+        ValueError: an unknown name (listing the known ones), an unknown or bad key, a missing required key.
     """
     path = spec_file or DEVICE_PRESETS_FILE
     presets = _presets(path)
@@ -90,6 +90,12 @@ def load_device(name: str, *, spec_file: Optional[Path] = None, **overrides: Opt
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"device {name!r} in {path}: unknown keys {unknown}; the keys are {sorted(known)}")
+    required = {f.name for f in dataclasses.fields(DeviceSpec)
+                if f.default is dataclasses.MISSING and f.name != "name"}
+    missing = sorted(required - set(values))
+    if missing:
+        raise ValueError(f"device {name!r} in {path}: missing keys {missing} (required: {sorted(required)}; "
+                         f"optional: {sorted(known - required)})")
     return DeviceSpec(name=name, **values)
 
 

@@ -82,7 +82,7 @@ class NonFiniteGuard:
         self.skipped_last = False
         if not flags.any():
             return False
-        what = " and ".join(name for name, bad in zip(("a loss", "the grad norm"), flags.tolist()) if bad)
+        what = " and ".join(name for name, bad in zip(("loss", "grad norm"), flags.tolist()) if bad)
         message = (f"non-finite {what} at step {step} (this rank: loss {loss}, grad norm {grad_norm})")
         if self.policy is NonFinitePolicy.abort or not skippable:
             reason = "" if skippable else " (dp_mode=deepspeed applies the update before the norm is known)"

@@ -31,7 +31,16 @@ def _cfg(*overrides: str):
      r"parallel.cp=2 with parallel.sequence_parallel=true is not supported"),
     (3, ["parallel.tp=3"], r"model.num_attention_heads=4 is not divisible by parallel.tp=3: choose tp in \[1, 2, 4\]"),
     (3, ["parallel.ep=3"], r"model.n_routed_experts=8 is not divisible by parallel.ep=3"),
-    (2, ["parallel=pp2", "parallel.pp_schedule=zbv"], r"model.num_layers=2 is not divisible by the 4 pipeline stages"),
+    (2, ["parallel=pp2", "parallel.pp_schedule=zbv"],
+     r"^model.num_layers=2 is not divisible by the 4 pipeline stages \(parallel.pp=2 x 2 per rank\): set "
+     r"model.num_layers to a multiple of 4 \(2 stages per rank x pp=2\), or parallel.pp_schedule=1f1b "
+     r"\(one stage per rank\)$"),
+    (2, ["parallel=pp2", "parallel.pp_schedule=interleaved_1f1b", "model.num_layers=6"],
+     r"multiple of 4 \(2 stages per rank x pp=2\), or parallel.pp_schedule=1f1b \(one stage per rank\), or "
+     r"parallel.pp in \[3\]$"),
+    (3, ["parallel.pp=3", "model.num_layers=4", "data.global_batch_size=48"],
+     r"^model.num_layers=4 is not divisible by the 3 pipeline stages \(parallel.pp=3\): set model.num_layers "
+     r"to a multiple of 3, or parallel.pp in \[2, 4\]$"),
     # combinations parallelize refuses (model.parallel.parallelize.check_layout)
     (2, ["parallel.ep=2", "parallel.dp_mode=deepspeed"], r"dp_mode=deepspeed supports data parallelism only"),
     (2, ["parallel=deepspeed2", "parallel.zero_stage=3"], r"parallel.zero_stage=3: use 1 or 2"),
@@ -63,6 +72,24 @@ def _cfg(*overrides: str):
     (1, ["moe.lb_num_groups=3"], r"moe.lb_num_groups=3 must divide model.n_routed_experts=8"),
     (1, ["model.vocab_size=200"], r"model.vocab_size=200 is too small for the stdlib corpus"),
     (1, ["data.corpus=files", "data.sources=[{path: x, weight: 1.0}]"], r"data.corpus=files needs data.tokenizer"),
+    # non-finite and out-of-range numbers, each message naming only the wrong key and its value
+    (1, ["optim.lr=nan"], r"optim.lr=nan must be a finite number"),
+    (1, ["optim.lr=inf"], r"optim.lr=inf must be a finite number"),
+    (1, ["optim.eps=nan"], r"optim.eps=nan must be a finite number"),
+    (1, ["optim.weight_decay=inf"], r"optim.weight_decay=inf must be a finite number"),
+    (1, ["optim.min_lr_ratio=5"], r"optim.min_lr_ratio=5.0 must lie in \[0, 1\]"),
+    (1, ["optim.clip_grad=-1"], r"optim.clip_grad=-1.0 must be >= 0 \(the max gradient norm; 0 disables clipping\)"),
+    (1, ["moe.lb_loss_coef=-1"], r"moe.lb_loss_coef=-1.0 must be >= 0"),
+    (1, ["moe.lb_loss_coef=nan"], r"moe.lb_loss_coef=nan must be a finite number"),
+    (1, ["moe.bias_update_rate=inf"], r"moe.bias_update_rate=inf must be a finite number"),
+    (1, ["moe.rg_threshold=-1"], r"^moe.rg_threshold=-1.0 must be positive$"),
+    (1, ["moe.router_health_interval=-1"], r"^moe.router_health_interval=-1 must be >= 0 \(0 = off\)$"),
+    (1, ["moe.auto_lb_coef=true", "moe.router_health_interval=0"],
+     r"moe.auto_lb_coef=true .* moe.router_health_interval=0 takes none; set moe.router_health_interval"),
+    (1, ["sdc.replay_interval=1", "determinism.enabled=true", "sdc.replay_microbatch=2"],
+     r"sdc.replay_microbatch=2 but each dp rank runs 2 micro-batches per step .* choose one in \[0, 1\]"),
+    (2, ["parallel=dp2", "sdc.replay_interval=1", "determinism.enabled=true", "sdc.replay_microbatch=1"],
+     r"sdc.replay_microbatch=1 but each dp rank runs 1 micro-batches per step"),
 ])
 def test_each_check_names_the_value_and_the_fix(world_size, overrides, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -90,6 +117,21 @@ def test_every_problem_is_reported_at_once():
         validate(_cfg("optim.lr=-1", "train.keep_last=0", "data.seq_length=100000"), world_size=1)
     assert len(info.value.errors) == 3, info.value.errors
     assert str(info.value) == "\n".join(info.value.errors)
+
+
+@pytest.mark.parametrize("overrides,num_errors", [
+    (["optim.lr=-1", "optim.eps=-1", "optim.weight_decay=-1"], 3),
+    (["train.steps=0", "train.keep_last=0", "train.grad_accum=-1"], 3),
+    (["moe.lb_loss_coef=-1", "moe.rg_threshold=-1", "moe.router_health_interval=-1"], 3),
+    (["parallel.moe_chunks=0", "parallel.pp_microbatches=-1"], 2),
+])
+def test_a_section_reports_each_of_its_problems(overrides, num_errors):
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg(*overrides), world_size=1)
+    assert len(info.value.errors) == num_errors, info.value.errors
+    for override in overrides:
+        key, value = override.split("=")
+        assert sum(e.startswith(f"{key}={value}") for e in info.value.errors) == 1, (override, info.value.errors)
 
 
 

@@ -55,7 +55,8 @@ def test_memory_above_hbm_is_a_problem_with_the_numbers():
     device = load_device("H800", hbm_gib=0.001)
     report = dry_run(_cfg("model=tiny"), world_size=1, rank=0, device=device)
     assert not report.fits
-    assert "exceeds H800 HBM 0.0 GiB" in report.problems[0] and "weights" in report.problems[0]
+    assert "exceeds H800 HBM 0.001 GiB by 3.2 GiB" in report.problems[0], report.problems[0]  # not "0.0 GiB"
+    assert re.search(r"weights 0\.0\d+ \+ grads 0\.0\d+", report.problems[0]), report.problems[0]
     table = format_report(report)
     assert any(line.startswith("fits") and line.endswith("NO") for line in table.splitlines())
     assert "problem: peak memory" in table
@@ -120,6 +121,35 @@ def test_sweep_under_cp_runs_tp_without_sequence_parallelism_and_tries_fsdp():
     assert all(c["sequence_parallel"] == (c["tp"] > 1) for c in plain)  # without cp, tp keeps SP
 
 
+@pytest.mark.parametrize("world_size,overrides", [
+    (3, ["data.global_batch_size=24"]),  # ep=1: the ep sweep around 8 gives 4, 8, 16, none dividing 3
+    (2, ["parallel.cp=2"]),
+    (4, ["parallel=pp2_tp2"]),  # tp with PP: the sweep's own PP candidates run tp=1
+])
+def test_the_configured_layout_is_always_the_first_candidate(world_size, overrides):
+    cfg = _cfg("model=tiny", *overrides)
+    p = cfg.parallel
+    first = candidate_layouts(cfg, world_size=world_size)[0]
+    assert (first["pp"], first["tp"], first["ep"], first["pp_schedule"], first["dp_mode"]) == \
+        (p.pp, p.tp, p.ep, str(p.pp_schedule), str(p.dp_mode))
+    rows = sweep(cfg, world_size=world_size, device=load_device("H800"))
+    assert any(r.report is not None and r.overrides["ep"] == p.ep for r in rows), [r.error for r in rows]
+
+
+def test_sweep_with_no_candidates_says_why():
+    with pytest.raises(LayoutError, match="no candidate layouts for world size 4: "):
+        sweep(_cfg("model=tiny"), world_size=4, device=load_device("H800"), layouts=[])
+
+
+def test_cli_sweep_exit_codes_without_a_valid_candidate():
+    ok = _cli("--world-size", "3", "--device", "H800", "data.global_batch_size=24", "--sweep")
+    assert ok.returncode == 0 and re.search(r"^ +1 +1 +1 +3 replicate ", ok.stdout, flags=re.M), ok
+    bad = _cli("--world-size", "3", "--device", "H800", "parallel.ep=4", "--sweep")
+    assert bad.returncode == 2, (bad.stdout, bad.stderr)
+    assert bad.stderr.startswith("error: no candidate layouts for world size 3: none of the 1 tried is valid")
+    assert "parallel.ep=4 must divide dp*tp=3" in bad.stdout
+
+
 def test_sweep_ranks_the_paper_layout_under_fsdp_where_only_fsdp_fits():
     """pp 14, ZB-V, cp 8, ep 32 on 1792 ranks: 74.2 GiB under replicate, 36.6 GiB under FSDP; the sweep
     tries both and ranks the FSDP one as fitting, with its DP mode in the table."""
@@ -164,6 +194,28 @@ def test_cli_full_model_json_and_exit_codes(tmp_path):
     bad = _cli("model=tiny", "parallel.ep=3", "--world-size", "6")
     assert bad.returncode == 2 and "error:" in bad.stderr
     assert _cli("--help").returncode == 0
+
+
+@pytest.mark.parametrize("where,needle", [
+    ("missing/p.json", "the folder {tmp}/missing does not exist"),
+    ("", "is a folder; give a file path"),
+])
+def test_cli_refuses_an_unwritable_json_path_before_any_work(tmp_path, where, needle):
+    proc = _cli("--world-size", "1", "--json", str(tmp_path / where) if where else str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --json ") and needle.format(tmp=tmp_path) in proc.stderr, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+
+
+def test_device_spec_missing_keys_are_named(tmp_path):
+    spec = tmp_path / "devices.yaml"
+    spec.write_text("X:\n  peak_tflops: 900\n")
+    with pytest.raises(ValueError, match=r"device 'X' in .*: missing keys \['hbm_gib', 'inter_node_gbs', "
+                                         r"'intra_node_gbs'\]"):
+        load_device("X", spec_file=spec)
+    assert load_device("X", spec_file=spec, hbm_gib=80, intra_node_gbs=400, inter_node_gbs=50).hbm_gib == 80
+    proc = _cli("--world-size", "1", "--device", "X", "--device-spec", str(spec))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: device 'X'") and "missing keys" in proc.stderr
 
 
 def test_cli_takes_overrides_before_between_and_after_its_flags(tmp_path):
