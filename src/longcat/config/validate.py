@@ -13,7 +13,7 @@ happens.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from longcat.config.layout import check_model_split, divisors
 from longcat.config.schema import (
@@ -73,9 +73,11 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
         ok(_check_sequence_split, cfg)
         if model_ok:
             ok(_check_model_fits_layout, cfg, dp=dp)
-        if train_ok:
-            ok(_check_micro_batches, cfg, dp=dp)
-        ok(_check_replay_microbatch, cfg, dp=dp)
+        accum = _micro_batches_per_rank(cfg, dp=dp)
+        if accum is not None:  # None: the batch does not split (data.validate reports that)
+            if train_ok:
+                ok(_check_micro_batches, cfg, dp=dp, accum=accum)
+            ok(_check_replay_microbatch, cfg, dp=dp, accum=accum)
     if errors:
         raise ConfigError(errors)
 
@@ -140,18 +142,23 @@ def _check_sequence_split(cfg: RunConfig) -> None:
                          "parallel.sequence_parallel=false")
 
 
-def _check_micro_batches(cfg: RunConfig, *, dp: int) -> None:
-    """Gradient accumulation, and the micro-batches a pipeline schedule needs.
+def _micro_batches_per_rank(cfg: RunConfig, *, dp: int) -> Optional[int]:
+    """global_batch / (micro_batch x dp), or None where the global batch does not split that way."""
+    micro, batch = cfg.data.micro_batch_size, cfg.data.global_batch_size
+    if micro <= 0 or batch <= 0 or batch % (micro * dp):
+        return None
+    return num_grad_accum_steps(cfg, dp=dp)
+
+
+def _check_micro_batches(cfg: RunConfig, *, dp: int, accum: int) -> None:
+    """Gradient accumulation, and the micro-batches a pipeline schedule needs (``accum`` micro-batches
+    per dp rank and step, ``_micro_batches_per_rank``).
 
     Raises:
         ValueError: ``train.grad_accum`` or ``parallel.pp_microbatches`` disagreeing with
             global_batch / (micro_batch x dp); 1F1B with fewer micro-batches than stages; an interleaved
             1F1B count that is not a multiple of its rounds (torch ``ScheduleInterleaved1F1B``).
     """
-    micro, batch = cfg.data.micro_batch_size, cfg.data.global_batch_size
-    if micro <= 0 or batch <= 0 or batch % (micro * dp):
-        return  # the batch does not split: data.validate reports that
-    accum = num_grad_accum_steps(cfg, dp=dp)
     derived = f"global_batch_size / (micro_batch_size x dp) = {cfg.data.global_batch_size} / " \
               f"({cfg.data.micro_batch_size} x {dp}) = {accum}"
     if cfg.train.grad_accum not in (0, accum):
@@ -173,17 +180,14 @@ def _check_micro_batches(cfg: RunConfig, *, dp: int) -> None:
                          "micro-batches per step")
 
 
-def _check_replay_microbatch(cfg: RunConfig, *, dp: int) -> None:
-    """``sdc.replay_microbatch`` names one of the micro-batches each dp rank runs per step.
+def _check_replay_microbatch(cfg: RunConfig, *, dp: int, accum: int) -> None:
+    """``sdc.replay_microbatch`` names one of the ``accum`` micro-batches each dp rank runs per step.
 
     Raises:
         ValueError: with replay on, an index >= global_batch / (micro_batch x dp).
     """
     micro, batch = cfg.data.micro_batch_size, cfg.data.global_batch_size
-    if not cfg.sdc.replay_interval or micro <= 0 or batch <= 0 or batch % (micro * dp):
-        return  # replay off, or the batch does not split (data.validate reports that)
-    accum = num_grad_accum_steps(cfg, dp=dp)
-    if cfg.sdc.replay_microbatch >= accum:
+    if cfg.sdc.replay_interval and cfg.sdc.replay_microbatch >= accum:
         raise ValueError(f"sdc.replay_microbatch={cfg.sdc.replay_microbatch} but each dp rank runs {accum} "
                          f"micro-batches per step (global_batch_size / (micro_batch_size x dp) = {batch} / "
                          f"({micro} x {dp})); choose one in [0, {accum - 1}]")
