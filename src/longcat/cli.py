@@ -25,6 +25,7 @@ code never sees Hydra or a DictConfig.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -287,8 +288,6 @@ class _Task:
 def _save_job_config(cfg: Any, *, out_dir: str, path: Path) -> None:
     """Rewrite the job's ``.hydra/config.yaml`` (which Hydra saves before the job starts) with the folder
     the job runs in as ``train.out_dir``: a sweep job's ``<sweep dir>/<job number>``, or ``hydra.run.dir``."""
-    import copy
-
     from omegaconf import OmegaConf, read_write
 
     saved = copy.deepcopy(cfg)
