@@ -1,8 +1,12 @@
 """The dry run against real training steps of the same configuration (1 and 2 gloo processes).
 
-Per layout, each rank of the real run (``longcat.train.Trainer``, one optimizer step) reports the
-bytes of its local parameters, gradients and AdamW state and its peak RSS growth over the step's
-setup and the step itself (``VmHWM`` after resetting it, minus ``VmRSS`` before the trainer is built).
+Per layout, each rank of the real run (``longcat.train.Trainer``, two optimizer steps) reports the
+bytes of its local parameters, gradients and AdamW state and its peak RSS growth over the setup and
+the steps (``VmHWM`` after resetting it, minus ``VmRSS`` before the trainer is built), with glibc's
+mmap threshold fixed so that freed tensors leave RSS (without it the measured growth differed by 12%
+between machines, and failed CI once). Two steps, because the dry run estimates the steady state:
+from the second step on AdamW's moments exist while the activations are held (in the first step they
+are allocated after the backward, so its peak is lower by the optimizer bytes).
 The dry run of the same overrides for that rank must give exactly the same parameter, gradient and
 optimizer bytes, and a peak-memory estimate within 25% of the measured growth (where the model's
 state and activations dominate the process's growth: the small preset).
@@ -19,6 +23,7 @@ import torch
 from conftest import tiny_overrides
 from torch.distributed.tensor import DTensor
 
+from longcat.bench.common import reset_peak_rss, return_freed_memory_to_os
 from longcat.config.compose import compose_run_config
 from longcat.planning import dry_run
 from longcat.testing.distributed import run_distributed
@@ -40,7 +45,7 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 
 def measure_real_step(overrides: list[str]) -> dict:
-    """One rank of a real run: exact state bytes and peak RSS growth (bytes) of build + one step."""
+    """One rank of a real run: exact state bytes and peak RSS growth (bytes) of build + two steps."""
     import torch.distributed as dist
 
     from longcat.config.validate import validate
@@ -52,12 +57,13 @@ def measure_real_step(overrides: list[str]) -> dict:
     validate(cfg, world_size=world)
     groups = (ProcessGroups.build(ParallelDims.from_config(cfg.parallel, world_size=world)) if world > 1
               else ProcessGroups.single())
+    return_freed_memory_to_os()  # RSS = live tensors, whatever the machine's allocator history
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    reset_peak_rss()
     base_kib = _status_kib("VmRSS")
     trainer = Trainer(cfg, groups=groups)
-    trainer.train_step()
+    for _ in range(2):
+        trainer.train_step()
     peak_kib = _status_kib("VmHWM")
     params = [p.param for p in trainer.parallel.placements]
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]

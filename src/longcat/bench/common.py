@@ -9,6 +9,7 @@ Units are suffixes of the metric names: ``_s``, ``_ms``, ``_mib``, ``tokens_per_
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -187,6 +188,25 @@ def current_rss_mib() -> float:
     except (OSError, IndexError, ValueError):
         return 0.0
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux; a no-op where not permitted)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def return_freed_memory_to_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB, so RSS tracks the live tensors: large tensors are mmapped
+    and unmapped when freed (by default the threshold grows after such a free, later tensors come from
+    the heap and freed memory stays resident, by an amount that differs from machine to machine).
+    A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def rel_diff(a: float, b: float) -> float:

@@ -34,7 +34,6 @@ Shape legend:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -50,7 +49,16 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from longcat.bench.common import BenchResult, Table, current_rss_mib, load_preset, peak_rss_mib, write_result
+from longcat.bench.common import (
+    BenchResult,
+    Table,
+    current_rss_mib,
+    load_preset,
+    peak_rss_mib,
+    reset_peak_rss,
+    return_freed_memory_to_os,
+    write_result,
+)
 from longcat.bench.report import write_report
 from longcat.config.schema import ModelConfig
 from longcat.distributed import ParallelDims, ProcessGroups, collectives
@@ -212,23 +220,6 @@ def analytic_table(cfg: ModelConfig, settings: ContextParallelBenchSettings) -> 
 # ----------------------------------------------------------------------------------- measured
 
 
-def _reset_peak_rss() -> None:
-    """Reset this process's ``VmHWM`` to its current RSS (Linux; no-op where not permitted)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _return_freed_memory_to_os() -> None:
-    """Fixed glibc mmap threshold (1 MiB): large tensors are mmapped and unmapped when freed, so RSS
-    tracks the live tensors (by default the threshold grows after a free and memory stays in the heap)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 class _ByteCounter:
     """Counts the bytes handed to the all-gather and reduce-scatter of ``longcat.distributed.collectives``."""
 
@@ -257,7 +248,7 @@ class _ByteCounter:
 def _rank_main(settings: ContextParallelBenchSettings) -> dict[str, Any]:
     """One rank of the measurement (under ``run_distributed``): alternating single-device and cp steps."""
 
-    _return_freed_memory_to_os()
+    return_freed_memory_to_os()
     torch.set_num_threads(settings.threads)
 
     world_size = int(os.environ["WORLD_SIZE"])
@@ -289,7 +280,7 @@ def _rank_main(settings: ContextParallelBenchSettings) -> dict[str, Any]:
         x = x.clone().requires_grad_()
         gc.collect()
         rss0 = current_rss_mib()
-        _reset_peak_rss()
+        reset_peak_rss()
         t0, cpu0 = time.perf_counter(), time.process_time()
         out = mla(x, cos_BSP=cos, sin_BSP=sin)
         t1 = time.perf_counter()

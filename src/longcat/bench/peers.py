@@ -33,7 +33,6 @@ notes say why.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import statistics
 import time
@@ -45,7 +44,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from longcat.bench import torchtitan_peer
-from longcat.bench.common import BenchResult, Table, current_rss_mib, load_preset, peak_rss_mib
+from longcat.bench.common import (
+    BenchResult,
+    Table,
+    current_rss_mib,
+    load_preset,
+    peak_rss_mib,
+    reset_peak_rss,
+    return_freed_memory_to_os,
+)
 from longcat.bench.profile import op_group, profile_step
 from longcat.bench.training import BENCH_OPTIM, OursStep, ReferenceStep, build_ours, build_reference, make_batch
 from longcat.config.schema import ModelConfig
@@ -131,20 +138,6 @@ class count_host_syncs(TorchFunctionMode):
         return sum(self.counts.values())
 
 
-def _fix_mmap_threshold() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # M_MMAP_THRESHOLD: freed tensors leave RSS
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 @dataclass
 class Sample:
     seconds: float
@@ -153,7 +146,7 @@ class Sample:
 
 def measure(fn: Callable[[], Any]) -> Sample:
     """One call of ``fn``: wall seconds and the RSS peak above the RSS at its start."""
-    _reset_peak_rss()
+    reset_peak_rss()
     start_rss = current_rss_mib()
     t0 = time.perf_counter()
     fn()
@@ -304,7 +297,7 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
     s = settings or PeersSettings.for_mode(quick=quick)
     start = time.perf_counter()
     torch.set_num_threads(1)
-    _fix_mmap_threshold()
+    return_freed_memory_to_os()
     tt, why = torchtitan_peer.load_torchtitan()
     metrics: dict[str, float | int | bool] = {"torchtitan_available": tt is not None}
     block_rows: list = []
