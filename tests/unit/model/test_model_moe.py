@@ -221,6 +221,21 @@ def test_router_ties_pick_lower_expert_id():
     assert router(torch.randn(2, 8)).expert_ids_TK.tolist() == [[6, 8, 0, 1]] * 2
 
 
+def test_router_computes_in_fp32_under_bf16_autocast():
+    """train.bf16 runs the model under autocast, which would run the classifier in bf16: the
+    routing (logits, probabilities, top-K, gates) must be exactly the fp32 router's."""
+    torch.manual_seed(0)
+    router = TopKRouter(64, num_experts=48, top_k=12, routed_scaling_factor=6.0)
+    u_TD = torch.randn(256, 64).bfloat16()  # what a bf16 layer hands the router
+    want = router(u_TD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(u_TD)
+    assert got.probs_TE.dtype == got.gates_TK.dtype == torch.float32
+    assert torch.equal(got.probs_TE, want.probs_TE)
+    assert torch.equal(got.expert_ids_TK, want.expert_ids_TK)
+    assert torch.equal(got.gates_TK, want.gates_TK)
+
+
 def test_expert_bias_stays_fp32_on_dtype_cast():
     model = LongcatFlashForCausalLM(CFG)
     with torch.no_grad():

@@ -61,9 +61,12 @@ class TopKRouter(nn.Module):
         return self
 
     def forward(self, u_TD: torch.Tensor) -> RouterOutput:
-        """u_TD [T, D] (any float dtype) -> RouterOutput; all routing math in fp32."""
-        logits_TE = F.linear(u_TD.float(), self.classifier.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
+        """u_TD [T, D] (any float dtype) -> RouterOutput; all routing math in fp32, also under autocast
+        (``train.bf16``), which would otherwise run the classifier's GEMM, and so the logits, the
+        probabilities, the top-K and the gates, in bf16."""
+        with torch.autocast(u_TD.device.type, enabled=False):
+            logits_TE = F.linear(u_TD.float(), self.classifier.weight.float())
+            probs_TE = logits_TE.softmax(dim=-1)
         expert_ids_TK = self.select(probs_TE.detach())
         gates_TK = probs_TE.gather(1, expert_ids_TK) * self.routed_scaling_factor
         return RouterOutput(probs_TE=probs_TE, expert_ids_TK=expert_ids_TK, gates_TK=gates_TK)
