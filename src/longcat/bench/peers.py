@@ -11,7 +11,9 @@ every round so a slow spell of a shared machine hits all of them:
   (``model.moe.MoE``), transformers' ``LongcatFlashMoE`` with the same weights, torchtitan's ``MoE``
   with N experts and top-k_e (k_e = K * N / (N + Z), LongCat's expected FFN experts per token, so
   the expert FLOPs match), with ``use_grouped_mm`` (experts in bf16: torchtitan casts) and without
-  (its fp32 per-expert loop).
+  (its fp32 per-expert loop). Ours runs twice: fp32, and under bf16 autocast (``train.bf16``: experts
+  in bf16, router in fp32), the precision of torchtitan's grouped_mm path, which the matched-precision
+  table compares.
 - the full training step (forward, mean CE, backward, AdamW): ours, transformers, and torchtitan's
   DeepSeek-V3 at matched dimensions and FLOPs (``torchtitan_peer.build_deepseek_v3``).
 
@@ -176,14 +178,19 @@ def ratio_to(samples: dict[str, list[Sample]], peer: str, ours: str = "ours") ->
 
 # ----------------------------------------------------------------------------------- the pieces
 
-def _block_fwd_bwd(block: torch.nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.Tensor) -> Callable[[], None]:
+def _block_fwd_bwd(block: torch.nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.Tensor, *,
+                   bf16_autocast: bool = False) -> Callable[[], None]:
     def run() -> None:
         block.zero_grad(set_to_none=True)
         x = x_BSD.detach().requires_grad_()
-        out = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            out = block(x)
         out = out[0] if isinstance(out, tuple) else out
         out.backward(grad_BSD)
     return run
+
+
+OURS_BF16 = "ours bf16 autocast"
 
 
 class TorchTitanStep:
@@ -233,8 +240,11 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
     x_BSD = torch.randn(s.batch_size, s.seq_len, cfg.hidden_size, generator=gen)
     grad_BSD = torch.randn(s.batch_size, s.seq_len, cfg.hidden_size, generator=gen)
 
+    ours_block = cast(torch.nn.Module, ours_model.model.layers[0].mlp)
     blocks: dict[str, Callable[[], None]] = {
-        "ours": _block_fwd_bwd(cast(torch.nn.Module, ours_model.model.layers[0].mlp), x_BSD, grad_BSD),
+        "ours": _block_fwd_bwd(ours_block, x_BSD, grad_BSD),
+        # train.bf16's precision: experts in bf16, router fp32 (torchtitan grouped_mm's precision)
+        OURS_BF16: _block_fwd_bwd(ours_block, x_BSD, grad_BSD, bf16_autocast=True),
         "transformers": _block_fwd_bwd(reference_model.model.layers[0].mlp, x_BSD, grad_BSD),
     }
     if tt is not None:
@@ -281,15 +291,23 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
             slug = name.replace(" ", "_")
             metrics[f"{key}_{kind}_{slug}_ms"] = _median([x.seconds for x in samples[name]]) * 1e3
             metrics[f"{key}_{kind}_{slug}_peak_mib"] = max(x.peak_above_start_mib for x in samples[name])
-            if name != "ours":
+            if name not in ("ours", OURS_BF16):
                 metrics[f"{key}_{kind}_ours_vs_{slug}"] = ratio_to(samples, name)
     block_rows = [[peer.name, *_row(name, block_samples[name], tokens=tokens, flops=moe_flops),
-                   "" if name == "ours" else f"{ratio_to(block_samples, name):.2f}x"] for name in block_samples]
+                   "" if name in ("ours", OURS_BF16) else f"{ratio_to(block_samples, name):.2f}x"]
+                  for name in block_samples]
+    matched_rows = []
+    if "torchtitan grouped_mm" in block_samples:
+        matched = ratio_to(block_samples, "torchtitan grouped_mm", ours=OURS_BF16)
+        metrics[f"{key}_block_ours_bf16_vs_torchtitan_grouped_mm"] = matched
+        matched_rows.append([peer.name, round(metrics[f"{key}_block_{OURS_BF16.replace(' ', '_')}_ms"], 1),
+                             round(metrics[f"{key}_block_torchtitan_grouped_mm_ms"], 1), f"{matched:.2f}x",
+                             f"{metrics[f'{key}_block_ours_vs_torchtitan_grouped_mm']:.2f}x"])
     step_rows = [[peer.name, *_row(name, step_samples[name], tokens=tokens, flops=flops.total_flops),
                   "" if name == "ours" else f"{ratio_to(step_samples, name):.2f}x"] for name in step_samples]
     sync_row = [peer.name, syncs.total, ", ".join(f"{k} x{v}" for k, v in sorted(syncs.counts.items())) or "none",
                 cfg.num_layers]
-    return metrics, [block_rows, step_rows, [sync_row], bound_rows]
+    return metrics, [block_rows, step_rows, [sync_row], bound_rows, matched_rows]
 
 
 def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchResult:
@@ -304,13 +322,15 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
     step_rows: list = []
     sync_rows: list = []
     bound_rows: list = []
+    matched_rows: list = []
     for peer in s.configs:
-        m, (b, st, sy, bo) = run_config(peer, s, tt)
+        m, (b, st, sy, bo, ma) = run_config(peer, s, tt)
         metrics.update(m)
         block_rows += b
         step_rows += st
         sync_rows += sy
         bound_rows += bo
+        matched_rows += ma
     columns = ["config", "implementation", "ms (median)", "tokens/s", "GFLOP/s", "peak above start MiB",
                "ours speed vs it"]
     tables = [
@@ -322,6 +342,11 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
               columns=["config", "part", "ours GEMM share", "GEMM floor ms", "ceiling vs transformers",
                        "ceiling vs torchtitan grouped_mm"], rows=bound_rows),
     ]
+    if matched_rows:
+        tables.insert(1, Table(
+            title="MoE block at matched precision: experts in bf16, router in fp32 (ours under bf16 autocast)",
+            columns=["config", "ours bf16 autocast ms", "torchtitan grouped_mm ms", "ours speed vs it",
+                     "ours fp32 speed vs it"], rows=matched_rows))
     notes = [
         f"preset {s.preset!r} (hidden 512, MLA q_lora 256 / kv_lora 128, heads 8) with expert FFN width "
         f"{s.expert_ffn_hidden_size} (~hidden/3), batch {s.batch_size} x {s.seq_len}; block rounds "
@@ -340,6 +365,9 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "inflates small operators, so the floor is, if anything, low); ceiling = the peer's median ms / that "
         "floor: the most ours could gain on it by removing every non-GEMM operator. Targets (issue): block >= 2x "
         "transformers and >= 1.1x torchtitan at top-12, step >= 1.15x transformers and >= 1.05x torchtitan.",
+        "matched precision: ours under torch.autocast(bfloat16) (train.bf16) computes the experts in bf16 from "
+        "fp32 weights and routes in fp32, as torchtitan's grouped_mm path does without autocast; ours speed vs "
+        "it = median over rounds of (torchtitan grouped_mm time / ours bf16 time).",
         "peak above start: the step's transient memory (activations, gradients, temporaries) beyond what "
         "was resident at its start (weights and optimizer state, held by all implementations alike).",
     ]

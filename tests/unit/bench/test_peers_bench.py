@@ -62,7 +62,9 @@ def test_quick_peers_bench_without_torchtitan(monkeypatch):
     assert m["8_4_top4_block_ours_vs_transformers"] > 0 and m["8_4_top4_step_ours_vs_transformers"] > 0
     # the expert counts need one host sync per MoE layer (the routed-row count); nothing else may add one
     assert m["8_4_top4_ours_host_syncs_per_step"] == settings.model_config(settings.configs[0]).num_layers
-    assert [row[1] for row in result.tables[0].rows] == ["ours", "transformers"]
+    assert [row[1] for row in result.tables[0].rows] == ["ours", "ours bf16 autocast", "transformers"]
+    assert m["8_4_top4_block_ours_bf16_autocast_ms"] > 0
+    assert len(result.tables) == 4  # no matched-precision table without torchtitan
     assert "torchtitan skipped" in result.notes[-1]
     for kind in ("block", "step"):  # the GEMM floor is below ours' time, the ceiling above ours' ratio
         share = m[f"8_4_top4_{kind}_ours_gemm_share"]
