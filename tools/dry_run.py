@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             assert device is not None  # parse_args requires it
             rows = sweep(run_cfg, world_size=args.world_size, device=device, memory_limit_gib=args.memory_limit_gib,
                          assume_cp=args.assume_cp)
-            print(format_sweep(rows))
+            print(format_sweep(rows, cp=args.assume_cp or run_cfg.parallel.cp))
             if all(r.report is None for r in rows):  # bad input, not a layout that misses the memory
                 print(f"error: no candidate layouts for world size {args.world_size}: none of the {len(rows)} "
                       "tried is valid (the table gives each one's reason)", file=sys.stderr)

@@ -70,21 +70,22 @@ def format_report(r: DryRunReport) -> str:
     return "\n".join(lines)
 
 
-def format_sweep(rows: list[SweepRow]) -> str:
-    """Candidates side by side: those that fit first, by modelled step time."""
-    head = f"{'pp':>3} {'tp':>3} {'ep':>4} {'dp':>5} {'dp_mode':<9} {'schedule':<16} {'peak GiB':>9} " \
+def format_sweep(rows: list[SweepRow], *, cp: int = 1) -> str:
+    """Candidates side by side: those that fit first, by modelled step time. ``cp``: the configured
+    context-parallel degree, shown for rows that did not validate (a report shows its own)."""
+    head = f"{'pp':>3} {'tp':>3} {'cp':>3} {'ep':>4} {'dp':>5} {'dp_mode':<9} {'schedule':<16} {'peak GiB':>9} " \
            f"{'step s':>8} {'tok/s/dev':>10} {'MFU':>6}  fits"
     lines = [head]
     for row in rows:
         o = row.overrides
         sched = o["pp_schedule"] if o["pp"] > 1 else "-"
         if row.report is None:
-            lines.append(f"{o['pp']:>3} {o['tp']:>3} {o['ep']:>4} {'-':>5} {o['dp_mode']:<9} {sched:<16} "
+            lines.append(f"{o['pp']:>3} {o['tp']:>3} {cp:>3} {o['ep']:>4} {'-':>5} {o['dp_mode']:<9} {sched:<16} "
                          f"invalid: {row.error}")
             continue
         r, t = row.report, row.report.time
         assert t is not None  # a sweep always has a device
-        lines.append(f"{o['pp']:>3} {o['tp']:>3} {o['ep']:>4} {r.layout['dp']:>5} {o['dp_mode']:<9} {sched:<16} "
-                     f"{r.peak_bytes / GIB:>9.1f} {t.step_s:>8.3f} {t.tokens_per_s_per_device:>10,.0f} "
-                     f"{t.mfu * 100:>5.1f}%  {'yes' if r.fits else 'no'}")
+        lines.append(f"{o['pp']:>3} {o['tp']:>3} {r.layout['cp']:>3} {o['ep']:>4} {r.layout['dp']:>5} "
+                     f"{o['dp_mode']:<9} {sched:<16} {r.peak_bytes / GIB:>9.1f} {t.step_s:>8.3f} "
+                     f"{t.tokens_per_s_per_device:>10,.0f} {t.mfu * 100:>5.1f}%  {'yes' if r.fits else 'no'}")
     return "\n".join(lines)

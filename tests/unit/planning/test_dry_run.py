@@ -143,7 +143,7 @@ def test_sweep_with_no_candidates_says_why():
 
 def test_cli_sweep_exit_codes_without_a_valid_candidate():
     ok = _cli("--world-size", "3", "--device", "H800", "data.global_batch_size=24", "--sweep")
-    assert ok.returncode == 0 and re.search(r"^ +1 +1 +1 +3 replicate ", ok.stdout, flags=re.M), ok
+    assert ok.returncode == 0 and re.search(r"^ +1 +1 +1 +1 +3 replicate ", ok.stdout, flags=re.M), ok
     bad = _cli("--world-size", "3", "--device", "H800", "parallel.ep=4", "--sweep")
     assert bad.returncode == 2, (bad.stdout, bad.stderr)
     assert bad.stderr.startswith("error: no candidate layouts for world size 3: none of the 1 tried is valid")
@@ -160,8 +160,10 @@ def test_sweep_ranks_the_paper_layout_under_fsdp_where_only_fsdp_fits():
     assert [(r.overrides["dp_mode"], r.report.fits) for r in rows] == [("fsdp", True), ("replicate", False)]
     assert rows[0].report.peak_bytes / GIB == pytest.approx(36.6, abs=0.05)
     assert rows[1].report.peak_bytes / GIB == pytest.approx(74.2, abs=0.05)
-    table = format_sweep(rows).splitlines()
+    table = format_sweep(rows, cp=8).splitlines()
     assert "dp_mode" in table[0] and " fsdp " in table[1] and " replicate " in table[2]
+    assert table[0].split()[:5] == ["pp", "tp", "cp", "ep", "dp"]
+    assert [line.split()[:5] for line in table[1:]] == [["14", "1", "8", "32", "16"]] * 2
 
 
 def test_why_line_quotes_the_fsdp_dry_run_of_the_same_rank():
