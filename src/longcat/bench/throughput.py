@@ -10,7 +10,9 @@ tokens/s ratio of the medians and the median of the per-round ratios.
 Each round also measures the fp32 matmul throughput at the step's GEMM shapes (``bench.matmul``).
 Both implementations do the same model FLOPs, so ``speedup_ceiling = 1 / reference utilisation`` is
 the most any implementation could gain over the reference without changing the math: if the
-reference already runs its GEMMs at a third of that throughput, a 3x target is out of reach.
+reference already runs its GEMMs at 75% of that throughput, no implementation can be more than
+1.33x faster. The target (``TARGET_SPEEDUP``) is the full-step one of docs/benchmarks.md's peers
+comparison: 1.15x transformers (it replaced 3x, set when transformers ran its experts in a loop).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from longcat.bench.training import OursStep, ReferenceStep, build_pair, make_bat
 from longcat.model.flops import gemm_shapes, step_flops
 
 LOSS_MATCH_RTOL = 1e-5
-TARGET_SPEEDUP = 3.0
+TARGET_SPEEDUP = 1.15
 
 
 @dataclass(frozen=True)
