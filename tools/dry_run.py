@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"--rank {args.rank} must lie in [0, --world-size {args.world_size})")
     if args.sweep and args.device is None:
         parser.error("--sweep ranks layouts by modelled step time: give --device (e.g. --device H800)")
+    device_flags = {"--device-spec": args.device_spec, "--peak-tflops": args.peak_tflops, "--hbm-gib": args.hbm_gib,
+                    "--intra-node-gbs": args.intra_node_gbs, "--inter-node-gbs": args.inter_node_gbs}
+    orphans = [flag for flag, value in device_flags.items() if value is not None]
+    if orphans and args.device is None:
+        verb = "describes" if len(orphans) == 1 else "describe"
+        parser.error(f"{', '.join(orphans)} {verb} the device, but no --device is given, so it would be "
+                     "ignored: add --device (e.g. --device H800)")
     recipe = "pretrain"
     overrides = []
     for item in args.overrides:

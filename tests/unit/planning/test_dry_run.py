@@ -258,6 +258,19 @@ def test_documented_commands_compose_and_validate():
         validate(cfg, world_size=args.world_size)
 
 
+def test_device_flags_without_a_device_are_refused_not_ignored(capsys):
+    spec = importlib.util.spec_from_file_location("dry_run_tool", ROOT / "tools" / "dry_run.py")
+    assert spec and spec.loader
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as exc:
+        tool.parse_args(["--world-size", "8", "--hbm-gib", "80", "--peak-tflops", "900", "model=tiny"])
+    assert exc.value.code == 2
+    assert "--peak-tflops, --hbm-gib describe the device, but no --device is given" in capsys.readouterr().err
+    args, _ = tool.parse_args(["--world-size", "8", "--hbm-gib", "80", "--device", "H800", "model=tiny"])
+    assert args.hbm_gib == 80
+
+
 def test_assumed_cp_splits_the_activations_and_adds_the_latent_exchange():
     base = ["model=tiny", "data.seq_length=64", "data.global_batch_size=16", "data.micro_batch_size=2"]
     plain = dry_run(_cfg(*base), world_size=8, rank=0)
