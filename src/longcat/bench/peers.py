@@ -297,12 +297,13 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
                    "" if name in ("ours", OURS_BF16) else f"{ratio_to(block_samples, name):.2f}x"]
                   for name in block_samples]
     matched_rows = []
-    if "torchtitan grouped_mm" in block_samples:
-        matched = ratio_to(block_samples, "torchtitan grouped_mm", ours=OURS_BF16)
+    titan = "torchtitan grouped_mm"
+    if titan in block_samples:
+        matched = ratio_to(block_samples, titan, ours=OURS_BF16)
         metrics[f"{key}_block_ours_bf16_vs_torchtitan_grouped_mm"] = matched
-        matched_rows.append([peer.name, round(metrics[f"{key}_block_{OURS_BF16.replace(' ', '_')}_ms"], 1),
-                             round(metrics[f"{key}_block_torchtitan_grouped_mm_ms"], 1), f"{matched:.2f}x",
-                             f"{metrics[f'{key}_block_ours_vs_torchtitan_grouped_mm']:.2f}x"])
+        ms = {name: _median([x.seconds for x in block_samples[name]]) * 1e3 for name in (OURS_BF16, titan)}
+        matched_rows.append([peer.name, round(ms[OURS_BF16], 1), round(ms[titan], 1), f"{matched:.2f}x",
+                             f"{ratio_to(block_samples, titan):.2f}x"])
     step_rows = [[peer.name, *_row(name, step_samples[name], tokens=tokens, flops=flops.total_flops),
                   "" if name == "ours" else f"{ratio_to(step_samples, name):.2f}x"] for name in step_samples]
     sync_row = [peer.name, syncs.total, ", ".join(f"{k} x{v}" for k, v in sorted(syncs.counts.items())) or "none",

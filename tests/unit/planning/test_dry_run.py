@@ -243,13 +243,19 @@ def _documented_commands() -> list[list[str]]:
     return commands
 
 
-def test_documented_commands_compose_and_validate():
-    """Each dry-run command the docs show parses and is a valid configuration for its world size (the
-    README's tour line once lacked the batch settings its 1792 ranks need)."""
+def _dry_run_tool():
+    """tools/dry_run.py as a module (tools/ is not a package)."""
     spec = importlib.util.spec_from_file_location("dry_run_tool", ROOT / "tools" / "dry_run.py")
     assert spec and spec.loader
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_documented_commands_compose_and_validate():
+    """Each dry-run command the docs show parses and is a valid configuration for its world size (the
+    README's tour line once lacked the batch settings its 1792 ranks need)."""
+    tool = _dry_run_tool()
     commands = _documented_commands()
     assert len(commands) >= 4, commands
     for argv in commands:
@@ -259,10 +265,7 @@ def test_documented_commands_compose_and_validate():
 
 
 def test_device_flags_without_a_device_are_refused_not_ignored(capsys):
-    spec = importlib.util.spec_from_file_location("dry_run_tool", ROOT / "tools" / "dry_run.py")
-    assert spec and spec.loader
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _dry_run_tool()
     with pytest.raises(SystemExit) as exc:
         tool.parse_args(["--world-size", "8", "--hbm-gib", "80", "--peak-tflops", "900", "model=tiny"])
     assert exc.value.code == 2
