@@ -156,14 +156,15 @@ def test_halt_stops_both_ranks_and_sets_the_suspect_checkpoint_aside(sdc_runs):
 
 # ------------------------------------------------------------------------------------ non-finite
 def _nan_on_rank1_at(trainer, step: int):
-    """A forward hook that makes rank 1's logits (hence its loss) NaN while computing ``step``."""
+    """A forward hook that makes rank 1's final hidden state (hence its logits and loss) NaN while computing
+    ``step`` (on the final norm: the fused head + CE never calls the ``lm_head`` module)."""
 
     def hook(_module, _inputs, output):
         if dist.get_rank() == 1 and trainer.step + 1 == step:
             return output * float("nan")
         return None
 
-    return trainer.model.lm_head.register_forward_hook(hook)
+    return trainer.model.model.norm.register_forward_hook(hook)
 
 
 def _state(trainer) -> dict:

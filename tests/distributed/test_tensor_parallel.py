@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from longcat.config.schema import ModelConfig
-from longcat.distributed import ParallelDims, ProcessGroups, all_gather_along
+from longcat.distributed import ParallelDims, ProcessGroups, all_gather_along, linear_cross_entropy
 from longcat.distributed.tensor_parallel import (
     gather_tp_tensors,
     vocab_parallel_cross_entropy_sum,
@@ -86,6 +86,19 @@ def _parity_body(sequence_parallel, overrides):
     ref_loss = _loss(ref_out, labels_BS, token_mask_BS, cross_entropy_sum)
     ref_loss.backward()
 
+    if overrides.get("fused"):  # the fused head + CE (vocab-parallel), no logits: the same loss and grads
+        # B x S = 12 tokens < D: the gradients are recomputed in backward unless forced into the forward
+        linear_cross_entropy.grads_in_forward = lambda num_tokens, hidden_size: overrides["fused"] == "forward"
+        out = model(input_ids_BS, token_mask_BS=token_mask_BS, labels_BS=labels_BS,
+                    mtp_labels_BS=mtp_labels(labels_BS))
+        assert out.logits_BSV is None and out.mtp_logits_BSV is None
+        router = sum(stats.prob_sum_E.square().sum() for stats in out.moe_stats)
+        loss = (out.ce_sum + 0.3 * out.mtp_ce_sum + 1e-2 * hidden_z_loss_sum(out.last_hidden_BSD, token_mask_BS)
+                + 1e-3 * router)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+        loss.backward()
+        _check_grads(model, ref, groups, overrides)
+        return
     out = model(input_ids_BS, token_mask_BS=token_mask_BS)
     assert out.logits_vocab_parallel and not ref_out.logits_vocab_parallel
     assert out.logits_BSV.shape == (B, S, cfg.vocab_size // 2)
@@ -102,7 +115,12 @@ def _parity_body(sequence_parallel, overrides):
     loss = _loss(out, labels_BS, token_mask_BS, ce)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     loss.backward()
+    _check_grads(model, ref, groups, overrides)
 
+
+def _check_grads(model, ref, groups, overrides):
+    """Every parameter's shard and grad against the reference's (after both backwards)."""
+    tp_group = groups.tp_group
     info = tp_param_global_info(model, groups)
     named = dict(model.named_parameters())
     assert set(info) == {n for n in named if ".mlp.experts." not in n}
@@ -142,8 +160,11 @@ def _parity_body(sequence_parallel, overrides):
     [
         (False, {}),
         (True, {"cfg": {"tie_word_embeddings": True}, "activation_checkpointing": True, "expert_parallel": True}),
+        (False, {"fused": "forward"}),
+        (True, {"cfg": {"tie_word_embeddings": True}, "expert_parallel": True, "fused": "backward"}),
     ],
-    ids=["tp", "tp-sp-tied-checkpointed-moe-split"],
+    ids=["tp", "tp-sp-tied-checkpointed-moe-split", "tp-fused-head-grads-in-forward",
+         "tp-sp-tied-fused-head-recompute"],
 )
 def test_tp_matches_single_process(sequence_parallel, overrides):
     run_distributed(_parity_body, world_size=2, args=(sequence_parallel, overrides), timeout_s=TIMEOUT_S)

@@ -19,10 +19,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_overrides
 
 from longcat.config.compose import compose_run_config
+from longcat.distributed import linear_cross_entropy
+from longcat.distributed.linear_cross_entropy import lm_head_cross_entropy_sum
+from longcat.model import model as model_module
 from longcat.testing.equivalence import Layout, run_layouts, run_single
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_trace.json"
@@ -67,3 +71,30 @@ def test_loss_and_grad_norm_trace_is_bitwise_golden(corpus_cache, tmp_path):
             want = [float.fromhex(x) for x in golden[run][key]]
             have = [float.fromhex(x) for x in got[run][key]]
             assert have == want, f"{run} {key}: {have} != golden {want}"
+
+
+@pytest.mark.parametrize("in_forward", [False, True], ids=["recompute", "grads-in-forward"])
+def test_fused_head_trace_matches_the_logits_path(corpus_cache, tmp_path, monkeypatch, in_forward):
+    """The golden run (fused LM head + CE, the default) and the same run through the head's logits
+    (``loss.lm_head_ce=logits``) agree to fp32 rounding, step by step, whichever way the fused head
+    forms its gradients (here 16 tokens per micro-batch < D: recompute, unless forced into the forward)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return lm_head_cross_entropy_sum(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "lm_head_cross_entropy_sum", counted)
+    monkeypatch.setattr(linear_cross_entropy, "grads_in_forward", lambda num_tokens, hidden_size: in_forward)
+    overrides = {"data.seq_length": 16, "data.micro_batch_size": 1, "data.global_batch_size": 4,
+                 "train.eval_interval": 0, "train.checkpoint_interval": 0, "moe.bias_update_rate": 0.2}
+    runs, fused_calls = {}, {}
+    for mode in ("fused", "logits"):
+        cfg, _ = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(tmp_path / mode),
+                                                               **overrides, **{"loss.lm_head_ce": mode}))
+        calls.clear()
+        runs[mode] = run_single(cfg, num_steps=NUM_STEPS, batches=_batches(vocab=cfg.model.vocab_size))
+        fused_calls[mode] = len(calls)
+    assert fused_calls == {"fused": NUM_STEPS * 4, "logits": 0}  # one per micro-batch, only when fused
+    torch.testing.assert_close(runs["fused"].losses, runs["logits"].losses, rtol=1e-6, atol=0)
+    torch.testing.assert_close(runs["fused"].grad_norms, runs["logits"].grad_norms, rtol=1e-5, atol=0)

@@ -37,7 +37,7 @@ REPLAY_CAMPAIGN = [
     ("activation", "model.layers.0.mlps.1.down_proj", 27),
     ("activation", "model.layers.0.mlp.experts", 18),
     ("activation", "model.layers.1.input_layernorm.0", 31),
-    ("activation", "lm_head", 30),
+    ("activation", "model.norm", 30),  # the LM head itself does not run: its GEMM is fused with the CE
     ("gradient", "model.layers.0.self_attn.0.q_b_proj.weight", 0),
     ("gradient", "model.layers.1.mlp.experts.down_proj", 31),
     ("gradient", "lm_head.weight", 17),
@@ -99,6 +99,27 @@ def test_replay_detects_every_injected_fault(corpus_cache, tmp_path):
         trainer.train_step()  # a clean step after each fault: no lingering alarm
     assert sorted({m.step for m in trainer.sdc.mismatches}) == fault_steps
     assert trainer.step_metrics(trainer.train_step(), 1.0)["sdc/failed_checks"] == len(REPLAY_CAMPAIGN)
+
+
+def test_an_activation_fault_on_a_module_that_never_runs_is_refused(corpus_cache, tmp_path):
+    """Under the fused head + CE the ``lm_head`` module is never called: the configuration refuses an
+    activation fault on it, and an injector armed on it anyway (``SDCMonitor.arm``) raises instead of
+    reporting a clean step; with ``loss.lm_head_ce=logits`` the fault is injected and found."""
+    fault = {"sdc.inject.step": 2, "sdc.inject.target": "activation", "sdc.inject.tensor": "lm_head"}
+    cfg, _ = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(tmp_path / "a"), **CHECKS, **fault))
+    with pytest.raises(ValueError, match="sdc.inject.tensor=lm_head with sdc.inject.target=activation"):
+        validate_run_config(cfg, world_size=1)
+    armed = FaultInjection(step=2, rank=0, target="activation", tensor="lm_head", index=100, bit=30)
+    fused = _trainer(corpus_cache, tmp_path / "fused", **CHECKS)
+    fused.train_step()
+    fused.sdc.arm(armed)
+    with pytest.raises(ValueError, match="'lm_head': the module did not run"):
+        fused.train_step()
+    logits = _trainer(corpus_cache, tmp_path / "logits", **CHECKS, **{"loss.lm_head_ce": "logits"})
+    logits.train_step()
+    logits.sdc.arm(armed)
+    logits.train_step()
+    assert logits.sdc.injector.injected_at == 2 and [m.step for m in logits.sdc.mismatches][:1] == [2]
 
 
 def _run_fit(corpus_cache, out_dir, **extra) -> Trainer:

@@ -265,8 +265,7 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
                                                   seed=s.seed),
                 input_ids_BS=batch.input_ids_BS, labels_BS=batch.labels_BS)
     with count_host_syncs() as syncs:  # the layers, the loss and the backward; not AdamW's step counters
-        out = ours_model(ours_step.input_ids_BS)
-        losses.cross_entropy_sum(out.logits_BSV, ours_step.labels_BS).backward()
+        ours_model(ours_step.input_ids_BS, labels_BS=ours_step.labels_BS).ce_sum.backward()
     ours_model.zero_grad(set_to_none=True)
     step_samples = alternate(steps, rounds=s.step_rounds)
 
@@ -355,6 +354,8 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "ours speed vs it = median over rounds of (its time / ours); > 1 means ours is faster.",
         "GFLOP/s: model FLOPs (longcat/model/flops.py at k_e = K*N/(N+Z)) over the median time; the block's "
         "FLOPs are the experts' and the router's GEMMs, forward + backward.",
+        "step = forward, mean next-token CE, backward, AdamW; ours takes the CE fused with the LM head's GEMM "
+        "(loss.lm_head_ce=fused, the training default: no [tokens, vocab] logits), the peers from their logits.",
         "transformers: LongcatFlashMoE / LongcatFlashForCausalLM with our weights (SDPA).",
         "torchtitan: MoE with N experts, top-k_e, softmax scores, no shared expert; DeepSeek-V3 with 2L layers "
         "(L dense with FFN width 2F, L MoE): the same MLA blocks, dense-FFN and expert FLOPs as ours. "

@@ -177,7 +177,9 @@ def run(*, quick: bool = False, settings: ThroughputSettings | None = None) -> B
         f"model preset {s.preset!r}, batch {s.batch_size} x {s.seq_len} = {tokens} tokens/step, "
         f"{s.rounds} alternating rounds of {s.steps_per_round} step(s) each after one warm-up step each.",
         "Reference: transformers LongcatFlashForCausalLM, SDPA attention, use_cache=False, same weights.",
-        "Objective: mean next-token cross-entropy only (no z-loss / load-balance loss / clipping) for both.",
+        "Objective: mean next-token cross-entropy only (no z-loss / load-balance loss / clipping) for both; "
+        "ours fused with the LM head's GEMM (loss.lm_head_ce=fused, the training default), the reference's "
+        "from its logits.",
         "Both then train with the same AdamW rules; later steps' losses are compared too (max relative "
         "difference), but the match criterion is the first step, before summation-order differences compound.",
     ]

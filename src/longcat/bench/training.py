@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from longcat.config.schema import ModelConfig, OptimConfig
+from longcat.config.schema import LMHeadCE, ModelConfig, OptimConfig
 from longcat.model import LongcatFlashForCausalLM
 from longcat.model.init import param_group
 from longcat.train import losses
@@ -126,13 +126,16 @@ class OursStep:
         batch: the micro-batch, reused every step.
         optimizer: defaults to ``build_optimizer`` with ``BENCH_OPTIM``.
         autocast_dtype: None/fp32 = plain fp32; torch.bfloat16 = autocast (fp32 master weights).
+        lm_head_ce: the head's loss as training takes it (``loss.lm_head_ce``): fused with the head's GEMM
+            (the default), or from the logits.
     """
 
     def __init__(self, model: LongcatFlashForCausalLM, *, batch: Batch,
                  optimizer: Optional[torch.optim.Optimizer] = None,
-                 autocast_dtype: Optional[torch.dtype] = None) -> None:
+                 autocast_dtype: Optional[torch.dtype] = None, lm_head_ce: LMHeadCE = LMHeadCE.fused) -> None:
         self.model = model
         self.cfg = model.cfg
+        self.fused_head = LMHeadCE(lm_head_ce) is LMHeadCE.fused
         device = next(model.parameters()).device
         self.input_ids_BS = batch.input_ids_BS.to(device)
         self.labels_BS = batch.labels_BS.to(device)
@@ -142,8 +145,10 @@ class OursStep:
     def __call__(self) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.autocast_dtype, device=self.input_ids_BS.device):
-            out = self.model(self.input_ids_BS)
-        loss = losses.cross_entropy_sum(out.logits_BSV, self.labels_BS) / self.labels_BS.numel()
+            out = self.model(self.input_ids_BS, **({"labels_BS": self.labels_BS} if self.fused_head else {}))
+        ce_sum = out.ce_sum if self.fused_head else losses.cross_entropy_sum(out.logits_BSV, self.labels_BS)
+        assert ce_sum is not None  # the model returns it when given labels
+        loss = ce_sum / self.labels_BS.numel()
         loss.backward()
         self.optimizer.step()
         N = self.cfg.n_routed_experts

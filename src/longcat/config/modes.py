@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BiasRateSchedule", "Corpus", "DPMode", "Device", "FaultTarget", "LRSchedule", "MoEChunkDim",
+__all__ = ["BiasRateSchedule", "Corpus", "DPMode", "Device", "FaultTarget", "LMHeadCE", "LRSchedule", "MoEChunkDim",
            "MoEDispatcher", "NonFinitePolicy", "Overflow", "Packing", "PipelineSchedule", "ResumeMode", "SDCPolicy",
            "StrEnum", "WandbMode"]
 
@@ -32,6 +32,13 @@ class LRSchedule(StrEnum):
     warmup_cosine = "warmup_cosine"
     wsd = "wsd"  # warmup-stable-decay
     constant = "constant"
+
+
+class LMHeadCE(StrEnum):
+    """How the LM head's cross-entropy is taken (``loss.lm_head_ce``)."""
+
+    fused = "fused"  # head GEMM + CE chunk by chunk: the [tokens, vocab] logits never exist
+    logits = "logits"  # the head's logits [B, S, V] (model output), then the chunked CE over them
 
 
 class BiasRateSchedule(StrEnum):

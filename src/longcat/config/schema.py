@@ -24,6 +24,7 @@ from longcat.config.modes import (  # noqa: F401  (the modes are part of the sch
     Device,
     DPMode,
     FaultTarget,
+    LMHeadCE,
     LRSchedule,
     MoEChunkDim,
     MoEDispatcher,
@@ -175,6 +176,9 @@ class MoEConfig:
 class LossConfig:
     mtp_weight: float = 0.3  # not given by the paper
     z_loss_coef: float = 1e-6  # lambda of Eq. 10 ("very small"; not given)
+    # fused: the LM head's GEMM and the CE chunk by chunk, no [tokens, vocab] logits (training and
+    # evaluation); logits: the head's logits, then the CE (the HF-style path, for comparison)
+    lm_head_ce: LMHeadCE = LMHeadCE.fused
 
 
 @dataclass

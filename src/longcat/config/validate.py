@@ -18,6 +18,8 @@ from typing import Callable, Optional
 from longcat.config.layout import check_model_split, divisors
 from longcat.config.schema import (
     ConfigError,
+    FaultTarget,
+    LMHeadCE,
     MoEChunkDim,
     PipelineSchedule,
     RunConfig,
@@ -69,6 +71,7 @@ def validate(cfg: RunConfig, *, world_size: int) -> None:
     ok(cfg.data.validate, dp=dp, vocab_size=cfg.model.vocab_size if model_ok else None)  # None: not checked
     if model_ok:
         ok(_check_positions, cfg)
+    ok(_check_fault_target_runs, cfg)
     if dp is not None:
         ok(_check_sequence_split, cfg)
         if model_ok:
@@ -178,6 +181,22 @@ def _check_micro_batches(cfg: RunConfig, *, dp: int, accum: int) -> None:
         raise ValueError(f"parallel.pp_schedule=interleaved_1f1b runs micro-batches in rounds of pp={p.pp}: "
                          f"{derived} is not a multiple of its {rounds} rounds; use a multiple of {p.pp} "
                          "micro-batches per step")
+
+
+def _check_fault_target_runs(cfg: RunConfig) -> None:
+    """An activation fault needs a module whose forward runs: with the fused head + CE
+    (``loss.lm_head_ce=fused``) the LM head's weight is used inside the model's forward but the
+    ``lm_head`` module is never called, so a hook on it would never fire.
+
+    Raises:
+        ValueError: ``sdc.inject.target=activation`` on ``lm_head`` under the fused head.
+    """
+    inject = cfg.sdc.inject
+    if (inject.step >= 0 and FaultTarget(inject.target) is FaultTarget.activation and inject.tensor == "lm_head"
+            and LMHeadCE(cfg.loss.lm_head_ce) is LMHeadCE.fused):
+        raise ValueError("sdc.inject.tensor=lm_head with sdc.inject.target=activation: under "
+                         "loss.lm_head_ce=fused the LM head produces no activation (its loss is fused with its "
+                         "GEMM); inject into model.norm, or set loss.lm_head_ce=logits")
 
 
 def _check_replay_microbatch(cfg: RunConfig, *, dp: int, accum: int) -> None:

@@ -27,7 +27,8 @@ sums its grad over tp inside the backward (so gradient accumulation, activation 
 parameter-swapping wrappers stay correct).
 
 Loss. A column-parallel LM head emits vocab-sharded logits [B, S, V/tp]: take the loss with
-``vocab_parallel_cross_entropy_sum`` (the full [B, S, V] logits never exist on one rank).
+``vocab_parallel_cross_entropy_sum`` (the full [B, S, V] logits never exist on one rank), or skip the
+logits with ``longcat.distributed.linear_cross_entropy.lm_head_cross_entropy_sum`` (fused head + loss).
 
 Checkpoints. ``describe_tp_shards`` maps each parameter name to ``TPShard(global_shape, shard_dim,
 offset)``: the local tensor is ``global.narrow(shard_dim, offset, local.shape[shard_dim])``, or the
@@ -73,6 +74,7 @@ __all__ = [
     "TPShard",
     "VocabParallelEmbedding",
     "describe_tp_shards",
+    "enter_parallel_region",
     "gather_tp_tensors",
     "vocab_parallel_cross_entropy_sum",
 ]
@@ -89,6 +91,12 @@ def _enter_region(x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: 
         return all_gather_along(x, dim=SEQ_DIM, group=group)
     # [B, S, *] replicated -> identity; backward all_reduce(tp) of the ranks' partial grads
     return copy_to_group(x, group=group)
+
+
+def enter_parallel_region(x: torch.Tensor, *, group: dist.ProcessGroup, sequence_parallel: bool) -> torch.Tensor:
+    """Megatron "f" as a function (``EnterParallelRegion``'s forward): x [B, S, *] replicated -> the same
+    tensor, backward all_reduce(tp); with SP x [B, S/tp, *] -> all_gather(tp) -> [B, S, *]."""
+    return _enter_region(x, group, sequence_parallel)
 
 
 def _leave_region(x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> torch.Tensor:

@@ -4,6 +4,10 @@
     h, stats_l = DecoderLayer_l(h)           l = 0..num_layers-1 (ScMoE layers, see layer.py)
     logits = lm_head(norm(h));  mtp_logits = lm_head(MTP(h, embed(tok_{t+1})))   (if mtp_num_layers)
 
+Given ``labels_BS`` the forward returns the summed cross-entropy of the head instead of the logits,
+fused with the head's GEMM (``longcat.distributed.linear_cross_entropy``): the [B, S, V] logits are
+never formed.
+
 State-dict keys follow the checkpoint: ``model.embed_tokens``, ``model.layers.{L}.*``, ``model.norm``,
 ``model.mtp.*``, ``lm_head`` (the experts are stacked; see ``hf_mapping``).
 
@@ -27,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longcat.config.schema import ModelConfig
 from longcat.distributed.context_parallel import cp_local_positions, cp_next_token_ids
+from longcat.distributed.linear_cross_entropy import lm_head_cross_entropy_sum
 from longcat.model.init import init_weights
 from longcat.model.layer import DecoderLayer
 from longcat.model.moe import MoEStats
@@ -37,9 +42,12 @@ from longcat.model.rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    """logits_BSV: [B, S, V], position t predicts token t+1.
-    mtp_logits_BSV: [B, S, V], position t predicts token t+2 (None without an MTP head); the last
-        position's input token is wrapped around (see ``LongcatFlashModel.forward``), mask its loss.
+    """logits_BSV: [B, S, V], position t predicts token t+1; None when the forward was given labels.
+    mtp_logits_BSV: [B, S, V], position t predicts token t+2 (None without an MTP head, or given labels);
+        the last position's input token is wrapped around (see ``LongcatFlashModel.forward``), mask its loss.
+    ce_sum: fp32 [], the summed cross-entropy of ``logits_BSV`` against the forward's ``labels_BS`` over
+        labelled positions (the fused head + loss; the same on every tp rank); None without labels.
+    mtp_ce_sum: likewise for the MTP head against ``mtp_labels_BS``; None without an MTP head or those labels.
     last_hidden_BSD: [B, S, D] last decoder layer output *before* the final norm (hidden z-loss, Eq. 10).
     moe_stats: one MoEStats per decoder layer, in layer order.
     logits_vocab_parallel: True under tensor parallelism: logits_BSV and mtp_logits_BSV are then
@@ -47,11 +55,13 @@ class ModelOutput:
         ``longcat.distributed.tensor_parallel.vocab_parallel_cross_entropy_sum``); last_hidden_BSD
         stays full [B, S, D], replicated over tp."""
 
-    logits_BSV: torch.Tensor
+    logits_BSV: torch.Tensor | None
     mtp_logits_BSV: torch.Tensor | None
     last_hidden_BSD: torch.Tensor
     moe_stats: list[MoEStats]
     logits_vocab_parallel: bool = False
+    ce_sum: torch.Tensor | None = None
+    mtp_ce_sum: torch.Tensor | None = None
 
 
 @dataclass
@@ -208,6 +218,8 @@ class LongcatFlashForCausalLM(nn.Module):
         *,
         token_mask_BS: torch.Tensor | None = None,
         position_ids_BS: torch.Tensor | None = None,
+        labels_BS: torch.Tensor | None = None,
+        mtp_labels_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Causal LM forward.
 
@@ -219,17 +231,33 @@ class LongcatFlashForCausalLM(nn.Module):
             position_ids_BS: int [B, S] RoPE positions; None = 0..S-1 (under context parallelism:
                 the local tokens' global positions, ``cp_local_positions``; pass ``cp_split`` of
                 custom global positions otherwise).
+            labels_BS: int64 [B, S] next-token labels (-100 = none; under TP the same on every tp rank):
+                return ``ce_sum`` instead of the logits (fused head + loss, no [B, S, V] logits).
+            mtp_labels_BS: int64 [B, S] the MTP head's labels (only with ``labels_BS``): also return
+                ``mtp_ce_sum``; None = no MTP loss (its head still runs).
 
         Raises:
             ValueError: on a malformed input shape or dtype.
         """
         _check_inputs(input_ids_BS, token_mask_BS, position_ids_BS)
+        if mtp_labels_BS is not None and labels_BS is None:
+            raise ValueError("mtp_labels_BS given without labels_BS: pass both (fused loss) or neither (logits)")
         out = self.model(input_ids_BS, token_mask_BS=token_mask_BS, position_ids_BS=position_ids_BS)
+        last_hidden_BSD = self.last_hidden_region(out.last_hidden_BSD)
+        if labels_BS is not None:
+            mtp_ce_sum = None
+            if out.mtp_hidden_BSD is not None and mtp_labels_BS is not None:
+                mtp_ce_sum = lm_head_cross_entropy_sum(self.lm_head, out.mtp_hidden_BSD, mtp_labels_BS)
+            return ModelOutput(
+                logits_BSV=None, mtp_logits_BSV=None, last_hidden_BSD=last_hidden_BSD, moe_stats=out.moe_stats,
+                logits_vocab_parallel=self.logits_vocab_parallel,
+                ce_sum=lm_head_cross_entropy_sum(self.lm_head, out.normed_BSD, labels_BS), mtp_ce_sum=mtp_ce_sum,
+            )
         mtp_logits_BSV = None if out.mtp_hidden_BSD is None else self.lm_head(out.mtp_hidden_BSD)
         return ModelOutput(
             logits_BSV=self.lm_head(out.normed_BSD),
             mtp_logits_BSV=mtp_logits_BSV,
-            last_hidden_BSD=self.last_hidden_region(out.last_hidden_BSD),
+            last_hidden_BSD=last_hidden_BSD,
             moe_stats=out.moe_stats,
             logits_vocab_parallel=self.logits_vocab_parallel,
         )

@@ -19,7 +19,9 @@ experts per token (Eq. 2's target, ``moe.expected_ffn_experts``)::
     layer = 2 MLA + 2 FFN + MoE
 
 Tokens per rank per micro-batch: ``B * S / cp``; the MoE's share under TP is 1/tp of them. Bytes per
-element: 2 under bf16 autocast, else 4. The last stage adds the head (``head_activation_bytes_per_token``).
+element: 2 under bf16 autocast, else 4. The last stage adds the head (``head_activation_bytes_per_token``;
+with the fused head + CE, the default, no logits, and a weight-sized fp32 buffer only when it forms the
+gradients in forward, ``fused_head_fixed_bytes``).
 With activation checkpointing (``train.activation_checkpointing``: every layer recomputed in
 backward) a layer keeps only its input (``D`` per token) and one layer at a time is materialised again.
 Under CP each rank also holds, per MLA block, the all-gathered latent of the sequence (``(C + R) S``
@@ -41,7 +43,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longcat.config.schema import DPMode, ModelConfig, PipelineSchedule, RunConfig
+from longcat.config.schema import DPMode, LMHeadCE, ModelConfig, PipelineSchedule, RunConfig
+from longcat.distributed.linear_cross_entropy import FP32_LOGITS_BYTES_PER_CHUNK, grads_in_forward
 from longcat.planning.shard import RankShard
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "activation_estimate",
     "PlanView",
     "cp_degree",
+    "fused_head_fixed_bytes",
     "head_activation_bytes_per_token",
     "in_flight_layer_passes",
     "layer_activation_elements_per_token",
@@ -133,16 +137,32 @@ def layer_activation_elements_per_token(cfg: ModelConfig, *, tp: int, k_e: float
     return 2 * _mla_elements(cfg, tp=tp) + 2 * _ffn_elements(cfg, tp=tp) + _moe_elements(cfg, k_e=k_e) / tp
 
 
-def head_activation_bytes_per_token(cfg: ModelConfig, *, tp: int, bytes_per: int) -> float:
+def head_activation_bytes_per_token(cfg: ModelConfig, *, tp: int, bytes_per: int, fused: bool = False) -> float:
     """The last stage's head per local token, in bytes: final norm in/out and the LM head's input
-    (``bytes_per`` each), the logits (``V / tp`` at ``bytes_per``), the loss's fp32 log-softmax and, in
-    backward, the fp32 logits gradient; the MTP head (one MLA block, one FFN, ``eh_proj`` and its own
-    logits) doubles the logits part."""
-    per_head = 2 * cfg.hidden_size * bytes_per + cfg.vocab_size / tp * (bytes_per + 2 * FP32)
+    (``bytes_per`` each), then with the logits path (``loss.lm_head_ce=logits``) the logits (``V / tp`` at
+    ``bytes_per``), the loss's fp32 log-softmax and, in backward, the fp32 logits gradient; with the
+    fused head (``fused``) ``D`` values at ``bytes_per`` (the input's gradient formed in forward, or the
+    input kept for the recompute) and an fp32 log-sum-exp (its weight-sized buffer, when the gradients
+    are formed in forward, is ``fused_head_fixed_bytes``). The MTP head (one MLA block, one FFN,
+    ``eh_proj`` and its own head loss) doubles the head part."""
+    per_head: float = 2 * cfg.hidden_size * bytes_per
+    per_head += cfg.hidden_size * bytes_per + FP32 if fused else cfg.vocab_size / tp * (bytes_per + 2 * FP32)
     if cfg.mtp_num_layers:
         mtp_block = (4 * cfg.hidden_size + _mla_elements(cfg, tp=tp) + _ffn_elements(cfg, tp=tp)) * bytes_per
         return 2 * per_head + mtp_block
     return per_head
+
+
+def fused_head_fixed_bytes(cfg: ModelConfig, *, tp: int, tokens: float) -> float:
+    """What the fused head + CE holds per micro-batch of ``tokens`` local tokens regardless of their
+    number: a chunk's logits ([c, V/tp] fp32 and their softmax: ``2 * FP32_LOGITS_BYTES_PER_CHUNK``)
+    and, when it forms the gradients in forward (``grads_in_forward``: tokens >= D), the fp32 gradient
+    of the LM head's weight shard [V/tp, D], one per head (the MTP head's is a second)."""
+    fixed: float = 2 * FP32_LOGITS_BYTES_PER_CHUNK
+    if grads_in_forward(int(tokens), cfg.hidden_size):
+        heads = 2 if cfg.mtp_num_layers else 1
+        fixed += heads * cfg.vocab_size / tp * cfg.hidden_size * FP32
+    return fixed
 
 
 def in_flight_layer_passes(*, schedule: PipelineSchedule, pp: int, pp_rank: int, num_microbatches: int,
@@ -188,7 +208,11 @@ def activation_estimate(run_cfg: RunConfig, shard: RankShard, *, k_e: float, vie
     bytes_per = 2 if run_cfg.train.bf16 else 4
     tokens = run_cfg.data.micro_batch_size * run_cfg.data.seq_length / view.cp
     layer = layer_activation_elements_per_token(cfg, tp=dims.tp, k_e=k_e) * tokens * bytes_per
-    head = head_activation_bytes_per_token(cfg, tp=dims.tp, bytes_per=bytes_per) * tokens if shard.last_stage else 0.0
+    fused = LMHeadCE(run_cfg.loss.lm_head_ce) is LMHeadCE.fused
+    head = 0.0
+    if shard.last_stage:
+        head = head_activation_bytes_per_token(cfg, tp=dims.tp, bytes_per=bytes_per, fused=fused) * tokens
+        head += fused_head_fixed_bytes(cfg, tp=dims.tp, tokens=tokens) if fused else 0.0
     L = len(shard.local_layers)
     passes = in_flight_layer_passes(schedule=run_cfg.parallel.pp_schedule, pp=dims.pp, pp_rank=shard.pp_rank,
                                     num_microbatches=view.num_microbatches, num_local_layers=L)

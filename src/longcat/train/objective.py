@@ -15,7 +15,10 @@ each cp rank holds S/cp tokens of every micro-batch: its CE / MTP / z sums cover
 counts are the global batch's), the MTP labels are shifted on the global sequence before the split
 (``mtp_labels_BS``), and the LB statistics are summed over cp before Eq. 3-5 (``load_balance``), so the
 LB term is the micro-batch's, identical on every cp rank. The forward runs under autocast (bf16 with
-``train.bf16``); the losses themselves are taken in fp32 outside it.
+``train.bf16``); the losses themselves are taken in fp32 outside it. With ``loss.lm_head_ce=fused``
+(the default) the CE and MTP sums are taken inside the forward, fused with the LM head's GEMM
+(``longcat.distributed.linear_cross_entropy``, vocab-parallel under TP): the model gets the labels and
+returns the sums, and the [B, S, V] logits never exist.
 
 ``Trainer.forward_backward`` uses ``lm_terms`` and ``load_balance`` (it also needs the per-layer LB
 terms and the LM part alone for R_g); a pipeline stage (``longcat.model.parallel.pipeline``) gets
@@ -33,7 +36,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from longcat.config.schema import LossConfig, ModelConfig, MoEConfig
+from longcat.config.schema import LMHeadCE, LossConfig, ModelConfig, MoEConfig
 from longcat.distributed.collectives import all_reduce_sum
 from longcat.distributed.tensor_parallel import vocab_parallel_cross_entropy_sum
 from longcat.model.moe import MoEStats
@@ -74,7 +77,7 @@ class TrainingObjective:
     """CE + MTP + hidden z + load balance, normalised as in the module docstring.
 
     Args:
-        loss_cfg: ``mtp_weight``, ``z_loss_coef``.
+        loss_cfg: ``mtp_weight``, ``z_loss_coef``, ``lm_head_ce`` (fused head + CE, or logits).
         moe_cfg: ``expected_ffn_experts``, ``lb_num_groups`` (0 = ``ep_size``), ``lb_loss_coef``
             (alpha when ``lb_coef`` is not given).
         model_cfg: ``n_routed_experts``, ``moe_topk``.
@@ -96,6 +99,7 @@ class TrainingObjective:
                  autocast_dtype: Optional[torch.dtype] = None, lb_coef: Optional[Callable[[], float]] = None):
         self.mtp_weight = loss_cfg.mtp_weight
         self.z_loss_coef = loss_cfg.z_loss_coef
+        self.lm_head_ce = LMHeadCE(loss_cfg.lm_head_ce)
         self.n_routed_experts, self.moe_topk = model_cfg.n_routed_experts, model_cfg.moe_topk
         self.expected_ffn_experts = moe_cfg.expected_ffn_experts
         self.lb_num_groups = moe_cfg.lb_num_groups or ep_size
@@ -111,6 +115,12 @@ class TrainingObjective:
     def lb_coef(self) -> float:
         """alpha in use now."""
         return self._lb_coef()
+
+    @property
+    def fused_head(self) -> bool:
+        """Whether the model takes the head's CE itself (``loss.lm_head_ce=fused``): forwards then get the
+        labels and return ``ce_sum`` / ``mtp_ce_sum`` instead of logits."""
+        return self.lm_head_ce is LMHeadCE.fused
 
     @property
     def wants_mtp(self) -> bool:
@@ -136,28 +146,40 @@ class TrainingObjective:
                                                     ignore_index=losses.IGNORE_INDEX)
         return losses.cross_entropy_sum(logits_BSV, labels_BS)
 
-    def lm_terms(self, *, logits_BSV: torch.Tensor, mtp_logits_BSV: Optional[torch.Tensor],
+    def lm_terms(self, *, logits_BSV: Optional[torch.Tensor], mtp_logits_BSV: Optional[torch.Tensor],
                  last_hidden_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor, token_mask_BS: torch.Tensor,
                  counts: losses.GlobalTokenCounts, vocab_parallel: bool,
-                 mtp_labels_BS: Optional[torch.Tensor] = None) -> LMTerms:
+                 mtp_labels_BS: Optional[torch.Tensor] = None, ce_sum: Optional[torch.Tensor] = None,
+                 mtp_ce_sum: Optional[torch.Tensor] = None) -> LMTerms:
         """CE (+ MTP when ``wants_mtp`` and the model has the head) (+ hidden z when ``wants_hidden_z``;
         ``last_hidden_BSD`` [B, S, D] the last layer's output before the final norm, full over tp).
+        The CE sums come from the logits, or, from a fused head (``fused_head``), as ``ce_sum`` /
+        ``mtp_ce_sum`` (the model's, taken against ``labels_BS`` / ``mtp_labels_for(labels_BS)``).
         ``mtp_labels_BS``: the MTP head's labels, default ``losses.mtp_labels(labels_BS)``; under
         context parallelism pass the cp split of the global sequence's (the shift crosses chunks)."""
-        ce = self.ce_sum(logits_BSV, labels_BS, vocab_parallel=vocab_parallel) / counts.num_labels
+        if ce_sum is None:
+            assert logits_BSV is not None, "lm_terms needs the logits or the fused head's ce_sum"
+            ce_sum = self.ce_sum(logits_BSV, labels_BS, vocab_parallel=vocab_parallel)
+        ce = ce_sum / counts.num_labels
         total = ce
         mtp = z = None
-        if mtp_logits_BSV is not None and self.wants_mtp:
-            if mtp_labels_BS is None:
-                mtp_labels_BS = losses.mtp_labels(labels_BS)
-            mtp = self.mtp_weight * self.ce_sum(
-                mtp_logits_BSV, mtp_labels_BS, vocab_parallel=vocab_parallel) / counts.num_mtp_labels
+        if self.wants_mtp and mtp_ce_sum is None and mtp_logits_BSV is not None:
+            mtp_ce_sum = self.ce_sum(mtp_logits_BSV, self.mtp_labels_for(labels_BS, mtp_labels_BS),
+                                     vocab_parallel=vocab_parallel)
+        if self.wants_mtp and mtp_ce_sum is not None:
+            mtp = self.mtp_weight * mtp_ce_sum / counts.num_mtp_labels
             total = total + mtp
         if self.wants_hidden_z:
             assert last_hidden_BSD is not None, "the hidden z-loss needs the last hidden state"
             z = self.z_loss_coef * losses.hidden_z_loss_sum(last_hidden_BSD, token_mask_BS) / counts.num_real
             total = total + z
         return LMTerms(ce=ce, mtp=mtp, z=z, total=total)
+
+    @staticmethod
+    def mtp_labels_for(labels_BS: torch.Tensor, mtp_labels_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MTP head's labels: ``mtp_labels_BS`` when given (context parallelism), else
+        ``losses.mtp_labels(labels_BS)``."""
+        return losses.mtp_labels(labels_BS) if mtp_labels_BS is None else mtp_labels_BS
 
     def load_balance(self, stats: Sequence[MoEStats]) -> Optional[LoadBalanceTerms]:
         """The LB terms of ``stats`` (one MoEStats per MoE layer, never pooled over layers); None when
@@ -198,16 +220,19 @@ class TrainingObjective:
         lb = self.load_balance(stats)
         return None if lb is None else lb.total()
 
-    def head_loss(self, *, logits_BSV: torch.Tensor, mtp_logits_BSV: Optional[torch.Tensor],
+    def head_loss(self, *, logits_BSV: Optional[torch.Tensor], mtp_logits_BSV: Optional[torch.Tensor],
                   last_hidden_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor, token_mask_BS: torch.Tensor,
                   counts: losses.GlobalTokenCounts, vocab_parallel: bool,
                   lb: Optional[torch.Tensor],
-                  mtp_labels_BS: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  mtp_labels_BS: Optional[torch.Tensor] = None, ce_sum: Optional[torch.Tensor] = None,
+                  mtp_ce_sum: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last stage's (micro-batch objective fp32 [], its terms float64 [4] detached): the LM
-        terms of its heads plus its own layers' LB loss ``lb``, summed in the order of the plain step."""
+        terms of its heads (``lm_terms``) plus its own layers' LB loss ``lb``, summed in the order of
+        the plain step."""
         lm = self.lm_terms(logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD,
                            labels_BS=labels_BS, token_mask_BS=token_mask_BS, counts=counts,
-                           vocab_parallel=vocab_parallel, mtp_labels_BS=mtp_labels_BS)
+                           vocab_parallel=vocab_parallel, mtp_labels_BS=mtp_labels_BS, ce_sum=ce_sum,
+                           mtp_ce_sum=mtp_ce_sum)
         objective = lm.total
         if lb is not None:
             objective = objective + lb
@@ -217,9 +242,13 @@ class TrainingObjective:
         """A non-last stage's terms float64 [4] (only its layers' LB loss; zeros elsewhere)."""
         return self._terms(None, None, None, lb, like=like)
 
-    def eval_sums(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor, *, vocab_parallel: bool) -> torch.Tensor:
-        """float64 [2]: (summed token cross-entropy, labelled tokens) of one evaluation micro-batch."""
-        ce_sum = self.ce_sum(logits_BSV, labels_BS, vocab_parallel=vocab_parallel)
+    def eval_sums(self, logits_BSV: Optional[torch.Tensor], labels_BS: torch.Tensor, *, vocab_parallel: bool,
+                  ce_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float64 [2]: (summed token cross-entropy, labelled tokens) of one evaluation micro-batch, from
+        its logits or the fused head's ``ce_sum``."""
+        if ce_sum is None:
+            assert logits_BSV is not None, "eval_sums needs the logits or the fused head's ce_sum"
+            ce_sum = self.ce_sum(logits_BSV, labels_BS, vocab_parallel=vocab_parallel)
         return torch.stack([ce_sum.double(), (labels_BS != losses.IGNORE_INDEX).sum().double()])
 
     @staticmethod

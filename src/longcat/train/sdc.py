@@ -204,6 +204,17 @@ class FaultInjector:
 
         return modules[self.cfg.tensor].register_forward_hook(hook)
 
+    def check_activation_injected(self, *, step: int) -> None:
+        """After the forward ``activation_hook`` watched: an armed activation fault whose module never
+        ran (its hook never fired) is an error, not a silent no-op.
+
+        Raises:
+            ValueError: naming the module (e.g. ``lm_head`` under ``loss.lm_head_ce=fused``)."""
+        if self._armed(step, FaultTarget.activation):
+            raise ValueError(f"sdc.inject.tensor={self.cfg.tensor!r}: the module did not run in the forward of "
+                             f"step {step} on rank {self.rank}, so no activation fault was injected (the LM head "
+                             "does not run under loss.lm_head_ce=fused); name a module that runs, e.g. model.norm")
+
     def _flip_param(self, model: torch.nn.Module, *, step: int, grad: bool) -> None:
         params = dict(model.named_parameters())
         if self.cfg.tensor not in params:

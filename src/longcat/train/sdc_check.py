@@ -281,6 +281,7 @@ class SDCMonitor:
             if hook is not None:
                 hook.remove()
         if self.injector is not None:
+            self.injector.check_activation_injected(step=step)
             self.injector.after_backward(self.parallel.model, step=step)
         self._first = self._capture(parts)
         self._add_back(stash)
@@ -317,6 +318,7 @@ class SDCMonitor:
                     hook.remove()
             grads = self._functional_grads(objective, retain_graph=True)
             if self.injector is not None:
+                self.injector.check_activation_injected(step=step)
                 self.injector.after_backward_grads(grads, step=step)
             self._first = self._capture_named(parts, grads)
             backward(objective)
@@ -382,6 +384,7 @@ class SDCMonitor:
             if hook is not None:
                 hook.remove()
         if injector is not None:
+            injector.check_activation_injected(step=step)
             injector.after_backward(self.parallel.model, step=step)
         named: list[tuple[str, Optional[torch.Tensor]]] = []
         for r in results:

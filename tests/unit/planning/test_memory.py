@@ -8,9 +8,20 @@ import torch
 
 from longcat.config.compose import compose_run_config
 from longcat.config.schema import DPMode, PipelineSchedule
+from longcat.distributed.linear_cross_entropy import (
+    FP32_LOGITS_BYTES_PER_CHUNK,
+    grads_in_forward,
+    lm_head_cross_entropy_sum,
+)
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.planning import build_rank_shard
-from longcat.planning.memory import in_flight_layer_passes, layer_activation_elements_per_token, state_bytes
+from longcat.planning.memory import (
+    fused_head_fixed_bytes,
+    head_activation_bytes_per_token,
+    in_flight_layer_passes,
+    layer_activation_elements_per_token,
+    state_bytes,
+)
 
 
 def test_state_bytes_are_fp32_weights_grads_and_two_adam_moments_plus_steps():
@@ -84,3 +95,33 @@ def test_deepspeed_partitions_the_optimizer_and_zero2_the_grads():
     z1 = state_bytes(shard, dp_mode=DPMode.deepspeed, zero_stage=1)
     assert z2.weights == 4 * n and z2.grads == 4 * n // 2 and z2.optimizer == 8 * n // 2 and z2.master == 4 * n // 2
     assert z1.grads == 4 * n
+
+
+@pytest.mark.parametrize("tokens", [8 * 128, 256])  # >= D: gradients formed in forward; < D: recomputed
+def test_fused_head_saves_what_the_memory_model_counts(tokens):
+    """What the fused head + CE keeps for backward: per token D values (the input's gradient, or the
+    input itself for the recompute) and an fp32 log-sum-exp (recompute only), and, with the gradients
+    formed in forward, the fp32 weight gradient [V, D] (``fused_head_fixed_bytes`` less its transient
+    chunk)."""
+    cfg, _ = compose_run_config("pretrain", ["model=small"])
+    D, V = cfg.model.hidden_size, cfg.model.vocab_size
+    head = torch.nn.Linear(D, V, bias=False)
+    params = {head.weight.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and t.is_floating_point():
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm_head_cross_entropy_sum(head, torch.randn(1, tokens, D, requires_grad=True),
+                                  torch.randint(0, V, (1, tokens)))
+    in_forward = grads_in_forward(tokens, D)
+    per_token = head_activation_bytes_per_token(cfg.model, tp=1, bytes_per=4, fused=True) - 2 * D * 4  # less the norm
+    if in_forward:
+        per_token -= 4  # the log-sum-exp is kept only for the recompute
+    fixed = fused_head_fixed_bytes(cfg.model, tp=1, tokens=tokens) - 2 * FP32_LOGITS_BYTES_PER_CHUNK
+    assert sum(saved.values()) == per_token * tokens + fixed
+    assert (fixed > 0) == in_forward == (tokens >= D)

@@ -35,12 +35,13 @@ Shape legend:
 from __future__ import annotations
 
 import logging
-from typing import Any, ContextManager, Optional, Protocol, Sequence
+from typing import Any, ContextManager, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from longcat.distributed.groups import ProcessGroups
+from longcat.distributed.linear_cross_entropy import lm_head_cross_entropy_sum
 from longcat.distributed.pipeline import PipelineRunner, StagePassOutput
 from longcat.distributed.pipeline_stage import (
     PipelineSchedule,
@@ -52,7 +53,7 @@ from longcat.model.model import LongcatFlashForCausalLM, run_decoder_layers, run
 from longcat.model.moe import MoEStats
 from longcat.model.mtp import MTPHead
 
-__all__ = ["PipelineStageModule", "StageObjective", "build_pipeline", "needs_embedding_on_last_stage"]
+__all__ = ["PipelineStageModule", "StageHeads", "StageObjective", "build_pipeline", "needs_embedding_on_last_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +68,37 @@ class StageObjective(Protocol):
     @property
     def wants_hidden_z(self) -> bool: ...
 
+    @property
+    def fused_head(self) -> bool: ...
+
+    def mtp_labels_for(self, labels_BS: torch.Tensor,
+                       mtp_labels_BS: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
     def autocast(self, device: torch.device) -> ContextManager[None]: ...
 
     def load_balance_loss(self, stats: Sequence[MoEStats]) -> Optional[torch.Tensor]: ...
 
-    def head_loss(self, *, logits_BSV: torch.Tensor, mtp_logits_BSV: Optional[torch.Tensor],
+    def head_loss(self, *, logits_BSV: Optional[torch.Tensor], mtp_logits_BSV: Optional[torch.Tensor],
                   last_hidden_BSD: Optional[torch.Tensor], labels_BS: torch.Tensor, token_mask_BS: torch.Tensor,
                   counts: Any,  # opaque here: the runner's step_input, the global batch's token counts
                   vocab_parallel: bool, lb: Optional[torch.Tensor],
-                  mtp_labels_BS: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+                  mtp_labels_BS: Optional[torch.Tensor] = None, ce_sum: Optional[torch.Tensor] = None,
+                  mtp_ce_sum: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def aux_terms(self, lb: Optional[torch.Tensor], *, like: torch.Tensor) -> torch.Tensor: ...
 
-    def eval_sums(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor, *, vocab_parallel: bool) -> torch.Tensor: ...
+    def eval_sums(self, logits_BSV: Optional[torch.Tensor], labels_BS: torch.Tensor, *, vocab_parallel: bool,
+                  ce_sum: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+
+class StageHeads(NamedTuple):
+    """The last stage's head outputs: the logits (``loss.lm_head_ce=logits``; [B, S, V], V/tp under TP)
+    or the fused head's CE sums (fp32 []); the MTP ones None without the MTP head or its loss."""
+
+    logits_BSV: Optional[torch.Tensor]
+    mtp_logits_BSV: Optional[torch.Tensor]
+    ce_sum: Optional[torch.Tensor]
+    mtp_ce_sum: Optional[torch.Tensor]
 
 
 def _detached(stats: MoEStats) -> MoEStats:
@@ -161,22 +180,34 @@ class PipelineStageModule(StageModule):
             )
         return h_BSD, cos_BSP, sin_BSP, stats
 
-    def heads(self, h_BSD: torch.Tensor, *, input_ids_BS: torch.Tensor, cos_BSP: torch.Tensor,
-              sin_BSP: torch.Tensor, with_mtp: bool,
-              mtp_input_ids_BS: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Last stage: (logits_BSV, mtp_logits_BSV or None) from the pre-norm h_BSD (``mtp_input_ids_BS``:
-        the MTP head's next-token ids, default ``roll(input_ids_BS, -1)``)."""
+    def heads(self, h_BSD: torch.Tensor, *, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor,
+              cos_BSP: torch.Tensor, sin_BSP: torch.Tensor, with_mtp: bool,
+              mtp_input_ids_BS: Optional[torch.Tensor] = None,
+              mtp_labels_BS: Optional[torch.Tensor] = None) -> StageHeads:
+        """Last stage: the LM (and with ``with_mtp`` the MTP) head on the pre-norm h_BSD: logits, or
+        with the fused head (``objective.fused_head``) their CE sums against ``labels_BS`` and the MTP
+        labels (``objective.mtp_labels_for(labels_BS, mtp_labels_BS)``). ``mtp_input_ids_BS``: the MTP
+        head's next-token ids, default ``roll(input_ids_BS, -1)``."""
         assert self.is_last
+        fused = self.objective.fused_head
         with self.objective.autocast(h_BSD.device):
-            logits_BSV = self.lm_head(self.model.norm(h_BSD))
-            mtp_logits_BSV = None
+            normed_BSD = self.model.norm(h_BSD)
+            if fused:
+                logits_BSV, ce_sum = None, lm_head_cross_entropy_sum(self.lm_head, normed_BSD, labels_BS)
+            else:
+                logits_BSV, ce_sum = self.lm_head(normed_BSD), None
+            mtp_logits_BSV = mtp_ce_sum = None
             if with_mtp and self.model.mtp is not None:
                 checkpointed = self.activation_checkpointing and torch.is_grad_enabled()
                 mtp_hidden_BSD = run_mtp(self.model.mtp, self.model.embed_tokens, h_BSD, input_ids_BS=input_ids_BS,
                                          cos_BSP=cos_BSP, sin_BSP=sin_BSP, checkpointed=checkpointed,
                                          next_input_ids_BS=mtp_input_ids_BS)
-                mtp_logits_BSV = self.lm_head(mtp_hidden_BSD)
-        return logits_BSV, mtp_logits_BSV
+                if fused:
+                    mtp_ce_sum = lm_head_cross_entropy_sum(
+                        self.lm_head, mtp_hidden_BSD, self.objective.mtp_labels_for(labels_BS, mtp_labels_BS))
+                else:
+                    mtp_logits_BSV = self.lm_head(mtp_hidden_BSD)
+        return StageHeads(logits_BSV, mtp_logits_BSV, ce_sum, mtp_ce_sum)
 
     # ---------------------------------------------------------------- training forward
     def forward(self, x: torch.Tensor, *, input_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor,
@@ -204,14 +235,15 @@ class PipelineStageModule(StageModule):
             self.record.add(objective.aux_terms(lb, like=h_BSD), reported, output=h_BSD)
             return h_BSD
         assert self.step_input is not None, "PipelineRunner.step sets the global token counts before the schedule runs"
-        logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                                                with_mtp=objective.wants_mtp, mtp_input_ids_BS=mtp_input_ids)
+        heads = self.heads(h_BSD, input_ids_BS=input_ids, labels_BS=labels, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
+                           with_mtp=objective.wants_mtp, mtp_input_ids_BS=mtp_input_ids, mtp_labels_BS=mtp_labels)
         # full [B, S, D] (gathered under SP); only when the hidden z-loss is on (a collective under SP)
         last_hidden_BSD = self.last_hidden_region(h_BSD) if objective.wants_hidden_z else None
         total, terms = objective.head_loss(
-            logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD, labels_BS=labels,
-            token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=lb,
-            mtp_labels_BS=mtp_labels)
+            logits_BSV=heads.logits_BSV, mtp_logits_BSV=heads.mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD,
+            labels_BS=labels, token_mask_BS=token_mask, counts=self.step_input,
+            vocab_parallel=self.logits_vocab_parallel, lb=lb, mtp_labels_BS=mtp_labels, ce_sum=heads.ce_sum,
+            mtp_ce_sum=heads.mtp_ce_sum)
         self.record.add(terms, reported, output=total)
         return total
 
@@ -231,13 +263,14 @@ class PipelineStageModule(StageModule):
         if not self.is_last:
             return StagePassOutput(output=h_BSD, watched=watched, report=list(stats))
         assert self.step_input is not None, "run_isolated sets the global token counts"
-        logits_BSV, mtp_logits_BSV = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
-                                                with_mtp=self.objective.wants_mtp, mtp_input_ids_BS=mtp_input_ids)
+        heads = self.heads(h_BSD, input_ids_BS=input_ids, labels_BS=labels, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
+                           with_mtp=self.objective.wants_mtp, mtp_input_ids_BS=mtp_input_ids, mtp_labels_BS=mtp_labels)
         last_hidden_BSD = self.last_hidden_region(h_BSD) if self.objective.wants_hidden_z else None
         total, _ = self.objective.head_loss(
-            logits_BSV=logits_BSV, mtp_logits_BSV=mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD, labels_BS=labels,
-            token_mask_BS=token_mask, counts=self.step_input, vocab_parallel=self.logits_vocab_parallel, lb=None,
-            mtp_labels_BS=mtp_labels)
+            logits_BSV=heads.logits_BSV, mtp_logits_BSV=heads.mtp_logits_BSV, last_hidden_BSD=last_hidden_BSD,
+            labels_BS=labels, token_mask_BS=token_mask, counts=self.step_input,
+            vocab_parallel=self.logits_vocab_parallel, lb=None, mtp_labels_BS=mtp_labels, ce_sum=heads.ce_sum,
+            mtp_ce_sum=heads.mtp_ce_sum)
         return StagePassOutput(output=total, watched=watched, report=list(stats))
 
     @torch.no_grad()
@@ -249,8 +282,10 @@ class PipelineStageModule(StageModule):
                                                 position_ids_BS=position_ids)
         if not self.is_last:
             return h_BSD
-        logits_BSV, _ = self.heads(h_BSD, input_ids_BS=input_ids, cos_BSP=cos_BSP, sin_BSP=sin_BSP, with_mtp=False)
-        return self.objective.eval_sums(logits_BSV, labels, vocab_parallel=self.logits_vocab_parallel)
+        heads = self.heads(h_BSD, input_ids_BS=input_ids, labels_BS=labels, cos_BSP=cos_BSP, sin_BSP=sin_BSP,
+                           with_mtp=False)
+        return self.objective.eval_sums(heads.logits_BSV, labels, vocab_parallel=self.logits_vocab_parallel,
+                                        ce_sum=heads.ce_sum)
 
 
 def needs_embedding_on_last_stage(model: LongcatFlashForCausalLM) -> bool:
