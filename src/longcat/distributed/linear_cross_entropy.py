@@ -11,10 +11,15 @@ chunk's loss. The gradient ``g = softmax - onehot`` of a chunk gives its share o
 - in forward (Liger-Kernel's "fused linear cross-entropy" scheme), when the micro-batch has at least D
   tokens: backward then only scales the two by the incoming gradient (the loss is a sum, so that
   gradient is a scalar). Three GEMMs, the unfused head's FLOPs; held from forward to backward: ``dh``
-  [T, D] and an fp32 ``dW`` [V/tp, D] (the weight's size, no bigger than one fp32 [T, V/tp] logits).
-- in backward, from the chunk's logits computed again: four GEMMs; held: the compute-dtype input
-  [T, D] and the fp32 log-sum-exp [T]. For few tokens per micro-batch and a large vocabulary
-  (LongCat-Flash under CP: 1024 tokens, D = 6144, V = 131k).
+  [T, D] and an fp32 ``dW`` [V/tp, D] (the weight's size, no bigger than one fp32 [T, V/tp] logits;
+  backward's scaled copy is a second one while it runs, like the parameter's gradient it becomes).
+- in backward, from the chunk's logits computed again: four GEMMs; held from forward to backward: the
+  compute-dtype input [T, D] and the fp32 log-sum-exp [T] (backward then forms the fp32 ``dW`` and,
+  under autocast, a compute-dtype copy of the weight while it runs). For few tokens per micro-batch
+  and a large vocabulary (LongCat-Flash under CP: 1024 tokens, D = 6144, V = 131k).
+
+A pipeline stage with this head keeps its backward whole (no zero-bubble input / weight split: the one
+node would run twice).
 
 Either way the [T, V/tp] logits and their gradient never exist whole; at LongCat-Flash's 131k
 vocabulary they are the largest activation of the step.
@@ -43,24 +48,31 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from longcat.distributed.collectives import all_gather_along
 from longcat.distributed.tensor_parallel import ColumnParallelLinear, enter_parallel_region
 
-__all__ = ["FP32_LOGITS_BYTES_PER_CHUNK", "chunk_rows_for", "grads_in_forward", "linear_cross_entropy_sum",
+__all__ = ["ACCELERATOR_CHUNK_BYTES", "CPU_CHUNK_BYTES", "chunk_rows_for", "grads_in_forward",
+           "linear_cross_entropy_sum",
            "lm_head_cross_entropy_sum"]
 
-# A chunk's fp32 logits are this big (8 MiB: 256 rows at V = 8192, 16 rows of a 131k vocabulary);
-# measured on the small preset's head (T = 2048, D = 512, V = 8192, one CPU thread): 256 rows are
-# as fast as the unfused GEMM, 128 and 512 slower.
-FP32_LOGITS_BYTES_PER_CHUNK = 8 << 20
-MIN_CHUNK_ROWS = 16
+# A chunk's fp32 logits take about this many bytes. CPU: cache-sized; measured on the small preset's head
+# (T = 2048, D = 512, V = 8192, one thread), 256 rows were as fast as the unfused GEMM, 128 and 512
+# slower. Accelerators: GEMM-sized, so that every chunk's GEMMs are compute-bound rather than a pass
+# over the whole weight for a few rows (>= 512 rows at a 131k vocabulary; not measured: no GPU here).
+CPU_CHUNK_BYTES = 8 << 20
+ACCELERATOR_CHUNK_BYTES = 256 << 20
+MIN_CPU_CHUNK_ROWS = 16
+MIN_ACCELERATOR_CHUNK_ROWS = 512
 
 
-def chunk_rows_for(vocab_local: int) -> int:
-    """Rows per chunk so that a chunk's fp32 logits [c, V_local] take ``FP32_LOGITS_BYTES_PER_CHUNK``
-    (at least ``MIN_CHUNK_ROWS``)."""
-    return max(MIN_CHUNK_ROWS, FP32_LOGITS_BYTES_PER_CHUNK // (4 * max(vocab_local, 1)))
+def chunk_rows_for(vocab_local: int, *, device_type: str = "cpu") -> int:
+    """Rows per chunk so that a chunk's fp32 logits [c, V_local] take ``CPU_CHUNK_BYTES`` on the CPU
+    (at least 16 rows) or ``ACCELERATOR_CHUNK_BYTES`` elsewhere (at least 512 rows)."""
+    if device_type == "cpu":
+        return max(MIN_CPU_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(vocab_local, 1)))
+    return max(MIN_ACCELERATOR_CHUNK_ROWS, ACCELERATOR_CHUNK_BYTES // (4 * max(vocab_local, 1)))
 
 
 def grads_in_forward(num_tokens: int, hidden_size: int) -> bool:
@@ -106,7 +118,7 @@ def _chunk_grads(logits_cV: torch.Tensor, lse_c: torch.Tensor, rows: _Rows, chun
         if x_TD.dtype == torch.float32:
             dw_VD.addmm_(g_cV.t(), x_TD[chunk])
         else:
-            dw_VD += torch.mm(g_cV.t(), x_TD[chunk]).float()
+            dw_VD.add_(torch.mm(g_cV.t(), x_TD[chunk]))  # in place: no fp32 copy of the chunk's product
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -157,6 +169,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
         if ctx.eager:
             dh_TD, dw_VD = ctx.saved_tensors
@@ -199,7 +212,7 @@ def linear_cross_entropy_sum(hidden_BSD: torch.Tensor, weight_VD: torch.Tensor, 
         labels_BS: int64 [B, S] (or [T]) global token ids, ``ignore_index`` = no label; identical on
             every tp rank. Ids outside [0, V) are not checked (that would cost a host sync).
         tp_group: the group the vocabulary is split over; None (or size 1): the whole vocabulary.
-        chunk_rows: rows per chunk; 0 = ``chunk_rows_for(V/tp)``.
+        chunk_rows: rows per chunk; 0 = ``chunk_rows_for(V/tp, device_type=<the hidden state's>)``.
         ignore_index: the label of unlabelled positions.
         in_forward: form the gradients in forward (True) or recompute the logits in backward (False);
             None = ``grads_in_forward(T, D)``.
@@ -227,7 +240,7 @@ def linear_cross_entropy_sum(hidden_BSD: torch.Tensor, weight_VD: torch.Tensor, 
         compute_dtype = h_TD.dtype
     if chunk_rows < 0:
         raise ValueError(f"chunk_rows={chunk_rows} must be positive (or 0 for the default)")
-    chunk_rows = chunk_rows or chunk_rows_for(weight_VD.shape[0])
+    chunk_rows = chunk_rows or chunk_rows_for(weight_VD.shape[0], device_type=device_type)
     if in_forward is None:
         in_forward = grads_in_forward(h_TD.shape[0], h_TD.shape[1])
     grad_enabled = torch.is_grad_enabled()

@@ -45,8 +45,9 @@ class ModelOutput:
     """logits_BSV: [B, S, V], position t predicts token t+1; None when the forward was given labels.
     mtp_logits_BSV: [B, S, V], position t predicts token t+2 (None without an MTP head, or given labels);
         the last position's input token is wrapped around (see ``LongcatFlashModel.forward``), mask its loss.
-    ce_sum: fp32 [], the summed cross-entropy of ``logits_BSV`` against the forward's ``labels_BS`` over
-        labelled positions (the fused head + loss; the same on every tp rank); None without labels.
+    ce_sum: fp32 [], the summed cross-entropy of the head's logits (never formed) against the forward's
+        ``labels_BS`` over labelled positions (the fused head + loss; the same on every tp rank); None
+        without labels.
     mtp_ce_sum: likewise for the MTP head against ``mtp_labels_BS``; None without an MTP head or those labels.
     last_hidden_BSD: [B, S, D] last decoder layer output *before* the final norm (hidden z-loss, Eq. 10).
     moe_stats: one MoEStats per decoder layer, in layer order.

@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longcat.config.schema import DPMode, LMHeadCE, ModelConfig, PipelineSchedule, RunConfig
-from longcat.distributed.linear_cross_entropy import FP32_LOGITS_BYTES_PER_CHUNK, grads_in_forward
+from longcat.distributed.linear_cross_entropy import chunk_rows_for, grads_in_forward
 from longcat.planning.shard import RankShard
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "activation_estimate",
     "PlanView",
     "cp_degree",
+    "fused_head_chunk_bytes",
     "fused_head_fixed_bytes",
     "head_activation_bytes_per_token",
     "in_flight_layer_passes",
@@ -153,16 +154,25 @@ def head_activation_bytes_per_token(cfg: ModelConfig, *, tp: int, bytes_per: int
     return per_head
 
 
-def fused_head_fixed_bytes(cfg: ModelConfig, *, tp: int, tokens: float) -> float:
-    """What the fused head + CE holds per micro-batch of ``tokens`` local tokens regardless of their
-    number: a chunk's logits ([c, V/tp] fp32 and their softmax: ``2 * FP32_LOGITS_BYTES_PER_CHUNK``)
-    and, when it forms the gradients in forward (``grads_in_forward``: tokens >= D), the fp32 gradient
-    of the LM head's weight shard [V/tp, D], one per head (the MTP head's is a second)."""
-    fixed: float = 2 * FP32_LOGITS_BYTES_PER_CHUNK
+def fused_head_fixed_bytes(cfg: ModelConfig, *, tp: int, tokens: float, device_type: str = "cpu",
+                           mtp_loss: bool = True) -> float:
+    """What the fused head + CE holds per micro-batch of ``tokens`` local tokens beyond its per-token
+    part: the fp32 gradient of the LM head's weight shard [V/tp, D] when it forms the gradients in
+    forward (``grads_in_forward``: tokens >= D), one per head with a loss (the MTP head's is a second
+    when ``mtp_loss``), plus ``fused_head_chunk_bytes``."""
+    fixed = fused_head_chunk_bytes(cfg, tp=tp, tokens=tokens, device_type=device_type)
     if grads_in_forward(int(tokens), cfg.hidden_size):
-        heads = 2 if cfg.mtp_num_layers else 1
+        heads = 2 if cfg.mtp_num_layers and mtp_loss else 1
         fixed += heads * cfg.vocab_size / tp * cfg.hidden_size * FP32
     return fixed
+
+
+def fused_head_chunk_bytes(cfg: ModelConfig, *, tp: int, tokens: float, device_type: str = "cpu") -> float:
+    """The fused head's transient: one chunk's fp32 logits [c, V/tp] and their softmax, c =
+    ``chunk_rows_for(V/tp)`` on ``device_type`` (at most ``tokens``)."""
+    vocab_local = cfg.vocab_size // tp
+    rows = min(chunk_rows_for(vocab_local, device_type=device_type), max(int(tokens), 1))
+    return 2 * rows * vocab_local * FP32
 
 
 def in_flight_layer_passes(*, schedule: PipelineSchedule, pp: int, pp_rank: int, num_microbatches: int,
@@ -212,7 +222,9 @@ def activation_estimate(run_cfg: RunConfig, shard: RankShard, *, k_e: float, vie
     head = 0.0
     if shard.last_stage:
         head = head_activation_bytes_per_token(cfg, tp=dims.tp, bytes_per=bytes_per, fused=fused) * tokens
-        head += fused_head_fixed_bytes(cfg, tp=dims.tp, tokens=tokens) if fused else 0.0
+        if fused:
+            head += fused_head_fixed_bytes(cfg, tp=dims.tp, tokens=tokens, device_type=str(run_cfg.train.device),
+                                           mtp_loss=run_cfg.loss.mtp_weight > 0)
     L = len(shard.local_layers)
     passes = in_flight_layer_passes(schedule=run_cfg.parallel.pp_schedule, pp=dims.pp, pp_rank=shard.pp_rank,
                                     num_microbatches=view.num_microbatches, num_local_layers=L)

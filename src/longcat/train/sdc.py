@@ -212,8 +212,8 @@ class FaultInjector:
             ValueError: naming the module (e.g. ``lm_head`` under ``loss.lm_head_ce=fused``)."""
         if self._armed(step, FaultTarget.activation):
             raise ValueError(f"sdc.inject.tensor={self.cfg.tensor!r}: the module did not run in the forward of "
-                             f"step {step} on rank {self.rank}, so no activation fault was injected (the LM head "
-                             "does not run under loss.lm_head_ce=fused); name a module that runs, e.g. model.norm")
+                             f"step {step} on rank {self.rank}, so no activation fault was injected; name a module "
+                             "that runs (e.g. model.norm; lm_head does not run under loss.lm_head_ce=fused)")
 
     def _flip_param(self, model: torch.nn.Module, *, step: int, grad: bool) -> None:
         params = dict(model.named_parameters())

@@ -94,6 +94,16 @@ def test_only_the_wanted_gradients_and_none_without_grad(in_forward):
     _assert_grad_close(w.grad, ref_dw)
 
 
+@IN_FORWARD
+def test_a_second_order_gradient_is_refused(in_forward):
+    """Not a silently wrong (or missing) second-order term: the backward is once-differentiable."""
+    h, w, labels = _inputs(seed=6)
+    loss = linear_cross_entropy_sum(h, w, labels, in_forward=in_forward)
+    dh, = torch.autograd.grad(loss, [h], grad_outputs=torch.ones((), requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dh.sum().backward()
+
+
 def test_a_retained_graph_gives_the_same_gradients_twice():
     """R_g (Eq. 9) takes a gradient of the objective before the real backward (retain_graph)."""
     for in_forward in (True, False):
@@ -129,10 +139,13 @@ def test_bad_input_is_refused():
         lm_head_cross_entropy_sum(nn.Linear(D, V), h, labels)
 
 
-def test_chunk_rows_keep_a_chunk_at_eight_mib():
-    assert chunk_rows_for(8192) == 256
+def test_chunk_rows_are_cache_sized_on_cpu_and_gemm_sized_on_accelerators():
+    assert chunk_rows_for(8192) == 256  # 8 MiB of fp32 logits
     assert chunk_rows_for(131072) == 16  # LongCat-Flash's vocabulary, one device
     assert chunk_rows_for(10**7) == 16  # never below the floor
+    assert chunk_rows_for(131072, device_type="cuda") == 512  # 256 MiB
+    assert chunk_rows_for(8192, device_type="cuda") == 8192
+    assert chunk_rows_for(10**7, device_type="cuda") == 512
 
 
 MODEL_CFG = ModelConfig(

@@ -9,13 +9,13 @@ import torch
 from longcat.config.compose import compose_run_config
 from longcat.config.schema import DPMode, PipelineSchedule
 from longcat.distributed.linear_cross_entropy import (
-    FP32_LOGITS_BYTES_PER_CHUNK,
     grads_in_forward,
     lm_head_cross_entropy_sum,
 )
 from longcat.model import LongcatFlashForCausalLM, init_weights
 from longcat.planning import build_rank_shard
 from longcat.planning.memory import (
+    fused_head_chunk_bytes,
     fused_head_fixed_bytes,
     head_activation_bytes_per_token,
     in_flight_layer_passes,
@@ -102,7 +102,7 @@ def test_fused_head_saves_what_the_memory_model_counts(tokens):
     """What the fused head + CE keeps for backward: per token D values (the input's gradient, or the
     input itself for the recompute) and an fp32 log-sum-exp (recompute only), and, with the gradients
     formed in forward, the fp32 weight gradient [V, D] (``fused_head_fixed_bytes`` less its transient
-    chunk)."""
+    chunk); a chunk's logits on the CPU are 8 MiB, at most the micro-batch's."""
     cfg, _ = compose_run_config("pretrain", ["model=small"])
     D, V = cfg.model.hidden_size, cfg.model.vocab_size
     head = torch.nn.Linear(D, V, bias=False)
@@ -122,6 +122,8 @@ def test_fused_head_saves_what_the_memory_model_counts(tokens):
     per_token = head_activation_bytes_per_token(cfg.model, tp=1, bytes_per=4, fused=True) - 2 * D * 4  # less the norm
     if in_forward:
         per_token -= 4  # the log-sum-exp is kept only for the recompute
-    fixed = fused_head_fixed_bytes(cfg.model, tp=1, tokens=tokens) - 2 * FP32_LOGITS_BYTES_PER_CHUNK
+    fixed = fused_head_fixed_bytes(cfg.model, tp=1, tokens=tokens) - fused_head_chunk_bytes(cfg.model, tp=1,
+                                                                                          tokens=tokens)
     assert sum(saved.values()) == per_token * tokens + fixed
     assert (fixed > 0) == in_forward == (tokens >= D)
+    assert fused_head_chunk_bytes(cfg.model, tp=1, tokens=tokens) == 2 * min(256, tokens) * V * 4

@@ -159,8 +159,12 @@ class PipelineStageModule(StageModule):
             self.logits_vocab_parallel = model.logits_vocab_parallel
             self.last_hidden_region = model.last_hidden_region
             # A tied LM head whose table also embeds the MTP head's input: see StageModule.split_backward.
+            # The fused head + CE is one autograd node for both the input's and the weight's gradient:
+            # a split backward would run it twice (a second recompute of the logits), so its stage
+            # keeps the whole backward in the input pass.
             self.split_backward = not (model.model.mtp is not None
-                                       and model.lm_head.weight is model.model.embed_tokens.weight)
+                                       and model.lm_head.weight is model.model.embed_tokens.weight) \
+                and not objective.fused_head
 
     # ---------------------------------------------------------------- pieces
     def trunk(self, x: torch.Tensor, *, input_ids_BS: torch.Tensor, token_mask_BS: torch.Tensor,

@@ -21,9 +21,12 @@ every head) enter the tensor-parallel region before the per-head work. The SwiGL
 (``mlps.*.input_region``) for gate_proj and up_proj. Under SP the replicated norms become
 ``SequenceParallelRMSNorm`` and q_a_proj, kv_a_proj_with_mqa, eh_proj ``SequenceParallelLinear``.
 
-Outputs. ``logits_BSV`` and ``mtp_logits_BSV`` are [B, S, V/tp], this rank's vocab shard of the whole
-sequence (``ModelOutput.logits_vocab_parallel`` True): take the loss with
-``vocab_parallel_cross_entropy_sum``. ``last_hidden_BSD`` is full [B, S, D] (gathered under SP).
+Outputs. Without labels ``logits_BSV`` and ``mtp_logits_BSV`` are [B, S, V/tp], this rank's vocab shard
+of the whole sequence (``ModelOutput.logits_vocab_parallel`` True): take the loss with
+``vocab_parallel_cross_entropy_sum``. Given labels (the fused head + CE, training's default) the
+column-parallel LM head's shard gives ``ce_sum`` / ``mtp_ce_sum`` through
+``longcat.distributed.linear_cross_entropy.lm_head_cross_entropy_sum``, vocab-parallel, the same on
+every tp rank. ``last_hidden_BSD`` is full [B, S, D] (gathered under SP).
 
 Gradient contract (``longcat.distributed.tensor_parallel``): replicated parameters (norms, q_a_proj,
 kv_a_proj_with_mqa, eh_proj, o_proj bias, the router) end the backward with the full
