@@ -54,8 +54,7 @@ from longcat.distributed.collectives import all_gather_along
 from longcat.distributed.tensor_parallel import ColumnParallelLinear, enter_parallel_region
 
 __all__ = ["ACCELERATOR_CHUNK_BYTES", "CPU_CHUNK_BYTES", "chunk_rows_for", "grads_in_forward",
-           "linear_cross_entropy_sum",
-           "lm_head_cross_entropy_sum"]
+           "linear_cross_entropy_sum", "lm_head_cross_entropy_sum"]
 
 # A chunk's fp32 logits take about this many bytes. CPU: cache-sized; measured on the small preset's head
 # (T = 2048, D = 512, V = 8192, one thread), 256 rows were as fast as the unfused GEMM, 128 and 512
@@ -130,7 +129,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 tp_group: Optional[dist.ProcessGroup], chunk_rows: int, compute_dtype: torch.dtype,
                 ignore_index: int, grad_h: bool, grad_weight: bool, in_forward: bool) -> torch.Tensor:
         T = h_TD.shape[0]
-        tp = 1 if tp_group is None else tp_group.size()
+        vocab_group = tp_group if tp_group is not None and tp_group.size() > 1 else None
         rank = 0 if tp_group is None else tp_group.rank()
         eager = in_forward and (grad_h or grad_weight)
         with torch.autocast(h_TD.device.type, enabled=False):
@@ -148,9 +147,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 lse_c = torch.logsumexp(logits_cV, dim=-1)
                 label_logit_c = logits_cV.gather(1, rows.local_T[chunk, None]).squeeze(1)
                 label_logit_c = label_logit_c.masked_fill(~rows.owned_T[chunk], 0.0)
-                if tp_group is not None and tp > 1:
+                if vocab_group is not None:
                     # [1, 2, c] (shard's log-sum-exp, label logit or 0) -> all_gather(tp) -> [tp, 2, c]
-                    stats_G2c = all_gather_along(torch.stack([lse_c, label_logit_c])[None], dim=0, group=tp_group)
+                    stats_G2c = all_gather_along(torch.stack([lse_c, label_logit_c])[None], dim=0,
+                                                 group=vocab_group)
                     lse_c = torch.logsumexp(stats_G2c[:, 0], dim=0)  # rank order: the same bits on every rank
                     label_logit_c = stats_G2c[:, 1].sum(0)  # one owner, zeros elsewhere: exact
                 lse_T[chunk] = lse_c
