@@ -26,6 +26,7 @@ from longcat.config.validate import validate, world_size_from_env
 from longcat.distributed import ParallelDims, ProcessGroups
 from longcat.distributed.elastic import restart_safe_store
 from longcat.distributed.node_watch import start_node_watch
+from longcat.model.compile import cpp_compiler_problem
 from longcat.train.callbacks import Callback
 from longcat.train.determinism import enable_determinism
 from longcat.train.nonfinite import NonFiniteCheckpointError, NonFiniteError
@@ -116,6 +117,10 @@ def preflight(run_cfg: RunConfig) -> None:
     if run_cfg.train.device == Device.cuda and not torch.cuda.is_available():
         raise ValueError(f"train.device=cuda but this torch ({torch.__version__}) sees no CUDA device; use "
                          "train.device=cpu, or install a CUDA build of torch on a machine with a GPU")
+    if run_cfg.train.compile and run_cfg.train.device == Device.cpu:
+        problem = cpp_compiler_problem()
+        if problem is not None:
+            raise ValueError(problem)
 
 
 def _wandb_has_credentials() -> bool:

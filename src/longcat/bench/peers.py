@@ -58,6 +58,7 @@ from longcat.bench.common import (
 from longcat.bench.profile import op_group, profile_step
 from longcat.bench.training import BENCH_OPTIM, OursStep, ReferenceStep, build_ours, build_reference, make_batch
 from longcat.config.schema import ModelConfig
+from longcat.model.compile import compile_dense_blocks
 from longcat.model.flops import step_flops
 from longcat.train import losses
 
@@ -95,11 +96,16 @@ class PeersSettings:
     # torchtitan's fp32 loop is timed in the block only, up to this many experts: its backward zero-fills
     # a full [N, F, D] gradient per expert and weight (N^2 cost, seconds per call)
     torchtitan_loop_max_experts: int = 64
+    # ours' step also with its dense blocks compiled (train.compile; longcat.model.compile); the peers eager
+    compile_ours: bool = True
     seed: int = 0
 
     @classmethod
     def for_mode(cls, *, quick: bool) -> PeersSettings:
-        return cls(batch_size=2, seq_len=64, block_rounds=1, step_rounds=1, configs=CONFIGS[1:2]) if quick else cls()
+        if quick:
+            return cls(batch_size=2, seq_len=64, block_rounds=1, step_rounds=1, configs=CONFIGS[1:2],
+                       compile_ours=False)
+        return cls()
 
     def model_config(self, peer: PeerConfig) -> ModelConfig:
         base = load_preset(self.preset)
@@ -191,6 +197,8 @@ def _block_fwd_bwd(block: torch.nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.
 
 
 OURS_BF16 = "ours bf16 autocast"
+OURS_COMPILED = "ours compiled"
+_OURS = ("ours", OURS_BF16, OURS_COMPILED)
 
 
 class TorchTitanStep:
@@ -256,8 +264,12 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
     block_samples = alternate(blocks, rounds=s.block_rounds)
 
     ours_step = OursStep(ours_model, batch=batch)
-    steps: dict[str, Callable[[], Any]] = {
-        "ours": ours_step, "transformers": ReferenceStep(reference_model, batch=batch, model_cfg=cfg)}
+    steps: dict[str, Callable[[], Any]] = {"ours": ours_step}
+    if s.compile_ours:  # the same weights; its warm-up call compiles
+        compiled_model = build_ours(cfg, seed=s.seed)
+        compile_dense_blocks(compiled_model)
+        steps[OURS_COMPILED] = OursStep(compiled_model, batch=batch)
+    steps["transformers"] = ReferenceStep(reference_model, batch=batch, model_cfg=cfg)
     if tt is not None:
         for grouped, label in ((True, "torchtitan grouped_mm"),):
             steps[label] = TorchTitanStep(
@@ -290,10 +302,12 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
             slug = name.replace(" ", "_")
             metrics[f"{key}_{kind}_{slug}_ms"] = _median([x.seconds for x in samples[name]]) * 1e3
             metrics[f"{key}_{kind}_{slug}_peak_mib"] = max(x.peak_above_start_mib for x in samples[name])
-            if name not in ("ours", OURS_BF16):
+            if name not in _OURS:
                 metrics[f"{key}_{kind}_ours_vs_{slug}"] = ratio_to(samples, name)
+                if OURS_COMPILED in samples:
+                    metrics[f"{key}_{kind}_ours_compiled_vs_{slug}"] = ratio_to(samples, name, ours=OURS_COMPILED)
     block_rows = [[peer.name, *_row(name, block_samples[name], tokens=tokens, flops=moe_flops),
-                   "" if name in ("ours", OURS_BF16) else f"{ratio_to(block_samples, name):.2f}x"]
+                   "" if name in _OURS else f"{ratio_to(block_samples, name):.2f}x"]
                   for name in block_samples]
     matched_rows = []
     titan = "torchtitan grouped_mm"
@@ -304,10 +318,19 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
         matched_rows.append([peer.name, round(ms[OURS_BF16], 1), round(ms[titan], 1), f"{matched:.2f}x",
                              f"{ratio_to(block_samples, titan):.2f}x"])
     step_rows = [[peer.name, *_row(name, step_samples[name], tokens=tokens, flops=flops.total_flops),
-                  "" if name == "ours" else f"{ratio_to(step_samples, name):.2f}x"] for name in step_samples]
+                  "" if name in _OURS else f"{ratio_to(step_samples, name):.2f}x"] for name in step_samples]
+    compiled_rows = []
+    if OURS_COMPILED in step_samples:
+        metrics[f"{key}_step_compiled_speedup"] = ratio_to(step_samples, "ours", ours=OURS_COMPILED)
+        compiled_rows.append([
+            peer.name, round(_median([x.seconds for x in step_samples["ours"]]) * 1e3, 1),
+            round(_median([x.seconds for x in step_samples[OURS_COMPILED]]) * 1e3, 1),
+            f"{metrics[f'{key}_step_compiled_speedup']:.2f}x",
+            *(f"{ratio_to(step_samples, n, ours=OURS_COMPILED):.2f}x" if n in step_samples else "-"
+              for n in ("transformers", "torchtitan grouped_mm"))])
     sync_row = [peer.name, syncs.total, ", ".join(f"{k} x{v}" for k, v in sorted(syncs.counts.items())) or "none",
                 cfg.num_layers]
-    return metrics, [block_rows, step_rows, [sync_row], bound_rows, matched_rows]
+    return metrics, [block_rows, step_rows, [sync_row], bound_rows, matched_rows, compiled_rows]
 
 
 def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchResult:
@@ -323,14 +346,16 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
     sync_rows: list = []
     bound_rows: list = []
     matched_rows: list = []
+    compiled_rows: list = []
     for peer in s.configs:
-        m, (b, st, sy, bo, ma) = run_config(peer, s, tt)
+        m, (b, st, sy, bo, ma, co) = run_config(peer, s, tt)
         metrics.update(m)
         block_rows += b
         step_rows += st
         sync_rows += sy
         bound_rows += bo
         matched_rows += ma
+        compiled_rows += co
     columns = ["config", "implementation", "ms (median)", "tokens/s", "GFLOP/s", "peak above start MiB",
                "ours speed vs it"]
     tables = [
@@ -347,6 +372,11 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
             title="MoE block at matched precision: experts in bf16, router in fp32 (ours under bf16 autocast)",
             columns=["config", "ours bf16 autocast ms", "torchtitan grouped_mm ms", "ours speed vs it",
                      "ours fp32 speed vs it"], rows=matched_rows))
+    if compiled_rows:
+        tables.insert(2, Table(
+            title="Training step with ours' dense blocks compiled (train.compile), the peers eager",
+            columns=["config", "ours eager ms", "ours compiled ms", "compiled speedup", "ours compiled vs transformers",
+                     "ours compiled vs torchtitan grouped_mm"], rows=compiled_rows))
     notes = [
         f"preset {s.preset!r} (hidden 512, MLA q_lora 256 / kv_lora 128, heads 8) with expert FFN width "
         f"{s.expert_ffn_hidden_size} (~hidden/3), batch {s.batch_size} x {s.seq_len}; block rounds "
@@ -370,6 +400,9 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "matched precision: ours under torch.autocast(bfloat16) (train.bf16) computes the experts in bf16 from "
         "fp32 weights and routes in fp32, as torchtitan's grouped_mm path does without autocast; ours speed vs "
         "it = median over rounds of (torchtitan grouped_mm time / ours bf16 time).",
+        "ours compiled: the same weights with train.compile's torch.compile of the dense blocks (MLA, SwiGLU, "
+        "RMSNorm; inductor, static shapes; the MoE eager); its warm-up call compiles and is not timed. The peers "
+        "run eager (neither compiles its model by default).",
         "peak above start: the step's transient memory (activations, gradients, temporaries) beyond what "
         "was resident at its start (weights and optimizer state, held by all implementations alike).",
     ]

@@ -421,6 +421,9 @@ class TrainConfig:
     eval_batches: int = 4
     bf16: bool = False
     activation_checkpointing: bool = False
+    # torch.compile each decoder layer's dense blocks (MLA, SwiGLU, RMSNorm) and the MTP head; the MoE
+    # stays eager (longcat.model.compile). CPU runs need a C++ compiler; the first step compiles.
+    compile: bool = False
     device: Device = Device.cpu
     nonfinite_policy: NonFinitePolicy = NonFinitePolicy.skip
     # SIGTERM -> every rank checkpoints at the same step and exits 0; past this many seconds the process

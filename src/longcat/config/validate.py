@@ -13,6 +13,7 @@ happens.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Optional
 
 from longcat.config.layout import check_model_split, divisors
@@ -27,6 +28,10 @@ from longcat.config.schema import (
 )
 
 __all__ = ["ConfigError", "validate", "world_size_from_env"]
+
+# The modules ``train.compile`` compiles (``longcat.model.compile.dense_blocks``) and everything inside them.
+_COMPILED_MODULE = re.compile(
+    r"^model\.(layers\.\d+\.(self_attn|mlps|input_layernorm|post_attention_layernorm)\.\d+|mtp)(\.|$)")
 
 
 def world_size_from_env() -> int:
@@ -184,12 +189,14 @@ def _check_micro_batches(cfg: RunConfig, *, dp: int, accum: int) -> None:
 
 
 def _check_fault_target_runs(cfg: RunConfig) -> None:
-    """An activation fault needs a module whose forward runs: with the fused head + CE
+    """An activation fault needs a module whose forward runs eagerly: with the fused head + CE
     (``loss.lm_head_ce=fused``) the LM head's weight is used inside the model's forward but the
-    ``lm_head`` module is never called, so a hook on it would never fire.
+    ``lm_head`` module is never called, so a hook on it would never fire; under ``train.compile`` the
+    dense blocks (``longcat.model.compile``) and the modules inside them run as compiled graphs.
 
     Raises:
-        ValueError: ``sdc.inject.target=activation`` on ``lm_head`` under the fused head.
+        ValueError: ``sdc.inject.target=activation`` on ``lm_head`` under the fused head, or on a dense
+            block (or a module inside one) under ``train.compile``.
     """
     inject = cfg.sdc.inject
     if (inject.step >= 0 and FaultTarget(inject.target) is FaultTarget.activation and inject.tensor == "lm_head"
@@ -197,6 +204,12 @@ def _check_fault_target_runs(cfg: RunConfig) -> None:
         raise ValueError("sdc.inject.tensor=lm_head with sdc.inject.target=activation: under "
                          "loss.lm_head_ce=fused the LM head produces no activation (its loss is fused with its "
                          "GEMM); inject into model.norm, or set loss.lm_head_ce=logits")
+    if (inject.step >= 0 and FaultTarget(inject.target) is FaultTarget.activation and cfg.train.compile
+            and _COMPILED_MODULE.match(inject.tensor)):
+        raise ValueError(f"sdc.inject.tensor={inject.tensor} with sdc.inject.target=activation: under "
+                         "train.compile=true that module runs inside a compiled dense block, where the fault's "
+                         "forward hook is not honoured; inject into an eager module (model.norm, "
+                         "model.embed_tokens, model.layers.N.mlp.experts), or set train.compile=false")
 
 
 def _check_replay_microbatch(cfg: RunConfig, *, dp: int, accum: int) -> None:

@@ -159,6 +159,8 @@ def _run_task(cfg: Any, task: Task, batches: Optional[list[list[dict]]]) -> Layo
 
     layout = task.layout
     cfg = layout.apply(cfg)
+    if cfg.train.compile:
+        torch._dynamo.reset()  # each layout compiles afresh: the recompile limit counts per run
     groups = _groups_for(layout)
     validate_run_config(cfg, world_size=groups.world_size)
     if (task.save or task.resume_from) and not task.out_dir and groups.world_size > 1:

@@ -130,7 +130,8 @@ class Trainer:
             cp_group=self.groups.cp_group if self.cp_size > 1 else None,
             autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, lb_coef=lambda: self.stability.lb_coef)
         self.parallel = parallelize(model, groups=self.groups, options=cfg.parallel,
-                                    num_microbatches=self.accum, objective=self.objective)
+                                    num_microbatches=self.accum, objective=self.objective,
+                                    compile_dense=cfg.train.compile)
         self.model = self.parallel.model
         self.pipeline = self.parallel.pipeline
         self.optimizer = build_optimizer(self.parallel.model, optim_cfg=cfg.optim, model_cfg=cfg.model)

@@ -64,10 +64,14 @@ def test_quick_peers_bench_without_torchtitan(monkeypatch):
     assert m["8_4_top4_ours_host_syncs_per_step"] == settings.model_config(settings.configs[0]).num_layers
     assert [row[1] for row in result.tables[0].rows] == ["ours", "ours bf16 autocast", "transformers"]
     assert m["8_4_top4_block_ours_bf16_autocast_ms"] > 0
-    assert len(result.tables) == 4  # no matched-precision table without torchtitan
+    # ours' step also with its dense blocks compiled (train.compile)
+    assert [row[1] for row in result.tables[1].rows] == ["ours", "ours compiled", "transformers"]
+    assert m["8_4_top4_step_compiled_speedup"] > 0 and m["8_4_top4_step_ours_compiled_vs_transformers"] > 0
+    assert result.tables[2].rows[0][0] == "8+4 top-4" and "compiled" in result.tables[2].title
+    assert len(result.tables) == 5  # no matched-precision table without torchtitan
     assert "torchtitan skipped" in result.notes[-1]
     for kind in ("block", "step"):  # the GEMM floor is below ours' time, the ceiling above ours' ratio
         share = m[f"8_4_top4_{kind}_ours_gemm_share"]
         assert 0.0 < share < 1.0
         assert m[f"8_4_top4_{kind}_ours_ceiling_vs_transformers"] > m[f"8_4_top4_{kind}_ours_vs_transformers"] * 0.9
-    assert [row[:2] for row in result.tables[3].rows] == [["8+4 top-4", "block"], ["8+4 top-4", "step"]]
+    assert [row[:2] for row in result.tables[4].rows] == [["8+4 top-4", "block"], ["8+4 top-4", "step"]]

@@ -6,6 +6,7 @@
       -> EP: experts narrowed to this ep rank's ids, all-to-all dispatcher; MoE tokens split over tp;
              the ScMoE overlap schedule and chunks                (longcat.model.parallel.expert_parallel)
       -> (activation checkpointing is a model flag, already set)
+      -> compile: torch.compile of the dense blocks, if asked      (longcat.model.compile)
       -> PP: this rank's pipeline stages of whole layers           (longcat.model.parallel.pipeline)
       -> DP: replicate (bucketed all-reduce) | fsdp (FSDP2; under PP one root per pipeline stage) |
              deepspeed (ZeRO-1/2, built with the optimizer: ``ParallelModel.attach_optimizer``)
@@ -50,6 +51,7 @@ from longcat.distributed.grad_norm import GradShard, clip_grads_, global_grad_no
 from longcat.distributed.groups import ProcessGroups
 from longcat.distributed.parallel_dims import ParallelDims
 from longcat.distributed.pipeline import PipelineRunner
+from longcat.model.compile import compile_dense_blocks
 from longcat.model.layer import DecoderLayer, as_decoder_layers
 from longcat.model.model import LongcatFlashForCausalLM
 from longcat.model.parallel.context_parallel import apply_context_parallel
@@ -195,7 +197,8 @@ class ParallelModel:
 
 
 def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, options: ParallelConfig,
-                num_microbatches: int = 1, objective: Optional[StageObjective] = None) -> ParallelModel:
+                num_microbatches: int = 1, objective: Optional[StageObjective] = None,
+                compile_dense: bool = False) -> ParallelModel:
     """Apply TP -> CP -> EP -> PP -> DP to ``model`` (built and initialised identically on every rank).
 
     TP and EP go first, on the full model: ``apply_tensor_parallel`` swaps submodules, and the
@@ -208,6 +211,8 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
         options: the run's ``parallel`` section (its modes; the degrees are ``groups``').
         num_microbatches, objective: the pipeline's (``build_pipeline``: micro-batches per step of
             this dp rank, the training objective the stages compute), used only when pp > 1.
+        compile_dense: ``torch.compile`` the dense blocks (``train.compile``;
+            ``longcat.model.compile.compile_dense_blocks``), after TP / CP / EP swapped their modules.
 
     Returns:
         The ``ParallelModel``; build the optimizer over its ``model`` afterwards, then call
@@ -228,13 +233,18 @@ def parallelize(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, option
         apply_expert_parallel(model, groups=groups, dispatcher=options.moe_dispatcher)
     apply_moe_overlap(model, overlap=options.overlap_moe_comm, num_chunks=options.moe_chunks,
                       chunk_dim=options.moe_chunk_dim)
+    if compile_dense:
+        names = compile_dense_blocks(model)
+        logger.info("train.compile: %d dense blocks compile at their first call (the first step takes longer)",
+                    len(names))
     pipeline: Optional[PipelineRunner] = None
     local: nn.Module = model
     if dims.pp > 1:
         assert objective is not None
         pipeline = build_pipeline(model, groups=groups, schedule=options.pp_schedule,
                                   num_microbatches=num_microbatches, objective=objective,
-                                  sequence_parallel=options.sequence_parallel and dims.tp > 1)
+                                  sequence_parallel=options.sequence_parallel and dims.tp > 1,
+                                  compiled=compile_dense)
         local = pipeline.local_model
     # Where each local tensor sits globally, recorded before FSDP turns params into DTensors.
     inner = _inner_shards(local, groups)

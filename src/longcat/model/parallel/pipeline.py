@@ -317,7 +317,8 @@ def _local_model(stages: list[PipelineStageModule]) -> nn.Module:
 
 
 def build_pipeline(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, schedule: str | PipelineSchedule,
-                   num_microbatches: int, objective: StageObjective, sequence_parallel: bool = False) -> PipelineRunner:
+                   num_microbatches: int, objective: StageObjective, sequence_parallel: bool = False,
+                   compiled: bool = False) -> PipelineRunner:
     """Cut ``model`` into pipeline stages over ``groups.pp_group`` and return this rank's runner.
 
     Collective: call on every rank with the same arguments. ``model`` is the full model, identical on
@@ -355,6 +356,9 @@ def build_pipeline(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, sch
                             objective=objective)
         for s in plan.local_stages(groups.pp_rank)
     ]
+    if compiled:
+        for stage in stages:
+            stage.split_backward = False
     tied = "model.embed_tokens.weight" if needs_embedding_on_last_stage(model) else None
     runner = PipelineRunner(
         stages, plan=plan, groups=groups, num_microbatches=num_microbatches, local_model=_local_model(stages),
