@@ -339,6 +339,9 @@ def build_pipeline(model: LongcatFlashForCausalLM, *, groups: ProcessGroups, sch
         num_microbatches: micro-batches per step of this DP rank (the trainer's grad-accumulation count).
         objective: the training objective (built for ``num_microbatches`` and the dp size).
         sequence_parallel: TP was applied with sequence parallelism: stages exchange [B, S/tp, D].
+        compiled: the dense blocks are compiled (``train.compile``): no stage splits its backward for
+            the zero-bubble schedules (a compiled block's backward is one node for the input and the
+            weight gradients; split, pp x tp x SP under ZB-V gave wrong gradients).
 
     Raises:
         ValueError: unknown schedule; num_layers not divisible by the number of stages; a
