@@ -8,7 +8,8 @@ EP leaves them alone (the MoE stays eager), the pipeline schedules run them per 
 backward under compile), FSDP2 and DeepSpeed swap their parameters in and out. Each mechanism runs
 here at least once, and the combinations where they meet (pp x tp x SP under ZB-V, pp x dp x ep under
 FSDP2, tp x FSDP2). Without the schedule change, pp x tp x SP under ZB-V failed here (loss off by 5e-4,
-grad norm by 3%) while each mechanism alone passed. The compiled and the eager single process agree too (tests/unit/model/test_compile.py).
+grad norm by 3%) while each mechanism alone passed. The compiled and the eager single process agree
+too (tests/integration/test_compile.py).
 """
 
 from __future__ import annotations
