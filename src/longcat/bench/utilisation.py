@@ -19,6 +19,7 @@ import torch
 from longcat.bench.common import BenchResult, Table, load_preset, median, timed
 from longcat.bench.matmul import MatmulThroughput, measure_matmul_throughput
 from longcat.bench.training import OursStep, build_ours, make_batch
+from longcat.model.compile import compile_dense_blocks
 from longcat.model.flops import gemm_shapes, step_flops
 
 # Targets: non-GEMM work <= 10% of the fp32 step, bf16 at >= 60% of the bf16 GEMM rate.
@@ -36,12 +37,15 @@ class UtilisationSettings:
     dtypes: tuple = ("float32", "bfloat16")
     matmul_min_time_s: float = 0.02
     matmul_trials: int = 3
+    # each dtype also with the dense blocks compiled (train.compile; the warm-up step compiles)
+    compiled: bool = True
     seed: int = 0
 
     @classmethod
     def for_mode(cls, *, quick: bool) -> UtilisationSettings:
         if quick:
-            return cls(batch_size=2, seq_len=64, rounds=1, steps_per_round=1, matmul_min_time_s=0.005, matmul_trials=1)
+            return cls(batch_size=2, seq_len=64, rounds=1, steps_per_round=1, matmul_min_time_s=0.005, matmul_trials=1,
+                       compiled=False)
         return cls()
 
 
@@ -54,17 +58,26 @@ class DtypeUtilisation:
     achieved_flop_per_s: float
     matmul_flop_per_s: float
     matmul: MatmulThroughput
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.dtype + (" compiled" if self.compiled else "")
 
     @property
     def fraction(self) -> float:
         return self.achieved_flop_per_s / self.matmul_flop_per_s
 
 
-def measure_dtype(s: UtilisationSettings, *, dtype: torch.dtype) -> DtypeUtilisation:
-    """Warm-up step, then ``rounds`` x (matmul throughput, ``steps_per_round`` steps)."""
+def measure_dtype(s: UtilisationSettings, *, dtype: torch.dtype, compiled: bool = False) -> DtypeUtilisation:
+    """Warm-up step (with ``compiled``: it compiles the dense blocks, ``train.compile``), then ``rounds`` x
+    (matmul throughput, ``steps_per_round`` steps)."""
     cfg = load_preset(s.preset)
     batch = make_batch(cfg, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed)
-    step = OursStep(build_ours(cfg, seed=s.seed), batch=batch, autocast_dtype=dtype)
+    model = build_ours(cfg, seed=s.seed)
+    if compiled:
+        compile_dense_blocks(model)
+    step = OursStep(model, batch=batch, autocast_dtype=dtype)
     first = step()
     assert first.ffn_experts_per_token is not None  # OursStep always measures k_e
     k_e_values = [first.ffn_experts_per_token]
@@ -84,7 +97,8 @@ def measure_dtype(s: UtilisationSettings, *, dtype: torch.dtype) -> DtypeUtilisa
     t_step = median(step_s)
     return DtypeUtilisation(dtype=str(dtype).removeprefix("torch."), step_s=t_step, ffn_experts_per_token=k_e,
                             model_flops=flops, achieved_flop_per_s=flops / t_step,
-                            matmul_flop_per_s=median([t.flop_per_s for t in throughputs]), matmul=median_round)
+                            matmul_flop_per_s=median([t.flop_per_s for t in throughputs]), matmul=median_round,
+                            compiled=compiled)
 
 
 def _breakdown_table(cfg, s: UtilisationSettings, k_e: float) -> Table:
@@ -111,10 +125,11 @@ def run(*, quick: bool = False, settings: UtilisationSettings | None = None) -> 
     s = settings or UtilisationSettings.for_mode(quick=quick)
     start = time.perf_counter()
     cfg = load_preset(s.preset)
-    results = [measure_dtype(s, dtype=getattr(torch, name)) for name in s.dtypes]
+    results = [measure_dtype(s, dtype=getattr(torch, name), compiled=compiled) for name in s.dtypes
+               for compiled in ((False, True) if s.compiled else (False,))]
     metrics: dict = {}
     for r in results:
-        tag = {"float32": "fp32", "bfloat16": "bf16"}.get(r.dtype, r.dtype)
+        tag = {"float32": "fp32", "bfloat16": "bf16"}.get(r.dtype, r.dtype) + ("_compiled" if r.compiled else "")
         metrics.update({
             f"{tag}_step_ms": 1e3 * r.step_s,
             f"{tag}_tokens_per_s": s.batch_size * s.seq_len / r.step_s,
@@ -130,7 +145,7 @@ def run(*, quick: bool = False, settings: UtilisationSettings | None = None) -> 
         metrics["meets_bf16_target"] = metrics["bf16_utilisation"] >= TARGET_FRACTION_BF16
     metrics["model_flops_per_step"] = results[0].model_flops
     metrics["ffn_experts_per_token"] = results[0].ffn_experts_per_token
-    rows = [[r.dtype, f"{1e3 * r.step_s:.1f}", f"{r.model_flops / 1e9:.3f}", f"{r.achieved_flop_per_s / 1e9:.2f}",
+    rows = [[r.label, f"{1e3 * r.step_s:.1f}", f"{r.model_flops / 1e9:.3f}", f"{r.achieved_flop_per_s / 1e9:.2f}",
              f"{r.matmul_flop_per_s / 1e9:.2f}", f"{100 * r.fraction:.1f}%"] for r in results]
     tables = [
         Table(f"Utilisation of our training step (targets >= {TARGET_FRACTION:.0%} at fp32, "
@@ -138,13 +153,15 @@ def run(*, quick: bool = False, settings: UtilisationSettings | None = None) -> 
               ["dtype", "step ms", "model GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s at these shapes",
                "utilisation"], rows),
         _breakdown_table(cfg, s, results[0].ffn_experts_per_token),
-        *[_gemm_table(r) for r in results],
+        *[_gemm_table(r) for r in results if not r.compiled],
     ]
     notes = [
         f"model preset {s.preset!r}, batch {s.batch_size} x {s.seq_len}; step = forward, loss, backward, AdamW.",
         "Matmul throughput: FLOP-weighted torch.mm/bmm rate at the step's GEMM shapes, measured in this run "
         "(longcat/bench/matmul.py); utilisation = achieved / that.",
         "bf16 = torch.autocast(bfloat16) with fp32 weights and AdamW, as train.bf16.",
+        "compiled = the dense blocks under torch.compile (train.compile: MLA, SwiGLU, RMSNorm; the MoE eager); "
+        "its warm-up step compiles and is not timed.",
     ]
     return BenchResult(name="utilisation", title="Model FLOP utilisation (MFU against measured matmul throughput)",
                        metrics=metrics, tables=tables, settings=dataclasses.asdict(s), notes=notes,
