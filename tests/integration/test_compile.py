@@ -2,7 +2,7 @@
 replay bit for bit under the SDC check, and bad combinations are refused before work.
 
 The layouts (TP, SP, CP, EP, PP, FSDP2, DeepSpeed) against one compiled process are in
-tests/distributed/test_compile.py.
+tests/distributed/test_compile_layouts.py.
 """
 
 from __future__ import annotations

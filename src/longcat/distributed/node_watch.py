@@ -13,7 +13,9 @@ Two faults used to leave a multi-node job running or hanging instead of failing:
 ``start_node_watch()`` (the first thing ``python -m longcat.train`` does) starts a daemon thread in
 each worker that, every ``poll_interval_s``:
 
-1. exits the worker (``EXIT_AGENT_LOST``) when its parent, the torchrun agent, is gone;
+1. exits the worker (``EXIT_AGENT_LOST``) when its parent, the torchrun agent, is gone, or half gone:
+   its main thread ended while another thread lives on (``/proc/<pid>/stat`` state ``Z``, ``ps`` shows
+   ``<defunct>``), which leaves the worker's parent unchanged but nobody watching it;
 2. on a multi-node run with torchrun's shared store (the default): local rank 0 of each node adds 1
    to its node's heartbeat counter in the store (which node 0's agent hosts); local rank 0 of node 0
    judges: a node whose counter has not moved for ``lost_after_s`` (or that never beat within
@@ -45,7 +47,7 @@ from typing import Callable, Mapping, Optional
 import torch.distributed as dist
 
 __all__ = ["ENV_LOST_AFTER_S", "EXIT_AGENT_LOST", "EXIT_NODE_LOST", "HeartbeatJudge", "NodeWatch", "NodeWatchSettings",
-           "start_node_watch"]
+           "process_state", "start_node_watch"]
 
 EXIT_AGENT_LOST = 5  # this worker's torchrun agent died; the worker stopped itself
 EXIT_NODE_LOST = 6  # another node stopped beating, or the store on node 0 cannot be reached
@@ -142,6 +144,11 @@ class NodeWatch:
                 self.stop(EXIT_AGENT_LOST, f"this worker's torchrun agent (pid {self.agent_pid}) is gone (killed, or "
                           "its node lost), so this worker stops too instead of training on as an orphan")
                 return
+            if process_state(self.agent_pid) == "Z":
+                self.stop(EXIT_AGENT_LOST, f"this worker's torchrun agent (pid {self.agent_pid}) is defunct (its main "
+                          "thread ended while another thread lives on: it no longer watches its workers), so this "
+                          "worker stops instead of training on unwatched")
+                return
             if self.watch_nodes and time.monotonic() >= next_store_poll:
                 next_store_poll = time.monotonic() + self.settings.poll_interval_s
                 try:
@@ -187,6 +194,18 @@ class NodeWatch:
                 self.stop(EXIT_NODE_LOST, reason)
                 return True
         return False
+
+
+def process_state(pid: int) -> Optional[str]:
+    """The state letter of process ``pid`` from ``/proc/<pid>/stat`` (``R``, ``S``, ``Z`` for a defunct
+    thread-group leader, ...), or None where it cannot be read (no such process, no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 1:].split()  # the name in parentheses may hold spaces and ")"
+    return fields[0] if fields else None
 
 
 def start_node_watch(settings: Optional[NodeWatchSettings] = None, *,

@@ -4,6 +4,9 @@ the store stops by itself, a worker whose agent is gone stops; and the judge's a
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -11,12 +14,14 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from longcat.distributed import node_watch
 from longcat.distributed.node_watch import (
     EXIT_AGENT_LOST,
     EXIT_NODE_LOST,
     HeartbeatJudge,
     NodeWatch,
     NodeWatchSettings,
+    process_state,
     start_node_watch,
 )
 from longcat.testing import find_free_port
@@ -91,6 +96,41 @@ def test_a_worker_whose_agent_is_gone_stops(capfd):
     watch.agent_pid = -1  # as if the parent had changed: the agent died and the worker was re-parented
     _run(watch)
     assert codes == [EXIT_AGENT_LOST] and "[rank3] error: this worker's torchrun agent" in capfd.readouterr().err
+
+
+# An agent whose main thread ended while another thread runs on: the process stays (its workers keep
+# it as their parent) but is defunct; torchrun's agent was seen in this state after a crash.
+_HALF_DEAD_AGENT = """
+import ctypes, threading, time
+threading.Thread(target=lambda: time.sleep(60)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_worker_whose_agent_is_defunct_stops(capfd, monkeypatch):
+    agent = subprocess.Popen([sys.executable, "-c", _HALF_DEAD_AGENT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None and agent.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while process_state(agent.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_state(agent.pid) == "Z"
+        codes: list[int] = []
+        monkeypatch.setattr(node_watch.os, "getppid", lambda: agent.pid)  # the worker's parent is that agent
+        watch = NodeWatch(FAST, {"TORCHELASTIC_RUN_ID": "t", "RANK": "2"}, exit_fn=codes.append)
+        assert watch.agent_pid == agent.pid
+        _run(watch)
+        assert codes == [EXIT_AGENT_LOST]
+        assert f"[rank2] error: this worker's torchrun agent (pid {agent.pid}) is defunct" in capfd.readouterr().err
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_process_state_reads_proc():
+    assert process_state(os.getpid()) in ("R", "S")
+    assert process_state(2**22 + 12345) is None  # above any pid_max: no such process
 
 
 def test_judge_counts_silence_from_the_last_change():
