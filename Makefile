@@ -72,6 +72,7 @@ bench: venv
 
 bench-gpu: venv
 	$(PY) tools/bench_gpu.py --output benchmarks/results
+	$(PY) tools/bench_gpu.py --compile --output benchmarks/results
 	$(PY) tools/bench.py --report-only
 
 pipeline: corpus

@@ -34,6 +34,7 @@ from longcat.bench.matmul import measure_matmul_throughput
 from longcat.bench.training import OursStep, make_batch
 from longcat.config.schema import ModelConfig
 from longcat.model import LongcatFlashForCausalLM, count_parameters, init_weights
+from longcat.model.compile import compile_dense_blocks
 from longcat.model.flops import gemm_shapes, step_flops
 from longcat.tool_args import positive_int
 
@@ -62,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive_int, default=10)
     p.add_argument("--num-layers", type=positive_int, default=GPU_MODEL.num_layers)
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--name", default="", help="result name (default gpu_mfu, or gpu_mfu_dryrun with --dry-run)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the dense blocks (train.compile); the warm-up steps absorb the compile")
+    p.add_argument("--name", default="", help="result name (default gpu_mfu, gpu_mfu_compiled with --compile, "
+                   "gpu_mfu_dryrun with --dry-run)")
     return p.parse_args(argv)
 
 
@@ -88,11 +92,13 @@ def _free(device: torch.device) -> None:
 
 
 def run_steps(cfg: ModelConfig, *, device: torch.device, batch_size: int, seq_len: int, warmup: int, steps: int,
-              pure_bf16: bool) -> dict:
+              pure_bf16: bool, compiled: bool = False) -> dict:
     """Build, warm up and time ``steps`` training steps; returns times, k_e, losses and peak memory."""
     model = build_model(cfg, device)
     if pure_bf16:
         model = model.to(torch.bfloat16)
+    if compiled:
+        compile_dense_blocks(model)
     step = OursStep(model, batch=make_batch(cfg, batch_size=batch_size, seq_len=seq_len),
                     autocast_dtype=None if pure_bf16 else torch.bfloat16)
     if device.type == "cuda":
@@ -121,7 +127,7 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device) ->
             out_of_memory = False
             try:
                 out = run_steps(cfg, device=device, batch_size=batch_size, seq_len=args.seq_len, warmup=args.warmup,
-                                steps=args.steps, pure_bf16=pure_bf16)
+                                steps=args.steps, pure_bf16=pure_bf16, compiled=args.compile)
                 out.update(batch_size=batch_size, mode=mode)
                 return out, notes
             except torch.OutOfMemoryError:
@@ -199,7 +205,8 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         notes = [f"no step completed: {exc}"]
     if steps is not None:
-        notes.append(f"mode: {steps['mode']}; {args.warmup} warm-up + {args.steps} timed steps")
+        notes.append(f"mode: {steps['mode']}{', dense blocks compiled (train.compile)' if args.compile else ''}; "
+                     f"{args.warmup} warm-up + {args.steps} timed steps")
         metrics.update(step_s=median(steps["step_s"]), batch_size=steps["batch_size"],
                        peak_memory_gib=steps["peak_gib"])
         _free(device)  # give the matmul measurement the memory the model held
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
             notes.append(f"matmul throughput measurement failed: {exc!r}")
             traceback.print_exc()
     result = BenchResult(
-        name=args.name or ("gpu_mfu_dryrun" if args.dry_run else "gpu_mfu"),
+        name=args.name or ("gpu_mfu_dryrun" if args.dry_run else "gpu_mfu_compiled" if args.compile else "gpu_mfu"),
         title="GPU: MFU of a bf16 training step (~1B active)" + (" [dry run on CPU]" if args.dry_run else ""),
         metrics=metrics, tables=tables, notes=notes, machine=machine_info(), wall_s=time.perf_counter() - start,
         settings={**vars(args), "output": str(args.output), "model": dataclasses.asdict(cfg)},
