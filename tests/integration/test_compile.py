@@ -87,13 +87,15 @@ def test_an_activation_fault_inside_a_compiled_block_is_refused(corpus_cache, tm
     validate_run_config(eager_cfg, world_size=1)  # the same fault without compile is fine
 
 
-def test_no_cpp_compiler_is_refused_before_work(corpus_cache, tmp_path, monkeypatch):
+def test_no_cpp_compiler_is_refused_before_work(corpus_cache, tmp_path):
     from torch._inductor import config as inductor_config
 
     cfg, _ = compose_run_config("pretrain", tiny_overrides(corpus_cache, str(tmp_path), **COMPILE))
     preflight(cfg)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler++"))
-    with pytest.raises(ValueError, match="train.compile=true on the CPU needs a C\\+\\+ compiler.*no-such-compiler"):
-        preflight(cfg)
+    # inductor's own override (monkeypatch's undo deleted the setting: later compiles then failed)
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler++")}):
+        with pytest.raises(ValueError, match=r"train.compile=true on the CPU needs a C\+\+ compiler.*no-such"):
+            preflight(cfg)
+    assert inductor_config.cpp.cxx[-1] != "no-such-compiler++"
     cfg.train.compile = False
     preflight(cfg)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,13 @@ def _check_lock():
 
 
 def test_installed_versions_equal_the_lock():
-    tool = _check_lock()
-    assert tool.differences(tool.read_lock(LOCK), tool.installed()) == []
+    """In a fresh interpreter, as ``make venv`` runs the check: this test process's ``sys.path`` is not
+    the environment's (inductor's C++ builder puts setuptools' vendored packages on it, packaging 26.3
+    among them, once any test has compiled)."""
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "check_lock.py"), "--lock", str(LOCK)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "installed packages match" in done.stdout
 
 
 def test_the_lock_pins_the_stack():
