@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_layouts import NUM_STEPS, PARAM_ATOL, RTOL, layout_config
+from test_layouts import NUM_STEPS, assert_matches_single_process, layout_config
 
-from longcat.testing.equivalence import Layout, max_relative_difference, merged_params, run_layouts, run_single
+from longcat.testing.equivalence import Layout, run_layouts, run_single
 
 LAYOUTS_2 = [
     Layout("ep2-allgather", dp=2, ep=2, moe_dispatcher="allgather"),
@@ -62,23 +62,7 @@ def runs(cfg, reference):
 
 @pytest.mark.parametrize("layout", ALL, ids=[layout.name for layout in ALL])
 def test_dispatcher_matches_single_process(layout, runs, reference):
-    ranks = runs[layout.name]
-    assert len(ranks) == layout.world_size
-    for run in ranks:
-        assert run.losses == ranks[0].losses and run.grad_norms == ranks[0].grad_norms, f"rank {run.rank} differs"
-    loss_diff = max_relative_difference(ranks[0].losses, reference.losses)
-    norm_diff = max_relative_difference(ranks[0].grad_norms, reference.grad_norms)
-    print(f"{layout.name}: max relative difference loss {loss_diff:.2e}, grad norm {norm_diff:.2e}")
-    assert loss_diff <= RTOL, (ranks[0].losses, reference.losses)
-    assert norm_diff <= RTOL, (ranks[0].grad_norms, reference.grad_norms)
-    for step in range(NUM_STEPS):
-        for run in ranks:
-            for layer, bias in run.biases[step].items():
-                assert torch.equal(bias, reference.biases[step][layer]), (run.rank, step, layer)
-    params = merged_params(ranks)
-    assert params.keys() == reference.params.keys()
-    for name, expected in reference.params.items():
-        torch.testing.assert_close(params[name], expected, rtol=0, atol=PARAM_ATOL, msg=name)
+    assert_matches_single_process(layout, runs[layout.name], reference)
 
 
 @pytest.mark.parametrize("other", ["ep2-allgather-again", "ep2-allgather-sequential"])

@@ -109,9 +109,11 @@ def runs(cfg, reference):
     return out
 
 
-@pytest.mark.parametrize("layout", ALL, ids=[layout.name for layout in ALL])
-def test_layout_matches_single_process(layout, runs, reference):
-    ranks = runs[layout.name]
+def assert_matches_single_process(layout: Layout, ranks, reference, *, num_steps: int = NUM_STEPS) -> None:
+    """The checks of every layout test: ``ranks`` (one ``LayoutRun`` per rank of ``layout``) agree with
+    each other bitwise on losses and grad norms, and with ``reference`` (one process) to ``RTOL``; the
+    expert biases bitwise as in one process on every rank holding a layer; the final parameters to
+    ``PARAM_ATOL``."""
     assert len(ranks) == layout.world_size
     for run in ranks:
         assert run.losses == ranks[0].losses and run.grad_norms == ranks[0].grad_norms, f"rank {run.rank} differs"
@@ -120,17 +122,20 @@ def test_layout_matches_single_process(layout, runs, reference):
     print(f"{layout.name}: max relative difference loss {loss_diff:.2e}, grad norm {norm_diff:.2e}")
     assert loss_diff <= RTOL, (ranks[0].losses, reference.losses)
     assert norm_diff <= RTOL, (ranks[0].grad_norms, reference.grad_norms)
-
-    for step in range(NUM_STEPS):  # every rank holding a layer has its bias bitwise, as in one process
+    for step in range(num_steps):  # every rank holding a layer has its bias bitwise, as in one process
         for run in ranks:
             for layer, bias in run.biases[step].items():
                 assert torch.equal(bias, reference.biases[step][layer]), (run.rank, step, layer)
-    assert any(b.abs().sum() > 0 for b in reference.biases[-1].values()), "the bias controller never moved"
-
     params = merged_params(ranks)
     assert params.keys() == reference.params.keys()
     for name, expected in reference.params.items():
         torch.testing.assert_close(params[name], expected, rtol=0, atol=PARAM_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("layout", ALL, ids=[layout.name for layout in ALL])
+def test_layout_matches_single_process(layout, runs, reference):
+    assert_matches_single_process(layout, runs[layout.name], reference)
+    assert any(b.abs().sum() > 0 for b in reference.biases[-1].values()), "the bias controller never moved"
 
 
 def _uneven_batches(cfg, *, labelled=(3, 30)):
