@@ -27,7 +27,11 @@ def restore_determinism():
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     env = {k: os.environ.get(k) for k in determinism.DETERMINISTIC_ENV}
+    from torch._inductor import config as inductor_config
+
+    inductor_deterministic = inductor_config.deterministic
     yield
+    inductor_config.deterministic = inductor_deterministic
     torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
     (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
      torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = flags[2:]
@@ -48,6 +52,9 @@ def test_flag_turns_on_deterministic_mode(corpus_cache, tmp_path, restore_determ
     torch.use_deterministic_algorithms(False)
     for key in determinism.DETERMINISTIC_ENV:
         os.environ.pop(key, None)
+    from torch._inductor import config as inductor_config
+
+    inductor_config.deterministic = False
     Trainer(_cfg(corpus_cache, tmp_path / "off"))
     assert not torch.are_deterministic_algorithms_enabled()
 
@@ -58,6 +65,9 @@ def test_flag_turns_on_deterministic_mode(corpus_cache, tmp_path, restore_determ
     assert not torch.backends.cuda.matmul.allow_tf32
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == determinism.CUBLAS_WORKSPACE
     assert os.environ["NCCL_ALGO"] == "Ring"
+    from torch._inductor import config as inductor_config
+
+    assert os.environ["TORCHINDUCTOR_DETERMINISTIC"] == "1" and inductor_config.deterministic
     with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
         torch.zeros(4).put_(torch.tensor([0, 0]), torch.ones(2), accumulate=False)  # no deterministic kernel
     assert torch.isnan(torch.empty(3)).all()  # uninitialised memory is filled, so it cannot leak into results

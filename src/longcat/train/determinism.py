@@ -3,7 +3,8 @@
 ``enable_determinism()`` turns on PyTorch's deterministic mode and sets what it does not cover:
 the cuBLAS workspace variable (needed for deterministic GEMMs on CUDA), one fixed NCCL algorithm
 (NCCL may otherwise pick ring or tree per message size and topology, which changes the summation
-order), TransformerEngine's deterministic kernels, no TF32, no cuDNN benchmarking. The model's own
+order), TransformerEngine's deterministic kernels, inductor's deterministic mode (``train.compile``:
+no kernel chosen by timing it on the device), no TF32, no cuDNN benchmarking. The model's own
 reductions are already ordered: the MoE combine sums each token's K weighted copies in a fixed order
 (no scatter-add of duplicate indices), all-reduces run in a fixed bucket order, and all-to-all splits
 are deterministic.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 
 import torch
 
@@ -30,6 +32,8 @@ DETERMINISTIC_ENV = {
     "CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE,
     "NCCL_ALGO": "Ring",
     "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+    # inductor (train.compile): no on-device benchmarking that picks kernels by timing
+    "TORCHINDUCTOR_DETERMINISTIC": "1",
 }
 
 
@@ -41,6 +45,9 @@ def enable_determinism() -> None:
     """
     for key, value in DETERMINISTIC_ENV.items():
         os.environ.setdefault(key, value)
+    inductor_config = sys.modules.get("torch._inductor.config")  # it reads the variable when imported
+    if inductor_config is not None and os.environ["TORCHINDUCTOR_DETERMINISTIC"] == "1":
+        inductor_config.deterministic = True  # type: ignore[attr-defined]
     torch.use_deterministic_algorithms(True, warn_only=False)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
