@@ -104,6 +104,37 @@ def test_mla_cp2_matches_single_process():
     run_distributed(_mla_body, world_size=2, args=(cases,), timeout_s=TIMEOUT_S)
 
 
+def _mla_bf16_body():
+    """Under bf16 autocast (train.bf16) the cp path attends in bf16 as the single-device path does."""
+    group, rank, cp = _cp()
+    torch.manual_seed(5)
+    ref = MultiHeadLatentAttention(CFG)
+    for param in ref.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    mla = copy.deepcopy(ref)
+    mla.cp_group = group
+    B, S = 2, 16
+    gen = torch.Generator().manual_seed(6)
+    x_BSD = torch.randn(B, S, CFG.hidden_size, generator=gen)
+    rope = RotaryEmbedding(CFG.qk_rope_head_dim, theta=1e4)
+    cos_1SP, sin_1SP = rope(None, seq_len=S, device=torch.device("cpu"), dtype=torch.float32)
+    cos_1NP, sin_1NP = rope(cp_local_positions(S, cp_rank=rank, cp=cp)[None], seq_len=S // cp,
+                            device=torch.device("cpu"), dtype=torch.float32)
+    x_BND = cp_split(x_BSD, cp_rank=rank, cp=cp).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_BSD = ref(x_BSD, cos_BSP=cos_1SP, sin_BSP=sin_1SP)
+        out_BND = mla(x_BND, cos_BSP=cos_1NP, sin_BSP=sin_1NP)
+    assert out_BND.dtype == out_BSD.dtype == torch.bfloat16
+    out_BND.float().sum().backward()  # the recompute in backward runs under the same autocast state
+    assert x_BND.grad is not None and torch.isfinite(x_BND.grad).all()
+    got, want = _gather_global(out_BND, group).float(), out_BSD.detach().float()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
+def test_mla_cp2_under_bf16_autocast():
+    run_distributed(_mla_bf16_body, world_size=2, timeout_s=TIMEOUT_S)
+
+
 # ----------------------------------------------------------------------------- (b) the whole model
 
 

@@ -97,5 +97,12 @@ def test_no_cpp_compiler_is_refused_before_work(corpus_cache, tmp_path):
         with pytest.raises(ValueError, match=r"train.compile=true on the CPU needs a C\+\+ compiler.*no-such"):
             preflight(cfg)
     assert inductor_config.cpp.cxx[-1] != "no-such-compiler++"
+    # a "compiler" that runs but builds nothing a C++ program can load (like CXX=gcc: no libstdc++)
+    fake = tmp_path / "fake-c++"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    with inductor_config.patch({"cpp.cxx": (None, str(fake))}):
+        with pytest.raises(ValueError, match=r"a C\+\+ library built by .*fake-c\+\+' does not load or run"):
+            preflight(cfg)
     cfg.train.compile = False
     preflight(cfg)

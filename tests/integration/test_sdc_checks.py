@@ -180,3 +180,14 @@ def test_checkpoint_with_a_nonfinite_tensor_is_refused(corpus_cache, tmp_path):
     with pytest.raises(NonFiniteCheckpointError, match=r"optim\.state\.lm_head\.weight\.exp_avg_sq"):
         trainer.save_checkpoint()
     assert not (tmp_path / "checkpoints").exists() or list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_an_activation_fault_on_a_module_without_a_tensor_output_is_named(corpus_cache, tmp_path):
+    """The router returns a RouterOutput: the configuration refuses it (tests/unit/config), and an
+    injector armed on it anyway says why instead of failing on a missing ``clone``."""
+    trainer = _trainer(corpus_cache, tmp_path, **CHECKS)
+    trainer.train_step()
+    trainer.sdc.arm(FaultInjection(step=2, rank=0, target="activation", tensor="model.layers.0.mlp.router",
+                                   index=3, bit=20))
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.router': that module returns a RouterOutput"):
+        trainer.train_step()

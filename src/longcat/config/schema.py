@@ -487,6 +487,20 @@ class SDCConfig:
         if self.inject.step >= 0 and not self.inject.tensor:
             raise ValueError(f"sdc.inject.step={self.inject.step} but sdc.inject.tensor is empty: name a module "
                              "(target=activation) or a parameter (gradient, parameter)")
+        target = FaultTarget(self.inject.target)
+        if self.inject.step >= 0 and target is not FaultTarget.parameter and (
+                not self.replay_interval or self.inject.step % self.replay_interval):
+            # the fault goes into the replay check's first pass: on any other step nothing would happen
+            n = self.replay_interval
+            when = (f"sdc.replay_interval={n} replays steps {n}, {2 * n}, ..." if n
+                    else "sdc.replay_interval=0 replays none")
+            raise ValueError(f"sdc.inject.target={target} at sdc.inject.step={self.inject.step} is injected into "
+                             f"the replay check's first pass, and {when}: nothing would be injected; choose a "
+                             "replayed step or set sdc.replay_interval (1 replays every step)")
+        if self.inject.step >= 0 and target is FaultTarget.activation and self.inject.tensor.endswith(".mlp.router"):
+            raise ValueError(f"sdc.inject.tensor={self.inject.tensor}: the router's output is a RouterOutput (ids, "
+                             "gates, probabilities), not one tensor; inject into its linear layer "
+                             f"({self.inject.tensor}.classifier)")
 
 
 @dataclass

@@ -246,6 +246,13 @@ class MultiHeadLatentAttention(nn.Module):
         k_BHTK = torch.cat([k_nope_BTHA, k_rope_BTR.unsqueeze(2).expand(B, T, H, R)], dim=-1).transpose(1, 2)
         v_BHTO = v_BTHO.transpose(1, 2)
         q_BHNK = q_BNHK.transpose(1, 2)
+        device_type = q_BHNK.device.type
+        if torch.is_autocast_enabled(device_type):
+            # What autocast does for the single-device path's SDPA call. With a CausalBias mask SDPA
+            # bypasses autocast's casts, and q, k (fp32: the scales and the fp32 RoPE tables promote
+            # them) would meet a bf16 v.
+            dtype = torch.get_autocast_dtype(device_type)
+            q_BHNK, k_BHTK, v_BHTO = q_BHNK.to(dtype), k_BHTK.to(dtype), v_BHTO.to(dtype)
         out_chunks = []
         for slot, keys in enumerate((low_keys, T)):
             # Query i of the chunk sits at prefix position keys - L + i and sees keys 0 .. keys - L + i.

@@ -22,6 +22,11 @@ collectives, their order and their groups are those of the eager model.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -76,17 +81,49 @@ def compile_dense_blocks(model: nn.Module) -> list[str]:
     return names
 
 
+# Built and loaded by ``cpp_compiler_problem``: what inductor's CPU kernels need (a C++ shared library
+# using the C++ standard library). A C compiler driver (gcc, cc) builds it but leaves libstdc++ out.
+_PROBE_CPP = """
+#include <sstream>
+extern "C" int longcat_probe() { std::ostringstream s; s << 42; return static_cast<int>(s.str().size()); }
+"""
+
+
 def cpp_compiler_problem() -> str | None:
-    """Why inductor cannot compile for the CPU on this machine (no working C++ compiler: inductor's own
-    search, ``torch._inductor.config.cpp.cxx``, which follows ``CXX``), or None if it can."""
+    """Why inductor cannot compile for the CPU on this machine, or None if it can: no C++ compiler in
+    inductor's own search (``torch._inductor.config.cpp.cxx``, which follows ``CXX``), or one that cannot
+    build and load a small C++ shared library (a C compiler such as ``gcc``, a broken toolchain).
+    Checked once per process and compiler setting (about a second)."""
     from torch._inductor import config as inductor_config
+
+    return _cpp_compiler_problem(tuple(inductor_config.cpp.cxx))
+
+
+@functools.lru_cache(maxsize=8)
+def _cpp_compiler_problem(cxx_setting: tuple) -> str | None:
     from torch._inductor.cpp_builder import get_cpp_compiler
 
+    fix = "install one (e.g. g++), point CXX at it, or use train.compile=false"
     try:
-        get_cpp_compiler()
+        cxx = get_cpp_compiler()
     except Exception as exc:  # InvalidCxxCompiler, or whatever the search itself raised
-        tried = ", ".join(str(c) for c in inductor_config.cpp.cxx if c) or "none"
+        tried = ", ".join(repr(c) for c in cxx_setting if c is not None) or "nothing"
         return (f"train.compile=true on the CPU needs a C++ compiler for inductor's kernels and none works "
-                f"(tried {tried}: {type(exc).__name__}); install one (e.g. g++), point CXX at it, or use "
-                "train.compile=false")
+                f"(tried {tried}: {type(exc).__name__}); {fix}")
+    with tempfile.TemporaryDirectory(prefix="longcat-cxx-probe-") as tmp:
+        source, library = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
+        source.write_text(_PROBE_CPP)
+        try:
+            done = subprocess.run([cxx, "-shared", "-fPIC", str(source), "-o", str(library)], capture_output=True,
+                                  text=True, timeout=300)
+            detail = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+            if done.returncode != 0:
+                return (f"train.compile=true on the CPU: the C++ compiler {cxx!r} cannot build a shared library "
+                        f"({detail}); {fix}")
+            loaded = ctypes.CDLL(str(library))
+            if loaded.longcat_probe() != 2:
+                raise OSError("the probe returned a wrong value")
+        except (OSError, subprocess.SubprocessError) as exc:
+            return (f"train.compile=true on the CPU: a C++ library built by {cxx!r} does not load or run "
+                    f"({exc}); is it a C++ compiler (g++, clang++; not gcc or cc)? {fix}")
     return None

@@ -196,7 +196,12 @@ class FaultInjector:
             if self.injected_at is not None:
                 return output
             # A flipped copy replaces the output (the output may be a view autograd forbids editing).
-            target = (output[0] if isinstance(output, tuple) else output).clone()
+            target = output[0] if isinstance(output, tuple) and output else output
+            if not isinstance(target, torch.Tensor):
+                raise ValueError(f"sdc.inject.tensor={self.cfg.tensor!r}: that module returns a "
+                                 f"{type(target).__name__}, not a tensor, so no activation bit can be flipped; name "
+                                 "a module whose output is a tensor (e.g. a linear layer inside it)")
+            target = target.clone()
             flip_bit_(target, index=self.cfg.index, bit=self.cfg.bit)
             self.injected_at = step
             logger.warning("injected fault: activation %s bit %d at step %d", self.cfg.tensor, self.cfg.bit, step)

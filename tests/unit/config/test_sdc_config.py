@@ -9,11 +9,24 @@ from longcat.config.validate import validate as validate_run_config
     (["sdc.policy=rollback", "train.checkpoint_interval=0"], "checkpoint_interval"),
     (["sdc.inject.step=3"], "sdc.inject.tensor"),
     (["sdc.replica_interval=-1"], "replica_interval"),
+    # a fault that would never be injected: no replay, or not on a replayed step
+    (["sdc.inject.step=3", "sdc.inject.tensor=lm_head.weight"], "sdc.replay_interval=0 replays none"),
+    (["determinism.enabled=true", "sdc.replay_interval=2", "sdc.inject.step=3", "sdc.inject.tensor=lm_head.weight"],
+     "replays steps 2, 4, .*nothing would be injected"),
+    (["determinism.enabled=true", "sdc.replay_interval=1", "sdc.inject.step=2", "sdc.inject.target=activation",
+      "sdc.inject.tensor=model.layers.0.mlp.router"], "RouterOutput.*model.layers.0.mlp.router.classifier"),
 ])
 def test_sdc_settings_fail_before_work(overrides, needle):
     cfg, _ = compose_run_config("pretrain", overrides)
     with pytest.raises(ValueError, match=needle):
         validate_run_config(cfg, world_size=1)
+
+
+def test_a_parameter_fault_needs_no_replay():
+    """A parameter fault is injected after the optimizer step and found by the cross-replica check."""
+    cfg, _ = compose_run_config("pretrain", ["sdc.inject.step=3", "sdc.inject.target=parameter",
+                                             "sdc.inject.tensor=lm_head.weight", "sdc.replica_interval=1"])
+    validate_run_config(cfg, world_size=1)
 
 
 def test_checks_compose_with_determinism():
