@@ -235,6 +235,8 @@ def _train(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Callback],
     try:
         return run_training(run_cfg, cfg_dict, callbacks=callbacks)
     except ValueError as exc:
+        if not _raised_by_longcat(exc):  # not one of our checks: a library's, show where it came from
+            traceback.print_exc()
         _print_errors(exc, prefix=prefix)
         return 2
     except CheckpointWriteError as exc:  # e.g. a full disk: the previous checkpoint is intact
@@ -244,6 +246,17 @@ def _train(run_cfg: RunConfig, cfg_dict: dict, *, callbacks: Sequence[Callback],
         traceback.print_exc()  # stop the other ranks (run_training waits on no peer after a failure)
         _print_errors(RuntimeError(f"{type(exc).__name__}: {exc}"), prefix=prefix)
         return 1
+
+
+def _raised_by_longcat(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is longcat's own code (a deliberate check with
+    its message) rather than a library's (an unexpected failure, shown with its traceback)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "").split(".")[0] == "longcat"
 
 
 class _Task:

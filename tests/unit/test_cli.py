@@ -155,3 +155,30 @@ def test_python_m_longcat_train_runs_the_cli_and_importing_the_package_does_not(
     proc = subprocess.run([sys.executable, "-m", "longcat.train", "train.stepz=5", "--validate"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "did you mean train.steps?" in proc.stderr, proc.stderr
+
+
+def test_a_library_value_error_during_a_run_shows_its_traceback(monkeypatch, capsys):
+    """Our own checks raise ValueError with a message: one error line. A ValueError from a library (say
+    torch's dtype check inside attention) is an unexpected failure: its traceback comes first."""
+    from longcat.config.compose import compose_run_config
+    from longcat.config.validate import validate
+
+    monkeypatch.setattr(longcat.cli, "_setup_logging", lambda rank: None)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run_cfg, _ = compose_run_config("pretrain", [])
+
+    def library_failure(*args, **kwargs):
+        raise ValueError("Expected query, key, and value to have the same dtype")
+
+    def our_check(*args, **kwargs):
+        validate(compose_run_config("pretrain", ["optim.lr=-1"])[0], world_size=1)  # raises in longcat's code
+
+    monkeypatch.setattr(longcat.launch, "run_training", library_failure)
+    assert longcat.cli._train(run_cfg, {}, callbacks=()) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in library_failure" in err
+    assert err.splitlines()[-1] == "error: Expected query, key, and value to have the same dtype"
+    monkeypatch.setattr(longcat.launch, "run_training", our_check)
+    assert longcat.cli._train(run_cfg, {}, callbacks=()) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ")
