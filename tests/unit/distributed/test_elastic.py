@@ -39,7 +39,7 @@ def test_a_loopback_master_addr_on_another_node_fails_fast_with_the_fix(monkeypa
     with pytest.raises(ValueError, match=r"node 1: torchrun's store is on node 0, but MASTER_ADDR='localhost'.*"
                                          r"loopback address, and nothing answers there.*--local-addr"):
         restart_safe_store(timeout=timedelta(minutes=10))
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 60  # not the store's 10 minutes (10-16 s seen, slower on a loaded machine)
 
 
 def test_an_unreachable_store_fails_after_the_connect_timeout(monkeypatch):
