@@ -69,6 +69,27 @@ from longcat.model.rope import apply_interleaved_rope
 LATENT_NORM_EPS = 1e-6
 
 
+def causal_attention(q_BHSK: torch.Tensor, k_BHSK: torch.Tensor, v_BHSO: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """Causal ``F.scaled_dot_product_attention``: q, k [B, H, S, K], v [B, H, S, O] -> [B, H, S, O].
+
+    On CPU, when O < K (MLA: v_head_dim 128 against qk_nope + qk_rope = 192 in LongCat-Flash), v is
+    zero-padded to K and the output's padded columns (zeros) are dropped: SDPA's CPU flash kernel needs
+    equal head dims, and without it SDPA takes its math path (bmm, softmax, a materialised causal
+    mask, and under bf16 autocast an upcast of q, k, v to fp32). The result is the same attention
+    with another kernel's summation order; padding adds (K - O) / (K + O) to the attention FLOPs.
+    Measured (forward + backward, B 8, H 8, S 256, K 96, O 64, one thread, Xeon with AMX): 62 vs 78 ms
+    fp32, 53 vs 88 ms bf16; the ``small`` training step 7% faster fp32, 21% bf16. On the AMD EPYC of
+    earlier runs the fp32 attention was level (81.5 vs 82.5 ms). On CUDA SDPA picks its kernel itself
+    (the memory-efficient and cuDNN kernels take O != K), so nothing is padded there.
+    """
+    K, O = q_BHSK.shape[-1], v_BHSO.shape[-1]
+    pad = q_BHSK.device.type == "cpu" and O < K
+    if pad:
+        v_BHSO = F.pad(v_BHSO, (0, K - O))
+    out_BHSO = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSO, is_causal=True, scale=scale)
+    return out_BHSO[..., :O] if pad else out_BHSO
+
+
 class ExpandedKV(enum.Enum):
     """What a cp rank does with the keys and values it expands from the gathered latent.
 
@@ -147,13 +168,8 @@ class MultiHeadLatentAttention(nn.Module):
 
         q_BSHK = torch.cat([q_nope_BSHA, q_rope_BSHR], dim=-1)
         k_BSHK = torch.cat([k_nope_BSHA, k_rope_BS1R.expand(B, S, H, R)], dim=-1)
-        out_BHSO = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2),
-            k_BSHK.transpose(1, 2),
-            v_BSHO.transpose(1, 2),
-            is_causal=True,
-            scale=self.softmax_scale,
-        )
+        out_BHSO = causal_attention(q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHO.transpose(1, 2),
+                                    scale=self.softmax_scale)
         return self.o_proj(out_BHSO.transpose(1, 2).reshape(B, S, H * O))
 
     def _forward_context_parallel(
