@@ -18,6 +18,8 @@ from longcat.model.moe.dispatch import (
     unpermute_tokens,
     weight_and_unpermute,
 )
+from longcat.model.moe.experts import swiglu
+from longcat.model.moe.workspace import scratch
 
 CFG = ModelConfig(
     vocab_size=256, hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64, q_lora_rank=16,
@@ -169,6 +171,61 @@ def test_weight_and_unpermute_is_bitwise_the_slot_buffer_sum(T, K, N, Z, rows_dt
         assert ours.dtype == plain.dtype and torch.equal(ours, plain)
     if T > 2:
         assert torch.count_nonzero(results[0][0][1]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_is_bitwise_autograds_silu_times_up(dtype):
+    gen = torch.Generator().manual_seed(1)
+    gate, up, grad = (torch.randn(37, 12, generator=gen).to(dtype) * 4 for _ in range(3))
+    results = []
+    for fn in (swiglu, lambda g, u: F.silu(g) * u):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        out = fn(g, u)
+        results.append((out, *torch.autograd.grad(out, (g, u), grad)))
+    for ours, plain in zip(*results):
+        assert ours.dtype == plain.dtype == dtype and torch.equal(ours, plain)
+    g = gate.clone().requires_grad_()  # only one input needs a gradient
+    (grad_gate,) = torch.autograd.grad(swiglu(g, up), (g,), grad)
+    assert torch.equal(grad_gate, results[1][1])
+
+
+def test_scratch_reuses_the_workspace_only_when_nothing_holds_it():
+    a = scratch((40, 8), dtype=torch.float32, device=torch.device("cpu"))
+    ptr = a.data_ptr()
+    del a
+    b = scratch((30, 8), dtype=torch.float32, device=torch.device("cpu"))  # idle again: reused
+    assert b.data_ptr() == ptr and b.shape == (30, 8) and b.is_contiguous()
+    b.fill_(1.0)
+    c = scratch((30, 8), dtype=torch.float32, device=torch.device("cpu"))  # b holds it: a new tensor
+    assert c.data_ptr() != ptr
+    c.fill_(2.0)
+    assert torch.equal(b, torch.ones(30, 8))
+    saved = b[3:5]  # a view keeps it busy too
+    del b, c
+    assert scratch((30, 8), dtype=torch.float32, device=torch.device("cpu")).data_ptr() != ptr
+    del saved
+    bigger = scratch((4000, 8), dtype=torch.float32, device=torch.device("cpu"))  # grows
+    assert bigger.shape == (4000, 8)
+    assert scratch((1, 8), dtype=torch.bfloat16, device=torch.device("cpu")).dtype == torch.bfloat16
+
+
+def test_combine_gradient_held_by_a_hook_survives_the_next_combine():
+    """The combine's backward hands a workspace view to autograd; a hook that keeps it must keep its
+    values while later combines run (the workspace is busy, so they get new memory)."""
+    gen = torch.Generator().manual_seed(0)
+    T, K, N, Z = 16, 4, 6, 3
+    held, results = [], []
+    for _ in range(2):
+        expert_ids_TK = torch.randn(T, N + Z, generator=gen).topk(K, dim=-1).indices
+        gates_TK = torch.rand(T, K, generator=gen)
+        perm = source_permutation(expert_ids_TK, gates_TK, num_experts=N)
+        rows_SD = torch.randn(int(perm.counts_N.sum()), 8, generator=gen, requires_grad=True)
+        rows_SD.register_hook(lambda g: held.append(g) or g)
+        out_TD = weight_and_unpermute(rows_SD, gates_S=perm.gates_S, handle=perm.handle, out_dtype=torch.float32)
+        out_TD.backward(torch.randn(T, 8, generator=gen))
+        results.append(rows_SD.grad.clone())
+    for g, want in zip(held, results):
+        assert torch.equal(g, want)
 
 
 def _dense_moe_reference(moe: MoE, u_TD):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longcat.model.moe.workspace import scratch
+
 
 def _contiguous(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous()
@@ -62,6 +64,44 @@ def grouped_linear(x_RK: torch.Tensor, weight_LNK: torch.Tensor, *, offs_L: torc
         out_RN.register_hook(_contiguous)
     # The column slice is a view: copy it (same reason).
     return out_RN[:, :N].contiguous() if pad_n else out_RN
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` for [R, I] operands, with the bits of autograd's ``F.silu(gate) * up`` and its
+    backward, but only the product and the two input gradients in fresh memory: ``silu(gate)`` (in
+    forward, and again in backward instead of being kept) and ``grad * up`` are temporaries in the
+    CPU workspace (``longcat.model.moe.workspace``). Saves gate and up (autograd's version also keeps
+    ``silu(gate)``)."""
+
+    @staticmethod
+    def forward(ctx, gate_RI: torch.Tensor, up_RI: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_RI, up_RI)
+        silu_RI = torch.ops.aten.silu.out(gate_RI, out=scratch(gate_RI.shape, dtype=gate_RI.dtype,
+                                                                device=gate_RI.device))
+        return torch.mul(silu_RI, up_RI)
+
+    @staticmethod
+    def backward(ctx, grad_RI: torch.Tensor):
+        gate_RI, up_RI = ctx.saved_tensors
+        grad_gate_RI = grad_up_RI = None
+        if ctx.needs_input_grad[1]:
+            silu_RI = torch.ops.aten.silu.out(gate_RI, out=scratch(gate_RI.shape, dtype=gate_RI.dtype,
+                                                                    device=gate_RI.device))
+            grad_up_RI = torch.mul(grad_RI, silu_RI)
+            del silu_RI
+        if ctx.needs_input_grad[0]:
+            grad_silu_RI = torch.mul(grad_RI, up_RI, out=scratch(grad_RI.shape, dtype=grad_RI.dtype,
+                                                                 device=grad_RI.device))
+            grad_gate_RI = torch.ops.aten.silu_backward(grad_silu_RI, gate_RI)
+        return grad_gate_RI, grad_up_RI
+
+
+def swiglu(gate_RI: torch.Tensor, up_RI: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate_RI) * up_RI`` (the same bits, forward and backward) -> [R, I]; see ``_SwiGLU``.
+    Operands of different dtypes or shapes (not the experts' case) take the plain expression."""
+    if gate_RI.dtype != up_RI.dtype or gate_RI.shape != up_RI.shape:
+        return F.silu(gate_RI) * up_RI
+    return _SwiGLU.apply(gate_RI, up_RI)
 
 
 class GroupedExperts(nn.Module):
@@ -110,7 +150,7 @@ class GroupedExperts(nn.Module):
         offs_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
         gate_RI = grouped_linear(tokens_RD, gate_LID, offs_L=offs_L)
         up_RI = grouped_linear(tokens_RD, up_LID, offs_L=offs_L)
-        return grouped_linear(F.silu(gate_RI) * up_RI, down_LDI, offs_L=offs_L)
+        return grouped_linear(swiglu(gate_RI, up_RI), down_LDI, offs_L=offs_L)
 
     @torch.no_grad()
     def narrow_(self, *, expert_offset: int, num_local_experts: int) -> None:

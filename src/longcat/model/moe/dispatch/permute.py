@@ -13,7 +13,9 @@ accumulating scatter over duplicate token indices. The result is the bits of a z
 slot buffer summed over K, without that buffer (which cost more than the sum: a fresh 50 MB
 zero-fill per call at T=2048, K=12, D=512). The gate multiply of the combine is done in place on the
 gathered rows, and its backward forms the gate gradient and the row gradient from one gathered
-[R, D] buffer (``docs/benchmarks.md``, MoE block).
+[R, D] buffer (``docs/benchmarks.md``, MoE block). On the CPU the combine's gathered rows, its
+backward's gathered gradient and the permute backward's gathered rows are written into the reused
+workspace (``longcat.model.moe.workspace.scratch``) rather than fresh memory.
 
 Shape legend:
     T  tokens (local)
@@ -31,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from longcat.model.moe.workspace import scratch
 
 __all__ = [
     "DispatchHandle",
@@ -156,6 +160,12 @@ def weight_and_unpermute(
     return _WeightAndUnpermute.apply(rows_SD, gates_S, handle, out_dtype)
 
 
+def _gather_rows(rows_RD: torch.Tensor, index_R: torch.Tensor) -> torch.Tensor:
+    """``rows_RD.index_select(0, index_R)`` into ``workspace.scratch`` (same bits)."""
+    out = scratch((index_R.shape[0], *rows_RD.shape[1:]), dtype=rows_RD.dtype, device=rows_RD.device)
+    return torch.index_select(rows_RD, 0, index_R, out=out)
+
+
 def _segment_sum(rows_RD: torch.Tensor, lengths_T: torch.Tensor) -> torch.Tensor:
     """[R, D] rows, consecutive per token (``lengths_T`` of them) -> [T, D] sums in row order; fp32
     accumulation for reduced precision (the bits of a sum over a zero-padded K dim)."""
@@ -168,7 +178,7 @@ def _segment_sum(rows_RD: torch.Tensor, lengths_T: torch.Tensor) -> torch.Tensor
 def _sum_slots(rows_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     """[R, D] -> [T, D]: each token's rows summed in slot order (each slot holds at most one row)."""
     order_R, lengths_T = handle.slot_order()
-    return _segment_sum(rows_RD.index_select(0, order_R), lengths_T)
+    return _segment_sum(_gather_rows(rows_RD, order_R), lengths_T)
 
 
 # rows per block of the gate gradient's row-wise dot product: a temporary that stays in the CPU's
@@ -191,7 +201,7 @@ class _WeightAndUnpermute(torch.autograd.Function):
                 out_dtype: torch.dtype) -> torch.Tensor:
         order_R, lengths_T = handle.slot_order()
         prod_dtype = torch.result_type(rows_SD, gates_S)
-        ordered_SD = rows_SD.index_select(0, order_R)
+        ordered_SD = _gather_rows(rows_SD, order_R)
         gates_col = gates_S.index_select(0, order_R)[:, None]
         if ordered_SD.dtype == prod_dtype == out_dtype:
             weighted_SD = ordered_SD.mul_(gates_col)
@@ -205,7 +215,7 @@ class _WeightAndUnpermute(torch.autograd.Function):
     def backward(ctx, grad_TD: torch.Tensor):
         rows_SD, gates_S = ctx.saved_tensors
         handle: DispatchHandle = ctx.handle
-        grad_SD = grad_TD.index_select(0, handle.token_R)
+        grad_SD = _gather_rows(grad_TD, handle.token_R)
         if grad_SD.dtype != ctx.prod_dtype:
             grad_SD = grad_SD.to(ctx.prod_dtype)
         grad_gates_S = None
