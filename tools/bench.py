@@ -17,8 +17,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from longcat.bench.report import write_report
 from longcat.bench.suite import BENCHMARKS, run_suite, select
 
@@ -61,16 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
     def show(result, path):
         print(f"\n== {result.name}: {path} ({result.wall_s:.0f} s)")
         for key, value in result.metrics.items():
             print(f"  {key:45s} {value:.4g}" if isinstance(value, float) else f"  {key:45s} {value}")
 
     try:
-        run_suite(benchmarks, quick=args.quick, output_dir=args.output, docs_path=docs, on_result=show)
+        run_suite(benchmarks, quick=args.quick, output_dir=args.output, docs_path=docs, on_result=show,
+                  threads=args.threads)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from longcat.bench.common import BenchResult, machine_info, write_result
 from longcat.bench.report import write_report
@@ -67,30 +73,69 @@ def select(only: str | None) -> list[Benchmark]:
     return [b for name, b in BENCHMARKS.items() if name in names]
 
 
+def run_one(bench: Benchmark, *, quick: bool, output_dir: Path, threads: int = 0) -> Path:
+    """Run ``bench`` in this process and write ``output_dir/<name>.json``; ``threads`` > 0 sets torch's
+    intra-op threads first. Returns the path."""
+    if threads:
+        torch.set_num_threads(threads)
+    start, machine = time.perf_counter(), machine_info()  # the load average as the run starts
+    result = bench.runner()(quick=quick)
+    result.mode = "quick" if quick else "full"
+    result.machine = result.machine or machine
+    result.wall_s = result.wall_s or time.perf_counter() - start
+    return write_result(result, output_dir)
+
+
+def _load_result(path: Path) -> BenchResult:
+    data = json.loads(path.read_text())
+    return BenchResult(name=data["name"], title=data["title"], metrics=data["metrics"], settings=data["settings"],
+                       notes=data["notes"], machine=data["machine"], wall_s=data["wall_s"], mode=data["mode"])
+
+
 def run_suite(benchmarks: list[Benchmark], *, quick: bool, output_dir: Path, docs_path: Path | None,
-              on_result: Callable[[BenchResult, Path], None] | None = None) -> list[Path]:
-    """Run ``benchmarks`` in order, writing ``output_dir/<name>.json`` after each (so a later failure
-    keeps the earlier results), then regenerate ``docs_path`` from every JSON file in ``output_dir``.
-    A failing benchmark is logged and the rest still run; raises RuntimeError at the end if any failed."""
+              on_result: Callable[[BenchResult, Path], None] | None = None, threads: int = 0) -> list[Path]:
+    """Run ``benchmarks`` in order, each in a process of its own (``python -m longcat.bench.suite``), so
+    that what one sets for its whole process (torch's thread count, glibc's mmap threshold, compiled
+    graphs, deterministic flags) never reaches the next and a result does not depend on which ran
+    before it. Each writes ``output_dir/<name>.json`` (so a later failure keeps the earlier results);
+    then ``docs_path`` is regenerated from every JSON file in ``output_dir``. A failing benchmark is
+    logged and the rest still run; raises RuntimeError at the end if any failed."""
     paths, failed = [], []
     for bench in benchmarks:
         logger.info("running %s (%s)%s", bench.name, bench.summary, " [quick]" if quick else "")
-        start, machine = time.perf_counter(), machine_info()  # the load average as the run starts
-        try:
-            result = bench.runner()(quick=quick)
-        except Exception:  # keep going: one broken benchmark should not lose the others
-            logger.exception("benchmark %s failed", bench.name)
+        cmd = [sys.executable, "-m", "longcat.bench.suite", bench.name, "--output", str(output_dir),
+               "--threads", str(threads)] + (["--quick"] if quick else [])
+        code = subprocess.call(cmd)
+        if code != 0:  # keep going: one broken benchmark should not lose the others
+            logger.error("benchmark %s failed (exit code %d; its error is above)", bench.name, code)
             failed.append(bench.name)
             continue
-        result.mode = "quick" if quick else "full"
-        result.machine = result.machine or machine
-        result.wall_s = result.wall_s or time.perf_counter() - start
-        path = write_result(result, output_dir)
+        path = Path(output_dir) / f"{bench.name}.json"
         paths.append(path)
         if on_result is not None:
-            on_result(result, path)
+            on_result(_load_result(path), path)
     if docs_path is not None:
         write_report(output_dir, docs_path)
     if failed:
         raise RuntimeError(f"benchmark(s) failed: {failed} (see the log above)")
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m longcat.bench.suite NAME``: one benchmark in this process (what ``run_suite`` starts)."""
+    parser = argparse.ArgumentParser(prog="python -m longcat.bench.suite",
+                                     description="Run one benchmark of the suite in this process and write its JSON "
+                                                 "(tools/bench.py runs each benchmark this way).")
+    parser.add_argument("name", choices=list(BENCHMARKS), help="the benchmark")
+    parser.add_argument("--output", type=Path, required=True, help="folder for <name>.json")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    run_one(BENCHMARKS[args.name], quick=args.quick, output_dir=args.output, threads=args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
