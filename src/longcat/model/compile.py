@@ -16,8 +16,11 @@ to eager after too many recompilations is made an error (``fail_on_recompile_lim
 silent slowdown.
 
 Under tensor parallelism the blocks hold this repository's autograd collectives (``distributed/
-collectives``); dynamo runs each collective eagerly between compiled pieces (a graph break), so the
-collectives, their order and their groups are those of the eager model.
+collectives``: ``dist.all_reduce`` and friends inside ``autograd.Function``s). Dynamo traces them into
+the graph as functional collectives, without a graph break (checked at tp = 2 on the ``tiny`` preset,
+with and without sequence parallelism: 3 graphs, 0 breaks, ``torch._dynamo.utils.counters``); inductor's
+compute/communication reordering is off by default, so they run in the eager model's order, on its
+groups (``tests/distributed/test_compile_layouts.py`` holds the results to one process).
 """
 
 from __future__ import annotations
