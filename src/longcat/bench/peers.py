@@ -36,6 +36,7 @@ notes say why.
 from __future__ import annotations
 
 import dataclasses
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -150,16 +151,25 @@ class count_host_syncs(TorchFunctionMode):
 class Sample:
     seconds: float
     peak_above_start_mib: float
+    faulted_mib: float = 0.0  # memory faulted in from the OS (minor page faults x page size)
+    kernel_seconds: float = 0.0  # system CPU time (mostly those faults: the kernel zero-fills each page)
+
+
+_PAGE_MIB = resource.getpagesize() / 2**20
 
 
 def measure(fn: Callable[[], Any]) -> Sample:
-    """One call of ``fn``: wall seconds and the RSS peak above the RSS at its start."""
+    """One call of ``fn``: wall seconds, the RSS peak above the RSS at its start, the memory faulted in
+    and the kernel CPU time it took."""
     reset_peak_rss()
     start_rss = current_rss_mib()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
-    return Sample(seconds, max(0.0, peak_rss_mib() - start_rss))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Sample(seconds, max(0.0, peak_rss_mib() - start_rss), (after.ru_minflt - usage.ru_minflt) * _PAGE_MIB,
+                  after.ru_stime - usage.ru_stime)
 
 
 def alternate(impls: dict[str, Callable[[], Any]], *, rounds: int) -> dict[str, list[Sample]]:
@@ -230,7 +240,8 @@ def gemm_share(fn: Callable[[], Any]) -> float:
 def _row(name: str, samples: list[Sample], *, tokens: int, flops: float) -> list:
     seconds = _median([s.seconds for s in samples])
     return [name, round(seconds * 1e3, 1), round(tokens / seconds), round(flops / seconds / 1e9, 2),
-            round(max(s.peak_above_start_mib for s in samples), 1)]
+            round(max(s.peak_above_start_mib for s in samples), 1), round(_median([s.faulted_mib for s in samples])),
+            f"{_median([s.kernel_seconds / s.seconds for s in samples]):.0%}"]
 
 
 def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.TorchTitan]) -> tuple[dict, list]:
@@ -302,6 +313,9 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
             slug = name.replace(" ", "_")
             metrics[f"{key}_{kind}_{slug}_ms"] = _median([x.seconds for x in samples[name]]) * 1e3
             metrics[f"{key}_{kind}_{slug}_peak_mib"] = max(x.peak_above_start_mib for x in samples[name])
+            metrics[f"{key}_{kind}_{slug}_faulted_mib"] = _median([x.faulted_mib for x in samples[name]])
+            metrics[f"{key}_{kind}_{slug}_kernel_share"] = _median([x.kernel_seconds / x.seconds
+                                                                    for x in samples[name]])
             if name not in _OURS:
                 metrics[f"{key}_{kind}_ours_vs_{slug}"] = ratio_to(samples, name)
                 if OURS_COMPILED in samples:
@@ -357,7 +371,7 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         matched_rows += ma
         compiled_rows += co
     columns = ["config", "implementation", "ms (median)", "tokens/s", "GFLOP/s", "peak above start MiB",
-               "ours speed vs it"]
+               "faulted in MiB", "kernel time share", "ours speed vs it"]
     tables = [
         Table(title="MoE block forward + backward, fp32 input, 1 thread", columns=columns, rows=block_rows),
         Table(title="Training step (forward, CE, backward, AdamW), fp32, 1 thread", columns=columns, rows=step_rows),
@@ -403,6 +417,9 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "ours compiled: the same weights with train.compile's torch.compile of the dense blocks (MLA, SwiGLU, "
         "RMSNorm; inductor, static shapes; the MoE eager); its warm-up call compiles and is not timed. The peers "
         "run eager (neither compiles its model by default).",
+        "faulted in: memory the call took fresh from the OS (minor page faults x page size; glibc's mmap "
+        "threshold is fixed at 1 MiB here, so every larger tensor is fresh pages); kernel time share: system CPU "
+        "time / wall time, mostly the kernel zero-filling those pages.",
         "peak above start: the step's transient memory (activations, gradients, temporaries) beyond what "
         "was resident at its start (weights and optimizer state, held by all implementations alike).",
     ]

@@ -11,6 +11,7 @@ weights, as ``train.bf16``) and the GEMMs in bf16.
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ class DtypeUtilisation:
     matmul_flop_per_s: float
     matmul: MatmulThroughput
     compiled: bool = False
+    kernel_share: float = 0.0  # median over steps of system CPU time / wall time (page faults, mostly)
+    faulted_mib: float = 0.0  # median over steps of the memory faulted in (minor faults x page size)
 
     @property
     def label(self) -> str:
@@ -81,16 +84,20 @@ def measure_dtype(s: UtilisationSettings, *, dtype: torch.dtype, compiled: bool 
     first = step()
     assert first.ffn_experts_per_token is not None  # OursStep always measures k_e
     k_e_values = [first.ffn_experts_per_token]
-    step_s, throughputs = [], []
+    step_s, throughputs, kernel_shares, faulted = [], [], [], []
     for _ in range(s.rounds):
         k_e = sum(k_e_values) / len(k_e_values)
         gemms = gemm_shapes(cfg, batch_size=s.batch_size, seq_len=s.seq_len, ffn_experts_per_token=k_e)
         throughputs.append(measure_matmul_throughput(gemms, dtype=dtype, min_time_s=s.matmul_min_time_s,
                                                      trials=s.matmul_trials))
         for _ in range(s.steps_per_round):
+            before = resource.getrusage(resource.RUSAGE_SELF)
             out, timing = timed(step)
+            after = resource.getrusage(resource.RUSAGE_SELF)
             k_e_values.append(out.ffn_experts_per_token)
             step_s.append(timing.wall_s)
+            kernel_shares.append((after.ru_stime - before.ru_stime) / timing.wall_s)
+            faulted.append((after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20)
     k_e = sum(k_e_values) / len(k_e_values)
     flops = step_flops(cfg, batch_size=s.batch_size, seq_len=s.seq_len, ffn_experts_per_token=k_e).total_flops
     median_round = sorted(throughputs, key=lambda t: t.flop_per_s)[len(throughputs) // 2]
@@ -98,7 +105,7 @@ def measure_dtype(s: UtilisationSettings, *, dtype: torch.dtype, compiled: bool 
     return DtypeUtilisation(dtype=str(dtype).removeprefix("torch."), step_s=t_step, ffn_experts_per_token=k_e,
                             model_flops=flops, achieved_flop_per_s=flops / t_step,
                             matmul_flop_per_s=median([t.flop_per_s for t in throughputs]), matmul=median_round,
-                            compiled=compiled)
+                            compiled=compiled, kernel_share=median(kernel_shares), faulted_mib=median(faulted))
 
 
 def _breakdown_table(cfg, s: UtilisationSettings, k_e: float) -> Table:
@@ -136,6 +143,8 @@ def run(*, quick: bool = False, settings: UtilisationSettings | None = None) -> 
             f"{tag}_achieved_flop_per_s": r.achieved_flop_per_s,
             f"{tag}_matmul_flop_per_s": r.matmul_flop_per_s,
             f"{tag}_utilisation": r.fraction,
+            f"{tag}_kernel_share": r.kernel_share,
+            f"{tag}_faulted_mib_per_step": r.faulted_mib,
         })
     if "fp32_utilisation" in metrics:
         metrics["target_fp32_utilisation"] = TARGET_FRACTION
@@ -146,17 +155,21 @@ def run(*, quick: bool = False, settings: UtilisationSettings | None = None) -> 
     metrics["model_flops_per_step"] = results[0].model_flops
     metrics["ffn_experts_per_token"] = results[0].ffn_experts_per_token
     rows = [[r.label, f"{1e3 * r.step_s:.1f}", f"{r.model_flops / 1e9:.3f}", f"{r.achieved_flop_per_s / 1e9:.2f}",
-             f"{r.matmul_flop_per_s / 1e9:.2f}", f"{100 * r.fraction:.1f}%"] for r in results]
+             f"{r.matmul_flop_per_s / 1e9:.2f}", f"{100 * r.fraction:.1f}%", f"{r.kernel_share:.0%}",
+             round(r.faulted_mib)] for r in results]
     tables = [
         Table(f"Utilisation of our training step (targets >= {TARGET_FRACTION:.0%} at fp32, "
               f">= {TARGET_FRACTION_BF16:.0%} at bf16)",
               ["dtype", "step ms", "model GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s at these shapes",
-               "utilisation"], rows),
+               "utilisation", "kernel time share", "faulted in MiB"], rows),
         _breakdown_table(cfg, s, results[0].ffn_experts_per_token),
         *[_gemm_table(r) for r in results if not r.compiled],
     ]
     notes = [
         f"model preset {s.preset!r}, batch {s.batch_size} x {s.seq_len}; step = forward, loss, backward, AdamW.",
+        "kernel time share: the step's system CPU time over its wall time, mostly the kernel faulting in (zero-"
+        "filling) fresh pages; faulted in: minor page faults x page size per step. Run in a process of its own "
+        "under glibc's default allocator settings.",
         "Matmul throughput: FLOP-weighted torch.mm/bmm rate at the step's GEMM shapes, measured in this run "
         "(longcat/bench/matmul.py); utilisation = achieved / that.",
         "bf16 = torch.autocast(bfloat16) with fp32 weights and AdamW, as train.bf16.",
