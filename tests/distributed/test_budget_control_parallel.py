@@ -337,7 +337,10 @@ def test_measuring_rg_changes_nothing(world2, layout):
 
 
 def _assert_same_budget_control(got: dict, want: dict, *, rg_rtol: float) -> None:
-    """Losses and grad norms to RTOL; per step every layer's R_g, the worst, and alpha to ``rg_rtol``."""
+    """Losses and grad norms to RTOL; per step every layer's R_g, the worst, and alpha to ``rg_rtol``: each R_g
+    to ``rg_rtol`` of itself or of the step's worst R_g, whichever is larger. A layer whose load-balance
+    gradient is at rounding level (R_g 0.0 in one process, 5.8e-9 under pp x FSDP2 at step 2, where the
+    other layer had 0.037) has no relative agreement to check, and only the worst R_g sets alpha."""
     assert got["losses"] == pytest.approx(want["losses"], rel=RTOL)
     assert got["grad_norms"] == pytest.approx(want["grad_norms"], rel=RTOL)
     assert got["state"]["lb_coef"] == pytest.approx(want["state"]["lb_coef"], rel=rg_rtol)
@@ -345,7 +348,8 @@ def _assert_same_budget_control(got: dict, want: dict, *, rg_rtol: float) -> Non
         rg = sorted(k for k in w if k.endswith("/rg"))
         assert rg and rg == sorted(k for k in g if k.endswith("/rg")), (step, rg)
         for key in rg + ["moe/rg_max", "moe/lb_coef"]:
-            assert g[key] == pytest.approx(w[key], rel=rg_rtol), (step, key, g[key], w[key])
+            floor = rg_rtol * w["moe/rg_max"] if key.endswith("/rg") else 0.0
+            assert g[key] == pytest.approx(w[key], rel=rg_rtol, abs=floor), (step, key, g[key], w[key])
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
