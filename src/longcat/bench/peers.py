@@ -419,7 +419,9 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "run eager (neither compiles its model by default).",
         "faulted in: memory the call took fresh from the OS (minor page faults x page size; glibc's mmap "
         "threshold is fixed at 1 MiB here, so every larger tensor is fresh pages); kernel time share: system CPU "
-        "time / wall time, mostly the kernel zero-filling those pages.",
+        "time / wall time, mostly the kernel zero-filling those pages (one thread here; with more, every thread's "
+        "system time adds up). Transparent huge pages fault 2 MiB at a time, so with THP on, faulted in "
+        "under-reports.",
         "peak above start: the step's transient memory (activations, gradients, temporaries) beyond what "
         "was resident at its start (weights and optimizer state, held by all implementations alike).",
     ]

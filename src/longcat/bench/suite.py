@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -14,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from longcat.bench.common import BenchResult, machine_info, write_result
+from longcat.bench.common import BenchResult, Table, machine_info, write_result
 from longcat.bench.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -88,13 +87,15 @@ def run_one(bench: Benchmark, *, quick: bool, output_dir: Path, threads: int = 0
 
 def _load_result(path: Path) -> BenchResult:
     data = json.loads(path.read_text())
-    return BenchResult(name=data["name"], title=data["title"], metrics=data["metrics"], settings=data["settings"],
-                       notes=data["notes"], machine=data["machine"], wall_s=data["wall_s"], mode=data["mode"])
+    tables = [Table(title=t["title"], columns=t["columns"], rows=t["rows"]) for t in data["tables"]]
+    return BenchResult(name=data["name"], title=data["title"], metrics=data["metrics"], tables=tables,
+                       settings=data["settings"], notes=data["notes"], machine=data["machine"], wall_s=data["wall_s"],
+                       mode=data["mode"])
 
 
 def run_suite(benchmarks: list[Benchmark], *, quick: bool, output_dir: Path, docs_path: Path | None,
               on_result: Callable[[BenchResult, Path], None] | None = None, threads: int = 0) -> list[Path]:
-    """Run ``benchmarks`` in order, each in a process of its own (``python -m longcat.bench.suite``), so
+    """Run ``benchmarks`` in order, each in a process of its own (``python -m longcat.bench.run_one``), so
     that what one sets for its whole process (torch's thread count, glibc's mmap threshold, compiled
     graphs, deterministic flags) never reaches the next and a result does not depend on which ran
     before it. Each writes ``output_dir/<name>.json`` (so a later failure keeps the earlier results);
@@ -103,8 +104,9 @@ def run_suite(benchmarks: list[Benchmark], *, quick: bool, output_dir: Path, doc
     paths, failed = [], []
     for bench in benchmarks:
         logger.info("running %s (%s)%s", bench.name, bench.summary, " [quick]" if quick else "")
-        cmd = [sys.executable, "-m", "longcat.bench.suite", bench.name, "--output", str(output_dir),
-               "--threads", str(threads)] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", "longcat.bench.run_one", bench.name, "--module", bench.module,
+               "--summary", bench.summary, "--output", str(output_dir), "--threads", str(threads)] \
+            + (["--quick"] if quick else [])
         code = subprocess.call(cmd)
         if code != 0:  # keep going: one broken benchmark should not lose the others
             logger.error("benchmark %s failed (exit code %d; its error is above)", bench.name, code)
@@ -119,23 +121,3 @@ def run_suite(benchmarks: list[Benchmark], *, quick: bool, output_dir: Path, doc
     if failed:
         raise RuntimeError(f"benchmark(s) failed: {failed} (see the log above)")
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m longcat.bench.suite NAME``: one benchmark in this process (what ``run_suite`` starts)."""
-    parser = argparse.ArgumentParser(prog="python -m longcat.bench.suite",
-                                     description="Run one benchmark of the suite in this process and write its JSON "
-                                                 "(tools/bench.py runs each benchmark this way).")
-    parser.add_argument("name", choices=list(BENCHMARKS), help="the benchmark")
-    parser.add_argument("--output", type=Path, required=True, help="folder for <name>.json")
-    parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    run_one(BENCHMARKS[args.name], quick=args.quick, output_dir=args.output, threads=args.threads)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

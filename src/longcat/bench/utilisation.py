@@ -168,8 +168,10 @@ def run(*, quick: bool = False, settings: UtilisationSettings | None = None) -> 
     notes = [
         f"model preset {s.preset!r}, batch {s.batch_size} x {s.seq_len}; step = forward, loss, backward, AdamW.",
         "kernel time share: the step's system CPU time over its wall time, mostly the kernel faulting in (zero-"
-        "filling) fresh pages; faulted in: minor page faults x page size per step. Run in a process of its own "
-        "under glibc's default allocator settings.",
+        "filling) fresh pages (with several threads every thread's system time adds up, beyond 100% with "
+        "spinning OpenMP threads: read it at --threads 1); faulted in: minor page faults x the base page size "
+        "per step (under-reports with transparent huge pages). Run in a process of its own under glibc's "
+        "default allocator settings.",
         "Matmul throughput: FLOP-weighted torch.mm/bmm rate at the step's GEMM shapes, measured in this run "
         "(longcat/bench/matmul.py); utilisation = achieved / that.",
         "bf16 = torch.autocast(bfloat16) with fp32 weights and AdamW, as train.bf16.",

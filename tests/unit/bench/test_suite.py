@@ -7,16 +7,26 @@ import json
 import pytest
 import torch
 
-from longcat.bench.suite import Benchmark, main, run_suite
+from longcat.bench.run_one import main
+from longcat.bench.suite import Benchmark, run_suite
 
 
 def test_a_failing_benchmark_is_reported_and_the_rest_still_run(tmp_path):
-    broken = Benchmark("no_such_benchmark", "fails in its child: not a suite name", "longcat.bench.nothing")
+    broken = Benchmark("profile", "fails in its child: its module does not exist", "longcat.bench.no_such_module")
     seen = []
-    with pytest.raises(RuntimeError, match="no_such_benchmark"):
+    with pytest.raises(RuntimeError, match="profile"):
         run_suite([broken], quick=True, output_dir=tmp_path, docs_path=None,
                   on_result=lambda result, path: seen.append(result.name))
-    assert seen == [] and not list(tmp_path.iterdir())
+    assert seen == [] and not list(tmp_path.iterdir())  # the module, not the registered profile, ran
+
+
+def test_each_result_reaches_the_callback_with_its_tables(tmp_path):
+    seen = []
+    run_suite([Benchmark("profile", "profile", "longcat.bench.profile")], quick=True, output_dir=tmp_path,
+              docs_path=None, threads=1, on_result=lambda result, path: seen.append((result, path)))
+    (result, path), = seen
+    assert path == tmp_path / "profile.json" and result.tables and result.tables[0].rows
+    assert result.machine["torch_threads"] == 1
 
 
 def test_child_entry_point_writes_the_json(tmp_path, capsys):

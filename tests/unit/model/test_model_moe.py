@@ -189,6 +189,36 @@ def test_swiglu_is_bitwise_autograds_silu_times_up(dtype):
     assert torch.equal(grad_gate, results[1][1])
 
 
+def test_swiglu_second_derivatives_are_autograds():
+    gen = torch.Generator().manual_seed(2)
+    gate, up = (torch.randn(9, 5, generator=gen) for _ in range(2))
+    results = []
+    for fn in (swiglu, lambda g, u: F.silu(g) * u):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        (grad_g,) = torch.autograd.grad(fn(g, u).square().sum(), (g,), create_graph=True)
+        results.append(torch.autograd.grad(grad_g.square().sum(), (g, u)))
+    for ours, plain in zip(*results):
+        assert torch.equal(ours, plain)
+
+
+def test_workspace_is_not_taken_under_inference_mode_or_fake_tensors():
+    """Made there, it would be an inference tensor (a training call may not write to it) or a fake one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from longcat.model.moe import workspace
+
+    workspace._WORKSPACE.buffers.clear()
+    g, u = torch.randn(64, 16), torch.randn(64, 16)
+    with torch.inference_mode():
+        swiglu(g, u)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        swiglu(mode.from_tensor(g), mode.from_tensor(u))
+    assert not workspace._WORKSPACE.buffers
+    out = swiglu(g.requires_grad_(), u)
+    assert type(out) is torch.Tensor and torch.equal(out, F.silu(g) * u)
+    out.sum().backward()
+
+
 def test_scratch_reuses_the_workspace_only_when_nothing_holds_it():
     a = scratch((40, 8), dtype=torch.float32, device=torch.device("cpu"))
     ptr = a.data_ptr()

@@ -83,6 +83,9 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RI: torch.Tensor):
         gate_RI, up_RI = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: autograd's own graph of the expression (double backward)
+            out_RI = F.silu(gate_RI) * up_RI
+            return torch.autograd.grad(out_RI, (gate_RI, up_RI), grad_RI, create_graph=True)
         grad_gate_RI = grad_up_RI = None
         if ctx.needs_input_grad[1]:
             silu_RI = torch.ops.aten.silu.out(gate_RI, out=scratch(gate_RI.shape, dtype=gate_RI.dtype,
@@ -98,8 +101,11 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate_RI: torch.Tensor, up_RI: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate_RI) * up_RI`` (the same bits, forward and backward) -> [R, I]; see ``_SwiGLU``.
-    Operands of different dtypes or shapes (not the experts' case) take the plain expression."""
-    if gate_RI.dtype != up_RI.dtype or gate_RI.shape != up_RI.shape:
+    Operands of different dtypes or shapes (not the experts' case) or tensor subclasses take the plain
+    expression. A backward with ``create_graph=True`` computes with differentiable ops (second derivatives
+    are autograd's)."""
+    if gate_RI.dtype != up_RI.dtype or gate_RI.shape != up_RI.shape or not (
+            type(gate_RI) is torch.Tensor and type(up_RI) is torch.Tensor):  # noqa: E721 (subclasses: plain ops)
         return F.silu(gate_RI) * up_RI
     return _SwiGLU.apply(gate_RI, up_RI)
 

@@ -14,6 +14,7 @@ import math
 import threading
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["scratch"]
 
@@ -33,6 +34,13 @@ def _storage_use_count(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
+def _plain_eager() -> bool:
+    """Whether a workspace tensor made now is an ordinary one: not under ``torch.inference_mode`` (it
+    would become an inference tensor, which a later training call may not write to) nor under a
+    ``TorchDispatchMode`` such as ``FakeTensorMode`` (it would be a fake tensor)."""
+    return not torch.is_inference_mode_enabled() and _get_current_dispatch_mode() is None
+
+
 def scratch(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised contiguous tensor of ``shape`` to write a temporary into (``out=``).
 
@@ -40,10 +48,12 @@ def scratch(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device)
     still holds that workspace (its storage's use count is the idle one), else a new tensor; the
     workspace grows to the largest request (12.5% headroom) and is kept. Elsewhere (CUDA: the caching
     allocator reuses blocks already) always a new tensor. The caller may return the result to
-    autograd: while anything holds it, the next request gets a new tensor.
+    autograd: while anything holds it, the next request gets a new tensor. Under
+    ``torch.inference_mode`` or a dispatch mode (fake tensors, tracing) it is always a new tensor, and
+    the workspace is left as it was.
     """
     numel = math.prod(shape)
-    if device.type != "cpu" or numel == 0:
+    if device.type != "cpu" or numel == 0 or not _plain_eager():
         return torch.empty(shape, dtype=dtype, device=device)
     entry = _WORKSPACE.buffers.get(dtype)
     if entry is not None:
