@@ -208,6 +208,7 @@ def _block_fwd_bwd(block: torch.nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.
 
 OURS_BF16 = "ours bf16 autocast"
 OURS_COMPILED = "ours compiled"
+TITAN_COMPILED = "torchtitan grouped_mm compiled"
 _OURS = ("ours", OURS_BF16, OURS_COMPILED)
 
 
@@ -287,6 +288,11 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
                 torchtitan_peer.build_deepseek_v3(tt, cfg, top_k=k_e, grouped_mm=grouped, seq_len=s.seq_len,
                                                   seed=s.seed),
                 input_ids_BS=batch.input_ids_BS, labels_BS=batch.labels_BS)
+        if s.compile_ours:  # compiled as torchtitan compiles it: each transformer block
+            steps[TITAN_COMPILED] = TorchTitanStep(
+                torchtitan_peer.compile_blocks(torchtitan_peer.build_deepseek_v3(
+                    tt, cfg, top_k=k_e, grouped_mm=True, seq_len=s.seq_len, seed=s.seed)),
+                input_ids_BS=batch.input_ids_BS, labels_BS=batch.labels_BS)
     with count_host_syncs() as syncs:  # the layers, the loss and the backward; not AdamW's step counters
         ours_model(ours_step.input_ids_BS, labels_BS=ours_step.labels_BS).ce_sum.backward()
     ours_model.zero_grad(set_to_none=True)
@@ -341,7 +347,7 @@ def run_config(peer: PeerConfig, s: PeersSettings, tt: Optional[torchtitan_peer.
             round(_median([x.seconds for x in step_samples[OURS_COMPILED]]) * 1e3, 1),
             f"{metrics[f'{key}_step_compiled_speedup']:.2f}x",
             *(f"{ratio_to(step_samples, n, ours=OURS_COMPILED):.2f}x" if n in step_samples else "-"
-              for n in ("transformers", "torchtitan grouped_mm"))])
+              for n in ("transformers", "torchtitan grouped_mm", TITAN_COMPILED))])
     sync_row = [peer.name, syncs.total, ", ".join(f"{k} x{v}" for k, v in sorted(syncs.counts.items())) or "none",
                 cfg.num_layers]
     return metrics, [block_rows, step_rows, [sync_row], bound_rows, matched_rows, compiled_rows]
@@ -390,7 +396,8 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         tables.insert(2, Table(
             title="Training step with ours' dense blocks compiled (train.compile), the peers eager",
             columns=["config", "ours eager ms", "ours compiled ms", "compiled speedup", "ours compiled vs transformers",
-                     "ours compiled vs torchtitan grouped_mm"], rows=compiled_rows))
+                     "ours compiled vs torchtitan grouped_mm", "ours compiled vs torchtitan compiled"],
+            rows=compiled_rows))
     notes = [
         f"preset {s.preset!r} (hidden 512, MLA q_lora 256 / kv_lora 128, heads 8) with expert FFN width "
         f"{s.expert_ffn_hidden_size} (~hidden/3), batch {s.batch_size} x {s.seq_len}; block rounds "
@@ -415,8 +422,10 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "fp32 weights and routes in fp32, as torchtitan's grouped_mm path does without autocast; ours speed vs "
         "it = median over rounds of (torchtitan grouped_mm time / ours bf16 time).",
         "ours compiled: the same weights with train.compile's torch.compile of the dense blocks (MLA, SwiGLU, "
-        "RMSNorm; inductor, static shapes; the MoE eager); its warm-up call compiles and is not timed. The peers "
-        "run eager (neither compiles its model by default).",
+        "RMSNorm; inductor, static shapes; the MoE eager); its warm-up call compiles and is not timed. "
+        "transformers runs eager; torchtitan both eager and compiled as its apply_compile compiles (torch.compile "
+        "of each transformer block, MoE included; not fullgraph: its CPU token-index path calls .item(), a graph "
+        "break).",
         "faulted in: memory the call took fresh from the OS (minor page faults x page size; glibc's mmap "
         "threshold is fixed at 1 MiB here, so every larger tensor is fresh pages); kernel time share: system CPU "
         "time / wall time, mostly the kernel zero-filling those pages (one thread here; with more, every thread's "

@@ -37,7 +37,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -183,3 +183,13 @@ def build_deepseek_v3(tt: TorchTitan, cfg: ModelConfig, *, top_k: int, grouped_m
     with torch.no_grad():
         model.init_weights(torch.device("cpu"))
     return model.train()
+
+
+def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` each transformer block of a torchtitan model in place, as torchtitan's
+    ``apply_compile`` does (without ``fullgraph``: on CPU its MoE's token-index fill calls ``.item()``,
+    a graph break). Returns the model; the first call compiles."""
+    layers = cast(torch.nn.Module, model.layers)
+    for name, block in list(layers.named_children()):
+        layers.register_module(name, cast(torch.nn.Module, torch.compile(block)))
+    return model
