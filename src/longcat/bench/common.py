@@ -181,6 +181,22 @@ def peak_rss_mib() -> float:
     return ru_maxrss_mib()
 
 
+@dataclass(frozen=True)
+class KernelCost:
+    """What the OS did for this process between two ``resource.getrusage`` snapshots: ``faulted_mib``, the
+    memory it faulted in (minor page faults x the base page size; transparent huge pages fault 2 MiB at a
+    time, so with THP this under-reports) and ``kernel_s``, its system CPU seconds (mostly zero-filling
+    those pages; every thread's adds up)."""
+
+    faulted_mib: float
+    kernel_s: float
+
+    @classmethod
+    def between(cls, before: resource.struct_rusage, after: resource.struct_rusage) -> KernelCost:
+        return cls(faulted_mib=(after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20,
+                   kernel_s=after.ru_stime - before.ru_stime)
+
+
 def current_rss_mib() -> float:
     """Current resident set size (Linux /proc/self/statm), MiB; 0.0 where unavailable."""
     try:

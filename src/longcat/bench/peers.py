@@ -49,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 from longcat.bench import torchtitan_peer
 from longcat.bench.common import (
     BenchResult,
+    KernelCost,
     Table,
     current_rss_mib,
     load_preset,
@@ -155,9 +156,6 @@ class Sample:
     kernel_seconds: float = 0.0  # system CPU time (mostly those faults: the kernel zero-fills each page)
 
 
-_PAGE_MIB = resource.getpagesize() / 2**20
-
-
 def measure(fn: Callable[[], Any]) -> Sample:
     """One call of ``fn``: wall seconds, the RSS peak above the RSS at its start, the memory faulted in
     and the kernel CPU time it took."""
@@ -167,9 +165,8 @@ def measure(fn: Callable[[], Any]) -> Sample:
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    return Sample(seconds, max(0.0, peak_rss_mib() - start_rss), (after.ru_minflt - usage.ru_minflt) * _PAGE_MIB,
-                  after.ru_stime - usage.ru_stime)
+    cost = KernelCost.between(usage, resource.getrusage(resource.RUSAGE_SELF))
+    return Sample(seconds, max(0.0, peak_rss_mib() - start_rss), cost.faulted_mib, cost.kernel_s)
 
 
 def alternate(impls: dict[str, Callable[[], Any]], *, rounds: int) -> dict[str, list[Sample]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longcat.bench.common import BenchResult, Table, load_preset, median, timed
+from longcat.bench.common import BenchResult, KernelCost, Table, load_preset, median, timed
 from longcat.bench.matmul import MatmulThroughput, measure_matmul_throughput
 from longcat.bench.training import OursStep, build_ours, make_batch
 from longcat.model.compile import compile_dense_blocks
@@ -93,11 +93,11 @@ def measure_dtype(s: UtilisationSettings, *, dtype: torch.dtype, compiled: bool 
         for _ in range(s.steps_per_round):
             before = resource.getrusage(resource.RUSAGE_SELF)
             out, timing = timed(step)
-            after = resource.getrusage(resource.RUSAGE_SELF)
+            cost = KernelCost.between(before, resource.getrusage(resource.RUSAGE_SELF))
             k_e_values.append(out.ffn_experts_per_token)
             step_s.append(timing.wall_s)
-            kernel_shares.append((after.ru_stime - before.ru_stime) / timing.wall_s)
-            faulted.append((after.ru_minflt - before.ru_minflt) * resource.getpagesize() / 2**20)
+            kernel_shares.append(cost.kernel_s / timing.wall_s)
+            faulted.append(cost.faulted_mib)
     k_e = sum(k_e_values) / len(k_e_values)
     flops = step_flops(cfg, batch_size=s.batch_size, seq_len=s.seq_len, ffn_experts_per_token=k_e).total_flops
     median_round = sorted(throughputs, key=lambda t: t.flop_per_s)[len(throughputs) // 2]

@@ -31,6 +31,8 @@ _WORKSPACE_GROWTH = 1.125  # headroom over the request: R varies a little from s
 
 
 def _storage_use_count(t: torch.Tensor) -> int:
+    # torch's own (private) count of the references to a storage; tests/unit/model/test_model_moe.py fails
+    # if it stops seeing views and held tensors
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
