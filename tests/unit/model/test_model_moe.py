@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from longcat.config.schema import ModelConfig
 from longcat.model import GroupedExperts, LongcatFlashForCausalLM, MoE, TopKRouter
+from longcat.model.moe import workspace
 from longcat.model.moe.dispatch import (
     DispatchHandle,
     permute_tokens,
@@ -18,7 +19,7 @@ from longcat.model.moe.dispatch import (
     unpermute_tokens,
     weight_and_unpermute,
 )
-from longcat.model.moe.experts import swiglu
+from longcat.model.moe.experts import grouped_linear, grouped_projections, swiglu
 from longcat.model.moe.workspace import scratch
 
 CFG = ModelConfig(
@@ -173,6 +174,84 @@ def test_weight_and_unpermute_is_bitwise_the_slot_buffer_sum(T, K, N, Z, rows_dt
         assert torch.count_nonzero(results[0][0][1]) == 0
 
 
+def _gate_up_grads(fn, x_RD, gate_LID, up_LID, offs_L, grad_RI, *, needs=(True, True, True)):
+    leaves = [t.clone().requires_grad_(need) for t, need in zip((x_RD, gate_LID, up_LID), needs)]
+    gate_RI, up_RI = fn(*leaves, offs_L)
+    wanted = [t for t in leaves if t.requires_grad]
+    return (gate_RI, up_RI, *torch.autograd.grad(swiglu(gate_RI, up_RI), wanted, grad_RI)), gate_RI.grad_fn
+
+
+def _two_grouped_linears(x_RD, gate_LID, up_LID, offs_L):
+    return grouped_linear(x_RD, gate_LID, offs_L=offs_L), grouped_linear(x_RD, up_LID, offs_L=offs_L)
+
+
+def _fused(x_RD, gate_LID, up_LID, offs_L):
+    return grouped_projections(x_RD, gate_LID, up_LID, offs_L=offs_L)
+
+
+@pytest.mark.parametrize("I,D", [(176, 512), (24, 32)])
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False)])
+def test_grouped_projections_are_bitwise_grouped_linears(I, D, needs):
+    """The fused CPU fp32 path (one input-gradient buffer: mm + addmm_ per expert) gives the bits of two
+    grouped_linear calls and autograd's sum, forward and every gradient, also for experts with no row,
+    one row (BLAS's gemv case) and rows past the last offset (no gradient)."""
+    gen = torch.Generator().manual_seed(I)
+    counts_L = torch.tensor([0, 1, 37, 2, 0, 300, 1, 64])
+    R = int(counts_L.sum()) + 3  # three rows no expert owns
+    offs_L = torch.cumsum(counts_L, 0, dtype=torch.int32)
+    x_RD = torch.randn(R, D, generator=gen)
+    gate_LID, up_LID = (torch.randn(8, I, D, generator=gen) / D**0.5 for _ in range(2))
+    grad_RI = torch.randn(R, I, generator=gen)
+    ours, ours_fn = _gate_up_grads(_fused, x_RD, gate_LID, up_LID, offs_L, grad_RI, needs=needs)
+    plain, plain_fn = _gate_up_grads(_two_grouped_linears, x_RD, gate_LID, up_LID, offs_L, grad_RI, needs=needs)
+    assert type(ours_fn).__name__ == "_CPUGroupedProjectionsBackward" != type(plain_fn).__name__
+    assert len(ours) == len(plain)
+    for a, b in zip(ours, plain):
+        assert torch.equal(a[: int(offs_L[-1])], b[: int(offs_L[-1])]) if a.shape[0] == R else torch.equal(a, b)
+    if needs[0]:
+        assert torch.count_nonzero(ours[2][int(offs_L[-1]):]) == 0
+
+
+def test_one_grouped_projection_is_bitwise_grouped_linear():
+    """The down projection's case: one weight, its input gradient written into the workspace."""
+    gen = torch.Generator().manual_seed(5)
+    counts_L = torch.tensor([2, 0, 1, 90, 33])
+    offs_L = torch.cumsum(counts_L, 0, dtype=torch.int32)
+    h_RI, grad_RD = torch.randn(126, 176, generator=gen), torch.randn(126, 512, generator=gen)
+    down_LDI = torch.randn(5, 512, 176, generator=gen) / 176**0.5
+    results = []
+    for fn in (lambda h, w: grouped_projections(h, w, offs_L=offs_L)[0],
+               lambda h, w: grouped_linear(h, w, offs_L=offs_L)):
+        h, w = h_RI.clone().requires_grad_(), down_LDI.clone().requires_grad_()
+        out_RD = fn(h, w)
+        results.append((out_RD, *torch.autograd.grad(out_RD, (h, w), grad_RD)))
+    assert type(results[0][0].grad_fn).__name__ == "_CPUGroupedProjectionsBackward"
+    for ours, plain in zip(*results):
+        assert torch.equal(ours, plain)
+
+
+def test_grouped_projections_outside_cpu_fp32_are_grouped_linear_and_double_backward_is_autograds():
+    gen = torch.Generator().manual_seed(3)
+    counts_L = torch.tensor([3, 0, 5])
+    offs_L = torch.cumsum(counts_L, 0, dtype=torch.int32)
+    x_RD, grad_RI = torch.randn(8, 16, generator=gen), torch.randn(8, 8, generator=gen)
+    gate_LID, up_LID = (torch.randn(3, 8, 16, generator=gen) for _ in range(2))
+    bf16 = (t.to(torch.bfloat16) for t in (x_RD, gate_LID, up_LID))  # addmm_ would round once instead of twice
+    _, fn = _gate_up_grads(_fused, *bf16, offs_L, grad_RI.to(torch.bfloat16))
+    assert type(fn).__name__ != "_CPUGroupedProjectionsBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gate_RI, _ = grouped_projections(x_RD.requires_grad_(), gate_LID, up_LID, offs_L=offs_L)
+    assert gate_RI.dtype == torch.bfloat16
+    results = []
+    for fn in (_fused, _two_grouped_linears):
+        x, g, u = (t.detach().clone().requires_grad_() for t in (x_RD, gate_LID, up_LID))
+        gate_RI, up_RI = fn(x, g, u, offs_L)
+        (grad_x,) = torch.autograd.grad(swiglu(gate_RI, up_RI).square().sum(), (x,), create_graph=True)
+        results.append(torch.autograd.grad(grad_x.square().sum(), (x, g, u)))
+    for ours, plain in zip(*results):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_is_bitwise_autograds_silu_times_up(dtype):
     gen = torch.Generator().manual_seed(1)
@@ -237,6 +316,26 @@ def test_scratch_reuses_the_workspace_only_when_nothing_holds_it():
     bigger = scratch((4000, 8), dtype=torch.float32, device=torch.device("cpu"))  # grows
     assert bigger.shape == (4000, 8)
     assert scratch((1, 8), dtype=torch.bfloat16, device=torch.device("cpu")).dtype == torch.bfloat16
+
+
+def test_scratch_slots_serve_temporaries_alive_at_once_and_no_more():
+    cpu = torch.device("cpu")
+    workspace._WORKSPACE.buffers.pop(torch.float16, None)
+    held = [scratch((100 * (i + 1), 4), dtype=torch.float16, device=cpu) for i in range(workspace._WORKSPACE_SLOTS)]
+    ptrs = {t.data_ptr() for t in held}
+    extra = scratch((10, 4), dtype=torch.float16, device=cpu)  # every slot busy: a new tensor
+    assert extra.data_ptr() not in ptrs and len(workspace._WORKSPACE.buffers[torch.float16]) == len(held)
+    assert workspace.held_bytes() >= sum(t.nbytes for t in held)
+    for i, t in enumerate(held):
+        t.fill_(i)
+    small, large = held[0].data_ptr(), held[-1].data_ptr()
+    del held[0], held[-1]
+    assert scratch((50, 4), dtype=torch.float16, device=cpu).data_ptr() == small  # the smallest idle one fitting
+    big = scratch((1000, 4), dtype=torch.float16, device=cpu)  # none fits: the largest idle one regrown
+    assert big.shape == (1000, 4) and big.data_ptr() not in (small, large)
+    for i, t in enumerate(held, start=1):  # the busy ones kept their values
+        assert torch.equal(t, torch.full_like(t, i))
+    assert len(workspace._WORKSPACE.buffers[torch.float16]) == workspace._WORKSPACE_SLOTS
 
 
 def test_combine_gradient_held_by_a_hook_survives_the_next_combine():

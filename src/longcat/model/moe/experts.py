@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longcat.model.moe.workspace import scratch
+from longcat.model.moe.workspace import plain_eager, scratch
 
 
 def _contiguous(grad: torch.Tensor) -> torch.Tensor:
@@ -66,12 +66,85 @@ def grouped_linear(x_RK: torch.Tensor, weight_LNK: torch.Tensor, *, offs_L: torc
     return out_RN[:, :N].contiguous() if pad_n else out_RN
 
 
+class _CPUGroupedProjections(torch.autograd.Function):
+    """(offs_L, tokens_RK, weight_LNK, ...) -> one [R, N] ``x_l @ weight_l^T`` per weight, for plain fp32 CPU
+    tensors (the experts' gate and up projections share their input; the down projection is alone).
+
+    Forward: ``grouped_mm`` per weight, as ``grouped_linear``. Backward, per expert l (rows
+    ``offs[l-1]:offs[l]``): the input gradient ``sum_w g_w,l @ weight_w,l`` as ``mm`` then ``addmm_`` into
+    one [R, K] tensor in the CPU workspace (autograd forms one fresh [R, K] gradient per weight and adds
+    them: at 16k rows x 512, a 32 MiB buffer faulted in and a pass over it), and each weight gradient
+    ``g_w,l^T @ x_l`` (as grouped_mm's CPU backward, which loops the same ``mm``; an expert without rows
+    gets zeros, rows past the last offset no input gradient). In fp32 ``addmm_`` with beta 1 gives the
+    bits of ``mm + add`` (except for a one-row expert, where BLAS takes gemv: that one adds a separate
+    product); tests/unit/model/test_model_moe.py compares every gradient with grouped_mm's autograd
+    bitwise. In bf16 ``addmm_`` rounds once instead of twice, so bf16 keeps ``grouped_linear``. The row
+    bounds are read on the host once per forward (a CPU tensor: no device synchronisation)."""
+
+    @staticmethod
+    def forward(ctx, offs_L: torch.Tensor, tokens_RK: torch.Tensor, *weights_LNK: torch.Tensor):
+        ctx.save_for_backward(tokens_RK, *weights_LNK)
+        with torch._C.DisableTorchFunction():  # a CPU-only host read: not counted as a device sync
+            ctx.ends = offs_L.tolist()
+        return tuple(F.grouped_mm(tokens_RK, w_LNK.transpose(-2, -1), offs=offs_L) for w_LNK in weights_LNK)
+
+    @staticmethod
+    def backward(ctx, *grads_RN: torch.Tensor):
+        tokens_RK, *weights_LNK = ctx.saved_tensors
+        need_x, *need_w = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph=True: autograd's own graph (double backward)
+            offs_L = torch.tensor(ctx.ends, dtype=torch.int32)
+            outs = [F.grouped_mm(tokens_RK, w_LNK.transpose(-2, -1), offs=offs_L) for w_LNK in weights_LNK]
+            inputs = (tokens_RK, *weights_LNK)
+            needed = [t for t, need in zip(inputs, ctx.needs_input_grad[1:]) if need]
+            grads = iter(torch.autograd.grad(outs, needed, grads_RN, create_graph=True, allow_unused=True))
+            return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
+        grads_RN = tuple(g.contiguous() for g in grads_RN)
+        grad_x_RK = scratch(tokens_RK.shape, dtype=tokens_RK.dtype, device=tokens_RK.device) if need_x else None
+        grads_w = [torch.empty_like(w) if need else None for w, need in zip(weights_LNK, need_w)]
+        lo = 0
+        for e, hi in enumerate(ctx.ends):
+            x_rK = tokens_RK[lo:hi]
+            for w, (w_LNK, g_RN) in enumerate(zip(weights_LNK, grads_RN)):
+                g_rN = g_RN[lo:hi]
+                if grad_x_RK is not None:
+                    if w == 0:
+                        torch.mm(g_rN, w_LNK[e], out=grad_x_RK[lo:hi])
+                    elif hi - lo == 1:  # one row: BLAS takes gemv, whose beta-1 form rounds otherwise
+                        grad_x_RK[lo:hi].add_(torch.mm(g_rN, w_LNK[e]))
+                    else:
+                        grad_x_RK[lo:hi].addmm_(g_rN, w_LNK[e])
+                grad_w = grads_w[w]
+                if grad_w is not None:
+                    torch.mm(g_rN.t(), x_rK, out=grad_w[e])
+            lo = hi
+        if grad_x_RK is not None and lo < grad_x_RK.shape[0]:  # rows past the last offset: no expert, no grad
+            grad_x_RK[lo:].zero_()
+        return None, grad_x_RK, *grads_w
+
+
+def grouped_projections(tokens_RK: torch.Tensor, *weights_LNK: torch.Tensor,
+                        offs_L: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``grouped_linear(tokens_RK, w, offs_L=offs_L)`` for each weight -> one [R, N] per weight, the same bits
+    forward and backward. Plain contiguous fp32 CPU operands outside autocast, with K and every N
+    multiples of 8, take ``_CPUGroupedProjections`` (one input-gradient buffer, in the CPU workspace);
+    anything else (CUDA, bf16, autocast, DTensor or fake tensors, no grad) ``grouped_linear`` per weight."""
+    K = tokens_RK.shape[-1]
+    operands = (tokens_RK, *weights_LNK)
+    if (all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in operands)
+            and offs_L.device.type == "cpu" and K % 8 == 0 and all(w.shape[-2] % 8 == 0 for w in weights_LNK)
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and plain_eager()):
+        return _CPUGroupedProjections.apply(offs_L, tokens_RK, *weights_LNK)
+    return tuple(grouped_linear(tokens_RK, w, offs_L=offs_L) for w in weights_LNK)
+
+
 class _SwiGLU(torch.autograd.Function):
     """``silu(gate) * up`` for [R, I] operands, with the bits of autograd's ``F.silu(gate) * up`` and its
-    backward, but only the product and the two input gradients in fresh memory: ``silu(gate)`` (in
-    forward, and again in backward instead of being kept) and ``grad * up`` are temporaries in the
-    CPU workspace (``longcat.model.moe.workspace``). Saves gate and up (autograd's version also keeps
-    ``silu(gate)``)."""
+    backward, but only the product in fresh memory: ``silu(gate)`` (in forward, and again in backward
+    instead of being kept), ``grad * up`` and the two input gradients are written into the CPU
+    workspace (``longcat.model.moe.workspace``; the gradients keep their slots busy until autograd has
+    used them). Saves gate and up (autograd's version also keeps ``silu(gate)``)."""
 
     @staticmethod
     def forward(ctx, gate_RI: torch.Tensor, up_RI: torch.Tensor) -> torch.Tensor:
@@ -87,15 +160,16 @@ class _SwiGLU(torch.autograd.Function):
             out_RI = F.silu(gate_RI) * up_RI
             return torch.autograd.grad(out_RI, (gate_RI, up_RI), grad_RI, create_graph=True)
         grad_gate_RI = grad_up_RI = None
+        shape, dtype, device = grad_RI.shape, torch.result_type(grad_RI, up_RI), grad_RI.device
         if ctx.needs_input_grad[1]:
             silu_RI = torch.ops.aten.silu.out(gate_RI, out=scratch(gate_RI.shape, dtype=gate_RI.dtype,
                                                                     device=gate_RI.device))
-            grad_up_RI = torch.mul(grad_RI, silu_RI)
+            grad_up_RI = torch.mul(grad_RI, silu_RI, out=scratch(shape, dtype=dtype, device=device))
             del silu_RI
         if ctx.needs_input_grad[0]:
-            grad_silu_RI = torch.mul(grad_RI, up_RI, out=scratch(grad_RI.shape, dtype=grad_RI.dtype,
-                                                                 device=grad_RI.device))
-            grad_gate_RI = torch.ops.aten.silu_backward(grad_silu_RI, gate_RI)
+            grad_silu_RI = torch.mul(grad_RI, up_RI, out=scratch(shape, dtype=dtype, device=device))
+            grad_gate_RI = torch.ops.aten.silu_backward.grad_input(
+                grad_silu_RI, gate_RI, grad_input=scratch(shape, dtype=dtype, device=device))
         return grad_gate_RI, grad_up_RI
 
 
@@ -154,9 +228,9 @@ class GroupedExperts(nn.Module):
             weights = tuple(w.narrow(0, first_expert, num) for w in weights)
         gate_LID, up_LID, down_LDI = weights
         offs_L = torch.cumsum(counts_L, dim=0, dtype=torch.int32)
-        gate_RI = grouped_linear(tokens_RD, gate_LID, offs_L=offs_L)
-        up_RI = grouped_linear(tokens_RD, up_LID, offs_L=offs_L)
-        return grouped_linear(swiglu(gate_RI, up_RI), down_LDI, offs_L=offs_L)
+        gate_RI, up_RI = grouped_projections(tokens_RD, gate_LID, up_LID, offs_L=offs_L)
+        (out_RD,) = grouped_projections(swiglu(gate_RI, up_RI), down_LDI, offs_L=offs_L)
+        return out_RD
 
     @torch.no_grad()
     def narrow_(self, *, expert_offset: int, num_local_experts: int) -> None:

@@ -4,7 +4,8 @@ Without a caching allocator every large CPU tensor is fresh memory from the OS, 
 kernel zero-fills each page) costs about as much as writing it: in the MoE block at 64 + 32 experts,
 top-12 (2048 tokens, 16k routed rows of 512 fp32 values, 32 MiB each) the block faulted in 407 MiB per
 forward + backward and spent a quarter of its time in the kernel (``docs/benchmarks.md``, MoE block).
-The gathers of the token dispatch and the SwiGLU of the experts take their temporaries from here.
+The gathers of the token dispatch, the SwiGLU of the experts and its gradients, and the experts' input
+gradient take their temporaries from here (up to four buffers per dtype and thread: ``held_bytes``).
 On CUDA the caching allocator already reuses blocks, so ``scratch`` is ``torch.empty`` there.
 """
 
@@ -16,18 +17,21 @@ import threading
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["scratch"]
+__all__ = ["held_bytes", "plain_eager", "scratch"]
 
 
 class _Workspace(threading.local):
-    """Per thread: dtype -> (flat CPU buffer, its storage's use count when only this holds it)."""
+    """Per thread: dtype -> its slots, each [flat CPU buffer, its storage's use count when only this holds it]."""
 
     def __init__(self) -> None:
-        self.buffers: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
+        self.buffers: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
 
 
 _WORKSPACE = _Workspace()
 _WORKSPACE_GROWTH = 1.125  # headroom over the request: R varies a little from step to step
+# buffers per dtype and thread: the most temporaries alive at once (SwiGLU's backward holds three, the
+# experts' input gradient and the permute backward's gather two)
+_WORKSPACE_SLOTS = 4
 
 
 def _storage_use_count(t: torch.Tensor) -> int:
@@ -36,7 +40,7 @@ def _storage_use_count(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
-def _plain_eager() -> bool:
+def plain_eager() -> bool:
     """Whether a workspace tensor made now is an ordinary one: not under ``torch.inference_mode`` (it
     would become an inference tensor, which a later training call may not write to) nor under a
     ``TorchDispatchMode`` such as ``FakeTensorMode`` (it would be a fake tensor)."""
@@ -46,24 +50,34 @@ def _plain_eager() -> bool:
 def scratch(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised contiguous tensor of ``shape`` to write a temporary into (``out=``).
 
-    On the CPU it is a view of this thread's reused workspace when no tensor, view or saved tensor
-    still holds that workspace (its storage's use count is the idle one), else a new tensor; the
-    workspace grows to the largest request (12.5% headroom) and is kept. Elsewhere (CUDA: the caching
-    allocator reuses blocks already) always a new tensor. The caller may return the result to
-    autograd: while anything holds it, the next request gets a new tensor. Under
-    ``torch.inference_mode`` or a dispatch mode (fake tensors, tracing) it is always a new tensor, and
-    the workspace is left as it was.
+    On the CPU it is a view of one of this thread's reused buffers (up to ``_WORKSPACE_SLOTS`` per
+    dtype) that no tensor, view or saved tensor still holds (its storage's use count is the idle one):
+    the smallest idle one that fits, else the largest idle one regrown to the request (12.5% headroom),
+    else a new slot; with every slot busy, a new tensor. Buffers are kept for the next request
+    (``held_bytes``). Elsewhere (CUDA: the caching allocator reuses blocks already) always a new
+    tensor. The caller may return the result to autograd: while anything holds it, its slot is busy.
+    Under ``torch.inference_mode`` or a dispatch mode (fake tensors, tracing) it is always a new
+    tensor, and the workspace is left as it was.
     """
     numel = math.prod(shape)
-    if device.type != "cpu" or numel == 0 or not _plain_eager():
+    if device.type != "cpu" or numel == 0 or not plain_eager():
         return torch.empty(shape, dtype=dtype, device=device)
-    entry = _WORKSPACE.buffers.get(dtype)
-    if entry is not None:
-        buf, idle = entry
-        if _storage_use_count(buf) != idle:  # in use: leave it to its holder
-            return torch.empty(shape, dtype=dtype, device=device)
-        if buf.numel() >= numel:
-            return buf[:numel].view(shape)
+    slots = _WORKSPACE.buffers.setdefault(dtype, [])
+    idle = sorted((buf.numel(), i) for i, (buf, count) in enumerate(slots) if _storage_use_count(buf) == count)
+    for size, i in idle:
+        if size >= numel:
+            return slots[i][0][:numel].view(shape)
+    if not idle and len(slots) >= _WORKSPACE_SLOTS:  # every slot in use: leave them to their holders
+        return torch.empty(shape, dtype=dtype, device=device)
     buf = torch.empty(int(numel * _WORKSPACE_GROWTH), dtype=dtype, device=device)
-    _WORKSPACE.buffers[dtype] = (buf, _storage_use_count(buf))
+    entry = (buf, _storage_use_count(buf))
+    if idle:
+        slots[idle[-1][1]] = entry  # the largest idle one, too small: regrown
+    else:
+        slots.append(entry)
     return buf[:numel].view(shape)
+
+
+def held_bytes() -> int:
+    """Bytes of CPU memory this thread's workspace holds (every dtype and slot)."""
+    return sum(buf.nbytes for slots in _WORKSPACE.buffers.values() for buf, _ in slots)
