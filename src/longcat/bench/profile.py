@@ -6,7 +6,7 @@ profiled (CPU activities; CUDA too when the pair runs on a GPU), alternating ``r
 the operators' self time is summed per name. The result lists each implementation's hottest
 operators (self time, share of the step, calls) and the groups that decide the comparison:
 
-    matmul     aten::mm, aten::bmm, aten::addmm, aten::_grouped_mm (the model's FLOPs)
+    matmul     aten::mm, aten::bmm, aten::addmm(_), aten::baddbmm, aten::_grouped_mm (the model's FLOPs)
     memory     aten::fill_, aten::zero_, aten::copy_, aten::empty*, aten::cat, aten::index* (data movement)
     other      everything else (elementwise, softmax, norms, the optimizer's foreach kernels)
 
@@ -26,7 +26,7 @@ import torch
 from longcat.bench.common import BenchResult, Table, load_preset
 from longcat.bench.training import build_pair, make_batch
 
-MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm")
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm", "aten::baddbmm")
 MEMORY_PREFIXES = ("aten::fill_", "aten::zero_", "aten::copy_", "aten::empty", "aten::cat", "aten::index",
                    "aten::_index_put_impl_", "aten::scatter", "aten::gather")
 

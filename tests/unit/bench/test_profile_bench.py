@@ -4,7 +4,7 @@ from longcat.bench.profile import ProfileSettings, op_group, run, summarise
 
 
 def test_op_groups():
-    assert op_group("aten::mm") == op_group("aten::bmm") == "matmul"
+    assert op_group("aten::mm") == op_group("aten::bmm") == op_group("aten::addmm_") == "matmul"
     assert op_group("aten::fill_") == op_group("aten::index_select") == "memory"
     assert op_group("aten::silu_backward") == "other"
 
