@@ -19,7 +19,8 @@ every round so a slow spell of a shared machine hits all of them:
 
 Reported per implementation: median step time, tokens/s, model GFLOP/s (``model.flops``), peak
 memory of the step above its start (``VmHWM`` reset through ``/proc/self/clear_refs``; glibc's mmap
-threshold fixed at 1 MiB so freed tensors leave RSS), and ours' speed ratio to each peer (peer time /
+threshold fixed at 1 MiB so freed tensors leave RSS; ours' plus its MoE workspace, which it keeps from call
+to call), and ours' speed ratio to each peer (peer time /
 ours, > 1 = ours faster) as the median of per-round ratios. For ours, the host synchronisations of
 one step (``count_host_syncs``: the Python-level calls that make a CUDA host wait for the device).
 
@@ -438,7 +439,9 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "system time adds up). Transparent huge pages fault 2 MiB at a time, so with THP on, faulted in "
         "under-reports.",
         "peak above start: the step's transient memory (activations, gradients, temporaries) beyond what "
-        "was resident at its start (weights and optimizer state, held by all implementations alike).",
+        "was resident at its start (weights and optimizer state, held by all implementations alike); ours' "
+        "includes its MoE workspace (longcat/model/moe/workspace.py: up to four reused CPU buffers per dtype, "
+        "kept from call to call, so already resident at the start).",
     ]
     if tt is not None:
         notes.append(f"torchtitan {tt.version} from {Path(tt.root).parent.name}/ (LONGCAT_TORCHTITAN_PATH).")
