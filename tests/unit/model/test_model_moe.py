@@ -407,6 +407,24 @@ def test_router_ties_pick_lower_expert_id():
     assert router(torch.randn(2, 8)).expert_ids_TK.tolist() == [[6, 8, 0, 1]] * 2
 
 
+def test_tie_broken_keys_order_as_a_stable_descending_sort():
+    """topk of the keys = the first K of torch.sort(descending, stable), with ties, signed zeros, infinities,
+    NaNs of either sign (the sort puts them first), subnormals and negative scores."""
+    from longcat.model.moe.router import tie_broken_keys
+    gen = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-45, -1e-45,
+                            3.4e38, -3.4e38, 1.0, -1.0])
+    for E, K in ((2, 1), (10, 4), (96, 12), (192, 12), (100, 100)):
+        scores = torch.randn(64, E, generator=gen)
+        scores = torch.where(torch.rand(64, E, generator=gen) < 0.3,
+                             special[torch.randint(0, len(special), (64, E), generator=gen)], scores)
+        scores[:, E // 2] = scores[:, 0]
+        expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :K]
+        assert torch.equal(torch.topk(tie_broken_keys(scores), K, dim=-1).indices, expected)
+    with pytest.raises(TypeError, match="fp32"):
+        tie_broken_keys(torch.zeros(2, 3, dtype=torch.float64))
+
+
 def test_router_computes_in_fp32_under_bf16_autocast():
     """train.bf16 runs the model under autocast, which would run the classifier in bf16: the
     routing (logits, probabilities, top-K, gates) must be exactly the fp32 router's."""
