@@ -162,6 +162,7 @@ def measure(fn: Callable[[], Any], *, held_mib: Callable[[], float] | None = Non
     """One call of ``fn``: wall seconds, the RSS peak above the RSS at its start (plus ``held_mib()``:
     memory ``fn`` keeps between calls, already in the start RSS, e.g. ours' MoE workspace), the memory
     faulted in and the kernel CPU time it took."""
+    held = held_mib() if held_mib is not None else 0.0  # before the call: what it grows shows in the RSS peak
     reset_peak_rss()
     start_rss = current_rss_mib()
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -169,7 +170,6 @@ def measure(fn: Callable[[], Any], *, held_mib: Callable[[], float] | None = Non
     fn()
     seconds = time.perf_counter() - t0
     cost = KernelCost.between(usage, resource.getrusage(resource.RUSAGE_SELF))
-    held = held_mib() if held_mib is not None else 0.0
     return Sample(seconds, max(0.0, peak_rss_mib() - start_rss) + held, cost.faulted_mib, cost.kernel_s)
 
 
@@ -441,7 +441,8 @@ def run(*, quick: bool = False, settings: PeersSettings | None = None) -> BenchR
         "peak above start: the step's transient memory (activations, gradients, temporaries) beyond what "
         "was resident at its start (weights and optimizer state, held by all implementations alike); ours' "
         "includes its MoE workspace (longcat/model/moe/workspace.py: up to four reused CPU buffers per dtype, "
-        "kept from call to call, so already resident at the start).",
+        "kept from call to call, so already resident at the start), all of it, every dtype, for each of ours' "
+        "variants, which share it: if anything an overstatement.",
     ]
     if tt is not None:
         notes.append(f"torchtitan {tt.version} from {Path(tt.root).parent.name}/ (LONGCAT_TORCHTITAN_PATH).")

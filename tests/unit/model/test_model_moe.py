@@ -189,12 +189,13 @@ def _fused(x_RD, gate_LID, up_LID, offs_L):
     return grouped_projections(x_RD, gate_LID, up_LID, offs_L=offs_L)
 
 
-@pytest.mark.parametrize("I,D", [(176, 512), (24, 32)])
+@pytest.mark.parametrize("I,D", [(176, 512), (24, 32), (2048, 64)])  # 2048: an inner dim over BLAS's block
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False)])
 def test_grouped_projections_are_bitwise_grouped_linears(I, D, needs):
-    """The fused CPU fp32 path (one input-gradient buffer: mm + addmm_ per expert) gives the bits of two
-    grouped_linear calls and autograd's sum, forward and every gradient, also for experts with no row,
-    one row (BLAS's gemv case) and rows past the last offset (no gradient)."""
+    """The fused CPU fp32 path (one input-gradient buffer: mm, then mm + add per expert) gives the bits of
+    two grouped_linear calls and autograd's sum, forward and every gradient, also for experts with no
+    row, one row (BLAS's gemv case), rows past the last offset (no gradient) and an intermediate size
+    (the inner dim of the input gradient's GEMMs) over BLAS's block, where addmm_ would differ."""
     gen = torch.Generator().manual_seed(I)
     counts_L = torch.tensor([0, 1, 37, 2, 0, 300, 1, 64])
     R = int(counts_L.sum()) + 3  # three rows no expert owns

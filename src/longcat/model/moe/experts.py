@@ -71,15 +71,18 @@ class _CPUGroupedProjections(torch.autograd.Function):
     tensors (the experts' gate and up projections share their input; the down projection is alone).
 
     Forward: ``grouped_mm`` per weight, as ``grouped_linear``. Backward, per expert l (rows
-    ``offs[l-1]:offs[l]``): the input gradient ``sum_w g_w,l @ weight_w,l`` as ``mm`` then ``addmm_`` into
-    one [R, K] tensor in the CPU workspace (autograd forms one fresh [R, K] gradient per weight and adds
-    them: at 16k rows x 512, a 32 MiB buffer faulted in and a pass over it), and each weight gradient
+    ``offs[l-1]:offs[l]``): the input gradient ``sum_w g_w,l @ weight_w,l`` into one [R, K] tensor in
+    the CPU workspace, the first product by ``mm`` into it, each further one by ``mm`` into a small
+    per-expert buffer (cache-sized) and added (autograd forms one fresh [R, K] gradient per weight and
+    adds them: at 16k rows x 512, a 32 MiB buffer faulted in and a pass over it); each weight gradient
     ``g_w,l^T @ x_l`` (as grouped_mm's CPU backward, which loops the same ``mm``; an expert without rows
-    gets zeros, rows past the last offset no input gradient). In fp32 ``addmm_`` with beta 1 gives the
-    bits of ``mm + add`` (except for a one-row expert, where BLAS takes gemv: that one adds a separate
-    product); tests/unit/model/test_model_moe.py compares every gradient with grouped_mm's autograd
-    bitwise. In bf16 ``addmm_`` rounds once instead of twice, so bf16 keeps ``grouped_linear``. The row
-    bounds are read on the host once per forward (a CPU tensor: no device synchronisation)."""
+    gets zeros, rows past the last offset no input gradient). Every value has the bits of grouped_mm's
+    autograd (tests/unit/model/test_model_moe.py, also at an inner dim over BLAS's block: ``addmm_``
+    would differ there, as it adds into C block by block). bf16 keeps ``grouped_linear`` (autocast, and
+    its casts). The row bounds are read on the host once per forward (a CPU tensor: no device
+    synchronisation). Under a schedule that splits the backward into an input- and a weight-gradient
+    pass (``zbv``), each pass runs this backward whole (``needs_input_grad`` is fixed at forward):
+    correct, but the experts' backward GEMMs run twice on that CPU fp32 path."""
 
     @staticmethod
     def forward(ctx, offs_L: torch.Tensor, tokens_RK: torch.Tensor, *weights_LNK: torch.Tensor):
@@ -102,6 +105,10 @@ class _CPUGroupedProjections(torch.autograd.Function):
         grads_RN = tuple(g.contiguous() for g in grads_RN)
         grad_x_RK = scratch(tokens_RK.shape, dtype=tokens_RK.dtype, device=tokens_RK.device) if need_x else None
         grads_w = [torch.empty_like(w) if need else None for w, need in zip(weights_LNK, need_w)]
+        product_rK = None  # one expert's product with a later weight: rows x K, stays in the CPU's cache
+        if grad_x_RK is not None and len(weights_LNK) > 1:
+            most_rows = max((hi - lo for lo, hi in zip([0, *ctx.ends], ctx.ends)), default=0)
+            product_rK = tokens_RK.new_empty(most_rows, tokens_RK.shape[-1])
         lo = 0
         for e, hi in enumerate(ctx.ends):
             x_rK = tokens_RK[lo:hi]
@@ -110,10 +117,9 @@ class _CPUGroupedProjections(torch.autograd.Function):
                 if grad_x_RK is not None:
                     if w == 0:
                         torch.mm(g_rN, w_LNK[e], out=grad_x_RK[lo:hi])
-                    elif hi - lo == 1:  # one row: BLAS takes gemv, whose beta-1 form rounds otherwise
-                        grad_x_RK[lo:hi].add_(torch.mm(g_rN, w_LNK[e]))
-                    else:
-                        grad_x_RK[lo:hi].addmm_(g_rN, w_LNK[e])
+                    else:  # mm, then add: BLAS's addmm_ adds into C per block of the inner dim (other bits)
+                        assert product_rK is not None
+                        grad_x_RK[lo:hi].add_(torch.mm(g_rN, w_LNK[e], out=product_rK[: hi - lo]))
                 grad_w = grads_w[w]
                 if grad_w is not None:
                     torch.mm(g_rN.t(), x_rK, out=grad_w[e])
