@@ -19,9 +19,9 @@ every round so a slow spell of a shared machine hits all of them:
 
 Reported per implementation: median step time, tokens/s, model GFLOP/s (``model.flops``), peak
 memory of the step above its start (``VmHWM`` reset through ``/proc/self/clear_refs``; glibc's mmap
-threshold fixed at 1 MiB so freed tensors leave RSS; ours' plus its MoE workspace, which it keeps from call
-to call), and ours' speed ratio to each peer (peer time /
-ours, > 1 = ours faster) as the median of per-round ratios. For ours, the host synchronisations of
+threshold fixed at 1 MiB so freed tensors leave RSS; ours' plus its MoE workspace, which it keeps
+from call to call), and ours' speed ratio to each peer (peer time / ours, > 1 = ours faster) as the
+median of per-round ratios. For ours, the host synchronisations of
 one step (``count_host_syncs``: the Python-level calls that make a CUDA host wait for the device).
 
 What bounds ours: one more call of ours' block and step under ``torch.profiler`` splits the aten

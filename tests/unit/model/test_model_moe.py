@@ -20,6 +20,7 @@ from longcat.model.moe.dispatch import (
     weight_and_unpermute,
 )
 from longcat.model.moe.experts import grouped_linear, grouped_projections, swiglu
+from longcat.model.moe.router import tie_broken_keys
 from longcat.model.moe.workspace import scratch
 
 CFG = ModelConfig(
@@ -237,7 +238,7 @@ def test_grouped_projections_outside_cpu_fp32_are_grouped_linear_and_double_back
     offs_L = torch.cumsum(counts_L, 0, dtype=torch.int32)
     x_RD, grad_RI = torch.randn(8, 16, generator=gen), torch.randn(8, 8, generator=gen)
     gate_LID, up_LID = (torch.randn(3, 8, 16, generator=gen) for _ in range(2))
-    bf16 = (t.to(torch.bfloat16) for t in (x_RD, gate_LID, up_LID))  # addmm_ would round once instead of twice
+    bf16 = (t.to(torch.bfloat16) for t in (x_RD, gate_LID, up_LID))  # grouped_linear: its casts, autocast
     _, fn = _gate_up_grads(_fused, *bf16, offs_L, grad_RI.to(torch.bfloat16))
     assert type(fn).__name__ != "_CPUGroupedProjectionsBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -411,7 +412,6 @@ def test_router_ties_pick_lower_expert_id():
 def test_tie_broken_keys_order_as_a_stable_descending_sort():
     """topk of the keys = the first K of torch.sort(descending, stable), with ties, signed zeros, infinities,
     NaNs of either sign (the sort puts them first), subnormals and negative scores."""
-    from longcat.model.moe.router import tie_broken_keys
     gen = torch.Generator().manual_seed(0)
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-45, -1e-45,
                             3.4e38, -3.4e38, 1.0, -1.0])
@@ -424,6 +424,11 @@ def test_tie_broken_keys_order_as_a_stable_descending_sort():
         assert torch.equal(torch.topk(tie_broken_keys(scores), K, dim=-1).indices, expected)
     with pytest.raises(TypeError, match="fp32"):
         tie_broken_keys(torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_router_repr_names_its_settings():
+    assert "top_k=4, routed_scaling_factor=1.5" in repr(TopKRouter(8, num_experts=10, top_k=4,
+                                                                    routed_scaling_factor=1.5))
 
 
 def test_router_computes_in_fp32_under_bf16_autocast():

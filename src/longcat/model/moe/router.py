@@ -80,6 +80,9 @@ class TopKRouter(nn.Module):
         scores_TE = probs_TE + self.e_score_correction_bias
         return torch.topk(tie_broken_keys(scores_TE), self.top_k, dim=-1, sorted=True).indices
 
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, routed_scaling_factor={self.routed_scaling_factor}"
+
 
 def tie_broken_keys(scores_TE: torch.Tensor) -> torch.Tensor:
     """fp32 [T, E] -> int64 [T, E] keys, unique per row, ordered as a stable descending sort orders the
@@ -97,6 +100,3 @@ def tie_broken_keys(scores_TE: torch.Tensor) -> torch.Tensor:
     bits_TE = torch.where(bits_TE < 0, bits_TE ^ 0x7FFFFFFF, bits_TE)  # negative floats: larger value, larger int
     bits_TE = bits_TE.masked_fill_(torch.isnan(scores_TE), 2**31 - 1)  # above +inf (0x7F800000)
     return (bits_TE << 32) | (E - 1 - torch.arange(E, device=scores_TE.device))
-
-    def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, routed_scaling_factor={self.routed_scaling_factor}"

@@ -29,8 +29,8 @@ class _Workspace(threading.local):
 
 _WORKSPACE = _Workspace()
 _WORKSPACE_GROWTH = 1.125  # headroom over the request: R varies a little from step to step
-# buffers per dtype and thread: the most temporaries alive at once (SwiGLU's backward holds three, the
-# experts' input gradient and the permute backward's gather two)
+# buffers per dtype and thread: the most temporaries alive at once (in SwiGLU's backward four: its incoming
+# gradient, the down projection's input gradient; silu(gate), then grad * up; and its two gradients)
 _WORKSPACE_SLOTS = 4
 
 
